@@ -1,0 +1,96 @@
+"""Data benchmark: `prepare` throughput next to raw pydicom decode, measured in one run.
+
+    python benchmarks/bench_data.py [--patients 24] [--size 1664x1024] [--crop proportional]
+
+Both figures are images per second over the same full-field DICOMs, on the same machine,
+one after the other, so their ratio is meaningful even on a noisy machine:
+
+    raw decode   pydicom.dcmread(path).pixel_array, one process
+    prepare 1    mammo-ray prepare with one worker process (decode + orient + crops + writes)
+    prepare N    the same with N worker processes (default: every core)
+
+Results are printed and written to WORKDIR/benchmarks/data.json.
+For research use only. Not for use in diagnostic procedures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import pydicom
+
+from mammo_ray.config import DataConfig
+from mammo_ray.data.cache import prepare_cache
+from mammo_ray.data.cbis_ddsm import index_dataset
+from mammo_ray.data.splits import make_splits
+from mammo_ray.data.synth import synthesize
+from mammo_ray.workdir import resolve_workdir
+
+
+def raw_decode_rate(paths: list[str], repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for path in paths:
+            pydicom.dcmread(path).pixel_array  # noqa: B018 - the decode is the work
+    return repeats * len(paths) / (time.perf_counter() - start)
+
+
+def prepare_rate(manifest, split_of, cfg: DataConfig, out: Path) -> tuple[float, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    summary = prepare_cache(manifest, split_of, cfg, out, progress=False)
+    return summary.images_decoded / summary.seconds, summary.images_decoded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patients", type=int, default=24)
+    parser.add_argument("--size", default="1664x1024", help="full-field HxW of the synthetic images")
+    parser.add_argument("--crop", default="proportional")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the files for the raw decode")
+    parser.add_argument("--workdir")
+    args = parser.parse_args()
+
+    workdir = resolve_workdir(args.workdir) / "benchmarks"
+    h, w = (int(v) for v in args.size.split("x"))
+    data = workdir / f"data-p{args.patients}-{h}x{w}"
+    if not (data / "mass_case_description_train_set.csv").exists():
+        synthesize(data, patients=args.patients, seed=0, size=(h, w), progress=False)
+    manifest, _ = index_dataset(root=data, csv_dir=data)
+    manifest = manifest[manifest["resolved"]].reset_index(drop=True)
+    split_of = make_splits(manifest, seed=0).assign(manifest)
+    paths = sorted(set(manifest["image_path"]))
+
+    raw_decode_rate(paths[:2], 1)  # warm the page cache and imports before timing
+    raw = raw_decode_rate(paths, args.repeats)
+    cfg = DataConfig(crop=args.crop, abnormality="all", num_workers=1, cache_px=256, input_px=224)
+    one, decoded = prepare_rate(manifest, split_of, cfg, workdir / "cache-1")
+    many, _ = prepare_rate(manifest, split_of, cfg.model_copy(update={"num_workers": args.workers}),
+                           workdir / f"cache-{args.workers}")
+
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pydicom": pydicom.__version__},
+        "images": len(paths), "image_size": [h, w], "crop": args.crop, "images_decoded_by_prepare": decoded,
+        "raw_decode_images_per_s": round(raw, 2),
+        "prepare_1_worker_images_per_s": round(one, 2),
+        f"prepare_{args.workers}_workers_images_per_s": round(many, 2),
+        "ratio_prepare_1_worker_to_raw": round(one / raw, 3),
+        f"ratio_prepare_{args.workers}_workers_to_raw": round(many / raw, 3),
+    }
+    out = workdir / "data.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{len(paths)} full-field images of {h}x{w}, crop mode {args.crop}")
+    print(f"  raw pydicom decode        {raw:8.1f} images/s")
+    print(f"  prepare, 1 worker         {one:8.1f} images/s   ({one / raw:.2f}x raw)")
+    print(f"  prepare, {args.workers} workers        {many:8.1f} images/s   ({many / raw:.2f}x raw)")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""One typed, validated config: data, model, optim, train and tune sections.
+
+Loaded from the YAML files in ``tune_configs/`` and overridden on the command line with
+``--set section.key=value``. Unknown keys and wrong types are errors that name the key.
+The resolved config is written beside every output it produced (``save_config``), so a
+run is fully described by its config and seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "cbis-ddsm", "generic"] = "synthetic"  # where images come from
+    root: str | None = None  # image tree (CBIS-DDSM download); synthetic: made in the workdir
+    csv_dir: str | None = None  # CBIS-DDSM case-description CSVs; defaults to root
+    generic_csv: str | None = None  # generic manifest CSV (source: generic)
+    synth_patients: int = Field(60, ge=2)  # synthetic patients
+    synth_size: tuple[int, int] = (832, 512)  # synthetic full-field image (H, W); ~(5000, 3000) is full size
+    synth_layout: Literal["csv", "tcia"] = "csv"  # folder layout of the synthetic tree
+    seed: int = 0  # seeds synthesis, splits and the offline augmentation
+    abnormality: Literal["mass", "calcification", "all"] = "mass"  # rows kept before splitting
+    task: Literal["pathology", "abnormality", "mass_presence"] = "pathology"  # what the label means
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test, by patient
+    balance_eval: bool = False  # class-balanced val and test (paper 001)
+    folds: int | None = Field(None, ge=2)  # k patient folds (paper 004)
+    crop: Literal["seed750", "fixed", "proportional", "patch", "whole"] = "proportional"
+    seed_crop_px: int = Field(750, ge=8)  # side of the seed750 box, in full-image pixels (paper 000)
+    fixed_pad_px: int = Field(50, ge=0)  # padding around the mask box for `fixed` (paper 001)
+    proportional_factor: float = Field(2.0, ge=1.0)  # box scale for `proportional` (paper 001)
+    square_boxes: bool = True  # widen the short side of a box instead of distorting the lesion
+    patch_px: int = Field(256, ge=8)  # side of `patch` crops, in full-image pixels (paper 003)
+    negatives_per_image: int = Field(2, ge=0)  # non-mass patches drawn per image for `patch`
+    whole_size: tuple[int, int] = (640, 384)  # `whole` images are letterboxed to this (H, W)
+    cache_px: int = Field(256, ge=8)  # side crops are stored at (the "resize to 256" of paper 000)
+    input_px: int = Field(224, ge=8)  # network input side: random crop in training, centre crop at eval
+    normalization: Literal["meanvar", "mean_image"] = "meanvar"  # per-crop z-score, or train mean image
+    rotation_deg: int = Field(0, ge=0, le=180)  # random integer rotation in [-deg, deg], mean fill
+    hflip: bool = True  # random horizontal mirroring in training
+    vflip: bool = False  # random vertical mirroring in training
+    offline_aug: bool = False  # paper 001's 25x: 5 rotations x 5 crops per training image
+    channels: Literal[1, 3] = 3  # 3 replicates grayscale for ImageNet backbones
+    max_dim: int = Field(10_000, ge=64)  # reject DICOMs larger than this per side, before decoding
+    num_workers: int = Field(2, ge=0)  # processes for prepare and data loading
+    shard_images: int = Field(16, ge=1)  # source images per cache shard
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6:
+            raise ValueError(f"data.split_fractions must sum to 1, got {self.split_fractions}")
+        if self.input_px > self.cache_px:
+            raise ValueError(f"data.input_px ({self.input_px}) must not exceed data.cache_px ({self.cache_px})")
+        if self.source != "synthetic" and not (self.root or self.generic_csv):
+            raise ValueError(f"data.root (or data.generic_csv) is required for data.source={self.source!r}")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = "resnet18"  # a registered model name
+    view_mode: Literal["single", "parallel", "multimodal"] = "single"  # paper 000 view modes
+    in_chans: Literal[1, 3, 9] = 3  # 9 = image + 8 DoG channels (paper 000)
+    num_classes: int = Field(2, ge=2)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    pretrained: str | None = None  # local path of a torchvision state dict; None trains from scratch
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)  # L2
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["exponential", "poly", "constant"] = "exponential"
+    gamma: float = Field(0.99, gt=0, le=1)  # per-epoch decay for `exponential` (paper 000)
+    poly_power: float = Field(0.5, gt=0)  # power for `poly` (paper 001)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    amp: Literal["none", "bf16", "fp16"] = "bf16"  # used on GPU only
+    channels_last: bool = False
+    early_stop_patience: int | None = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0)
+    storage_path: str | None = None  # absolute, or under the workdir when unset
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(4, ge=1)
+    metric: Literal["val_loss", "val_auc"] = "val_loss"
+    max_concurrent_trials: int = Field(2, ge=1)
+    grace_period: int = Field(1, ge=1)  # ASHA: epochs before a trial may be stopped
+    seed: int = 0
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or override that is unreadable, has an unknown key, or a wrong type."""
+
+
+def _format_validation(error: ValidationError, origin: str) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(root)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        else:
+            parts.append(f"{key}: {item['msg']}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` to a nested dict; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    path = key.strip().split(".")
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc})") from exc
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    if overrides:
+        origin += " with --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, origin)) from None
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain-data form of the config (tuples as lists), for YAML, JSON and MLflow params."""
+    return config.model_dump(mode="json")
+
+
+def save_config(config: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside an output, atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    tmp.replace(target)
+    return target
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """``{"data.crop": "proportional", ...}``: the form MLflow params and tables use."""
+    flat: dict[str, Any] = {}
+    for section, values in config_to_dict(config).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat

@@ -1,0 +1,35 @@
+"""Shared fixtures: one small synthetic dataset per session, indexed and split once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL_CSV_DIR = SHARED / "data" / "cbis-ddsm"
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """A 12-patient synthetic CBIS-DDSM tree (CSV layout) at 384x240."""
+    from mammo_ray.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    synthesize(out, patients=12, seed=5, size=(384, 240), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_index(small_dataset):
+    """(manifest, split name per row) for ``small_dataset``."""
+    from mammo_ray.data.cbis_ddsm import index_dataset
+    from mammo_ray.data.splits import make_splits
+
+    manifest, report = index_dataset(root=small_dataset, csv_dir=small_dataset, progress=False)
+    assert report["resolved"] == report["rows"] > 0
+    splits = make_splits(manifest, fractions=(0.6, 0.2, 0.2), seed=0)
+    return manifest, splits.assign(manifest)
