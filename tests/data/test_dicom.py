@@ -1,0 +1,403 @@
+"""Tests for mammo_ray.data.dicom on tiny DICOMs built in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, MPEG2MPML, ExplicitVRLittleEndian,
+                         RLELossless, generate_uid)
+
+from mammo_ray.constants import Side, View
+from mammo_ray.data.dicom import (DEFAULT_MAX_DIM, DicomMeta, DicomReadError, parse_side_view_from_path,
+                                  read_dicom, read_dicom_header)
+
+MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+
+
+def make_dataset(pixels: np.ndarray, *, bits_stored: int | None = None, **attrs) -> Dataset:
+    """A minimal single-frame grayscale mammogram; ``attrs`` override (None deletes)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MAMMO_FOR_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "P_00001"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    for keyword, value in attrs.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def write(ds: Dataset, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def left_heavy(rows: int = 6, cols: int = 9, dtype=np.uint16, top: int = 4000) -> np.ndarray:
+    """Bright breast against the left edge, fading to background on the right."""
+    ramp = np.linspace(top, 0, cols).round().astype(dtype)
+    return np.ascontiguousarray(np.tile(ramp, (rows, 1)) + np.arange(rows, dtype=dtype)[:, None])
+
+
+def code_item(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SRT", meaning
+    return item
+
+
+# --- round trip and meta -------------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing_keyword", ["PixelSpacing", "ImagerPixelSpacing"])
+def test_monochrome2_round_trip_and_meta(tmp_path, spacing_keyword):
+    pixels = left_heavy()
+    path = write(make_dataset(pixels, ImageLaterality="L", ViewPosition="CC",
+                              **{spacing_keyword: [0.05, 0.07]}), tmp_path / "img.dcm")
+
+    image, meta = read_dicom(path)
+
+    assert image.dtype == np.float32 and image.flags.c_contiguous
+    np.testing.assert_array_equal(image, pixels.astype(np.float32))
+    assert meta == DicomMeta(path=str(path), patient_id="P_00001", side=Side.LEFT, view=View.CC,
+                             rows=6, columns=9, pixel_spacing=(0.05, 0.07), photometric="MONOCHROME2",
+                             bits_allocated=16, bits_stored=16, transfer_syntax="Explicit VR Little Endian",
+                             flipped=False)
+    assert read_dicom_header(path) == meta
+
+
+def test_eight_bit_and_absent_optional_fields(tmp_path):
+    pixels = left_heavy(dtype=np.uint8, top=200)
+    path = write(make_dataset(pixels, PatientID=None), tmp_path / "img.dcm")
+    image, meta = read_dicom(path)
+    np.testing.assert_array_equal(image, pixels)
+    assert (meta.patient_id, meta.side, meta.view, meta.pixel_spacing) == ("", None, None, None)
+    assert (meta.bits_allocated, meta.bits_stored) == (8, 8)
+
+
+# --- intensity: MONOCHROME1, rescale, bit depth, VOI ----------------------------------------
+
+STORED_12 = np.array([[0, 1536, 2048], [2559, 4095, 100]], dtype=np.uint16)
+
+
+def _window(values, center=2048.0, width=1024.0, y_max=4095.0):
+    """DICOM PS3.3 C.11.2.1.2.1 LINEAR window onto [0, y_max]."""
+    values = np.asarray(values, dtype=np.float64)
+    c, w = center - 0.5, width - 1
+    out = ((values - c) / w + 0.5) * y_max
+    out[values <= c - w / 2] = 0
+    out[values > c + w / 2] = y_max
+    return out
+
+
+def _voi_lut_item() -> Dataset:
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 8])  # 4096 entries, first input 0, 8-bit output
+    item.add_new("LUTData", "US", [v // 16 for v in range(4096)])
+    return item
+
+
+INTENSITY_CASES = {
+    # name: (stored, bits_stored, attrs, apply_voi, expected)
+    "mono2_16bit": (STORED_12, 16, {}, True, STORED_12),
+    "mono1_12bit_inverted": (STORED_12, 12, {"PhotometricInterpretation": "MONOCHROME1"}, True,
+                             [[4095, 2559, 2047], [1536, 0, 3995]]),
+    "mono1_16bit_inverted": (STORED_12, 16, {"PhotometricInterpretation": "MONOCHROME1"}, True,
+                             65535 - STORED_12.astype(np.int64)),
+    "rescale": (STORED_12, 12, {"RescaleSlope": 2, "RescaleIntercept": -100}, True,
+                STORED_12 * 2.0 - 100),
+    "mono1_rescale_inverted_about_rescaled_range": (
+        STORED_12, 12, {"PhotometricInterpretation": "MONOCHROME1", "RescaleSlope": 2,
+                        "RescaleIntercept": -100}, True,
+        (-100 + 8090) - (STORED_12 * 2.0 - 100)),
+    "12bit_garbage_high_bits_masked": (STORED_12 | 0xF000, 12, {}, True, STORED_12),
+    "window_applied": (STORED_12, 12, {"WindowCenter": 2048, "WindowWidth": 1024}, True,
+                       _window(STORED_12)),
+    "window_skipped": (STORED_12, 12, {"WindowCenter": 2048, "WindowWidth": 1024}, False, STORED_12),
+    "mono1_window_then_inverted": (
+        STORED_12, 12, {"WindowCenter": 2048, "WindowWidth": 1024,
+                        "PhotometricInterpretation": "MONOCHROME1"}, True, 4095 - _window(STORED_12)),
+    "voi_lut_sequence": (STORED_12, 12, {"VOILUTSequence": [_voi_lut_item()]}, True, STORED_12 // 16),
+    "mono1_voi_lut_inverted_about_lut_range": (
+        STORED_12, 12, {"VOILUTSequence": [_voi_lut_item()], "PhotometricInterpretation": "MONOCHROME1"},
+        True, 255 - STORED_12 // 16),
+}
+
+
+@pytest.mark.parametrize("case", INTENSITY_CASES)
+def test_intensity(tmp_path, case):
+    stored, bits_stored, attrs, apply_voi, expected = INTENSITY_CASES[case]
+    path = write(make_dataset(stored, bits_stored=bits_stored, **attrs), tmp_path / "img.dcm")
+    image, _ = read_dicom(path, flip=False, apply_voi=apply_voi)
+    np.testing.assert_allclose(image, np.asarray(expected, dtype=np.float64), rtol=1e-6, atol=1e-3)
+
+
+def test_monochrome1_brightest_becomes_darkest(tmp_path):
+    path = write(make_dataset(STORED_12, bits_stored=12, PhotometricInterpretation="MONOCHROME1"),
+                 tmp_path / "img.dcm")
+    image, meta = read_dicom(path, flip=False)
+    assert meta.photometric == "MONOCHROME1"
+    assert image[STORED_12 == 4095].item() == 0.0 and image[STORED_12 == 0].item() == 4095.0
+
+
+# --- compressed transfer syntaxes ------------------------------------------------------------
+
+def _random_12bit(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 4096, (32, 40)).astype(np.uint16)
+
+
+def test_rle_round_trip(tmp_path):
+    pixels = _random_12bit()
+    ds = make_dataset(pixels, bits_stored=12)
+    ds.compress(RLELossless)
+    image, meta = read_dicom(write(ds, tmp_path / "rle.dcm"), flip=False)
+    assert meta.transfer_syntax == "RLE Lossless"
+    np.testing.assert_array_equal(image, pixels)
+
+
+def _jpeg2000_file(tmp_path: Path, pixels: np.ndarray) -> Path:
+    pytest.importorskip("openjpeg")
+    ds = make_dataset(pixels, bits_stored=12)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    return write(ds, tmp_path / "j2k.dcm")
+
+
+def test_jpeg2000_lossless_round_trip(tmp_path):
+    pixels = _random_12bit(1)
+    image, meta = read_dicom(_jpeg2000_file(tmp_path, pixels), flip=False)
+    assert meta.transfer_syntax == "JPEG 2000 Image Compression (Lossless Only)"
+    np.testing.assert_array_equal(image, pixels)
+
+
+def test_jpeg_baseline_decodes(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    pixels = left_heavy(16, 16, dtype=np.uint8, top=240)
+    buffer = io.BytesIO()
+    pil.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    ds = make_dataset(pixels, PixelData=encapsulate([buffer.getvalue()]))
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    image, _ = read_dicom(write(ds, tmp_path / "jpeg.dcm"), flip=False)
+    assert np.abs(image - pixels).max() <= 4  # lossy, but close on a smooth ramp
+
+
+def test_missing_plugin_names_the_package(tmp_path, monkeypatch):
+    path = _jpeg2000_file(tmp_path, _random_12bit())
+    monkeypatch.setattr(get_decoder(JPEG2000Lossless), "_available", {})  # as if no plugin installed
+
+    with pytest.raises(DicomReadError) as info:
+        read_dicom(path)
+    assert "pylibjpeg-openjpeg" in info.value.reason and "j2k.dcm" in str(info.value)
+    assert read_dicom_header(path).rows == 32  # the header needs no codec
+
+
+# --- rejections -----------------------------------------------------------------------------
+
+def _valid(tmp_path, name="img.dcm", **attrs) -> Path:
+    return write(make_dataset(left_heavy(), **attrs), tmp_path / name)
+
+
+def _truncated(tmp_path) -> Path:
+    path = _valid(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    return path
+
+
+def _not_dicom(tmp_path) -> Path:
+    path = tmp_path / "notes.dcm"
+    path.write_bytes(b"this is a text file, not a mammogram\n" * 20)
+    return path
+
+
+def _empty(tmp_path) -> Path:
+    path = tmp_path / "empty.dcm"
+    path.write_bytes(b"")
+    return path
+
+
+def _corrupt_j2k(tmp_path) -> Path:
+    ds = make_dataset(left_heavy(), PixelData=encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60]))
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    return write(ds, tmp_path / "corrupt.dcm")
+
+
+def _mpeg(tmp_path) -> Path:
+    ds = make_dataset(left_heavy(), PixelData=encapsulate([b"\x00" * 64]))
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    return write(ds, tmp_path / "video.dcm")
+
+
+HEADER_REJECTIONS = {
+    # name: (file builder, word the reason must contain)
+    "not_dicom": (_not_dicom, "not a DICOM file"),
+    "empty_file": (_empty, "not a DICOM file"),
+    "missing_file": (lambda p: p / "absent.dcm", "not found"),
+    "directory": (lambda p: p, "not a regular file"),
+    "truncated_file": (_truncated, "truncated"),
+    "short_pixel_data": (lambda p: _valid(p, PixelData=b"\x00" * 20), "expected 108"),
+    "missing_pixel_data": (lambda p: _valid(p, PixelData=None), "PixelData"),
+    "oversized_rows": (lambda p: _valid(p, Rows=20_000), "exceed"),
+    "oversized_columns": (lambda p: _valid(p, Columns=DEFAULT_MAX_DIM + 1), "exceed"),
+    "zero_columns": (lambda p: _valid(p, Columns=0), "zero"),
+    "bits_stored_over_allocated": (lambda p: _valid(p, BitsStored=17), "BitsStored 17"),
+    "high_bit": (lambda p: _valid(p, HighBit=11), "HighBit"),
+    "bits_allocated": (lambda p: _valid(p, BitsAllocated=12), "BitsAllocated 12"),
+    "rgb": (lambda p: _valid(p, SamplesPerPixel=3, PhotometricInterpretation="RGB"), "grayscale"),
+    "palette": (lambda p: _valid(p, PhotometricInterpretation="PALETTE COLOR"), "MONOCHROME"),
+    "multi_frame": (lambda p: _valid(p, NumberOfFrames=2), "NumberOfFrames"),
+    "unsupported_syntax": (_mpeg, "unsupported transfer syntax"),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_REJECTIONS)
+def test_header_rejections_happen_before_decoding(tmp_path, monkeypatch, case):
+    build, word = HEADER_REJECTIONS[case]
+    path = build(tmp_path)
+    decoded = []
+    monkeypatch.setattr(Dataset, "pixel_array", property(lambda ds: decoded.append(ds)))
+
+    for read in (read_dicom, read_dicom_header):
+        with pytest.raises(DicomReadError) as info:
+            read(path)
+        assert info.value.path == str(path) and str(info.value).startswith(f"{path}: ")
+        assert word in info.value.reason
+    assert decoded == []
+
+
+def test_corrupt_compressed_data_is_a_decode_error(tmp_path):
+    path = _corrupt_j2k(tmp_path)
+    assert read_dicom_header(path).rows == 6
+    with pytest.raises(DicomReadError, match="corrupt.dcm: cannot decode JPEG 2000") as info:
+        read_dicom(path)
+    assert info.value.__cause__ is not None
+
+
+def test_caps_are_configurable(tmp_path):
+    path = _valid(tmp_path)
+    with pytest.raises(DicomReadError, match="exceed the limit 5x100"):
+        read_dicom(path, max_rows=5, max_cols=100)
+
+
+def test_error_survives_pickling():
+    error = pickle.loads(pickle.dumps(DicomReadError("/x/a.dcm", "file not found")))
+    assert (error.path, error.reason, str(error)) == ("/x/a.dcm", "file not found", "/x/a.dcm: file not found")
+
+
+# --- files without the 128-byte preamble -----------------------------------------------------
+
+def test_file_without_preamble_is_read(tmp_path):
+    full = _valid(tmp_path).read_bytes()
+    path = tmp_path / "no_preamble.dcm"
+    path.write_bytes(full[132:])  # drop preamble + "DICM", keep the file meta group
+    image, _ = read_dicom(path)
+    np.testing.assert_array_equal(image, left_heavy())
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_bare_data_set_is_read(tmp_path, implicit):
+    ds = make_dataset(left_heavy())
+    del ds.file_meta
+    path = tmp_path / "bare.dcm"
+    with open(path, "wb") as handle:
+        fp = DicomFileLike(handle)
+        fp.is_little_endian, fp.is_implicit_VR = True, implicit
+        write_dataset(fp, ds)
+    image, meta = read_dicom(path)
+    np.testing.assert_array_equal(image, left_heavy())
+    assert meta.transfer_syntax == ("Implicit VR Little Endian" if implicit else "Explicit VR Little Endian")
+
+
+# --- orientation ----------------------------------------------------------------------------
+
+def test_breast_on_right_is_flipped(tmp_path):
+    right_heavy = np.ascontiguousarray(np.fliplr(left_heavy()))
+    path = write(make_dataset(right_heavy), tmp_path / "img.dcm")
+
+    image, meta = read_dicom(path)
+    assert meta.flipped and image.flags.c_contiguous
+    np.testing.assert_array_equal(image, left_heavy())
+    assert image[:, :3].mean() > image[:, -3:].mean()
+
+    image, meta = read_dicom(path, flip=False)
+    assert not meta.flipped
+    np.testing.assert_array_equal(image, right_heavy)
+
+
+def test_monochrome1_orientation_is_decided_after_inversion(tmp_path):
+    # Stored dark-on-left is a bright breast on the left once inverted: no flip.
+    stored = (4095 - left_heavy(top=4000)).astype(np.uint16)
+    path = write(make_dataset(stored, bits_stored=12, PhotometricInterpretation="MONOCHROME1"),
+                 tmp_path / "img.dcm")
+    image, meta = read_dicom(path)
+    assert not meta.flipped
+    np.testing.assert_array_equal(image, left_heavy(top=4000))
+
+
+def test_forced_flip_for_masks(tmp_path):
+    path = write(make_dataset(left_heavy()), tmp_path / "mask.dcm")
+    image, meta = read_dicom(path, flip=True)
+    assert meta.flipped
+    np.testing.assert_array_equal(image, np.fliplr(left_heavy()))
+
+
+# --- side and view --------------------------------------------------------------------------
+
+SIDE_VIEW_CASES = {
+    # name: (relative path, header attrs, expected side, expected view)
+    "image_laterality": ("img.dcm", {"ImageLaterality": "R", "ViewPosition": "MLO"}, Side.RIGHT, View.MLO),
+    "laterality_only": ("img.dcm", {"Laterality": "L"}, Side.LEFT, None),
+    "view_code_value": ("img.dcm", {"ViewCodeSequence": [code_item("R-10242", "cranio-caudal")]}, None, View.CC),
+    "view_code_meaning": ("img.dcm", {"ViewCodeSequence": [code_item("X-1", "medio-lateral oblique")]},
+                          None, View.MLO),
+    "view_code_meaning_with_side": ("img.dcm", {"ViewCodeSequence": [code_item("X-1", "left cranio-caudal")]},
+                                    Side.LEFT, View.CC),
+    "path_only": ("Mass-Training_P_00001_LEFT_CC/1.3.6.1/1.3.6.2/000000.dcm", {}, Side.LEFT, View.CC),
+    "header_beats_path": ("Calc-Test_P_00038_LEFT_MLO_1/000000.dcm", {"ImageLaterality": "R"},
+                          Side.RIGHT, View.MLO),
+    "both_breasts_unknown": ("img.dcm", {"ImageLaterality": "B"}, None, None),
+}
+
+
+@pytest.mark.parametrize("case", SIDE_VIEW_CASES)
+def test_side_and_view(tmp_path, case):
+    relative, attrs, side, view = SIDE_VIEW_CASES[case]
+    meta = read_dicom_header(write(make_dataset(left_heavy(), **attrs), tmp_path / relative))
+    assert (meta.side, meta.view) == (side, view)
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("data/Mass-Training_P_00001_LEFT_CC/1.3.6.1.4/1.3.6.1.5/000000.dcm", (Side.LEFT, View.CC)),
+    ("Calc-Test_P_00038_LEFT_MLO_1", (Side.LEFT, View.MLO)),
+    ("case_R_MLO.dcm", (Side.RIGHT, View.MLO)),
+    ("inbreast/22678622_R-CC.dcm", (Side.RIGHT, View.CC)),
+    ("ddsm/A_1234_1.RIGHT_CC.LJPEG", (Side.RIGHT, View.CC)),
+    ("patient/LMLO.dcm", (Side.LEFT, View.MLO)),
+    ("/data/R/Calc-Test_P_00038_LEFT_MLO/000000.dcm", (Side.LEFT, View.MLO)),
+    ("L_and_R/x_CC.dcm", (None, View.CC)),
+    ("scans/0001/image.dcm", (None, None)),
+    ("CLEAR/MLOOKUP.dcm", (None, None)),
+])
+def test_parse_side_view_from_path(path, expected):
+    assert parse_side_view_from_path(path) == expected
+    assert parse_side_view_from_path(Path(path)) == expected
