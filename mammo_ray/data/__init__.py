@@ -1,0 +1,1 @@
+"""Data pipeline: DICOM reading, synthetic data, indexing, splits, crops, cache, datasets."""

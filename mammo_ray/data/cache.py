@@ -1,0 +1,193 @@
+"""Decode-once, sharded, resumable crop cache (``mammo-ray prepare``).
+
+Layout of a cache directory::
+
+    cache.json                 parameters, counts, training statistics, skipped inputs
+    config.yaml                the resolved config that produced it
+    index.parquet              one row per entry (crop), see ``ENTRY_COLUMNS``
+    mean_image.npy             mean training crop (for mean-image subtraction, paper 001)
+    shards/shard-00007.images.npy   uint16 (n, H, W) crops
+    shards/shard-00007.masks.npy    uint8  (n, H, W) ROI masks cropped the same way
+    shards/shard-00007.parquet      the shard's entries; written last, so it marks the shard done
+
+Each source image is decoded once per cache, and all of its crops are made from that one
+decode. Every file is written to a temporary name and renamed into place, so an
+interrupted run leaves no corrupt entry; a rerun skips the shards that are done and
+produces the same cache as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiprocessing as mp
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from mammo_ray.config import DataConfig
+from mammo_ray.data.shard_worker import CROP_FIELDS, ENTRY_COLUMNS, process_shard
+
+
+class CacheError(RuntimeError):
+    """A cache directory that belongs to other parameters, or an unusable input."""
+
+
+@dataclass
+class CacheSummary:
+    cache_dir: str
+    crop: str
+    entries: int
+    images_decoded: int
+    shards_total: int
+    shards_reused: int
+    seconds: float
+    images_per_second: float
+    by_split: dict[str, dict[str, int]]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _fingerprint(cfg: DataConfig, rows: pd.DataFrame) -> tuple[dict[str, Any], str]:
+    params = {name: getattr(cfg, name) for name in CROP_FIELDS}
+    params = json.loads(json.dumps(params))  # tuples -> lists, as they come back from JSON
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    digest.update(pd.util.hash_pandas_object(rows, index=False).values.tobytes())
+    return params, digest.hexdigest()[:16]
+
+
+def _select_rows(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig) -> pd.DataFrame:
+    rows = manifest.assign(split=split_of.fillna("").astype(str).str.lower())
+    rows = rows[rows["resolved"] & (rows["split"] != "")]
+    rows["keep"] = True
+    if cfg.abnormality != "all":
+        rows["keep"] = rows["abnormality_type"].str.lower().str.startswith(cfg.abnormality[:4])
+    # Rows that are not kept still travel with their image: their masks keep negative
+    # patches off every lesion, not only off the kept ones.
+    keep_images = set(rows.loc[rows["keep"], "image_path"])
+    rows = rows[rows["image_path"].isin(keep_images)]
+    return rows.sort_values(["image_path", "lesion_id"]).reset_index(drop=True)
+
+
+def _shards(rows: pd.DataFrame, per_shard: int) -> list[list[dict[str, Any]]]:
+    images = list(dict.fromkeys(rows["image_path"]))
+    groups = dict(tuple(rows.groupby("image_path", sort=False)))
+    shards = []
+    for start in range(0, len(images), per_shard):
+        chunk = images[start:start + per_shard]
+        shards.append([{"image_path": p, "rows": groups[p].to_dict("records")} for p in chunk])
+    return shards
+
+
+def _training_statistics(cache_dir: Path, index: pd.DataFrame) -> dict[str, float]:
+    """Mean image and global mean/std of the training crops, for normalisation."""
+    train = index[index["split"] == "train"]
+    if train.empty:
+        return {"train_mean": float("nan"), "train_std": float("nan")}
+    total = None
+    sq, count = 0.0, 0
+    for shard, group in train.groupby("shard"):
+        images = np.load(cache_dir / "shards" / f"shard-{shard:05d}.images.npy", mmap_mode="r")
+        block = images[group["offset"].to_numpy()].astype(np.float64)
+        total = block.sum(axis=0) if total is None else total + block.sum(axis=0)
+        sq += float((block ** 2).sum())
+        count += block.shape[0]
+    mean_image = (total / count).astype(np.float32)
+    buf = _npy_bytes(mean_image)
+    _atomic_write_bytes(cache_dir / "mean_image.npy", buf)
+    mean = float(mean_image.mean())
+    std = float(np.sqrt(max(sq / (count * mean_image.size) - mean ** 2, 0.0)))
+    return {"train_mean": mean, "train_std": std}
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, out_dir: str | Path,
+                  *, progress: bool = True) -> CacheSummary:
+    """Build (or finish) the crop cache for the rows of ``manifest`` that have a split.
+
+    Args:
+        manifest: a conformed manifest (see ``mammo_ray.data.manifest``).
+        split_of: split name per manifest row ("train"/"val"/"test", empty = not in a split).
+        cfg: the data config; its crop fields decide the cache contents.
+        out_dir: the cache directory. An existing cache with other parameters is an error.
+    """
+    start = time.perf_counter()
+    cache_dir = Path(out_dir).resolve()
+    (cache_dir / "shards").mkdir(parents=True, exist_ok=True)
+    rows = _select_rows(manifest, split_of, cfg)
+    if rows.empty:
+        raise CacheError(f"{cache_dir}: no resolved manifest rows fall in a split; nothing to prepare")
+    params, fingerprint = _fingerprint(cfg, rows.drop(columns=["keep"]))
+    meta_path = cache_dir / "cache.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("fingerprint") != fingerprint:
+            changed = sorted(k for k in params if old.get("params", {}).get(k) != params[k]) or ["manifest rows"]
+            raise CacheError(f"{cache_dir}: holds a cache built from other inputs (differs in {changed}); "
+                             "choose another --out or delete it")
+    else:
+        # Written first so a resumed run can tell the shards on disk belong to these inputs.
+        _atomic_write_bytes(meta_path, json.dumps({"fingerprint": fingerprint, "params": params}).encode())
+
+    for stray in (cache_dir / "shards").glob("*.tmp*"):
+        stray.unlink()  # half-written files of an interrupted run; their shards are redone below
+    shards = _shards(rows, cfg.shard_images)
+    todo = [i for i in range(len(shards))
+            if not (cache_dir / "shards" / f"shard-{i:05d}.parquet").exists()]
+    bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"prepare {cfg.crop}",
+               unit="shard", disable=not progress)
+    decoded = 0
+    if todo:
+        workers = max(1, min(cfg.num_workers, len(todo)))
+        # spawn: the parent may hold threads (Ray, torch) that fork would copy mid-state.
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(process_shard, i, shards[i], params, str(cache_dir), cfg.seed) for i in todo]
+            for future in as_completed(futures):
+                decoded += future.result()
+                bar.update(1)
+    bar.close()
+
+    parts = [pd.read_parquet(cache_dir / "shards" / f"shard-{i:05d}.parquet") for i in range(len(shards))]
+    index = pd.concat(parts, ignore_index=True)[ENTRY_COLUMNS]
+    index.insert(0, "entry", np.arange(len(index)))
+    skipped = [item for i in range(len(shards))
+               for item in json.loads((cache_dir / "shards" / f"shard-{i:05d}.skipped.json").read_text())]
+    tmp = cache_dir / "index.parquet.tmp"
+    index.to_parquet(tmp, index=False)
+    tmp.replace(cache_dir / "index.parquet")
+    stats = _training_statistics(cache_dir, index)
+
+    seconds = time.perf_counter() - start
+    by_split = {s: {str(k): int(v) for k, v in g["malignant"].value_counts().sort_index().items()}
+                for s, g in index.groupby("split")}
+    summary = CacheSummary(
+        cache_dir=str(cache_dir), crop=cfg.crop, entries=len(index), images_decoded=decoded,
+        shards_total=len(shards), shards_reused=len(shards) - len(todo), seconds=round(seconds, 3),
+        images_per_second=round(decoded / seconds, 3) if decoded else 0.0,
+        by_split=by_split, skipped=skipped)
+    meta = {"fingerprint": fingerprint, "params": params, **stats, "summary": summary.to_dict()}
+    _atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+    return summary

@@ -1,0 +1,112 @@
+"""From a config to a prepared crop cache: synthesize (if synthetic), index, split, prepare.
+
+Every step writes under the work directory and is reused when its output exists, so any
+command can start from a clean checkout and the second run starts where the first ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mammo_ray.config import Config, DataConfig, save_config
+from mammo_ray.data.cache import prepare_cache
+from mammo_ray.data.cbis_ddsm import index_dataset
+from mammo_ray.data.manifest import read_manifest, write_manifest
+from mammo_ray.data.shard_worker import CROP_FIELDS
+from mammo_ray.data.splits import Splits, make_splits
+from mammo_ray.data.synth import synthesize
+
+
+@dataclass
+class PreparedData:
+    dataset_dir: str  # image tree (synthetic or the user's)
+    manifest: str
+    index_report: str
+    splits: str
+    cache_dir: str
+    rows: int
+    resolved: int
+    entries: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _short_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def dataset_key(cfg: DataConfig) -> str:
+    """A folder name that changes whenever the source data would."""
+    if cfg.source == "synthetic":
+        h, w = cfg.synth_size
+        return f"synthetic-p{cfg.synth_patients}-s{cfg.seed}-{h}x{w}-{cfg.synth_layout}"
+    return f"{cfg.source}-{_short_hash([cfg.root, cfg.csv_dir, cfg.generic_csv])}"
+
+
+def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> Path:
+    """The image root: the synthetic dataset is made once in the workdir; real data is used in place."""
+    if cfg.source != "synthetic":
+        return Path(cfg.root or Path(cfg.generic_csv).parent).resolve()
+    out = workdir / "datasets" / dataset_key(cfg)
+    if not (out / "synth.json").is_file():
+        summary = synthesize(out, patients=cfg.synth_patients, seed=cfg.seed, size=tuple(cfg.synth_size),
+                             layout=cfg.synth_layout, progress=progress)
+        (out / "synth.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    return out
+
+
+def ensure_manifest(cfg: DataConfig, root: Path, workdir: Path) -> tuple[Path, Path]:
+    """Index the dataset once; return the manifest and the index report paths."""
+    folder = workdir / "index" / dataset_key(cfg)
+    manifest_path, report_path = folder / "manifest.parquet", folder / "index_report.json"
+    if not manifest_path.is_file():
+        csv_dir = None if cfg.source == "generic" else (cfg.csv_dir or root)
+        frame, report = index_dataset(root=root, csv_dir=csv_dir, generic_csv=cfg.generic_csv)
+        folder.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2, default=str))
+        write_manifest(frame, manifest_path)
+    return manifest_path, report_path
+
+
+def ensure_splits(cfg: DataConfig, manifest_path: Path, workdir: Path) -> Path:
+    params = {"fractions": list(cfg.split_fractions), "seed": cfg.seed, "balance_eval": cfg.balance_eval,
+              "folds": cfg.folds}
+    path = workdir / "splits" / f"{dataset_key(cfg)}-{_short_hash(params)}.json"
+    if not path.is_file():
+        splits = make_splits(read_manifest(manifest_path), fractions=tuple(cfg.split_fractions), seed=cfg.seed,
+                             balance_eval=cfg.balance_eval, folds=cfg.folds)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        splits.save(path)
+    return path
+
+
+def cache_dir_for(cfg: DataConfig, splits_path: Path, workdir: Path) -> Path:
+    params = {name: getattr(cfg, name) for name in CROP_FIELDS} | {"abnormality": cfg.abnormality,
+                                                                    "splits": splits_path.name}
+    return workdir / "cache" / f"{dataset_key(cfg)}-{cfg.crop}-{_short_hash(params)}"
+
+
+def ensure_prepared(config: Config, workdir: str | Path, *, progress: bool = True) -> PreparedData:
+    """Run every data step the config needs, reusing what the workdir already holds."""
+    workdir = Path(workdir).resolve()
+    cfg = config.data
+    root = ensure_dataset(cfg, workdir, progress=progress)
+    manifest_path, report_path = ensure_manifest(cfg, root, workdir)
+    splits_path = ensure_splits(cfg, manifest_path, workdir)
+    cache_dir = cache_dir_for(cfg, splits_path, workdir)
+    manifest = read_manifest(manifest_path)
+    if not (cache_dir / "index.parquet").is_file():
+        splits = Splits.load(splits_path)
+        prepare_cache(manifest, splits.assign(manifest), cfg, cache_dir, progress=progress)
+        save_config(config, cache_dir)
+    entries = len(pd.read_parquet(cache_dir / "index.parquet", columns=["shard"]))
+    return PreparedData(dataset_dir=str(root), manifest=str(manifest_path), index_report=str(report_path),
+                        splits=str(splits_path), cache_dir=str(cache_dir), rows=len(manifest),
+                        resolved=int(manifest["resolved"].sum()), entries=entries)
