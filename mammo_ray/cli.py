@@ -1,0 +1,229 @@
+"""`mammo-ray`: one CLI, thin: parse, call the library, print a summary (or one JSON object)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from mammo_ray.constants import DISCLAIMER
+
+EPILOG = DISCLAIMER
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected HxW, e.g. 832x512") from None
+    if h < 64 or w < 64:
+        raise argparse.ArgumentTypeError(f"--size {text!r}: each side must be at least 64 px")
+    return h, w
+
+
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fractions {text!r}: expected three numbers like 0.8,0.1,0.1") from None
+    if len(values) != 3 or abs(sum(values) - 1) > 1e-6 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"--fractions {text!r}: need three non-negative numbers summing to 1")
+    return values  # type: ignore[return-value]
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--workdir", help="work directory for outputs, caches and the MLflow store "
+                        "(default: $MAMMO_RAY_WORKDIR or ./work)")
+    common.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    return common
+
+
+def _configurable() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", help="YAML config (see tune_configs/); default: built-in defaults")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set data.crop=fixed")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_synth(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.data.synth import synthesize
+
+    out = Path(args.out) if args.out else workdir / "datasets" / f"synthetic-p{args.patients}-s{args.seed}"
+    summary = synthesize(out, patients=args.patients, seed=args.seed, size=args.size, layout=args.layout,
+                         from_csv=args.from_csv, progress=not args.json).to_dict()
+    (Path(summary["out_dir"]) / "synth.json").write_text(json.dumps(summary, indent=2))
+    text = (f"synthetic CBIS-DDSM-shaped dataset ({summary['layout']} layout) in {summary['out_dir']}\n"
+            f"  {summary['patients']} patients, {summary['images']} full-field images, "
+            f"{summary['abnormalities']} abnormality rows {summary['by_type']} {summary['by_pathology']}\n"
+            f"  case-description CSVs in {summary['csv_dir']}")
+    return summary, text
+
+
+def cmd_index(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.data.cbis_ddsm import index_dataset
+    from mammo_ray.data.manifest import write_manifest
+
+    out = Path(args.out) if args.out else workdir / "index" / "manifest.parquet"
+    csv_dir = args.csv or (None if args.generic else args.root)
+    frame, report = index_dataset(root=args.root, csv_dir=csv_dir, generic_csv=args.generic,
+                                  with_boxes=not args.no_boxes, progress=not args.json)
+    write_manifest(frame, out)
+    report_path = out.with_name(out.stem + ".report.json")
+    report = {"manifest": str(out.resolve()), "report": str(report_path.resolve()), **report}
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    text = (f"manifest {report['manifest']}: {report['rows']} rows, {report['resolved']} resolved, "
+            f"{len(report['unresolved'])} unresolved, {len(report['unreadable'])} unreadable files\n"
+            f"  full report: {report['report']}")
+    for item in report["unresolved"][:5]:
+        text += f"\n  unresolved {item.get('source_file', '')} row {item.get('source_row', '')}: {item['reason']}"
+    return report, text
+
+
+def cmd_split(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.data.manifest import read_manifest
+    from mammo_ray.data.splits import make_splits, summarize
+
+    manifest = read_manifest(args.manifest)
+    splits = make_splits(manifest, fractions=args.fractions, seed=args.seed, balance_eval=args.balance_eval,
+                         folds=args.folds)
+    out = Path(args.out) if args.out else workdir / "splits" / "splits.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    splits.save(out)
+    counts = summarize(splits, manifest)
+    result = {"splits": str(out.resolve()), "seed": args.seed, "counts": counts}
+    text = f"patient-level splits in {result['splits']} (seed {args.seed})\n" + json.dumps(counts, indent=2)
+    return result, text
+
+
+def cmd_prepare(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.config import load_config, save_config
+    from mammo_ray.data.cache import prepare_cache
+    from mammo_ray.data.manifest import read_manifest
+    from mammo_ray.data.splits import Splits
+
+    overrides = list(args.overrides) + ([f"data.crop={args.crop}"] if args.crop else [])
+    config = load_config(args.config, overrides)
+    manifest = read_manifest(args.manifest)
+    out = Path(args.out) if args.out else workdir / "cache" / config.data.crop
+    summary = prepare_cache(manifest, Splits.load(args.splits).assign(manifest), config.data, out,
+                            progress=not args.json).to_dict()
+    save_config(config, out)
+    text = (f"crop cache ({summary['crop']}) in {summary['cache_dir']}: {summary['entries']} crops from "
+            f"{summary['images_decoded']} decoded images in {summary['seconds']:.1f}s "
+            f"({summary['images_per_second']:.1f} images/s; {summary['shards_reused']} of "
+            f"{summary['shards_total']} shards reused)\n  per split (malignant label: count): {summary['by_split']}\n"
+            f"  skipped: {len(summary['skipped'])}")
+    return summary, text
+
+
+def cmd_demo(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.config import load_config, save_config
+    from mammo_ray.data.pipeline import ensure_prepared
+
+    config = load_config(args.config, args.overrides)
+    prepared = ensure_prepared(config, workdir, progress=not args.json).to_dict()
+    save_config(config, workdir / "demo")
+    result = {"workdir": str(workdir), "config": str(workdir / "demo" / "config.yaml"), **prepared}
+    text = "\n".join([
+        "mammo-ray demo: data pipeline done.",
+        f"  synthetic dataset  {prepared['dataset_dir']}",
+        f"  manifest           {prepared['manifest']} ({prepared['resolved']}/{prepared['rows']} rows resolved)",
+        f"  index report       {prepared['index_report']}",
+        f"  splits             {prepared['splits']}",
+        f"  crop cache         {prepared['cache_dir']} ({prepared['entries']} crops)",
+        f"  resolved config    {result['config']}",
+    ])
+    return result, text
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mammo-ray",
+        description="Train, search, ensemble, track and serve mammogram lesion CNNs on Ray. " + DISCLAIMER,
+        epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common, configurable = _common(), _configurable()
+
+    def add(name: str, func: Callable, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=f"{help_text} {DISCLAIMER}", epilog=EPILOG,
+                           parents=[common, *parents])
+        p.set_defaults(func=func)
+        return p
+
+    p = add("synth", cmd_synth, "Write a synthetic CBIS-DDSM-shaped dataset (DICOMs + the four CSVs).")
+    p.add_argument("--out", help="output folder (default: under the workdir)")
+    p.add_argument("--patients", type=int, default=40, help="number of patients (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    p.add_argument("--size", type=_parse_size, default=(832, 512),
+                   help="full-field image size HxW (default 832x512; full size is about 5000x3000)")
+    p.add_argument("--layout", choices=["csv", "tcia"], default="csv",
+                   help="csv: files at the CSVs' own paths; tcia: the TCIA download layout")
+    p.add_argument("--from-csv", help="draw images for the rows of real CBIS-DDSM CSVs in this folder")
+
+    p = add("index", cmd_index, "Index CBIS-DDSM (or a generic manifest CSV) into one manifest.")
+    p.add_argument("--root", help="folder holding the DICOM tree (either layout)")
+    p.add_argument("--csv", help="folder holding the CBIS-DDSM case-description CSVs (default: --root)")
+    p.add_argument("--generic", help="a generic manifest CSV (patient_id, image_path, side, view, label, ...)")
+    p.add_argument("--out", help="manifest Parquet file (default: WORKDIR/index/manifest.parquet)")
+    p.add_argument("--no-boxes", action="store_true", help="skip reading masks for ROI boxes (faster)")
+
+    p = add("split", cmd_split, "Split a manifest by patient into train/val/test (and k folds).")
+    p.add_argument("--manifest", required=True, help="manifest written by `mammo-ray index`")
+    p.add_argument("--out", help="splits JSON file (default: WORKDIR/splits/splits.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fractions", type=_parse_fractions, default=(0.8, 0.1, 0.1), help="train,val,test")
+    p.add_argument("--balance-eval", action="store_true", help="class-balanced val and test (paper 001)")
+    p.add_argument("--folds", type=int, help="also make K patient-level folds (paper 004)")
+
+    p = add("prepare", cmd_prepare, "Decode once and cache lesion crops for training.", configurable)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--crop", choices=["seed750", "fixed", "proportional", "patch", "whole"],
+                   help="crop mode (default: the config's data.crop)")
+    p.add_argument("--out", help="cache folder (default: WORKDIR/cache/<crop>)")
+
+    add("demo", cmd_demo, "The main job on the built-in defaults: synthesize, index, split and prepare.",
+        configurable)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from mammo_ray.config import ConfigError
+    from mammo_ray.data.cache import CacheError
+    from mammo_ray.data.dicom import DicomReadError
+    from mammo_ray.data.manifest import ManifestError
+    from mammo_ray.data.splits import SplitLeakError
+
+    return ConfigError, CacheError, DicomReadError, ManifestError, SplitLeakError, FileNotFoundError, ValueError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mammo_ray.workdir import resolve_workdir
+
+    try:
+        result, text = args.func(args, resolve_workdir(args.workdir))
+    except _known_errors() as exc:
+        message = str(exc)
+        if args.json:
+            print(json.dumps({"error": message, "command": args.command}))
+        print(f"mammo-ray {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(text)
+        print(DISCLAIMER)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
