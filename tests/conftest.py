@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL_CSV_DIR = SHARED / "data" / "cbis-ddsm"
+# The four real CBIS-DDSM case-description CSVs (CC BY 3.0, attribution in their README).
+REAL_CSV_DIR = Path(__file__).resolve().parent / "fixtures" / "cbis-ddsm"
 
 
 @pytest.fixture(scope="session")

@@ -75,12 +75,24 @@ def ensure_manifest(cfg: DataConfig, root: Path, workdir: Path) -> tuple[Path, P
     return manifest_path, report_path
 
 
+def rows_for(cfg: DataConfig, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest rows of the configured abnormality type (all rows for ``all``)."""
+    if cfg.abnormality == "all":
+        return manifest
+    return manifest[manifest["abnormality_type"].str.upper().str.startswith(cfg.abnormality[:4].upper())]
+
+
 def ensure_splits(cfg: DataConfig, manifest_path: Path, workdir: Path) -> Path:
+    """Split the patients who have rows of the configured abnormality, so that val and test get
+    their share of those patients (splitting everyone can leave a split with almost no masses)."""
     params = {"fractions": list(cfg.split_fractions), "seed": cfg.seed, "balance_eval": cfg.balance_eval,
-              "folds": cfg.folds}
+              "folds": cfg.folds, "abnormality": cfg.abnormality}
     path = workdir / "splits" / f"{dataset_key(cfg)}-{_short_hash(params)}.json"
     if not path.is_file():
-        splits = make_splits(read_manifest(manifest_path), fractions=tuple(cfg.split_fractions), seed=cfg.seed,
+        rows = rows_for(cfg, read_manifest(manifest_path))
+        if rows.empty:
+            raise ValueError(f"{manifest_path}: no {cfg.abnormality} rows to split (data.abnormality)")
+        splits = make_splits(rows, fractions=tuple(cfg.split_fractions), seed=cfg.seed,
                              balance_eval=cfg.balance_eval, folds=cfg.folds)
         path.parent.mkdir(parents=True, exist_ok=True)
         splits.save(path)

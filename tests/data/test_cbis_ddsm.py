@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from mammo_ray.data.cbis_ddsm import (CbisCsvError, index_dataset, parse_cbis_csvs, read_cbis_csvs,
                                       resolve_paths)
 
-REAL = Path("/work/shared/data/cbis-ddsm")
+REAL = Path(__file__).resolve().parents[1] / "fixtures" / "cbis-ddsm"  # the real CSVs
 HEADER = ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
           "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
           "image file path", "cropped image file path", "ROI mask file path"]

@@ -14,9 +14,7 @@ import pytest
 
 from mammo_ray.data.synth import CALC_COLUMNS, CSV_NAMES, MASS_COLUMNS, SynthSummary, synthesize
 
-REAL_CSV_DIR = Path(__file__).resolve().parents[2].parent / "shared/data/cbis-ddsm"
-needs_real_csvs = pytest.mark.skipif(not (REAL_CSV_DIR / "mass_case_description_train_set.csv").is_file(),
-                                     reason=f"real CBIS-DDSM CSVs not found in {REAL_CSV_DIR}")
+REAL_CSV_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "cbis-ddsm"  # the real CSVs
 SMALL = (256, 160)
 
 
@@ -68,7 +66,6 @@ def test_summary_counts_match_csvs(dataset):
     assert 2 <= sum("test" in f for f in splits.values()) <= 6  # ~20% Test patients
 
 
-@needs_real_csvs
 def test_csv_headers_and_quirks_match_real_files(dataset):
     root, _ = dataset
     for name in CSV_NAMES.values():
@@ -212,7 +209,6 @@ def test_tcia_layout_names_and_contents(tmp_path):
     assert not (tmp_path / "tcia" / "Mass-Training").exists() and not list(root.glob("*_P_*"))
 
 
-@needs_real_csvs
 def test_from_csv_reproduces_real_rows(tmp_path):
     summary = synthesize(tmp_path, patients=3, seed=0, size=SMALL, from_csv=REAL_CSV_DIR, progress=False)
     real = {}
