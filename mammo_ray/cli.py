@@ -142,6 +142,79 @@ def cmd_demo(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], s
     return result, text
 
 
+def _train_text(result: dict[str, Any]) -> str:
+    m = result["metrics"]
+    lines = [f"MLflow run      {result['run_id']} ({result['run_name']})",
+             f"tracking URI    {result['tracking_uri']}"]
+    if "checkpoint" in result:
+        lines += [f"checkpoint      {result['checkpoint']} (best epoch {result['best_epoch']})",
+                  f"outputs         {result['output_dir']}",
+                  f"validation      AUC {m['val_auc']:.3f} [{m.get('val_auc_ci_low', float('nan')):.3f}, "
+                  f"{m.get('val_auc_ci_high', float('nan')):.3f}]  accuracy {m['val_acc']:.3f}  "
+                  f"log loss {m['val_loss']:.3f}  recall {m['val_recall']:.3f}  "
+                  f"specificity {m['val_specificity']:.3f}"]
+    else:
+        lines.append(f"{result['folds']}-fold cross-validation (mean ± std over folds):")
+        for key in ("val_auc", "val_acc", "val_loss", "val_recall", "val_specificity"):
+            if key in result["summary"]:
+                lines.append(f"  {key:<16}{result['summary'][key]['mean']:.3f} ± {result['summary'][key]['std']:.3f}")
+    lines.append(f"MLflow UI       {mlflow_ui_command(result['tracking_uri'])}")
+    return "\n".join(lines)
+
+
+def mlflow_ui_command(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri}"
+
+
+def cmd_train(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.config import load_config
+    from mammo_ray.ray_session import init_ray
+    from mammo_ray.train.run import run_folds, run_training
+
+    config = load_config(args.config, args.overrides)
+    init_ray(args.address)
+    if args.folds:
+        result = run_folds(config, workdir, args.folds, progress=not args.json)
+    else:
+        result = run_training(config, workdir, progress=not args.json).to_dict()
+    return result, _train_text(result)
+
+
+def cmd_evaluate(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.train.evaluation import evaluate_checkpoint
+
+    checkpoint, tag = args.checkpoint, None
+    if args.run:
+        from mlflow import MlflowClient
+
+        from mammo_ray.config import Config
+        from mammo_ray.train.tracking import tracking_uri
+
+        uri = args.tracking_uri or tracking_uri(Config(), workdir)
+        try:
+            run = MlflowClient(uri).get_run(args.run)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+            raise ValueError(f"--run {args.run}: no such run in {uri} ({exc})") from None
+        checkpoint = run.data.tags.get("mammo_ray.checkpoint")
+        if not checkpoint:
+            raise ValueError(f"--run {args.run}: the run has no checkpoint (did it finish?)")
+        tag = args.run
+    out = Path(args.out) if args.out else workdir / "evaluations" / f"{tag or Path(checkpoint).parent.name}-{args.split}"
+    result = evaluate_checkpoint(checkpoint, args.split, workdir, out, n_boot=args.bootstrap,
+                                 progress=not args.json)
+    result = {"checkpoint": str(checkpoint), "run_id": tag, **result}
+    m, image, exam = result["metrics"], result["image"], result["exam"]
+    text = (f"{args.split} split, {result['view_mode']} view mode, checkpoint {checkpoint}\n"
+            f"  per image (n={image['n']}): AUC {image['auc']:.3f}  accuracy {image['accuracy']:.3f}  "
+            f"recall {image['recall']:.3f}  specificity {image['specificity']:.3f}\n"
+            f"  per exam  (n={exam['n']}): AUC {exam['auc']:.3f}  accuracy {exam['accuracy']:.3f}  "
+            f"recall {exam['recall']:.3f}  specificity {exam['specificity']:.3f}\n"
+            f"  plots and predictions in {out}\n" + json.dumps(m, indent=2))
+    return result, text
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop mode (default: the config's data.crop)")
     p.add_argument("--out", help="cache folder (default: WORKDIR/cache/<crop>)")
 
+    p = add("train", cmd_train, "Train one model with Ray Train and track it in MLflow.", configurable)
+    p.add_argument("--folds", type=int, help="K-fold cross-validation by patient (paper 004: 5); folds run in "
+                   "parallel as Ray tasks under one parent MLflow run")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+    p = add("evaluate", cmd_evaluate, "Evaluate a trained model on a split: metrics (JSON) and plots.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="MLflow run id of a `mammo-ray train` run")
+    source.add_argument("--checkpoint", help="a checkpoint.pt file (or its folder)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--out", help="folder for predictions, metrics and plots (default: under the workdir)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for --run (default: as `train` uses)")
+
     add("demo", cmd_demo, "The main job on the built-in defaults: synthesize, index, split and prepare.",
         configurable)
     return parser
@@ -201,8 +288,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mammo_ray.data.dicom import DicomReadError
     from mammo_ray.data.manifest import ManifestError
     from mammo_ray.data.splits import SplitLeakError
+    from mammo_ray.models import PretrainedWeightsError
+    from mammo_ray.train.checkpoint import CheckpointError
 
-    return ConfigError, CacheError, DicomReadError, ManifestError, SplitLeakError, FileNotFoundError, ValueError
+    return (ConfigError, CacheError, DicomReadError, ManifestError, SplitLeakError, PretrainedWeightsError,
+            CheckpointError, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,12 @@ class ModelConfig(_Section):
     in_chans: Literal[1, 3, 9] = 3  # 9 = image + 8 DoG channels (paper 000)
     num_classes: int = Field(2, ge=2)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    pretrained: str | None = None  # local path of a torchvision state dict; None trains from scratch
+    pretrained: str | None = None  # local torchvision state dict, or "imagenet" (TORCH_HOME cache); None: scratch
+    # Fine-tuning policy (papers 001, 004). None: every layer at the base LR.
+    train_last: int | None = Field(None, ge=0)  # the last N trunk groups at full LR; earlier ones x early_lr_mult
+    early_lr_mult: float = Field(0.1, ge=0)  # 0 freezes the earlier groups (paper 004's frozen trunk)
+    head_lr_mult: float = Field(1.0, gt=0)  # new classifier weights (paper 001: x10, paper 004: x20)
+    head_bias_lr_mult: float = Field(1.0, gt=0)  # new classifier bias (paper 001: x20)
 
 
 class OptimConfig(_Section):
@@ -85,16 +90,25 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
-    num_workers: int = Field(1, ge=1)  # Ray Train workers
+    batch_size: int = Field(32, ge=1)  # per Ray Train worker
+    seed: int = 0  # seeds weights, sampling and augmentation (with the worker rank)
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (data parallel)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    amp: Literal["none", "bf16", "fp16"] = "bf16"  # used on GPU only
-    channels_last: bool = False
-    early_stop_patience: int | None = Field(None, ge=1)
-    max_failures: int = Field(1, ge=0)
-    storage_path: str | None = None  # absolute, or under the workdir when unset
+    gpus_per_worker: float = Field(1.0, gt=0)  # fractional GPUs let small models share one
+    amp: Literal["none", "bf16", "fp16"] = "bf16"  # mixed precision, used on GPU only
+    channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
+    balanced_sampling: bool = False  # draw each class equally often in training
+    monitor: Literal["val_loss", "val_auc"] = "val_loss"  # picks the best checkpoint and drives early stopping
+    early_stop_patience: int | None = Field(None, ge=1)  # epochs without improvement before stopping
+    stop_train_acc: float | None = Field(None, gt=0, le=1)  # paper 004: stop at this mean train accuracy ...
+    stop_train_window: int = Field(50, ge=1)  # ... over the last N batches
+    max_failures: int = Field(1, ge=0)  # worker-group restarts from the latest checkpoint
+    keep_checkpoints: int = Field(2, ge=1)  # best ones by `monitor` (the latest is kept too, for resuming)
+    eval_bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the final AUC CI
+    storage_path: str | None = None  # Ray Train storage; absolute, or <workdir>/ray_results when unset
+    mlflow_uri: str | None = None  # tracking URI; else $MLFLOW_TRACKING_URI, else sqlite in <workdir>/mlflow
+    experiment: str = "mammo-ray"  # MLflow experiment name
 
 
 class TuneConfig(_Section):
@@ -111,6 +125,17 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _check_model_input(self) -> "Config":
+        expected = 1 if self.model.in_chans in (1, 9) else 3  # a 9-channel model makes its DoG channels itself
+        if self.data.channels != expected:
+            raise ValueError(f"data.channels ({self.data.channels}) must be {expected} for model.in_chans="
+                             f"{self.model.in_chans}")
+        if self.model.view_mode != "single" and self.data.task == "mass_presence":
+            raise ValueError("model.view_mode must be 'single' for data.task=mass_presence: "
+                             "non-mass patches have no CC/MLO partner")
+        return self
 
 
 class ConfigError(ValueError):

@@ -33,3 +33,30 @@ def small_index(small_dataset):
     assert report["resolved"] == report["rows"] > 0
     splits = make_splits(manifest, fractions=(0.6, 0.2, 0.2), seed=0)
     return manifest, splits.assign(manifest)
+
+
+TINY_TRAIN = [  # a tiny training setup: levynet on 40-px crops, seconds per epoch on one core
+    "data.synth_patients=40", "data.synth_size=[384, 240]", "data.seed=3", "data.cache_px=40",
+    "data.input_px=32", "data.num_workers=0", "data.split_fractions=[0.6, 0.2, 0.2]",
+    "model.name=levynet", "model.dropout=0.1", "train.batch_size=8", "train.epochs=2",
+    "train.eval_bootstrap=50",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+    """A workdir whose synthetic data for ``TINY_TRAIN`` is already prepared."""
+    from mammo_ray.config import load_config
+    from mammo_ray.data.pipeline import ensure_prepared
+
+    workdir = tmp_path_factory.mktemp("work")
+    ensure_prepared(load_config(None, TINY_TRAIN), workdir, progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``load_config(None, TINY_TRAIN + overrides)``."""
+    from mammo_ray.config import load_config
+
+    return lambda *overrides: load_config(None, [*TINY_TRAIN, *overrides])

@@ -1,0 +1,89 @@
+"""Evaluate a checkpoint on a split: predictions, metrics per image and per exam, plots.
+
+The model and its preprocessing come from the checkpoint alone (``restore_model``); the
+data come from the checkpoint's own config, prepared in the workdir when absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from mammo_ray.constants import CLASS_NAMES, Task
+from mammo_ray.data.datasets import CropCache, PairedViewDataset, SingleViewDataset
+from mammo_ray.data.pipeline import ensure_prepared
+from mammo_ray.data.transforms import build_eval_transform
+from mammo_ray.train.checkpoint import load_checkpoint, restore_model
+from mammo_ray.train.loop import evaluate, relabel_fold, summarize_predictions
+from mammo_ray.train.metrics import evaluate_predictions
+from mammo_ray.train.plots import plot_confusion, plot_rocs, plot_training_curves
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path, out_dir: str | Path, *,
+                        n_boot: int = 1000, cache_dir: str | Path | None = None, fold: int | None = None,
+                        splits_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``split`` and write predictions, metrics and plots to ``out_dir``.
+
+    Returns:
+        ``{"metrics": {"<split>_auc": ..., ...}, "image": {...}, "exam": {...}, "plots": [...],
+        "predictions": path, "n": ...}``. The flat ``metrics`` use the view mode's primary level
+        (see ``loop.summarize_predictions``); ``image`` and ``exam`` hold every SPEC §5 metric.
+    """
+    payload = load_checkpoint(checkpoint)
+    model, spec, config = restore_model(payload, "cuda" if torch.cuda.is_available() else "cpu")
+    if cache_dir is None:
+        prepared = ensure_prepared(config, workdir, progress=progress)
+        cache_dir, splits_path = prepared.cache_dir, splits_path or prepared.splits
+    cache = CropCache(cache_dir)
+    if fold is not None:
+        cache.index = relabel_fold(cache.index, splits_path, fold)
+    transform = build_eval_transform(spec)  # exactly the preprocessing stored with the model
+    if config.model.view_mode == "multimodal":
+        dataset = PairedViewDataset(cache, split, config.data.task, transform=transform)
+    else:
+        dataset = SingleViewDataset(cache, split, config.data.task, transform=transform)
+    loader = DataLoader(dataset, batch_size=config.train.batch_size, shuffle=False)
+    device = next(model.parameters()).device
+    frame = evaluate(model, loader, device=device)
+    return report_predictions(frame, config.model.view_mode, split, out_dir, n_boot=n_boot,
+                              task=config.data.task, history=payload["history"],
+                              unpaired=getattr(dataset, "unpaired", 0))
+
+
+def report_predictions(frame: pd.DataFrame, view_mode: str, split: str, out_dir: str | Path, *, n_boot: int = 1000,
+                       task: str = "pathology", history: list[dict] | None = None,
+                       unpaired: int = 0) -> dict[str, Any]:
+    """Metrics and PNG plots of one prediction table (see ``evaluate_checkpoint``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    levels = evaluate_predictions(frame, n_boot=n_boot)
+    flat = summarize_predictions(frame, view_mode, prefix=f"{split}_", n_boot=n_boot)
+    primary = levels["image" if view_mode == "single" else "exam"]
+    predictions = out_dir / f"predictions_{split}.csv"
+    frame.to_csv(predictions, index=False)
+    plots = [
+        plot_rocs({f"per image (n={levels['image'].n})": (frame["label"], frame["prob"], levels["image"].auc_ci),
+                   f"per exam (n={levels['exam'].n})": _exam_curve(frame, levels["exam"].auc_ci)},
+                  out_dir / f"roc_{split}.png", title=f"ROC, {split} split ({view_mode})"),
+        plot_confusion(primary, out_dir / f"confusion_{split}.png", CLASS_NAMES[Task.parse(task)],
+                       title=f"Confusion matrix, {split} split"),
+    ]
+    if history:
+        plots.append(plot_training_curves(history, out_dir / "training_curves.png",
+                                          metrics=("train_loss", "val_loss", "val_auc", "val_acc", "train_acc")))
+    result = {"split": split, "view_mode": view_mode, "n": int(len(frame)), "unpaired": int(unpaired),
+              "metrics": flat, **{level: {**m.to_dict(), "confusion": m.confusion} for level, m in levels.items()},
+              "predictions": str(predictions), "plots": [str(p) for p in plots]}
+    (out_dir / f"metrics_{split}.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _exam_curve(frame: pd.DataFrame, ci: tuple[float, float]) -> tuple[Any, Any, tuple[float, float]]:
+    from mammo_ray.train.metrics import exam_level
+
+    exams = exam_level(frame)
+    return exams["label"], exams["prob"], ci

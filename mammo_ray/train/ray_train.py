@@ -1,0 +1,120 @@
+"""Ray Train (V2, Ray 2.60): the plain loop of ``loop.py`` inside a ``TorchTrainer``.
+
+Ray appears in three marked places in the worker: preparing the model (DDP), preparing the
+loaders (device placement), and reporting each epoch with a checkpoint from rank 0. A new
+trainer with the same ``RunConfig(name, storage_path)`` restores itself after a worker
+failure, and ``ray.train.get_checkpoint()`` then hands the worker the latest checkpoint, so
+finished epochs are not repeated.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mammo_ray.config import Config
+from mammo_ray.train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from mammo_ray.train.loop import EarlyStopping, build_training, fit
+from mammo_ray.train.tracking import log_metrics
+
+
+def loop_config(config: Config, cache_dir: str | Path, *, mlflow_uri: str | None = None, run_id: str | None = None,
+                fold: int | None = None, splits_path: str | Path | None = None,
+                fault: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plain-data ``train_loop_config`` handed to every worker."""
+    return {"config": config.model_dump(mode="json"), "cache_dir": str(cache_dir), "mlflow_uri": mlflow_uri,
+            "run_id": run_id, "fold": fold, "splits_path": str(splits_path) if splits_path else None,
+            "fault": fault}
+
+
+def _maybe_inject_fault(fault: dict[str, Any] | None, rank: int, epoch: int) -> None:
+    """Test hook: SIGKILL one worker once at the start of an epoch (the marker file makes it once)."""
+    if not fault or rank != fault["rank"] or epoch != fault["epoch"]:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """One Ray Train worker: build, restore the latest checkpoint if any, train, report."""
+    import ray.train
+    import ray.train.torch
+
+    config = Config.model_validate(cfg["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # one worker per CPU: more threads would fight over the cores
+        torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
+    training = build_training(config, cfg["cache_dir"], device=device, rank=rank, world=world, fold=cfg["fold"],
+                              splits_path=cfg["splits_path"])
+    stopper = EarlyStopping(config.train.monitor, config.train.early_stop_patience)
+    start_epoch, resumed_from = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            payload = load_checkpoint(directory, map_location=device)
+        training.model.load_state_dict(payload["model"])
+        training.optimizer.load_state_dict(payload["optimizer"])
+        training.scheduler.load_state_dict(payload["scheduler"])
+        if training.scaler is not None and payload["scaler"]:
+            training.scaler.load_state_dict(payload["scaler"])
+        training.history = payload["history"]
+        stopper.load_state_dict(payload["extra"]["stopper"])
+        start_epoch = resumed_from = payload["epoch"] + 1
+
+    training.model = ray.train.torch.prepare_model(training.model)  # Ray 1/3: DDP (and device placement)
+    training.train_loader = ray.train.torch.prepare_data_loader(training.train_loader,  # Ray 2/3: device
+                                                                add_dist_sampler=False)  # EpochSampler shards
+    training.val_loader = ray.train.torch.prepare_data_loader(training.val_loader, add_dist_sampler=False)
+
+    def on_epoch(epoch: int, metrics: dict[str, float], last: bool) -> None:
+        metrics = {**metrics, "resumed_from_epoch": float(-1 if resumed_from is None else resumed_from)}
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)  # Ray 3/3: every rank reports (a barrier)
+            return
+        if cfg["run_id"]:
+            log_metrics(cfg["mlflow_uri"], cfg["run_id"], metrics, step=epoch)
+        payload = checkpoint_payload(model=training.model, config=config, spec=training.spec, epoch=epoch,
+                                     optimizer=training.optimizer, scheduler=training.scheduler,
+                                     scaler=training.scaler, history=training.history,
+                                     extra={"stopper": stopper.state_dict(), "rank0_pid": os.getpid()})
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(payload, directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    fit(training, start_epoch=start_epoch, stopper=stopper, on_epoch=on_epoch,
+        before_epoch=lambda epoch: _maybe_inject_fault(cfg["fault"], rank, epoch))
+
+
+def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: str, storage_path: str | Path):
+    """A ``TorchTrainer`` whose scaling, failure and checkpoint policies come from the config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = config.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    storage = Path(storage_path)
+    if not storage.is_absolute():  # Ray needs an absolute path (a relative one fails obscurely)
+        raise ValueError(f"train.storage_path must be absolute, got {storage_path!r}")
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=train_loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.monitor,
+                                               checkpoint_score_order="min" if t.monitor == "val_loss" else "max"),
+        ),
+    )

@@ -1,0 +1,158 @@
+"""One tracked training run, driven from the Ray driver: data, MLflow run, ``TorchTrainer.fit``,
+final evaluation, artifacts. Also K-fold cross-validation (paper 004), with one Ray task per fold.
+
+Every output goes under ``<workdir>/runs/<run name>/``: the resolved config, the best
+checkpoint, predictions, metrics and plots. The same files are logged to MLflow, with a
+model that ``mlflow.pytorch.load_model("runs:/<id>/model")`` loads back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammo_ray.config import Config, save_config
+from mammo_ray.data.pipeline import PreparedData, ensure_prepared
+from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model
+from mammo_ray.train.evaluation import evaluate_checkpoint
+from mammo_ray.train.ray_train import build_trainer, loop_config
+from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    run_name: str
+    tracking_uri: str
+    checkpoint: str  # the best checkpoint by train.monitor, copied under the run folder
+    output_dir: str
+    metrics: dict[str, float]  # final validation metrics of that checkpoint (val_auc, val_loss, ...)
+    best_epoch: int
+    epochs_run: int  # less than train.epochs after an early stop
+    status: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_name_for(config: Config, fold: int | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    suffix = f"-fold{fold}" if fold is not None else ""
+    return f"{config.model.name}-{config.model.view_mode}{suffix}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def storage_path_for(config: Config, workdir: Path) -> Path:
+    return Path(config.train.storage_path) if config.train.storage_path else workdir / "ray_results"
+
+
+def log_model(run: TrackedRun, checkpoint: Path) -> None:
+    """An MLflow PyTorch model (``runs:/<id>/model``) from the checkpoint's weights."""
+    import mlflow.pytorch
+    import torch
+
+    model, _, _ = restore_model(load_checkpoint(checkpoint))
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model"
+        mlflow.pytorch.save_model(model, str(target), serialization_format="pickle",
+                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"])
+        run.client.log_artifacts(run.run_id, str(target), "model")
+
+
+def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData | None = None,
+                 parent_run_id: str | None = None, fold: int | None = None, run_name: str | None = None,
+                 progress: bool = True, fault: dict[str, Any] | None = None) -> TrainOutcome:
+    """Train one model with Ray Train and track it in MLflow (Ray must be initialised).
+
+    Args:
+        prepared: the prepared data (made from ``config.data`` in the workdir when None).
+        parent_run_id: nest this run (a cross-validation fold) under a parent MLflow run.
+        fold: train on the other folds and validate on this one (needs ``data.folds``).
+        fault: test hook, see ``ray_train._maybe_inject_fault``.
+    """
+    workdir = Path(workdir).resolve()
+    prepared = prepared or ensure_prepared(config, workdir, progress=progress)
+    uri = tracking_uri(config, workdir)
+    name = run_name or run_name_for(config, fold)
+    out_dir = workdir / "runs" / name
+    config_path = save_config(config, out_dir)
+    tags = {"mammo_ray.cache_dir": prepared.cache_dir, "mammo_ray.splits": prepared.splits,
+            "mammo_ray.output_dir": str(out_dir), "mammo_ray.kind": "fold" if fold is not None else "train"}
+    if fold is not None:
+        tags["mammo_ray.fold"] = str(fold)
+    with TrackedRun(uri, config.train.experiment, name, config=config, tags=tags, parent_run_id=parent_run_id,
+                    artifact_location=artifact_root(uri, workdir)) as run:
+        run.log_artifact(config_path)
+        trainer = build_trainer(config, loop_config(config, prepared.cache_dir, mlflow_uri=uri, run_id=run.run_id,
+                                                    fold=fold, splits_path=prepared.splits, fault=fault),
+                                name=name, storage_path=storage_path_for(config, workdir))
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        mode = "min" if config.train.monitor == "val_loss" else "max"
+        best = result.get_best_checkpoint(config.train.monitor, mode) or result.checkpoint
+        if best is None:
+            raise RuntimeError(f"run {name}: training reported no checkpoint")
+        checkpoint = out_dir / CHECKPOINT_FILE
+        with best.as_directory() as directory:
+            shutil.copy2(Path(directory) / CHECKPOINT_FILE, checkpoint)
+        payload = load_checkpoint(checkpoint)
+        epochs_run = int(result.metrics["epoch"]) + 1 if result.metrics else len(payload["history"])
+        evaluation = evaluate_checkpoint(checkpoint, "val", workdir, out_dir, n_boot=config.train.eval_bootstrap,
+                                         cache_dir=prepared.cache_dir, fold=fold, splits_path=prepared.splits)
+        metrics = evaluation["metrics"]
+        run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=payload["epoch"])
+        run.set_tags({"mammo_ray.best_epoch": payload["epoch"], "mammo_ray.checkpoint": checkpoint})
+        run.log_artifacts(evaluation["plots"], "plots")
+        run.log_artifacts([evaluation["predictions"], out_dir / "metrics_val.json"], "evaluation")
+        run.log_artifact(checkpoint, "checkpoint")
+        log_model(run, checkpoint)
+    return TrainOutcome(run_id=run.run_id, run_name=name, tracking_uri=uri, checkpoint=str(checkpoint),
+                        output_dir=str(out_dir), metrics=metrics, best_epoch=int(payload["epoch"]),
+                        epochs_run=epochs_run, status=run.status or "")
+
+
+def _fold_task(config_dict: dict[str, Any], workdir: str, prepared: dict[str, Any], parent_run_id: str,
+               fold: int) -> dict[str, Any]:
+    """One fold, run as a Ray task that drives its own TorchTrainer."""
+    outcome = run_training(Config.model_validate(config_dict), workdir, prepared=PreparedData(**prepared),
+                           parent_run_id=parent_run_id, fold=fold, progress=False)
+    return outcome.to_dict()
+
+
+def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool = True) -> dict[str, Any]:
+    """K-fold cross-validation by patient (paper 004): the folds train in parallel as Ray tasks,
+    each nested under one parent MLflow run, which gets the mean and std of every metric."""
+    import ray
+
+    workdir = Path(workdir).resolve()
+    config = config.model_copy(update={"data": config.data.model_copy(update={"folds": folds})})
+    prepared = ensure_prepared(config, workdir, progress=progress)
+    uri = tracking_uri(config, workdir)
+    name = run_name_for(config) + f"-cv{folds}"
+    out_dir = workdir / "runs" / name
+    save_config(config, out_dir)
+    # The task only drives a trainer: a sliver of CPU, so the Train workers get the cores.
+    task = ray.remote(num_cpus=0.01)(_fold_task)
+    with TrackedRun(uri, config.train.experiment, name, config=config, tags={"mammo_ray.kind": "cv",
+                    "mammo_ray.folds": str(folds)}, artifact_location=artifact_root(uri, workdir)) as parent:
+        refs = [task.remote(config.model_dump(mode="json"), str(workdir), prepared.to_dict(), parent.run_id, k)
+                for k in range(folds)]
+        outcomes = ray.get(refs)
+        keys = sorted(set.intersection(*(set(o["metrics"]) for o in outcomes)))
+        summary = {}
+        for key in keys:
+            values = np.array([o["metrics"][key] for o in outcomes], dtype=float)
+            summary[key] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)),
+                            "values": values.tolist()}
+        parent.log_metrics({f"{k}_mean": v["mean"] for k, v in summary.items()}
+                           | {f"{k}_std": v["std"] for k, v in summary.items()})
+    return {"run_id": parent.run_id, "run_name": name, "tracking_uri": uri, "folds": folds,
+            "output_dir": str(out_dir), "summary": summary, "fold_runs": outcomes,
+            "metrics": {k: v["mean"] for k, v in summary.items()}}
