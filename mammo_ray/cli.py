@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -295,23 +296,61 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             CheckpointError, FileNotFoundError, ValueError)
 
 
+def _reserve_stdout() -> int:
+    """Point fd 1 at stderr while a command runs and return a handle on the real stdout.
+
+    With ``--json`` stdout must carry exactly one JSON object, but Ray (raylet warnings, worker
+    logs) and native libraries write to fd 1 directly; they land on stderr instead.
+    """
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    return real
+
+
+class _JsonOutput:
+    """While a ``--json`` command runs, everything printed goes to stderr, at the Python and fd level."""
+
+    def __enter__(self) -> "_JsonOutput":
+        self.stdout = sys.stdout
+        self.fd = _reserve_stdout()
+        sys.stdout = sys.stderr
+        return self
+
+    def emit(self, obj: dict[str, Any]) -> None:
+        sys.stderr.flush()
+        os.dup2(self.fd, 1)
+        sys.stdout = self.stdout
+        print(json.dumps(obj, default=str), flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if sys.stdout is not self.stdout:  # not emitted (an unexpected exception): restore anyway
+            os.dup2(self.fd, 1)
+            sys.stdout = self.stdout
+        os.close(self.fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mammo_ray.workdir import resolve_workdir
 
-    try:
-        result, text = args.func(args, resolve_workdir(args.workdir))
-    except _known_errors() as exc:
-        message = str(exc)
-        if args.json:
-            print(json.dumps({"error": message, "command": args.command}))
-        print(f"mammo-ray {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, default=str))
-    else:
+    if not args.json:
+        try:
+            _, text = args.func(args, resolve_workdir(args.workdir))
+        except _known_errors() as exc:
+            print(f"mammo-ray {args.command}: error: {exc}", file=sys.stderr)
+            return 2
         print(text)
         print(DISCLAIMER)
+        return 0
+    with _JsonOutput() as output:
+        try:
+            result, _ = args.func(args, resolve_workdir(args.workdir))
+        except _known_errors() as exc:
+            print(f"mammo-ray {args.command}: error: {exc}", file=sys.stderr)
+            output.emit({"error": str(exc), "command": args.command})
+            return 2
+        output.emit({**result, "disclaimer": DISCLAIMER})
     return 0
 
 

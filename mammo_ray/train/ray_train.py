@@ -4,7 +4,9 @@ Ray appears in three marked places in the worker: preparing the model (DDP), pre
 loaders (device placement), and reporting each epoch with a checkpoint from rank 0. A new
 trainer with the same ``RunConfig(name, storage_path)`` restores itself after a worker
 failure, and ``ray.train.get_checkpoint()`` then hands the worker the latest checkpoint, so
-finished epochs are not repeated.
+finished epochs are not repeated. (An epoch counts as finished once the controller has
+collected its report; it polls every 2 s, so a worker that dies within 2 s of reporting
+can cost that one epoch.)
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +36,18 @@ def loop_config(config: Config, cache_dir: str | Path, *, mlflow_uri: str | None
 
 
 def _maybe_inject_fault(fault: dict[str, Any] | None, rank: int, epoch: int) -> None:
-    """Test hook: SIGKILL one worker once at the start of an epoch (the marker file makes it once)."""
+    """Test hook: SIGKILL one worker once, ``delay_s`` into an epoch (the marker file makes it once).
+
+    The delay matters: the controller collects reports when it polls the workers (every 2 s),
+    so a report made just before a worker dies can be lost, and that epoch is trained again.
+    Killing the worker well after its last report tests a kill of an epoch in progress.
+    """
     if not fault or rank != fault["rank"] or epoch != fault["epoch"]:
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    time.sleep(float(fault.get("delay_s", 0)))
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -8,6 +8,7 @@ model that ``mlflow.pytorch.load_model("runs:/<id>/model")`` loads back.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -65,6 +66,25 @@ def log_model(run: TrackedRun, checkpoint: Path) -> None:
         run.client.log_artifacts(run.run_id, str(target), "model")
 
 
+def check_resources(config: Config, fold: int | None = None) -> None:
+    """Fail fast on what would otherwise hang or fail deep inside a worker."""
+    import ray
+
+    t = config.train
+    if fold is None and config.data.split_fractions[1] == 0:
+        raise ValueError("data.split_fractions leaves no validation patients: train with --folds K "
+                         "(paper 004) or give val a share")
+    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # a cluster may autoscale: let Ray wait
+        available = ray.cluster_resources()
+        if t.use_gpu and available.get("GPU", 0) < t.gpus_per_worker:
+            raise ValueError(f"train.use_gpu=true but the Ray cluster has {available.get('GPU', 0):g} GPUs; "
+                             "run on a GPU cluster or --set train.use_gpu=false")
+        cpus = available.get("CPU", 0)
+        if not t.use_gpu and t.num_workers * t.cpus_per_worker > cpus:
+            raise ValueError(f"train.num_workers x train.cpus_per_worker = {t.num_workers * t.cpus_per_worker:g} "
+                             f"CPUs, but the Ray cluster has {cpus:g}")
+
+
 def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData | None = None,
                  parent_run_id: str | None = None, fold: int | None = None, run_name: str | None = None,
                  progress: bool = True, fault: dict[str, Any] | None = None) -> TrainOutcome:
@@ -77,6 +97,7 @@ def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData 
         fault: test hook, see ``ray_train._maybe_inject_fault``.
     """
     workdir = Path(workdir).resolve()
+    check_resources(config, fold)
     prepared = prepared or ensure_prepared(config, workdir, progress=progress)
     uri = tracking_uri(config, workdir)
     name = run_name or run_name_for(config, fold)

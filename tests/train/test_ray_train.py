@@ -1,0 +1,132 @@
+"""Ray Train (2 CPU workers) end to end: learning, worker-failure resume, MLflow, the CLI.
+
+One training run with a worker killed mid-run serves several tests: each ``fit()`` costs
+about 30 s of fixed Ray start-up on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow.pytorch
+import pandas as pd
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+
+from mammo_ray.cli import main
+from mammo_ray.config import load_config
+from mammo_ray.train.checkpoint import load_checkpoint, restore_model
+from mammo_ray.train.run import run_training
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+
+EPOCHS = 12
+KILL_EPOCH = 4
+LEARNABLE = [  # synthetic masses big enough to learn in a dozen short epochs
+    "data.synth_patients=120", "data.synth_size=[512, 320]", "data.cache_px=72", "data.input_px=64",
+    "data.num_workers=0", "model.name=levynet", "model.dropout=0.2", "optim.lr=0.001",
+    "optim.weight_decay=0.0001", f"train.epochs={EPOCHS}", "train.batch_size=8", "train.num_workers=2",
+    "train.cpus_per_worker=1", "train.max_failures=1", "train.eval_bootstrap=200",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_session, tmp_path_factory):
+    """A 2-worker run whose rank-1 worker is SIGKILLed 5 s into epoch ``KILL_EPOCH``."""
+    workdir = tmp_path_factory.mktemp("work")
+    marker = workdir / "killed.pid"
+    config = load_config(None, LEARNABLE)
+    outcome = run_training(config, workdir, progress=False,
+                           fault={"rank": 1, "epoch": KILL_EPOCH, "marker": str(marker), "delay_s": 5})
+    return outcome, marker, workdir
+
+
+def test_two_workers_learn_the_synthetic_signal(killed_run):
+    outcome, _, _ = killed_run
+    assert outcome.status == "FINISHED"
+    assert outcome.metrics["val_auc"] > 0.7, outcome.metrics
+    assert outcome.metrics["val_n"] >= 20
+
+
+def test_killed_worker_resumes_without_repeating_epochs(killed_run):
+    outcome, marker, _ = killed_run
+    assert marker.is_file()  # the worker really was killed
+    client = MlflowClient(outcome.tracking_uri)
+    steps = [m.step for m in client.get_metric_history(outcome.run_id, "train_loss")]
+    assert sorted(steps) == list(range(EPOCHS))  # every epoch once: none lost, none repeated
+    resumed = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "resumed_from_epoch")}
+    assert resumed[KILL_EPOCH - 1] == -1 and resumed[KILL_EPOCH] == KILL_EPOCH
+    assert outcome.epochs_run == EPOCHS
+
+
+def test_mlflow_run_has_params_metrics_artifacts_and_model(killed_run, monkeypatch):
+    outcome, _, _ = killed_run
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "levynet" and run.data.params["train.num_workers"] == "2"
+    assert run.data.metrics["final_val_auc"] == pytest.approx(outcome.metrics["val_auc"])
+    artifacts = {a.path for top in ("plots", "checkpoint", "model", "evaluation")
+                 for a in client.list_artifacts(outcome.run_id, top)}
+    assert {"plots/roc_val.png", "plots/confusion_val.png", "plots/training_curves.png",
+            "checkpoint/checkpoint.pt", "model/MLmodel"} <= artifacts
+    # The logged model loads back and predicts like the checkpoint.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", outcome.tracking_uri)
+    logged = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model").eval()
+    restored, spec, _ = restore_model(load_checkpoint(outcome.checkpoint))
+    x = torch.randn(2, 3, spec.input_px, spec.input_px)
+    with torch.no_grad():
+        torch.testing.assert_close(logged(x), restored(x))
+
+
+def test_best_checkpoint_loads_with_weights_only(killed_run):
+    outcome, _, _ = killed_run
+    payload = torch.load(outcome.checkpoint, weights_only=True)
+    assert payload["epoch"] == outcome.best_epoch
+    assert payload["config"]["train"]["num_workers"] == 2
+
+
+def test_cli_evaluate_from_the_run_id(killed_run, capsys):
+    outcome, _, workdir = killed_run
+    code = main(["evaluate", "--workdir", str(workdir), "--run", outcome.run_id, "--split", "test", "--json",
+                 "--bootstrap", "100"])
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out)
+    assert result["run_id"] == outcome.run_id and result["split"] == "test"
+    assert 0 <= result["metrics"]["test_auc"] <= 1
+    assert all(path.endswith(".png") for path in result["plots"])
+
+
+def test_cli_train_folds_in_parallel(ray_session, tmp_path, capsys):
+    """2-fold cross-validation by patient: two fold runs under one parent MLflow run."""
+    overrides = ["data.synth_patients=40", "data.synth_size=[384, 240]", "data.cache_px=40", "data.input_px=32",
+                 "data.num_workers=0", "data.split_fractions=[0.8, 0.0, 0.2]", "model.name=levynet",
+                 "train.epochs=2", "train.batch_size=8", "train.eval_bootstrap=0"]
+    args = ["train", "--workdir", str(tmp_path), "--json", "--folds", "2"]
+    code = main(args + [arg for o in overrides for arg in ("--set", o)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["folds"] == 2 and len(result["fold_runs"]) == 2
+    auc = result["summary"]["val_auc"]
+    assert len(auc["values"]) == 2 and auc["std"] >= 0
+    client = MlflowClient(result["tracking_uri"])
+    for fold_run in result["fold_runs"]:
+        child = client.get_run(fold_run["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == result["run_id"]
+        assert child.info.status == "FINISHED"
+    parent = client.get_run(result["run_id"])
+    assert "val_auc_mean" in parent.data.metrics and "val_auc_std" in parent.data.metrics
+    # The folds validate on disjoint patients.
+    held = [set(pd.read_csv(f"{r['output_dir']}/predictions_val.csv")["patient_id"]) for r in result["fold_runs"]]
+    assert held[0] and held[1] and not held[0] & held[1]
