@@ -131,16 +131,24 @@ def cmd_demo(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], s
     prepared = ensure_prepared(config, workdir, progress=not args.json).to_dict()
     save_config(config, workdir / "demo")
     result = {"workdir": str(workdir), "config": str(workdir / "demo" / "config.yaml"), **prepared}
-    text = "\n".join([
-        "mammo-ray demo: data pipeline done.",
+    lines = [
+        "mammo-ray demo",
         f"  synthetic dataset  {prepared['dataset_dir']}",
         f"  manifest           {prepared['manifest']} ({prepared['resolved']}/{prepared['rows']} rows resolved)",
         f"  index report       {prepared['index_report']}",
         f"  splits             {prepared['splits']}",
         f"  crop cache         {prepared['cache_dir']} ({prepared['entries']} crops)",
         f"  resolved config    {result['config']}",
-    ])
-    return result, text
+    ]
+    if not args.data_only:
+        from mammo_ray.ray_session import init_ray
+        from mammo_ray.train.run import run_training
+
+        init_ray(args.address)
+        outcome = run_training(config, workdir, progress=not args.json).to_dict()
+        result["train"] = outcome
+        lines += ["  trained with Ray Train:", *("    " + line for line in _train_text(outcome).splitlines())]
+    return result, "\n".join(lines)
 
 
 def _train_text(result: dict[str, Any]) -> str:
@@ -278,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for --run (default: as `train` uses)")
 
-    add("demo", cmd_demo, "The main job on the built-in defaults: synthesize, index, split and prepare.",
-        configurable)
+    p = add("demo", cmd_demo, "The main job: synthesize, index, split and prepare a dataset, then train one small "
+            "model with Ray Train, tracked in MLflow.", configurable)
+    p.add_argument("--data-only", action="store_true", help="stop after preparing the data")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     return parser
 
 

@@ -7,7 +7,7 @@ import os
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``, as set by ``ray job submit``), or
-    start a local Ray without the dashboard. Does nothing when Ray is already up."""
+    start a local Ray with its dashboard on 127.0.0.1. Does nothing when Ray is already up."""
     import ray
 
     if ray.is_initialized():
@@ -16,4 +16,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+        # The dashboard serves Ray's state API, which Train's placement-group cleaner polls
+        # (without it, it logs a warning every few seconds). Loopback only.
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1")

@@ -90,6 +90,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)  # Ray 3/3: every rank reports (a barrier)
             return
+        print(f"[{config.model.name}] epoch {epoch + 1}/{config.train.epochs}: "
+              f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.3f} | val loss {metrics['val_loss']:.4f} "
+              f"AUC {metrics['val_auc']:.3f} acc {metrics['val_acc']:.3f} | "
+              f"{metrics['train_images_per_s']:.0f} images/s", flush=True)
         if cfg["run_id"]:
             log_metrics(cfg["mlflow_uri"], cfg["run_id"], metrics, step=epoch)
         payload = checkpoint_payload(model=training.model, config=config, spec=training.spec, epoch=epoch,
@@ -106,7 +110,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
 def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: str, storage_path: str | Path):
     """A ``TorchTrainer`` whose scaling, failure and checkpoint policies come from the config."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = config.train
@@ -122,6 +126,7 @@ def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: st
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=str(storage),
+            logging_config=LoggingConfig(log_level="WARNING"),  # progress: one line per epoch from rank 0
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.monitor,
                                                checkpoint_score_order="min" if t.monitor == "val_loss" else "max"),
