@@ -296,9 +296,9 @@ class EarlyStopping:
     def update(self, metrics: dict[str, float]) -> bool:
         """Record an epoch; True when training should stop."""
         value = self.sign * metrics[self.metric]
-        if value > self.best or math.isnan(self.best):
+        if value > self.best:
             self.best, self.bad_epochs = value, 0
-        elif not math.isnan(value):
+        elif not math.isnan(value):  # an undefined AUC (one class in val) neither helps nor hurts
             self.bad_epochs += 1
         return self.patience is not None and self.bad_epochs >= self.patience
 
