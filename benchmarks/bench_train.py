@@ -139,7 +139,7 @@ def main() -> None:
                 runs[path] = (run_plain(config, cache_dir, device, images) if path == "plain"
                               else run_ray(config, cache_dir, storage, images))
                 rates = " ".join(f"{r:.1f}" for r in runs[path]["epoch_images_per_s"])
-                print(f"[{model}] {path:<5} images/s per epoch: {rates}; wall {runs[path]['wall_s']:.1f} s", flush=True)
+                print(f"[{model}] {path:<5} images/s per epoch {rates}, wall {runs[path]['wall_s']:.1f} s", flush=True)
             plain, ray_run = runs["plain"], runs["ray"]
             startup = ray_run["wall_s"] - ray_run["train_s"] - (plain["wall_s"] - plain["train_s"])
             rows.append({"model": model, "order": list(order),

@@ -91,7 +91,7 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)  # per Ray Train worker
-    seed: int = 0  # seeds weights, sampling and augmentation (with the worker rank)
+    seed: int = 0  # seeds weights, sampling and augmentation (the same on every rank)
     num_workers: int = Field(1, ge=1)  # Ray Train workers (data parallel)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
