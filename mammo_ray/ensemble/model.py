@@ -1,0 +1,240 @@
+"""One model of many members: torch module, MLflow pyfunc, registry version (paper 000).
+
+Paper 000's ensemble is 100 networks that differ only in their random seed; its prediction is
+the mean of their malignancy probabilities (and, per exam, the mean over CC and MLO, which is
+left to the caller: see ``combine``). ``Ensemble`` runs the members one after the other under
+``torch.inference_mode``: on these CPUs a plain loop is about 1.5x faster than ``vmap`` over
+stacked weights (STACK-NOTES), and it allows members of different architectures.
+
+The members must agree on what they take and return: view mode, input channels, classes and
+the evaluation transform (so one preprocessed batch feeds them all). ``register_ensemble``
+stores the member checkpoints as artifacts of one pyfunc model, logs it to a run and
+registers it as one model version whose tags name the member runs (lineage).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from torch import Tensor, nn
+
+from mammo_ray.config import Config
+from mammo_ray.data.transforms import TransformSpec
+from mammo_ray.train.checkpoint import checkpoint_file, load_checkpoint, restore_model
+
+__all__ = ["Ensemble", "EnsemblePyfunc", "check_members", "member_name", "register_ensemble"]
+
+MEMBER_PATTERN = re.compile(r"member_\d{3,}")
+PREDICT_BATCH = 64  # images per forward in the pyfunc: bounds memory for any request size
+
+
+def member_name(index: int) -> str:
+    """The artifact name (and output column) of member ``index``: ``member_000``, ``member_001``, ..."""
+    return f"member_{index:03d}"
+
+
+def _signature(payload: dict[str, Any]) -> dict[str, Any]:
+    """What every member must share: the input and output contract and the eval preprocessing."""
+    model = payload["config"]["model"]
+    return {"view_mode": model["view_mode"], "in_chans": model["in_chans"], "num_classes": model["num_classes"],
+            **{f"eval_transform.{k}": v for k, v in payload["eval_transform"].items()}}
+
+
+def _first_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    for field in [*ours, *(k for k in theirs if k not in ours)]:  # in signature order: the first named
+        a, b = ours.get(field), theirs.get(field)
+        if isinstance(a, Tensor) or isinstance(b, Tensor):  # the mean image of mean-image subtraction
+            same = isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+        else:
+            same = a == b
+        if not same:
+            shown = (f"{a!r} vs {b!r}" if not isinstance(a, Tensor) and not isinstance(b, Tensor)
+                     else "the mean images differ")
+            return f"{field} ({shown})"
+    return None
+
+
+def check_members(payloads: Sequence[dict[str, Any]], paths: Sequence[str | Path]) -> None:
+    """Raise ValueError naming the first checkpoint that does not match member 0, and the field."""
+    if len(payloads) == 0:
+        raise ValueError("an ensemble needs at least one member checkpoint")
+    reference = _signature(payloads[0])
+    for payload, path in zip(payloads[1:], paths[1:]):
+        field = _first_difference(reference, _signature(payload))
+        if field is not None:
+            raise ValueError(f"{path}: ensemble member differs from the first member {paths[0]} in {field}")
+
+
+class Ensemble(nn.Module):
+    """Members whose forward returns ``(N, M)`` malignancy probabilities, member by member.
+
+    Args:
+        members: restored view models (eval mode), all of one view mode.
+        spec: their shared evaluation preprocessing.
+        config: member 0's config (data, model and training settings of the ensemble).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], spec: TransformSpec, config: Config) -> None:
+        super().__init__()
+        if len(members) == 0:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.spec, self.config = spec, config
+        self.view_mode: str = config.model.view_mode
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu") -> "Ensemble":
+        """Restore every member (``restore_model(load_checkpoint(path))``) and check they agree.
+
+        Raises:
+            ValueError: naming the checkpoint whose view mode, input channels, classes or eval
+                transform differ from the first member's, and the field.
+        """
+        paths = list(paths)
+        if not paths:
+            raise ValueError("an ensemble needs at least one member checkpoint")
+        members, first = [], None
+        for path in paths:
+            payload = load_checkpoint(path)
+            contract = {"config": payload["config"], "eval_transform": payload["eval_transform"]}
+            if first is None:
+                first = contract
+            else:
+                check_members([first, contract], [paths[0], path])
+            model, member_spec, member_config = restore_model(payload, device)
+            members.append(model)
+            if len(members) == 1:
+                spec, config = member_spec, member_config
+        return cls(members, spec, config).eval()
+
+    def _inputs(self, x: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """The members' positional inputs: ``(x,)``, or ``(cc, mlo)`` for multimodal members."""
+        if self.view_mode != "multimodal":
+            if not isinstance(x, Tensor) or x.dim() != 4:
+                raise ValueError(f"{self.view_mode} ensemble takes one (N, C, H, W) tensor, got "
+                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            return (x,)
+        if isinstance(x, Tensor):  # the pyfunc layout: (N, 2, C, H, W), CC then MLO
+            if x.dim() != 5 or x.shape[1] != 2:
+                raise ValueError(f"multimodal ensemble takes (N, 2, C, H, W) or a (cc, mlo) pair, got {tuple(x.shape)}")
+            return x[:, 0], x[:, 1]
+        if len(x) != 2:
+            raise ValueError(f"multimodal ensemble takes a (cc, mlo) pair, got {len(x)} tensors")
+        return x[0], x[1]
+
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        """Member probabilities of class 1 (malignant), ``(N, M)``.
+
+        ``x`` is what each member's forward takes: a ``(N, C, H, W)`` batch for ``single`` and
+        ``parallel`` (one view per row; the per-exam CC/MLO mean comes after), a ``(cc, mlo)``
+        pair or a ``(N, 2, C, H, W)`` tensor for ``multimodal``.
+        """
+        inputs = self._inputs(x)
+        with torch.inference_mode():
+            probs = [torch.softmax(member(*inputs).float(), dim=1)[:, 1] for member in self.members]
+        return torch.stack(probs, dim=1)
+
+
+class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
+    """The ensemble as an MLflow pyfunc; its artifacts ``member_000``, ... are member checkpoints.
+
+    ``predict`` takes float32 ``(N, C, H, W)`` already preprocessed with the ensemble's eval
+    transform (``(N, 2, C, H, W)``, CC then MLO, for multimodal) and returns a DataFrame with
+    ``prob`` (member mean), ``prob_std`` (ddof 0) and one ``member_XXX`` column per member.
+    """
+
+    ensemble: Ensemble | None = None
+
+    def load_context(self, context: Any) -> None:
+        names = sorted(name for name in context.artifacts if MEMBER_PATTERN.fullmatch(name))
+        if not names:
+            raise ValueError(f"ensemble pyfunc: no member_XXX artifacts among {sorted(context.artifacts)}")
+        self.names = names
+        self.ensemble = Ensemble.from_checkpoints([context.artifacts[name] for name in names])
+
+    # ``model_input`` is left unannotated on purpose: MLflow 3 reads predict's type hints as a schema
+    # and warns unless they are list[...], which would make it validate and convert the array.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
+        if self.ensemble is None:
+            raise RuntimeError("ensemble pyfunc: predict called before load_context")
+        x = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.float32))
+        probs = torch.cat([self.ensemble(x[i:i + PREDICT_BATCH]) for i in range(0, len(x), PREDICT_BATCH)])
+        probs_np = probs.numpy().astype(np.float64)
+        out = pd.DataFrame({"prob": probs_np.mean(axis=1), "prob_std": probs_np.std(axis=1)})
+        members = pd.DataFrame(probs_np, columns=self.names)
+        return pd.concat([out, members], axis=1)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+    try:
+        client.create_registered_model(name, description="Seed ensembles (paper 000); see each version's tags.")
+    except MlflowException as exc:  # another process registered it first
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def register_ensemble(uri: str, run_id: str, checkpoints: Sequence[str | Path], member_run_ids: Sequence[str],
+                      name: str, *, description: str = "") -> dict[str, Any]:
+    """Save the members as one pyfunc model, log it to run ``run_id`` and register one version.
+
+    The members are checked first (``check_members``). Nothing touches MLflow's global tracking
+    URI or active run: the model is saved to a temporary folder, uploaded with
+    ``MlflowClient(uri).log_artifacts`` under ``model``, and registered from the run's artifact URI.
+
+    Args:
+        uri: tracking (and registry) URI, e.g. ``sqlite:////abs/mlflow.db``.
+        run_id: an existing run (the ensemble's parent run) that receives the ``model`` artifact.
+        checkpoints: the member checkpoint files or folders, in member order.
+        member_run_ids: the MLflow run of each member, same order (lineage tags).
+        name: the registered model; created when missing.
+        description: prepended to the version description (which lists the member runs).
+
+    Returns:
+        ``{"model_uri": "models:/<name>/<version>", "name", "version" (int), "run_id"}``.
+    """
+    checkpoints = [checkpoint_file(p) for p in checkpoints]
+    if len(checkpoints) != len(member_run_ids):
+        raise ValueError(f"register_ensemble: {len(checkpoints)} checkpoints but {len(member_run_ids)} member run ids")
+    payloads = []
+    for path in checkpoints:  # only the contract is kept, not the weights
+        payload = load_checkpoint(path)
+        payloads.append({"config": payload["config"], "eval_transform": payload["eval_transform"]})
+    check_members(payloads, checkpoints)
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)  # fails early, naming the run, when it does not exist
+    artifacts = {member_name(i): str(path.resolve()) for i, path in enumerate(checkpoints)}
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(str(target), python_model=EnsemblePyfunc(), artifacts=artifacts,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"],
+                                 metadata={"mammo_ray.members": len(checkpoints),
+                                           "mammo_ray.view_mode": payloads[0]["config"]["model"]["view_mode"]})
+        client.log_artifacts(run_id, str(target), "model")
+
+    _ensure_registered_model(client, name)
+    members = "\n".join(f"- {member_name(i)}: run {rid}" for i, rid in enumerate(member_run_ids))
+    text = f"{description}\n\n" if description else ""
+    version = client.create_model_version(
+        name, source=f"{run.info.artifact_uri.rstrip('/')}/model", run_id=run_id,
+        tags={"mammo_ray.member_run_ids": ",".join(member_run_ids), "mammo_ray.members": str(len(checkpoints))},
+        description=f"{text}Average of {len(checkpoints)} members (paper 000):\n{members}")
+    return {"model_uri": f"models:/{name}/{version.version}", "name": name, "version": int(version.version),
+            "run_id": run_id}
