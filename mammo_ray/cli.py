@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
             "model with Ray Train, tracked in MLflow.", configurable)
     p.add_argument("--data-only", action="store_true", help="stop after preparing the data")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+    from mammo_ray.cli_search import add_commands
+
+    add_commands(add, configurable)
     return parser
 
 

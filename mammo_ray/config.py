@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -111,12 +111,60 @@ class TrainConfig(_Section):
     experiment: str = "mammo-ray"  # MLflow experiment name
 
 
+AUGMENT_OFF = {"data.hflip": False, "data.vflip": False, "data.rotation_deg": 0, "data.offline_aug": False}
+AUGMENT_ON = {"data.hflip": True, "data.vflip": True, "data.rotation_deg": 25}
+
+
 class TuneConfig(_Section):
-    num_samples: int = Field(4, ge=1)
-    metric: Literal["val_loss", "val_auc"] = "val_loss"
+    """``mammo-ray tune``: a grid over the categorical axes, with its own Optuna study in each cell."""
+
+    backbones: list[str] | None = None  # models searched; None: model.name only
+    view_modes: list[Literal["single", "parallel", "multimodal"]] | None = None  # None: model.view_mode only
+    augment: list[Literal["on", "off"]] | None = None  # None: the config's own augmentation settings
+    augment_on: dict[str, Any] = AUGMENT_ON  # what "on" sets (dotted keys, as with --set)
+    augment_off: dict[str, Any] = AUGMENT_OFF  # what "off" sets
+    backbone_overrides: dict[str, dict[str, Any]] = {}  # e.g. inception_v3: {data.input_px: 299, ...}
+    num_samples: int = Field(4, ge=1)  # trials per cell (every cell gets the same budget)
+    dropout: tuple[float, float] = (0.0, 0.6)  # uniform
+    lr: tuple[float, float] = (1e-5, 1e-2)  # log-uniform
+    weight_decay: tuple[float, float] = (1e-7, 1e-3)  # log-uniform (L2)
+    algorithm: Literal["tpe", "random"] = "tpe"  # Optuna sampler per cell (random: the benchmark's control)
+    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs all train.epochs
+    metric: Literal["val_loss", "val_auc"] = "val_loss"  # selects trials, cells and the best config
     max_concurrent_trials: int = Field(2, ge=1)
     grace_period: int = Field(1, ge=1)  # ASHA: epochs before a trial may be stopped
-    seed: int = 0
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA: keep the top 1/rf at each rung
+    seed: int = 0  # seeds the samplers (cell i uses seed + i)
+    baseline: bool = True  # add the texture + LDA row (paper 000 §2.4) to the leaderboard
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:  # YAML 1.1 reads a bare on/off as a boolean
+        if isinstance(value, list):
+            return [{True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "TuneConfig":
+        for name in ("dropout", "lr", "weight_decay"):
+            low, high = getattr(self, name)
+            if not low < high:
+                raise ValueError(f"tune.{name}: low ({low}) must be below high ({high})")
+        if self.lr[0] <= 0 or self.weight_decay[0] <= 0:
+            raise ValueError("tune.lr and tune.weight_decay are searched log-uniformly: their lows must be > 0")
+        if not (0 <= self.dropout[0] and self.dropout[1] < 1):
+            raise ValueError(f"tune.dropout must lie in [0, 1), got {self.dropout}")
+        return self
+
+
+class EnsembleConfig(_Section):
+    """``mammo-ray ensemble`` (paper 000): members that differ only in ``train.seed``."""
+
+    members: int = Field(100, ge=1)
+    seed_start: int = 0  # member i trains with train.seed = seed_start + i
+    max_concurrent_trials: int = Field(4, ge=1)  # members in flight at once (Ray packs them by resources)
+    split: Literal["val", "test"] = "test"  # where the ensemble is compared with its members
+    registered_model: str = "mammo-ray-ensemble"  # MLflow model registry name
 
 
 class Config(_Section):
@@ -125,6 +173,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
 
     @model_validator(mode="after")
     def _check_model_input(self) -> "Config":
@@ -218,3 +267,20 @@ def flatten(config: Config) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value
     return flat
+
+
+def with_values(config: Config, values: dict[str, Any], origin: str) -> Config:
+    """A copy of ``config`` with dotted keys set (``{"model.dropout": 0.3}``), validated again.
+
+    ``origin`` names where the values came from (a search cell, a trial) in the error message.
+    """
+    tree = config_to_dict(config)
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if not name or section not in tree or not isinstance(tree[section], dict):
+            raise ConfigError(f"{origin}: {key!r} is not a section.key of the config")
+        tree[section][name] = value
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, origin)) from None

@@ -23,15 +23,13 @@ from mammo_ray.train.loop import evaluate, relabel_fold, summarize_predictions
 from mammo_ray.train.metrics import evaluate_predictions
 from mammo_ray.train.plots import plot_confusion, plot_rocs, plot_training_curves
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path, out_dir: str | Path, *,
-                        n_boot: int = 1000, cache_dir: str | Path | None = None, fold: int | None = None,
-                        splits_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on ``split`` and write predictions, metrics and plots to ``out_dir``.
+def predict_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path, *,
+                       cache_dir: str | Path | None = None, fold: int | None = None,
+                       splits_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """The prediction table of ``checkpoint`` on ``split`` (columns as ``loop.evaluate`` makes them).
 
     Returns:
-        ``{"metrics": {"<split>_auc": ..., ...}, "image": {...}, "exam": {...}, "plots": [...],
-        "predictions": path, "n": ...}``. The flat ``metrics`` use the view mode's primary level
-        (see ``loop.summarize_predictions``); ``image`` and ``exam`` hold every SPEC §5 metric.
+        ``{"frame", "config", "history", "unpaired"}``.
     """
     payload = load_checkpoint(checkpoint)
     model, spec, config = restore_model(payload, "cuda" if torch.cuda.is_available() else "cpu")
@@ -48,10 +46,25 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path,
         dataset = SingleViewDataset(cache, split, config.data.task, transform=transform)
     loader = DataLoader(dataset, batch_size=config.train.batch_size, shuffle=False)
     device = next(model.parameters()).device
-    frame = evaluate(model, loader, device=device)
-    return report_predictions(frame, config.model.view_mode, split, out_dir, n_boot=n_boot,
-                              task=config.data.task, history=payload["history"],
-                              unpaired=getattr(dataset, "unpaired", 0))
+    return {"frame": evaluate(model, loader, device=device), "config": config, "history": payload["history"],
+            "unpaired": getattr(dataset, "unpaired", 0)}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path, out_dir: str | Path, *,
+                        n_boot: int = 1000, cache_dir: str | Path | None = None, fold: int | None = None,
+                        splits_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``split`` and write predictions, metrics and plots to ``out_dir``.
+
+    Returns:
+        ``{"metrics": {"<split>_auc": ..., ...}, "image": {...}, "exam": {...}, "plots": [...],
+        "predictions": path, "n": ...}``. The flat ``metrics`` use the view mode's primary level
+        (see ``loop.summarize_predictions``); ``image`` and ``exam`` hold every SPEC §5 metric.
+    """
+    predicted = predict_checkpoint(checkpoint, split, workdir, cache_dir=cache_dir, fold=fold,
+                                   splits_path=splits_path, progress=progress)
+    config = predicted["config"]
+    return report_predictions(predicted["frame"], config.model.view_mode, split, out_dir, n_boot=n_boot,
+                              task=config.data.task, history=predicted["history"], unpaired=predicted["unpaired"])
 
 
 def report_predictions(frame: pd.DataFrame, view_mode: str, split: str, out_dir: str | Path, *, n_boot: int = 1000,

@@ -86,7 +86,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     training.val_loader = ray.train.torch.prepare_data_loader(training.val_loader, add_dist_sampler=False)
 
     def on_epoch(epoch: int, metrics: dict[str, float], last: bool) -> None:
-        metrics = {**metrics, "resumed_from_epoch": float(-1 if resumed_from is None else resumed_from)}
+        metrics = {**metrics, "epochs_done": float(epoch + 1),
+                   "resumed_from_epoch": float(-1 if resumed_from is None else resumed_from)}
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)  # Ray 3/3: every rank reports (a barrier)
             return
@@ -108,8 +109,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         before_epoch=lambda epoch: _maybe_inject_fault(cfg["fault"], rank, epoch))
 
 
-def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: str, storage_path: str | Path):
-    """A ``TorchTrainer`` whose scaling, failure and checkpoint policies come from the config."""
+def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: str, storage_path: str | Path,
+                  callbacks: list[Any] | None = None):
+    """A ``TorchTrainer`` whose scaling, failure and checkpoint policies come from the config.
+
+    ``callbacks`` go to the ``RunConfig`` (a Tune trial passes ``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -125,7 +129,7 @@ def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: st
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=str(storage),
+            name=name, storage_path=str(storage), callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),  # progress: one line per epoch from rank 0
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.monitor,

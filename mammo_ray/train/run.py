@@ -87,7 +87,8 @@ def check_resources(config: Config, fold: int | None = None) -> None:
 
 def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData | None = None,
                  parent_run_id: str | None = None, fold: int | None = None, run_name: str | None = None,
-                 progress: bool = True, fault: dict[str, Any] | None = None) -> TrainOutcome:
+                 progress: bool = True, fault: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+                 tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> TrainOutcome:
     """Train one model with Ray Train and track it in MLflow (Ray must be initialised).
 
     Args:
@@ -95,6 +96,10 @@ def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData 
         parent_run_id: nest this run (a cross-validation fold) under a parent MLflow run.
         fold: train on the other folds and validate on this one (needs ``data.folds``).
         fault: test hook, see ``ray_train._maybe_inject_fault``.
+        callbacks: Ray Train ``RunConfig`` callbacks (a Tune trial's ``TuneReportCallback``).
+        tags: extra MLflow tags.
+        resume_run_id: continue this MLflow run (a restarted trial) instead of opening a new one;
+            the Train run of the same name resumes from its latest checkpoint by itself.
     """
     workdir = Path(workdir).resolve()
     check_resources(config, fold)
@@ -104,15 +109,16 @@ def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData 
     out_dir = workdir / "runs" / name
     config_path = save_config(config, out_dir)
     tags = {"mammo_ray.cache_dir": prepared.cache_dir, "mammo_ray.splits": prepared.splits,
-            "mammo_ray.output_dir": str(out_dir), "mammo_ray.kind": "fold" if fold is not None else "train"}
+            "mammo_ray.output_dir": str(out_dir), "mammo_ray.kind": "fold" if fold is not None else "train",
+            **(tags or {})}
     if fold is not None:
         tags["mammo_ray.fold"] = str(fold)
     with TrackedRun(uri, config.train.experiment, name, config=config, tags=tags, parent_run_id=parent_run_id,
-                    artifact_location=artifact_root(uri, workdir)) as run:
+                    artifact_location=artifact_root(uri, workdir), run_id=resume_run_id) as run:
         run.log_artifact(config_path)
         trainer = build_trainer(config, loop_config(config, prepared.cache_dir, mlflow_uri=uri, run_id=run.run_id,
                                                     fold=fold, splits_path=prepared.splits, fault=fault),
-                                name=name, storage_path=storage_path_for(config, workdir))
+                                name=name, storage_path=storage_path_for(config, workdir), callbacks=callbacks)
         result = trainer.fit()
         if result.error is not None:
             raise result.error

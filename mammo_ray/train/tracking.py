@@ -97,21 +97,27 @@ class TrackedRun:
         tags: extra tags.
         parent_run_id: makes this a child run (cross-validation folds, ensemble members).
         artifact_location: for a new experiment.
+        run_id: reopen this existing run instead of creating one (a trial resumed after its
+            driver died): it is set RUNNING again and ends with the status of this attempt.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, *, config: Config | None = None,
                  tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                 artifact_location: str | None = None):
+                 artifact_location: str | None = None, run_id: str | None = None):
         self.uri = uri
         self.client = MlflowClient(uri)
         self.experiment_id = ensure_experiment(self.client, experiment, artifact_location)
         all_tags = {MLFLOW_RUN_NAME: run_name, **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        self.run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            self.run = self.client.get_run(run_id)
+        else:
+            self.run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name)
         self.run_id = self.run.info.run_id
         self.status: str | None = None
-        if config is not None:
+        if config is not None and not run_id:
             self.client.log_batch(self.run_id, params=config_params(config))
         self._previous_handler: Any = None
 

@@ -1,0 +1,1 @@
+"""Hyperparameter search and the ensemble on Ray Tune (paper 000)."""

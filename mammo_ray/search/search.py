@@ -1,0 +1,239 @@
+"""``mammo-ray tune``: the hyperparameter search of paper 000 with Ray Tune, Optuna and ASHA.
+
+Every backbone x view mode x augmentation cell (``cells.py``) gets ``tune.num_samples`` trials
+from its own seeded Optuna study over dropout, learning rate and L2 (``searcher.py``). Each trial
+is one Ray Train run (``trial.py``), stopped early by its cell's ASHA when it trails its cell at
+the same epoch. One parent MLflow run holds a child run per trial.
+
+Afterwards each cell's best trial (best validation metric over all its epochs) is evaluated on
+the held-out test split, and the leaderboard (``leaderboard.py``) is written, logged to the
+parent run and returned. The best configuration overall is saved as ``best_config.yaml`` (and
+logged to the parent run), where ``mammo-ray ensemble --from-search`` picks it up.
+
+A search killed midway (Ctrl-C, or SIGKILL of the driver) continues with ``--resume DIR``:
+``Tuner.restore`` keeps the finished trials, restarts the unfinished ones (their Train runs
+resume from their latest checkpoints) and asks the restored searcher for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mammo_ray.config import Config, save_config
+from mammo_ray.data.pipeline import PreparedData, ensure_prepared
+from mammo_ray.search.cells import Cell, make_cells, trial_config
+from mammo_ray.search.leaderboard import write_leaderboard
+from mammo_ray.search.searcher import TIME_ATTR, CellScheduler, CellSearcher
+from mammo_ray.search.trial import CloseTrialRuns, Plan, find_trial_run, read_plan, run_trial, write_plan
+from mammo_ray.train.run import check_resources, storage_path_for
+from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
+
+TRIAL_CPU = 0.01  # the trial only drives its TorchTrainer; the Train workers hold the cores
+
+
+def prepare_cells(cells: list[tuple[Any, Config]], workdir: Path, progress: bool) -> dict[str, PreparedData]:
+    """Prepare each distinct dataset once, in the driver (trials running at once must not race)."""
+    prepared: dict[str, PreparedData] = {}
+    by_data: dict[str, PreparedData] = {}
+    for cell, config in cells:
+        key = config.data.model_dump_json()
+        if key not in by_data:
+            by_data[key] = ensure_prepared(config, workdir, progress=progress)
+        prepared[cell.key] = by_data[key]
+    return prepared
+
+
+def trainable(plan: Plan) -> Any:
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan.to_dict()), {"cpu": TRIAL_CPU})
+
+
+def build_tuner(plan: Plan, config: Config, *, progress: bool) -> Any:
+    from ray import tune
+
+    t = config.tune
+    searcher = CellSearcher(list(plan.cells), t, metric=plan.metric, mode=plan.mode)
+    scheduler = CellScheduler(t, metric=plan.metric, mode=plan.mode, max_epochs=config.train.epochs)
+    return tune.Tuner(
+        trainable(plan),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=len(plan.cells) * t.num_samples,
+                                    max_concurrent_trials=t.max_concurrent_trials),
+        run_config=tune.RunConfig(name=plan.name, storage_path=str(Path(plan.experiment_dir).parent),
+                                  callbacks=[CloseTrialRuns(plan)], verbose=1 if progress else 0),
+    )
+
+
+def trial_table(results: Any, plan: Plan) -> pd.DataFrame:
+    """One row per trial: cell, sampled values, status, epochs, and its best epoch by the metric."""
+    sign = 1.0 if plan.mode == "min" else -1.0
+    rows = []
+    for result in results:
+        config = result.config or {}
+        history = result.metrics_dataframe
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path or "").name,
+                               "cell": config.get("cell"), **{k: v for k, v in config.items() if k != "cell"},
+                               "error": None if result.error is None else type(result.error).__name__,
+                               "epochs": 0, "best_epoch": math.nan, plan.metric: math.nan, "checkpoint": None}
+        if history is not None and len(history) and plan.metric in history:
+            scored = history.dropna(subset=[plan.metric])
+            row["epochs"] = int(history[TIME_ATTR].max()) if TIME_ATTR in history else len(history)
+            if len(scored):
+                best = scored.loc[(sign * scored[plan.metric]).idxmin()]
+                row.update({"best_epoch": int(best[TIME_ATTR]), plan.metric: float(best[plan.metric]),
+                            "val_auc": float(best.get("val_auc", math.nan)),
+                            "val_loss": float(best.get("val_loss", math.nan)),
+                            "checkpoint": best.get("checkpoint_path")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[str, Any]]:
+    """Test metrics of each cell's best trial: the leaderboard rows."""
+    from mlflow import MlflowClient
+
+    from mammo_ray.train.evaluation import evaluate_checkpoint
+    from mammo_ray.train.tracking import log_metrics
+
+    client = MlflowClient(plan.tracking_uri)
+    sign = 1.0 if plan.mode == "min" else -1.0
+    rows = []
+    for key, cell in plan.cells.items():
+        info = cell["cell"]
+        row: dict[str, Any] = {"cell": key, "backbone": info["backbone"], "column": Cell(**info).column,
+                               "view_mode": info["view_mode"],
+                               "augment": info["augment"], "trials": int((trials["cell"] == key).sum())}
+        done = trials[(trials["cell"] == key) & trials["checkpoint"].notna()]
+        if done.empty:
+            rows.append({**row, "status": "no finished trial"})
+            continue
+        best = done.loc[(sign * done[plan.metric]).idxmin()]
+        prepared = PreparedData(**cell["prepared"])
+        out_dir = Path(plan.experiment_dir) / "cells" / key
+        result = evaluate_checkpoint(best["checkpoint"], "test", plan.workdir, out_dir, n_boot=n_boot,
+                                     cache_dir=prepared.cache_dir, splits_path=prepared.splits)
+        metrics = result["metrics"]
+        run_id = find_trial_run(client, plan, best["trial_id"])
+        if run_id:
+            log_metrics(plan.tracking_uri, run_id, metrics, step=int(best["best_epoch"]))
+            client.set_tag(run_id, "mammo_ray.cell_best", "true")
+        rows.append({**row, "status": "ok", "trial_id": best["trial_id"], "run_id": run_id,
+                     "val_metric": float(best[plan.metric]), "checkpoint": best["checkpoint"],
+                     **{k: metrics.get(k, math.nan) for k in ("test_acc", "test_auc", "test_auc_ci_low",
+                                                              "test_auc_ci_high", "test_loss", "test_n")},
+                     "plots": result["plots"]})
+    return rows
+
+
+def baseline_rows(config: Config, prepared: PreparedData, columns: list[tuple[str, str, str]], out_dir: Path,
+                  n_boot: int) -> list[dict[str, Any]]:
+    """The texture + LDA rows of paper 000 (§2.4), on the same split: per image under the single
+    view columns, per exam (CC and MLO averaged, as the parallel mode evaluates) under the
+    parallel ones. Multi-modal needs a network; those columns stay empty."""
+    from mammo_ray.baseline.lda import run_baseline
+
+    name = "texture + LDA (non-deep)"
+    targets = [(column, view, aug) for column, view, aug in columns if view in ("single", "parallel")
+               and aug != "on"] or [("single", "single", "off")]
+    try:
+        result = run_baseline(config, prepared.cache_dir, out_dir, n_boot=n_boot, seed=config.train.seed)
+    except ValueError as exc:
+        return [{"backbone": name, "column": column, "view_mode": view, "augment": aug,
+                 "status": f"not run: {exc}"} for column, view, aug in targets]
+    rows = []
+    for column, view, aug in targets:
+        level = result["test"]["image" if view == "single" else "exam"]
+        low, high = level["auc_ci"]
+        rows.append({"backbone": name, "column": column, "view_mode": view, "augment": aug, "status": "ok",
+                     "test_acc": level["accuracy"], "test_auc": level["auc"], "test_auc_ci_low": low,
+                     "test_auc_ci_high": high, "test_loss": level["log_loss"], "test_n": level["n"]})
+    return rows
+
+
+def run_search(config: Config, workdir: str | Path, *, resume: str | Path | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a search; Ray must be initialised. Returns the ``--json`` summary."""
+    import ray.tune
+
+    workdir = Path(workdir).resolve()
+    if resume is not None:
+        plan = read_plan(resume)
+        config = Config.model_validate(json.loads((Path(resume) / "search_config.json").read_text()))
+    else:
+        cells = make_cells(config)
+        check_resources(cells[0][1])
+        prepared = prepare_cells(cells, workdir, progress)
+        name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        uri = tracking_uri(config, workdir)
+        plan = Plan(kind="search", name=name, workdir=str(workdir),
+                    experiment_dir=str(storage_path_for(config, workdir) / name), tracking_uri=uri,
+                    experiment=config.train.experiment, parent_run_id="", metric=config.tune.metric,
+                    mode="min" if config.tune.metric == "val_loss" else "max",
+                    cells={cell.key: {"cell": cell.to_dict(), "config": c.model_dump(mode="json"),
+                                      "prepared": prepared[cell.key].to_dict()} for cell, c in cells})
+    parent = TrackedRun(plan.tracking_uri, plan.experiment, plan.name, config=None if resume else config,
+                        tags={"mammo_ray.kind": "search", "mammo_ray.experiment_dir": plan.experiment_dir},
+                        artifact_location=artifact_root(plan.tracking_uri, workdir),
+                        run_id=plan.parent_run_id or None)
+    with parent:
+        if not resume:
+            plan.parent_run_id = parent.run_id
+            write_plan(plan)
+            (Path(plan.experiment_dir) / "search_config.json").write_text(config.model_dump_json(indent=2))
+            parent.log_artifact(save_config(config, plan.experiment_dir), "config")
+            tuner = build_tuner(plan, config, progress=progress)
+        else:
+            tuner = ray.tune.Tuner.restore(plan.experiment_dir, trainable=trainable(plan), resume_errored=True)
+        results = tuner.fit()
+        return summarize(plan, config, results, parent)
+
+
+def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> dict[str, Any]:
+    """Trial table, per-cell test evaluation, leaderboard and best config; all logged to the parent."""
+    out = Path(plan.experiment_dir)
+    trials = trial_table(results, plan)
+    trials.to_csv(out / "trials.csv", index=False)
+    rows = evaluate_cells(plan, trials, config.train.eval_bootstrap)
+    if config.tune.baseline:
+        first = next(iter(plan.cells.values()))
+        columns = list(dict.fromkeys((r["column"], r["view_mode"], r["augment"]) for r in rows))
+        rows += baseline_rows(plan.cell_config(next(iter(plan.cells))), PreparedData(**first["prepared"]), columns,
+                              out / "baseline", config.train.eval_bootstrap)
+    board = write_leaderboard(rows, out, title=f"Search {plan.name}: {config.data.task} on {config.data.source} data")
+    parent.log_artifacts([board["csv"], board["long_csv"], board["markdown"], out / "trials.csv"], "leaderboard")
+    for row in rows:
+        if row.get("plots"):
+            parent.log_artifacts(row["plots"], f"cells/{row['cell']}")
+    scored = trials.dropna(subset=[plan.metric])
+    summary: dict[str, Any] = {"experiment_dir": plan.experiment_dir, "parent_run_id": plan.parent_run_id,
+                               "tracking_uri": plan.tracking_uri, "leaderboard": board["csv"],
+                               "leaderboard_markdown": board["markdown"], "trials_csv": str(out / "trials.csv"),
+                               "trials": int(len(trials)), "errored": int(trials["error"].notna().sum()),
+                               "cells": len(plan.cells), "best": None}
+    if len(scored):
+        sign = 1.0 if plan.mode == "min" else -1.0
+        best = scored.loc[(sign * scored[plan.metric]).idxmin()]
+        params = {k: best[k] for k in ("model.dropout", "optim.lr", "optim.weight_decay") if k in best}
+        best_config = trial_config(plan.cell_config(best["cell"]), {k: float(v) for k, v in params.items()},
+                                   best["trial_id"])
+        path = save_config(best_config, out, "best_config.yaml")
+        parent.log_artifact(path, "best")
+        metrics = {plan.metric: float(best[plan.metric]), "val_auc": float(best["val_auc"]),
+                   "val_loss": float(best["val_loss"]), "best_epoch": int(best["best_epoch"])}
+        parent.log_metrics({f"best_{k}": v for k, v in metrics.items()})
+        parent.set_tags({"mammo_ray.best_trial": best["trial_id"], "mammo_ray.best_cell": best["cell"],
+                         "mammo_ray.best_config": path})
+        summary["best"] = {"trial_id": best["trial_id"], "cell": best["cell"], "params": params,
+                           "metrics": metrics, "config_path": str(path), "checkpoint": best["checkpoint"],
+                           "config": best_config.model_dump(mode="json")}
+    (out / "search_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["leaderboard_text"] = board["text"]
+    return summary
