@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: install
-	$(BIN)/mammo-ray demo --config tune_configs/smoke.yaml
+	$(BIN)/mammo-ray demo --config tune_configs/search_smoke.yaml
 
 test: install
 	$(BIN)/python -m pytest

@@ -141,13 +141,11 @@ def cmd_demo(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], s
         f"  resolved config    {result['config']}",
     ]
     if not args.data_only:
-        from mammo_ray.ray_session import init_ray
-        from mammo_ray.train.run import run_training
+        from mammo_ray.cli_search import demo_search_and_ensemble
 
-        init_ray(args.address)
-        outcome = run_training(config, workdir, progress=not args.json).to_dict()
-        result["train"] = outcome
-        lines += ["  trained with Ray Train:", *("    " + line for line in _train_text(outcome).splitlines())]
+        searched, text = demo_search_and_ensemble(args, config, workdir)
+        result.update(searched)
+        lines.append(text)
     return result, "\n".join(lines)
 
 
@@ -286,9 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for --run (default: as `train` uses)")
 
-    p = add("demo", cmd_demo, "The main job: synthesize, index, split and prepare a dataset, then train one small "
-            "model with Ray Train, tracked in MLflow.", configurable)
+    p = add("demo", cmd_demo, "The main job: synthesize, index, split and prepare a dataset, then run a small "
+            "search (Ray Tune + Optuna + ASHA, each trial a Ray Train run) and an ensemble of the best config, "
+            "tracked in MLflow. Use a search config such as tune_configs/search_smoke.yaml.", configurable)
     p.add_argument("--data-only", action="store_true", help="stop after preparing the data")
+    p.add_argument("--members", type=int, default=4, help="ensemble members trained from the best config (default 4)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
     from mammo_ray.cli_search import add_commands

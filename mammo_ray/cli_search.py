@@ -1,4 +1,4 @@
-"""The search side of the CLI: ``mammo-ray tune`` (and, later, ``ensemble`` and ``baseline``)."""
+"""The search side of the CLI: ``mammo-ray tune`` and ``mammo-ray ensemble``."""
 
 from __future__ import annotations
 
@@ -48,3 +48,70 @@ def add_commands(add: Callable[..., argparse.ArgumentParser], configurable: argp
     p.add_argument("--resume", metavar="EXPERIMENT_DIR",
                    help="continue an interrupted search (Tuner.restore); finished trials are not run again")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    add_ensemble_command(add, configurable)
+
+
+def _ensemble_text(result: dict[str, Any]) -> str:
+    from mammo_ray.cli import mlflow_ui_command
+
+    def ci(pair: Any) -> str:
+        return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+    lines = [f"ensemble of {result['members']} members ({len(result['members_failed'])} failed), {result['split']} split",
+             f"  ensemble AUC     {result['ensemble_auc']:.3f} {ci(result['ensemble_auc_ci'])}",
+             f"  mean member AUC  {result['mean_member_auc']:.3f} {ci(result['mean_member_auc_ci'])}",
+             f"  gain             {result['diff']:+.3f} {ci(result['diff_ci'])} (paired bootstrap)",
+             f"registered model   {result['model_uri']}",
+             f"parent run         {result['parent_run_id']}",
+             f"folder             {result['experiment_dir']}",
+             f"plots              {', '.join(result['plots'])}",
+             f"MLflow UI          {mlflow_ui_command(result['tracking_uri'])}"]
+    return "\n".join(lines)
+
+
+def cmd_ensemble(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.config import load_config
+    from mammo_ray.ray_session import init_ray
+    from mammo_ray.search.members import run_ensemble
+
+    if args.resume and (args.config or args.overrides or args.from_search):
+        raise ValueError("--resume continues an ensemble with its saved config: drop --config, --set, --from-search")
+    config = None if args.resume else load_config(args.config, args.overrides)
+    init_ray(args.address)
+    result = run_ensemble(config, workdir, from_search=args.from_search, resume=args.resume,
+                          progress=not args.json)
+    return result, _ensemble_text(result)
+
+
+def add_ensemble_command(add: Callable[..., argparse.ArgumentParser], configurable: argparse.ArgumentParser) -> None:
+    p = add("ensemble", cmd_ensemble, "Train N members that differ only in seed as parallel Ray Tune trials, average "
+            "their probabilities (and CC with MLO per exam), compare the ensemble with its members on the test split "
+            "and register it in the MLflow model registry (paper 000).", configurable)
+    p.add_argument("--from-search", metavar="PARENT_RUN_ID",
+                   help="take the members' config from this `mammo-ray tune` run's best trial (by its metric); "
+                        "--config then supplies the ensemble section and the resources")
+    p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted ensemble; finished members "
+                   "are not trained again")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def demo_search_and_ensemble(args: argparse.Namespace, config: Any, workdir: Path) -> tuple[dict[str, Any], str]:
+    """``mammo-ray demo``'s Ray part: the search of ``config``, then an ensemble of its best config."""
+    from mammo_ray.config import with_values
+    from mammo_ray.ray_session import init_ray
+    from mammo_ray.search.members import run_ensemble
+    from mammo_ray.search.search import run_search
+
+    if args.members < 1:
+        raise ValueError(f"--members {args.members}: need at least one member")
+    init_ray(args.address)
+    searched = run_search(config, workdir, progress=not args.json)
+    ensemble_config = with_values(config, {"ensemble.members": args.members,
+                                           "ensemble.max_concurrent_trials": config.tune.max_concurrent_trials,
+                                           "ensemble.registered_model": "mammo-ray-demo-ensemble"}, "demo ensemble")
+    ensembled = run_ensemble(ensemble_config, workdir, from_search=searched["parent_run_id"],
+                             progress=not args.json)
+    text = "\n".join(["", "search (mammo-ray tune):", _search_text(searched), "",
+                      "ensemble of the best config (mammo-ray ensemble --from-search):", _ensemble_text(ensembled)])
+    searched = {k: v for k, v in searched.items() if k != "leaderboard_text"}
+    return {"search": searched, "ensemble": ensembled}, text

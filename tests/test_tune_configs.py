@@ -9,6 +9,7 @@ import pytest
 
 from mammo_ray.config import load_config
 from mammo_ray.data.pipeline import ensure_prepared
+from mammo_ray.search.cells import make_cells
 from mammo_ray.train.loop import build_training, train_one_epoch
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
@@ -27,6 +28,7 @@ def test_the_paper_configs_are_there():
 def test_config_trains_one_epoch_when_shrunk(path, tmp_path_factory):
     config = load_config(path)
     assert config.model.name and config.train.epochs >= 1
+    assert make_cells(config)  # every search cell of the config validates too
     extra = ["data.split_fractions=[0.7, 0.15, 0.15]"] if config.data.split_fractions[1] == 0 else []
     small = load_config(path, [*SHRINK, *extra])
     workdir = tmp_path_factory.getbasetemp() / "tune-configs-work"  # shared: same data, one synthesis

@@ -56,6 +56,23 @@ def trainable(plan: Plan) -> Any:
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan.to_dict()), {"cpu": TRIAL_CPU})
 
 
+def check_state_api(config: Config) -> None:
+    """ASHA stops trials by killing them; their Train workers' placement groups are then freed by
+    Ray Train's placement-group cleaner, which polls Ray's state API (served by the dashboard).
+    Without it the freed CPUs/GPUs stay reserved and the search stalls: fail fast instead."""
+    import ray
+    from ray.util.state import list_actors
+
+    if config.tune.scheduler != "asha":
+        return
+    try:
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, raise_on_missing_output=False)
+    except Exception as exc:  # noqa: BLE001 - any failure means no state API
+        raise RuntimeError("tune.scheduler=asha needs Ray's state API (the dashboard) so the resources of "
+                           "stopped trials are freed; start Ray with its dashboard (mammo-ray does when it starts "
+                           f"Ray itself) or set tune.scheduler=fifo ({type(exc).__name__}: {exc})") from None
+
+
 def build_tuner(plan: Plan, config: Config, *, progress: bool) -> Any:
     from ray import tune
 
@@ -144,17 +161,17 @@ def baseline_rows(config: Config, prepared: PreparedData, columns: list[tuple[st
     targets = [(column, view, aug) for column, view, aug in columns if view in ("single", "parallel")
                and aug != "on"] or [("single", "single", "off")]
     try:
-        result = run_baseline(config, prepared.cache_dir, out_dir, n_boot=n_boot, seed=config.train.seed)
+        result = run_baseline(config, prepared.cache_dir, out_dir, n_boot=n_boot)
     except ValueError as exc:
         return [{"backbone": name, "column": column, "view_mode": view, "augment": aug,
                  "status": f"not run: {exc}"} for column, view, aug in targets]
     rows = []
     for column, view, aug in targets:
         level = result["test"]["image" if view == "single" else "exam"]
-        low, high = level["auc_ci"]
         rows.append({"backbone": name, "column": column, "view_mode": view, "augment": aug, "status": "ok",
-                     "test_acc": level["accuracy"], "test_auc": level["auc"], "test_auc_ci_low": low,
-                     "test_auc_ci_high": high, "test_loss": level["log_loss"], "test_n": level["n"]})
+                     "test_acc": level["accuracy"], "test_auc": level["auc"], "test_auc_ci_low": level["auc_ci_low"],
+                     "test_auc_ci_high": level["auc_ci_high"], "test_loss": level["log_loss"],
+                     "test_n": level["n"]})
     return rows
 
 
@@ -170,6 +187,7 @@ def run_search(config: Config, workdir: str | Path, *, resume: str | Path | None
     else:
         cells = make_cells(config)
         check_resources(cells[0][1])
+        check_state_api(config)
         prepared = prepare_cells(cells, workdir, progress)
         name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         uri = tracking_uri(config, workdir)

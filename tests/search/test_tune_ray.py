@@ -1,0 +1,200 @@
+"""The search and the ensemble on a 2-CPU Ray: MLflow nesting, the leaderboard, a driver SIGKILL
+and resume, and an ensemble built from the search's best config, registered and loaded back.
+
+Every trial is a Ray Train run with about 20 s of fixed start-up on 2 cores, so the tests share
+one search and keep the trial counts small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from mlflow import MlflowClient
+
+from conftest import TINY_TRAIN
+from mammo_ray.cli import main
+from mammo_ray.config import load_config
+from mammo_ray.data.datasets import CropCache, SingleViewDataset
+from mammo_ray.data.transforms import build_eval_transform
+from mammo_ray.ray_session import init_ray
+from mammo_ray.ensemble.model import Ensemble
+from mammo_ray.search.search import run_search
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+SEARCH = [*TINY_TRAIN, "train.cpus_per_worker=1", "train.keep_checkpoints=1", "tune.backbones=[levynet, resnet18]",
+          "tune.view_modes=[single, parallel]", "tune.num_samples=2", "tune.grace_period=1",
+          "tune.reduction_factor=2", "tune.max_concurrent_trials=2", "tune.seed=1"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    # With its dashboard (loopback): Train's placement-group cleaner needs the state API to free
+    # the resources of a trial that ASHA stops. Without it the next trials wait forever.
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # set by init_ray for this Ray only
+
+
+@pytest.fixture(scope="module")
+def search(ray_session, tiny_workdir):
+    return run_search(load_config(None, SEARCH), tiny_workdir, progress=False)
+
+
+def _children(client: MlflowClient, parent_run_id: str) -> list:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_search_runs_every_cell_with_child_runs_in_mlflow(search):
+    client = MlflowClient(search["tracking_uri"])
+    parent = client.get_run(search["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["tune.num_samples"] == "2"
+    children = _children(client, search["parent_run_id"])
+    assert len(children) == search["trials"] == 8 and search["errored"] == 0
+    trials = pd.read_csv(search["trials_csv"])
+    assert trials["cell"].value_counts().to_dict() == {cell: 2 for cell in trials["cell"].unique()}
+    assert trials["cell"].nunique() == 4
+    for run in children:
+        assert run.info.status in ("FINISHED", "KILLED"), run.info
+        assert "model.dropout" in run.data.params and "val_loss" in run.data.metrics
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert sorted(m.step for m in history) == list(range(len(history)))  # one value per epoch
+        if run.info.status == "KILLED":  # stopped by its cell's ASHA (the workers may have run on meanwhile)
+            assert "ASHA" in run.data.tags["mammo_ray.stop_reason"]
+        else:
+            assert len(history) == 2 and "mammo_ray.checkpoint" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(search["parent_run_id"], "leaderboard")}
+    assert {"leaderboard/leaderboard.csv", "leaderboard/leaderboard.md", "leaderboard/trials.csv"} <= artifacts
+
+
+def test_leaderboard_has_every_combination_and_the_baseline(search):
+    long = pd.read_csv(Path(search["leaderboard"]).with_name("leaderboard_long.csv"))
+    cnn = long[long["backbone"].isin(["levynet", "resnet18"])]
+    assert set(zip(cnn["backbone"], cnn["view_mode"])) == {(b, v) for b in ("levynet", "resnet18")
+                                                            for v in ("single", "parallel")}
+    assert (cnn["status"] == "ok").all()
+    assert cnn["test_auc"].between(0, 1).all() and cnn["test_acc"].between(0, 1).all()
+    assert (cnn["test_auc_ci_low"] <= cnn["test_auc"]).all() and (cnn["test_auc"] <= cnn["test_auc_ci_high"]).all()
+    baseline = long[long["backbone"].str.contains("LDA")]
+    assert set(baseline["view_mode"]) == {"single", "parallel"} and (baseline["status"] == "ok").all()
+    markdown = Path(search["leaderboard_markdown"]).read_text()
+    assert "| levynet |" in markdown and "| resnet18 |" in markdown and "texture + LDA" in markdown
+    best = search["best"]
+    assert best["metrics"]["val_loss"] == pytest.approx(pd.read_csv(search["trials_csv"])["val_loss"].min())
+    assert load_config(best["config_path"]).model.name == best["cell"].split("-")[0]
+
+
+def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_workdir, capfd):
+    overrides = [*TINY_TRAIN, "train.cpus_per_worker=1", "train.keep_checkpoints=1", "ensemble.members=3",
+                 "ensemble.max_concurrent_trials=2", "ensemble.registered_model=tiny-ensemble"]
+    args = ["ensemble", "--from-search", search["parent_run_id"], "--workdir", str(tiny_workdir), "--json"]
+    for override in overrides:
+        args += ["--set", override]
+    capfd.readouterr()
+    assert main(args) == 0
+    result = json.loads(capfd.readouterr().out)  # stdout holds exactly one JSON object
+    assert {"members", "ensemble_auc", "mean_member_auc", "model_uri", "disclaimer"} <= set(result)
+    best = load_config(search["best"]["config_path"])
+    assert result["members"] == 3 and not result["members_failed"]
+    assert {m["seed"] for m in result["member_runs"]} == {0, 1, 2}
+    # The tiny test split has 8 patients: one swapped pair moves an AUC by about 0.05, so the
+    # ensemble-vs-member claim is checked as a paired bootstrap statement (not significantly worse)
+    # here, and exactly on data with a known signal in tests/ensemble/test_combine.py.
+    assert result["diff"] == pytest.approx(result["ensemble_auc"] - result["mean_member_auc"])
+    assert result["diff_ci"][0] <= result["diff"] <= result["diff_ci"][1] and result["diff_ci"][1] >= 0, result
+    assert result["ensemble_auc"] > 0.5, result
+    assert all(Path(p).is_file() for p in result["plots"])
+    client = MlflowClient(result["tracking_uri"])
+    members = _children(client, result["parent_run_id"])
+    assert len(members) == 3 and all(run.info.status == "FINISHED" for run in members)
+    assert {run.data.params["model.name"] for run in members} == {best.model.name}
+    assert {run.data.params["optim.lr"] for run in members} == {str(best.optim.lr)}  # only the seed differs
+    version = client.get_model_version("tiny-ensemble", result["registered_model"]["version"])
+    assert set(version.tags["mammo_ray.member_run_ids"].split(",")) == {run.info.run_id for run in members}
+    assert version.run_id == result["parent_run_id"]
+
+    os.environ["MLFLOW_TRACKING_URI"] = result["tracking_uri"]
+    try:
+        model = mlflow.pyfunc.load_model(result["model_uri"])
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    ensemble = Ensemble.from_checkpoints([m["checkpoint"] for m in result["member_runs"]])
+    cache = CropCache(_member_cache(result))
+    dataset = SingleViewDataset(cache, "test", best.data.task, transform=build_eval_transform(ensemble.spec))
+    x = torch.stack([dataset[i][0] for i in range(6)])
+    out = model.predict(x.numpy().astype(np.float32))
+    assert len(out) == 6 and out["prob"].between(0, 1).all()
+    with torch.inference_mode():
+        np.testing.assert_allclose(out["prob"].to_numpy(), ensemble(x).mean(dim=1).numpy(), atol=1e-5)
+
+
+def _member_cache(result: dict) -> str:
+    plan = json.loads((Path(result["experiment_dir"]) / "mammo_ray_plan.json").read_text())
+    return plan["cells"]["member"]["prepared"]["cache_dir"]
+
+
+def _finished_trials(uri: str) -> int:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mammo-ray")
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`mammo_ray.search` LIKE 'search-%'")
+    return sum(run.info.status == "FINISHED" for run in runs)
+
+
+def test_resume_after_driver_sigkill_skips_finished_trials(ray_session, tmp_path, tiny_workdir, capfd):
+    workdir = tiny_workdir  # its data are prepared; the store and the Ray results are this test's own
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*SEARCH, "tune.backbones=[levynet]", "tune.num_samples=1", "tune.max_concurrent_trials=1",
+                 f"train.mlflow_uri={uri}", "tune.baseline=false", f"train.storage_path={tmp_path / 'ray_results'}"]
+    args = [sys.executable, "-m", "mammo_ray.cli", "tune", "--workdir", str(workdir)]
+    for override in overrides:
+        args += ["--set", override]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 400
+    while _finished_trials(uri) < 1:
+        assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(2)
+    time.sleep(3)  # let Tune write its experiment state
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=30)
+    experiment_dir = next((tmp_path / "ray_results").glob("search-*/mammo_ray_plan.json")).parent
+    client = MlflowClient(uri)
+    before = {run.info.run_id: run.info.end_time for run in client.search_runs(
+        [client.get_experiment_by_name("mammo-ray").experiment_id]) if run.info.status == "FINISHED"}
+    assert before
+
+    capfd.readouterr()
+    assert main(["tune", "--resume", str(experiment_dir), "--workdir", str(workdir), "--json"]) == 0
+    result = json.loads(capfd.readouterr().out)
+    assert {"experiment_dir", "parent_run_id", "best", "leaderboard"} <= set(result)
+    assert result["best"]["config"]["model"]["name"] == "levynet" and "val_loss" in result["best"]["metrics"]
+
+    assert result["trials"] == 2 and result["errored"] == 0
+    runs = _children(client, result["parent_run_id"])
+    names = [run.info.run_name for run in runs]
+    assert len(names) == len(set(names)) == 2  # a restarted trial continued its own MLflow run
+    for run in runs:
+        assert run.info.status in ("FINISHED", "KILLED")
+        if run.info.run_id in before:  # finished before the kill: not run again
+            assert run.info.end_time == before[run.info.run_id]
+    assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
+    assert len(pd.read_csv(result["trials_csv"])) == 2
