@@ -1,0 +1,1 @@
+"""Localization: CAM / Grad-CAM, fully convolutional dense maps (paper 003), findings and FROC."""
