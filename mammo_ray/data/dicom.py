@@ -105,7 +105,7 @@ def read_dicom(path: str | os.PathLike, *, flip: bool | None = None, apply_voi: 
         image = _to_canonical_intensity(stored, ds, apply_voi)
     except Exception as exc:
         raise DicomReadError(name, f"cannot apply the modality/VOI LUT ({exc})") from exc
-    mirror = _breast_on_right(image) if flip is None else bool(flip)
+    mirror = breast_on_right(image) if flip is None else bool(flip)
     if mirror:
         image = np.fliplr(image)
     return np.ascontiguousarray(image, dtype=np.float32), dataclasses.replace(meta, flipped=mirror)
@@ -303,7 +303,7 @@ def _to_canonical_intensity(stored: np.ndarray, ds: Dataset, apply_voi: bool) ->
     return image
 
 
-def _breast_on_right(image: np.ndarray) -> bool:
+def breast_on_right(image: np.ndarray) -> bool:
     """True when the right third of the columns is brighter than the left third."""
     third = max(1, image.shape[1] // 3)
     return float(image[:, -third:].mean(dtype=np.float64)) > float(image[:, :third].mean(dtype=np.float64))
