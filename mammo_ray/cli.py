@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mammo_ray.cli_search import add_commands
 
     add_commands(add, configurable)
+    from mammo_ray.cli_localize import add_localize_commands
+
+    add_localize_commands(add)
     return parser
 
 

@@ -43,7 +43,7 @@ class DataConfig(_Section):
     whole_size: tuple[int, int] = (640, 384)  # `whole` images are letterboxed to this (H, W)
     cache_px: int = Field(256, ge=8)  # side crops are stored at (the "resize to 256" of paper 000)
     input_px: int = Field(224, ge=8)  # network input side: random crop in training, centre crop at eval
-    normalization: Literal["meanvar", "mean_image"] = "meanvar"  # per-crop z-score, or train mean image
+    normalization: Literal["meanvar", "mean_image", "global"] = "meanvar"  # per-crop z-score, train mean image, or train mean/std (translation-invariant: dense maps, paper 003)
     rotation_deg: int = Field(0, ge=0, le=180)  # random integer rotation in [-deg, deg], mean fill
     hflip: bool = True  # random horizontal mirroring in training
     vflip: bool = False  # random vertical mirroring in training

@@ -92,6 +92,23 @@ def resize(image: np.ndarray, size: tuple[int, int], *, nearest: bool = False) -
     return np.asarray(out, dtype=np.float32)
 
 
+def crop_resized(image: np.ndarray, box: Box, px: int) -> np.ndarray:
+    """The ``box`` of ``image`` (zero-padded past the border) resized to ``px`` x ``px``: a cache crop."""
+    return resize(crop_padded(image, box, fill=0.0), (px, px))
+
+
+def to_uint16(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """Store values as uint16; rescale only data that does not fit (e.g. floats in 0..1).
+
+    Returns the stored array and the scale applied (1.0 for 16-bit data kept as is).
+    """
+    lo, hi = float(image.min()), float(image.max())
+    if lo >= 0.0 and 255.0 < hi <= 65535.0:
+        return np.rint(image).astype(np.uint16), 1.0
+    scale = 65535.0 / (hi - lo) if hi > lo else 1.0
+    return np.rint((image - lo) * scale).astype(np.uint16), scale
+
+
 def letterbox(image: np.ndarray, size: tuple[int, int], fill: float = 0.0) -> tuple[np.ndarray, float, tuple[int, int]]:
     """Fit ``image`` inside (H, W) keeping its aspect ratio; pad the rest with ``fill``.
 

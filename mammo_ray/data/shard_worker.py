@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammo_ray.data.crops import (breast_region, crop_padded, letterbox, lesion_box, mask_bbox,
-                                  negative_boxes, resize)
+from mammo_ray.data.crops import (breast_region, crop_padded, crop_resized, lesion_box, letterbox, mask_bbox,
+                                  negative_boxes, resize, to_uint16)
 from mammo_ray.data.dicom import DicomReadError, read_dicom
 
 # The data-config fields that decide a cache's contents (its fingerprint).
@@ -27,15 +27,6 @@ ENTRY_COLUMNS = ["shard", "offset", "kind", "lesion_id", "exam_key", "patient_id
                  "abnormality_type", "malignant", "mass", "split", "image_path", "flipped",
                  "image_h", "image_w", "box_x0", "box_y0", "box_x1", "box_y1", "scale",
                  "offset_x", "offset_y", "value_scale"]
-
-
-def _to_uint16(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """Store values as uint16; rescale only data that does not fit (e.g. floats in 0..1)."""
-    lo, hi = float(image.min()), float(image.max())
-    if lo >= 0.0 and 255.0 < hi <= 65535.0:
-        return np.rint(image).astype(np.uint16), 1.0
-    scale = 65535.0 / (hi - lo) if hi > lo else 1.0
-    return np.rint((image - lo) * scale).astype(np.uint16), scale
 
 
 def _row_box(row: dict[str, Any], mask: np.ndarray | None, width: int, flipped: bool) -> tuple[int, int, int, int] | None:
@@ -69,7 +60,7 @@ def _entry(row: dict[str, Any], kind: str, box, flipped: bool, shape, **extra) -
 
 
 def _cut(image: np.ndarray, lesions: np.ndarray, box, px: int) -> tuple[np.ndarray, np.ndarray]:
-    crop = resize(crop_padded(image, box, fill=0.0), (px, px))
+    crop = crop_resized(image, box, px)
     mask = resize(crop_padded(lesions, box, fill=0).astype(np.float32), (px, px), nearest=True)
     return crop, mask.astype(np.uint8)
 
@@ -157,7 +148,7 @@ def process_shard(shard: int, images: list[dict[str, Any]], params: dict[str, An
             continue
         decoded += n
         for crop, mask, entry in produced:
-            stored, value_scale = _to_uint16(crop)
+            stored, value_scale = to_uint16(crop)
             crops.append(stored)
             masks.append(mask)
             entries.append(dict(entry, value_scale=value_scale))

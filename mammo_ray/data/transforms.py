@@ -68,7 +68,9 @@ class TransformSpec:
 
 
 class Normalize(torch.nn.Module):
-    """Per-crop mean-variance normalisation (paper 000) or mean-image subtraction (paper 001)."""
+    """Per-crop mean-variance normalisation (paper 000), mean-image subtraction (paper 001), or the
+    training set's global mean/std ("global": the same for every pixel, so a whole image can be
+    normalised once and scanned densely with exactly the patches' preprocessing, paper 003)."""
 
     def __init__(self, spec: TransformSpec):
         super().__init__()
@@ -78,6 +80,8 @@ class Normalize(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.normalization == "meanvar":
             return (x - x.mean()) / x.std().clamp_min(1e-6)
+        if self.spec.normalization == "global":  # one affine map for every pixel: commutes with cropping
+            return (x - self.spec.train_mean) / max(self.spec.train_std, 1e-6)
         mean = self.mean_image
         if mean.shape[-2:] != x.shape[-2:]:
             mean = F.resize(mean, list(x.shape[-2:]), antialias=True)

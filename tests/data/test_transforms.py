@@ -37,6 +37,16 @@ def test_mean_image_subtraction():
     torch.testing.assert_close(out, torch.ones(1, 48, 48))
 
 
+def test_global_normalisation_is_one_affine_map():
+    t = build_eval_transform(spec(normalization="global", train_mean=2000.0, train_std=500.0, channels=1))
+    x = crop()
+    out = t(x)
+    # the same affine map for every pixel (then the resize), unlike the per-crop z-score
+    expected = build_eval_transform(spec(normalization="global", train_mean=0.0, train_std=1.0, channels=1))(x)
+    torch.testing.assert_close(out, (expected - 2000.0) / 500.0, rtol=1e-5, atol=1e-4)
+    assert abs(float(out.mean()) - (float(x.mean()) - 2000.0) / 500.0) < 0.05
+
+
 def test_resizes_other_sizes_to_cache_px():
     out = build_eval_transform(spec())(crop(size=100))
     assert out.shape == (3, 48, 48)

@@ -1,0 +1,240 @@
+"""The localisation and explanation side of the CLI: ``localize``, ``froc``, ``explain``, ``dream``.
+
+Each takes ``--model`` as a checkpoint, a run id or ``models:/<name>/<version>``
+(``ensemble.source``); an ensemble's maps are averaged over its members. When the model comes
+from an MLflow run (or a registered version, whose run is the ensemble's), every file written is
+also logged to that run under ``<command>/<name>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _members(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
+    from mammo_ray.ensemble.model import Ensemble
+    from mammo_ray.ensemble.source import resolve_model_source
+
+    source = resolve_model_source(args.model, workdir, tracking_uri=args.tracking_uri)
+    return source, Ensemble.from_checkpoints(source.checkpoints)
+
+
+def _log_outputs(source: Any, out: Path, artifact_path: str) -> str | None:
+    """Log ``out`` to the model's MLflow run; returns the run id, or None for a bare checkpoint."""
+    if not source.run_id:
+        return None
+    from mlflow import MlflowClient
+
+    MlflowClient(source.tracking_uri).log_artifacts(source.run_id, str(out), artifact_path)
+    return source.run_id
+
+
+def _parse_box(text: str | None) -> tuple[int, int, int, int] | None:
+    if not text:
+        return None
+    try:
+        x0, y0, x1, y1 = (int(float(v)) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--box {text!r}: expected x0,y0,x1,y1 in image pixels") from None
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"--box {text!r}: x1 > x0 and y1 > y0 required")
+    return x0, y0, x1, y1
+
+
+def _network_input(path: str, ensemble: Any, box: tuple[int, int, int, int] | None) -> tuple[Any, bool]:
+    """An image file as the members' evaluation input (1, C, H, W): the crop the config's crop mode
+    takes around ``box`` (as the crop cache does), or the whole file (a lesion crop)."""
+    from mammo_ray.data.roi import roi_crop
+    from mammo_ray.data.transforms import build_eval_transform
+    from mammo_ray.localize.whole_image import read_mammogram
+
+    image, flipped = read_mammogram(path)
+    crop = roi_crop(image, ensemble.config.data, box=box, flipped=flipped)
+    return build_eval_transform(ensemble.spec)(crop)[None], flipped
+
+
+def cmd_localize(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.localize.render import save_overlay
+    from mammo_ray.localize.whole_image import localize_image, read_mammogram
+
+    source, ensemble = _members(args, workdir)
+    image, flipped = read_mammogram(args.image)
+    found = localize_image(list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped,
+                           threshold=args.threshold, tile=args.tile or None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.image).stem
+    overlay = save_overlay(image if not flipped else np.fliplr(image), found.heatmap(), found.boxes,
+                           out / f"{stem}_heatmap.png",
+                           title=f"{Path(args.image).name}: mass probability ({len(ensemble.members)} member(s))")
+    np.save(out / f"{stem}_map.npy", found.dense.probs)
+    result = {"image": str(args.image), "model": source.to_dict(), **found.to_dict(),
+              "overlay": str(overlay), "map": str(out / f"{stem}_map.npy"), "boxes_json": str(out / f"{stem}_boxes.json")}
+    Path(result["boxes_json"]).write_text(json.dumps({k: result[k] for k in ("image", "boxes", "image_score",
+                                                                            "threshold", "image_size")}, indent=2))
+    result["mlflow_run"] = _log_outputs(source, out, f"localize/{stem}")
+    lines = [f"{len(found.boxes)} box(es) at threshold {args.threshold} (image score {found.image_score:.3f}):"]
+    lines += [f"  ({b.x0}, {b.y0}, {b.x1}, {b.y1}) score {b.score:.3f}" for b in found.boxes]
+    lines += [f"overlay {overlay}", f"boxes   {result['boxes_json']}"]
+    return result, "\n".join(lines)
+
+
+def cmd_froc(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.data.manifest import read_manifest
+    from mammo_ray.data.splits import Splits
+    from mammo_ray.localize.evaluate import evaluate_split, scan_split, split_images
+    from mammo_ray.localize.whole_image import localize_image
+
+    source, ensemble = _members(args, workdir)
+    manifest = read_manifest(args.manifest)
+    rows = split_images(manifest, Splits.load(args.splits).assign(manifest), args.split)
+
+    def localizer(members: Any) -> Callable[[np.ndarray, bool], Any]:
+        return lambda image, flipped: localize_image(list(members.members), members.spec, members.config, image,
+                                                     threshold=args.box_threshold, tile=args.tile or None)
+
+    stage1 = None
+    if args.classifier:
+        from mammo_ray.ensemble.model import Ensemble
+        from mammo_ray.ensemble.source import resolve_model_source
+
+        stage1 = localizer(Ensemble.from_checkpoints(
+            resolve_model_source(args.classifier, workdir, tracking_uri=args.tracking_uri).checkpoints))
+    scanned, skipped = scan_split(rows, localizer(ensemble), stage1, progress=not args.json)
+    out = Path(args.out)
+    summary = evaluate_split(scanned, out, reduce=args.reduce, image_threshold=args.image_threshold,
+                             box_threshold=args.box_threshold, seed=args.seed, skipped=skipped,
+                             label=Path(args.model).name)
+    result = {"model": source.to_dict(), "split": args.split, **summary}
+    result["mlflow_run"] = _log_outputs(source, out, f"froc/{args.split}")
+    s, r, two = summary["sensitivity_at_1fp"], summary["random_sensitivity_at_1fp"], summary["two_stage"]
+    text = "\n".join([
+        f"FROC on {summary['n_images']} {args.split} images ({summary['n_rois']} masses, {len(skipped)} skipped)",
+        f"  sensitivity at 1 FP/image: {s['overlap']:.3f} (random heatmap {r['overlap']:.3f}); peak rule "
+        f"{s['peak']:.3f} (random {r['peak']:.3f})",
+        f"  image mass/no-mass AUC from the map maximum: {summary['image_auc']}",
+        f"  two-stage at image threshold {two['image_threshold']}, box threshold {two['box_threshold']}: "
+        f"stage-1 accuracy {two['stage1_accuracy']:.3f}, sensitivity {two['sensitivity']}, "
+        f"{two['fp_per_image']:.2f} FP/image",
+        f"  curves {', '.join(summary['plots'])}", f"  json   {summary['json']}"])
+    return result, text
+
+
+def cmd_explain(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    import torch
+
+    from mammo_ray.explain.filters import save_filter_grid
+    from mammo_ray.explain.saliency import save_saliency_png, saliency_map
+
+    source, ensemble = _members(args, workdir)
+    if ensemble.view_mode == "multimodal":
+        raise ValueError("explain takes one view; use `mammo-ray dream --image CC --image2 MLO` for a multimodal model")
+    x, _ = _network_input(args.image, ensemble, _parse_box(args.box))
+    maps = torch.stack([saliency_map(member, x, target_class=args.target_class)[0] for member in ensemble.members])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.image).stem
+    mean = maps.mean(0)
+    np.save(out / f"{stem}_saliency.npy", mean.numpy())
+    written = [save_saliency_png(x[0, 0], mean, out / f"{stem}_saliency.png",
+                                 title=f"saliency of class {args.target_class}, {len(maps)} member(s)")]
+    for i, member in enumerate(ensemble.members[:args.max_filter_grids]):
+        written.append(save_filter_grid(member, out / f"filters_member_{i:03d}.png"))
+    with torch.inference_mode():
+        prob = float(ensemble(x).mean())
+    result = {"image": str(args.image), "model": source.to_dict(), "probability": prob,
+              "files": [str(p) for p in written], "saliency": str(out / f"{stem}_saliency.npy")}
+    result["mlflow_run"] = _log_outputs(source, out, f"explain/{stem}")
+    return result, f"P(malignant) {prob:.3f}\n" + "\n".join(f"wrote {p}" for p in written)
+
+
+def cmd_dream(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.explain.dream import DreamConfig, directed_dream
+    from mammo_ray.explain.dream_render import save_dream_frame, save_dream_gif
+
+    source, ensemble = _members(args, workdir)
+    box = _parse_box(args.box)
+    views = [_network_input(args.image, ensemble, box)[0]]
+    if args.image2:
+        views.append(_network_input(args.image2, ensemble, _parse_box(args.box2))[0])
+    if ensemble.view_mode == "multimodal" and len(views) != 2:
+        raise ValueError("a multimodal model dreams on a CC and MLO pair: give --image2")
+    config = DreamConfig(target=args.target, steps=args.steps, lr=args.lr, seed=args.seed)
+    member = ensemble.members[0]  # one network: the dream follows its gradient
+    result = directed_dream(member, views[0] if len(views) == 1 else (views[0], views[1]), config)
+    gif = save_dream_gif(result, args.out)
+    last = save_dream_frame(result, Path(args.out).with_suffix(".png"))
+    scores = result.scores[:, 0].tolist()
+    summary = {"gif": str(gif), "last_frame": str(last), "target": args.target, "steps": args.steps,
+               "views": list(result.view_names), "scores": scores, "model": source.to_dict(),
+               "member": 0}
+    summary["mlflow_run"] = None
+    if source.run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(source.tracking_uri)
+        for path in (gif, last):
+            client.log_artifact(source.run_id, str(path), f"dream/{Path(args.image).stem}")
+        summary["mlflow_run"] = source.run_id
+    text = (f"Directed Dream towards {args.target}: P({args.target}) {scores[0]:.3f} -> {scores[-1]:.3f} "
+            f"in {args.steps} steps\n  gif {gif}\n  last frame {last}")
+    return summary, text
+
+
+def add_localize_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="a checkpoint (file or folder), an MLflow run id "
+                       "(runs:/<id>), or a registered ensemble (models:/<name>/<version>)")
+        p.add_argument("--tracking-uri", help="MLflow store of --model (default: as `train` uses)")
+
+    p = add("localize", cmd_localize, "Scan a whole mammogram with a patch classifier made fully convolutional "
+            "(paper 003): a mass probability map, averaged over ensemble members, as a heatmap overlay PNG and "
+            "boxes JSON in original pixel coordinates.")
+    model_args(p)
+    p.add_argument("--image", required=True, help="a whole mammogram: DICOM, or PNG/TIFF")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=0.5, help="map value a box must reach (default 0.5)")
+    p.add_argument("--tile", type=int, default=1024, help="tile side in px for bounded memory; 0: one pass")
+
+    p = add("froc", cmd_froc, "Paper 003's evaluation over a split: dense maps of every image, sensitivity per "
+            "mass ROI against false positives per image (FROC, next to a random heatmap), image-level "
+            "mass/no-mass accuracy from the map maximum, and the two-stage pipeline's figures.")
+    model_args(p)
+    p.add_argument("--manifest", required=True, help="manifest written by `mammo-ray index`")
+    p.add_argument("--splits", required=True, help="splits JSON written by `mammo-ray split`")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help="output folder (froc_*.png, froc.json, per_image.csv)")
+    p.add_argument("--reduce", choices=["max", "mean"], default="max", help="map statistic inside an ROI")
+    p.add_argument("--classifier", help="stage-1 image classifier (a patch model: its map maximum); "
+                   "default: --model itself")
+    p.add_argument("--image-threshold", type=float, default=0.5, help="stage 1: image called mass at this score")
+    p.add_argument("--box-threshold", type=float, default=0.4, help="stage 2: box threshold (paper 003: 0.4)")
+    p.add_argument("--tile", type=int, default=1024, help="tile side in px; 0: one pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-heatmap baseline")
+
+    p = add("explain", cmd_explain, "Input-gradient saliency maps (averaged over members) and first-layer "
+            "filter grids (paper 001) for one image.")
+    model_args(p)
+    p.add_argument("--image", required=True, help="a lesion crop (DICOM/PNG), or a whole image with --box")
+    p.add_argument("--box", help="x0,y0,x1,y1 ROI in the image: crop around it as the model's data.crop does")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--target-class", type=int, default=1, help="class whose score is explained (1: malignant)")
+    p.add_argument("--max-filter-grids", type=int, default=1, help="filter grids of the first N members")
+
+    p = add("dream", cmd_dream, "Directed Dream (paper 000, Algorithm 1): alter the CC (and MLO) input step by "
+            "step towards malignant or benign and save the frames (image, saliency, dream) as a GIF.")
+    model_args(p)
+    p.add_argument("--image", required=True, help="the CC view (a lesion crop, or a whole image with --box)")
+    p.add_argument("--image2", help="the MLO view of the same lesion (parallel/multimodal models)")
+    p.add_argument("--box", help="x0,y0,x1,y1 ROI in --image")
+    p.add_argument("--box2", help="x0,y0,x1,y1 ROI in --image2")
+    p.add_argument("--target", choices=["malignant", "benign"], required=True)
+    p.add_argument("--out", required=True, help="the GIF to write (the last frame goes beside it as PNG)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)

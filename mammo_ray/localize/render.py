@@ -1,0 +1,73 @@
+"""Pictures of localisation results: a heatmap overlay with boxes, as PNG or base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mammo_ray.constants import DISCLAIMER
+from mammo_ray.data.crops import resize
+from mammo_ray.localize.findings import Finding
+
+
+def _display(image: np.ndarray, heat: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray, float]:
+    factor = min(1.0, max_side / max(image.shape))
+    size = (max(1, round(image.shape[0] * factor)), max(1, round(image.shape[1] * factor)))
+    return resize(image, size), resize(heat, size), factor
+
+
+def overlay_figure(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], *, title: str = "",
+                   max_side: int = 1024, alpha: float = 0.45):  # noqa: ANN201 - a matplotlib Figure
+    """Grayscale image, the heatmap on top (0..1, jet), and each box with its score."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    if heat.shape != image.shape:
+        raise ValueError(f"heatmap shape {heat.shape} differs from image shape {image.shape}")
+    shown, shown_heat, factor = _display(image, heat, max_side)
+    h, w = shown.shape
+    fig, ax = plt.subplots(figsize=(6 * w / max(h, w) + 1.2, 6 * h / max(h, w) + 0.6), dpi=120)
+    lo, hi = np.percentile(shown, [0.5, 99.5])
+    ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+    layer = ax.imshow(shown_heat, cmap="jet", vmin=0.0, vmax=1.0, alpha=alpha)
+    for box in boxes:
+        ax.add_patch(Rectangle((box.x0 * factor, box.y0 * factor), (box.x1 - box.x0) * factor,
+                               (box.y1 - box.y0) * factor, fill=False, edgecolor="white", linewidth=1.5))
+        ax.text(box.x0 * factor, box.y0 * factor - 2, f"{box.score:.2f}", color="white", fontsize=8,
+                va="bottom", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"})
+    fig.colorbar(layer, ax=ax, fraction=0.046, pad=0.02, label="mass probability")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    fig.text(0.01, 0.005, DISCLAIMER, fontsize=6, color="0.3")
+    return fig
+
+
+def save_overlay(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], path: str | Path, *,
+                 title: str = "", max_side: int = 1024) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def overlay_base64(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], *, title: str = "",
+                   max_side: int = 768) -> str:
+    """The overlay as a base64 PNG string (for JSON replies)."""
+    import matplotlib.pyplot as plt
+
+    fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,0 +1,187 @@
+"""A whole mammogram through a patch classifier: preprocessing, dense map, boxes (paper 003).
+
+The patch model was trained on ``patch_px``-px squares of the full image (``data.crop=patch``,
+or the 750-px squares of ``seed750``) resized to ``cache_px`` and centre-cropped to
+``input_px``. So the whole image is resized by ``scale = cache_px / patch_px`` once, normalised
+as the checkpoint's eval transform normalises, and scanned densely with ``input_px`` windows
+(``fcn.dense_map``): every window then sees exactly what a centre-cropped patch showed the
+classifier. Map cells come back to original pixels through ``scale`` and the dense map's stride.
+
+Normalisation. ``global`` (the training set's mean/std) is one affine map for all pixels and is
+exact. ``meanvar`` z-scores each training crop by itself, which no single pass can repeat: the
+whole image is z-scored over its breast region instead (an approximation; train localisation
+models with ``data.normalization=global``). ``mean_image`` subtracts the mean image's average.
+
+Orientation follows the data pipeline: ``read_dicom`` mirrors images whose breast lies on the
+right, the map is computed in that frame, and boxes and heatmaps are mirrored back to the
+stored image's coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mammo_ray.config import Config
+from mammo_ray.data.crops import breast_region, resize
+from mammo_ray.data.transforms import TransformSpec
+from mammo_ray.localize.fcn import DenseMap, ensemble_dense_map
+from mammo_ray.localize.findings import Finding, find_boxes
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """How original pixels map to the classifier's input."""
+
+    scale: float  # model-input px per original px (cache_px / patch side)
+    window: int  # the classifier's input side, in scaled px
+    patch_px: int  # the patch side in original px that one window stands for (about window / scale)
+
+
+def window_geometry(config: Config, spec: TransformSpec) -> WindowGeometry:
+    """The scan geometry of a patch classifier from its config and eval transform.
+
+    Raises:
+        ValueError: the model was trained on crops whose size in the image varies (``fixed``,
+            ``proportional``) or on letterboxed whole images, so no fixed window exists.
+    """
+    crop = config.data.crop
+    if crop == "patch":
+        side = config.data.patch_px
+    elif crop == "seed750":
+        side = config.data.seed_crop_px
+    else:
+        raise ValueError(f"a dense map needs a patch classifier: data.crop={crop!r} crops vary in size (train with "
+                         "data.crop=patch, paper 003, or seed750)")
+    scale = spec.cache_px / side
+    return WindowGeometry(scale=scale, window=spec.input_px, patch_px=round(spec.input_px / scale))
+
+
+def normalise_whole(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """The eval transform's intensity normalisation, applied to a whole (resized) image."""
+    x = np.asarray(image, dtype=np.float32)
+    if spec.normalization == "global":
+        return (x - spec.train_mean) / max(spec.train_std, 1e-6)
+    if spec.normalization == "mean_image":
+        return (x - float(np.mean(spec.mean_image))) / max(spec.train_std, 1e-6)
+    tissue = x[breast_region(x)]
+    tissue = tissue if tissue.size > 1 else x.ravel()
+    return (x - float(tissue.mean())) / max(float(tissue.std()), 1e-6)
+
+
+def prepare_whole_image(image: np.ndarray, spec: TransformSpec, geometry: WindowGeometry) -> torch.Tensor:
+    """(H, W) canonical intensities -> a (1, C, h, w) network input at ``geometry.scale``."""
+    if image.ndim != 2:
+        raise ValueError(f"a whole mammogram must be a 2-D array, got shape {image.shape}")
+    h = max(geometry.window, round(image.shape[0] * geometry.scale))
+    w = max(geometry.window, round(image.shape[1] * geometry.scale))
+    x = torch.from_numpy(normalise_whole(resize(image, (h, w)), spec))[None, None]
+    return x.expand(1, spec.channels, h, w).contiguous() if spec.channels > 1 else x
+
+
+@dataclass
+class Localization:
+    """A dense mass map of one image and what was read off it, in original pixel coordinates."""
+
+    dense: DenseMap  # member-mean map, in the scaled and (if ``flipped``) mirrored frame
+    spread: np.ndarray  # member std per cell (zeros for one member)
+    geometry: WindowGeometry
+    image_shape: tuple[int, int]  # (H, W) of the original image
+    flipped: bool  # the map's frame is mirrored relative to the stored image
+    threshold: float
+    boxes: list[Finding] = field(default_factory=list)
+
+    @property
+    def image_score(self) -> float:
+        """The map's maximum: paper 003's image-level mass / no-mass score."""
+        return float(self.dense.probs.max())
+
+    @property
+    def map_scale(self) -> float:
+        """Original px per map cell."""
+        return self.dense.stride / self.geometry.scale
+
+    @property
+    def map_offset(self) -> tuple[float, float]:
+        """Original (x, y) of map cell (0, 0)'s top-left corner (the cell centred on its window)."""
+        ox, oy = self.dense.grid_offset
+        return ox / self.geometry.scale, oy / self.geometry.scale
+
+    def heatmap(self, size: tuple[int, int] | None = None, *, spread: bool = False) -> np.ndarray:
+        """The map (or the member spread) at ``size`` (default: the original image), stored orientation."""
+        values = DenseMap(self.spread, self.dense.stride, self.dense.window, self.dense.image_size) if spread \
+            else self.dense
+        out = values.to_image(size or self.image_shape)
+        return np.ascontiguousarray(np.fliplr(out)) if self.flipped else out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"boxes": [b.to_dict() for b in self.boxes], "image_score": self.image_score,
+                "threshold": self.threshold, "image_size": list(self.image_shape),
+                "map_shape": list(self.dense.probs.shape), "map_stride_px": self.map_scale,
+                "window_px": self.geometry.patch_px, "max_spread": float(self.spread.max(initial=0.0))}
+
+
+def _mirror(box: Finding, width: int) -> Finding:
+    return Finding(width - box.x1, box.y0, width - box.x0, box.y1, box.score, box.area)
+
+
+def localize_image(models: Sequence[nn.Module], spec: TransformSpec, config: Config, image: np.ndarray, *,
+                   flipped: bool = False, threshold: float = 0.5, tile: int | None = 1024, min_area: int = 1,
+                   max_boxes: int | None = 20) -> Localization:
+    """Dense ensemble map of one whole mammogram, and boxes of the blobs above ``threshold``.
+
+    Args:
+        models: the ensemble members (one for a single network), all patch classifiers.
+        spec, config: the members' eval transform and config (from the checkpoint).
+        image: (H, W) canonical intensities, as ``read_dicom`` returns them.
+        flipped: ``image`` was mirrored by ``read_dicom`` (``meta.flipped``); boxes and heatmaps
+            are mirrored back to the stored orientation.
+        threshold: map value a finding must reach.
+        tile: tile side in scaled px for ``dense_map`` (bounded memory); None: one pass.
+        min_area: smallest blob, in map cells.
+        max_boxes: keep the highest-scoring boxes only; None keeps all.
+    """
+    geometry = window_geometry(config, spec)
+    x = prepare_whole_image(image, spec, geometry)
+    dense, spread = ensemble_dense_map(list(models), x, geometry.window, tile=tile)
+    result = Localization(dense, spread, geometry, tuple(image.shape), flipped, threshold)
+    boxes = find_boxes(dense.probs, threshold, scale=result.map_scale, offset=result.map_offset,
+                       min_area=min_area, max_boxes=max_boxes)
+    width = image.shape[1]
+    result.boxes = [_mirror(b, width) for b in boxes] if flipped else boxes
+    return result
+
+
+def read_mammogram(path: str | Path, *, max_dim: int | None = None) -> tuple[np.ndarray, bool]:
+    """A whole mammogram as (canonical float32 image, mirrored?): DICOM, or PNG/TIFF/JPEG grayscale.
+
+    Raises:
+        DicomReadError / ValueError: naming the file and the reason.
+    """
+    from mammo_ray.data.dicom import DEFAULT_MAX_DIM, breast_on_right, read_dicom
+
+    path = Path(path)
+    limit = max_dim or DEFAULT_MAX_DIM
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                if max(img.size) > limit:
+                    raise ValueError(f"{path}: {img.size[0]}x{img.size[1]} exceeds the {limit}-px limit")
+                array = np.asarray(img.convert("I;16") if img.mode in ("I", "I;16") else img.convert("L"),
+                                   dtype=np.float32)
+        except OSError as exc:
+            raise ValueError(f"{path}: not a readable image ({exc})") from None
+        mirrored = breast_on_right(array)
+        return (np.ascontiguousarray(np.fliplr(array)) if mirrored else array), mirrored
+    image, meta = read_dicom(path, max_rows=limit, max_cols=limit)
+    return image, meta.flipped
+
