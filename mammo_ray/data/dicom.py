@@ -8,15 +8,23 @@ window); nothing is rescaled to [0, 1] here.
 Every failure is a ``DicomReadError`` naming the file and the reason. Header checks
 (dimensions, bit depth, pixel-data length, transfer syntax) run on a deferred read, before
 any pixel is decoded, so a broken or hostile header cannot make us allocate a huge array.
+Two subclasses let a caller (the Serve upload layer) tell the kinds apart without parsing
+reasons: ``DicomTooLargeError`` (dimensions over the cap) and ``DicomUnsupportedError``
+(a transfer syntax with no decoder here).
+
+The source is a path, or, for uploads, the file's bytes or a seekable binary file object;
+``name`` then stands for the path in errors and in ``DicomMeta.path``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from dataclasses import dataclass
 from pathlib import PurePath
+from typing import BinaryIO, Union
 
 import numpy as np
 import pydicom
@@ -42,6 +50,10 @@ _SIDE_TOKENS = {"L", "R", "LEFT", "RIGHT"}
 _VIEW_TOKENS = {"CC", "MLO"}
 _TOKEN_SPLIT = re.compile(r"[_\-/\\.\s]+")
 _SIDE_VIEW_TOKEN = re.compile(r"^([LR])(CC|MLO)$")  # original DDSM style: "LEFT_CC" or "LCC"
+UPLOAD_NAME = "<upload>"  # the name of an in-memory source when the caller gives none
+
+# A path, the file's bytes, or a binary file object (seekable, e.g. io.BytesIO).
+DicomSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 
 class DicomReadError(Exception):
@@ -54,6 +66,14 @@ class DicomReadError(Exception):
 
     def __reduce__(self):  # keep (path, reason) across pickling, e.g. out of a Ray worker
         return type(self), (self.path, self.reason)
+
+
+class DicomTooLargeError(DicomReadError):
+    """Rows or Columns exceed the caller's cap (raised before any pixel is decoded)."""
+
+
+class DicomUnsupportedError(DicomReadError):
+    """The transfer syntax has no decoder: unknown to pydicom, or its plugin is not installed."""
 
 
 @dataclass(frozen=True)
@@ -72,31 +92,37 @@ class DicomMeta:
     flipped: bool                                # the returned array was mirrored left-right
 
 
-def read_dicom_header(path: str | os.PathLike, *, max_rows: int = DEFAULT_MAX_DIM,
-                      max_cols: int = DEFAULT_MAX_DIM) -> DicomMeta:
+def read_dicom_header(path: DicomSource, *, max_rows: int = DEFAULT_MAX_DIM,
+                      max_cols: int = DEFAULT_MAX_DIM, name: str | None = None) -> DicomMeta:
     """Read and check the header only (pixel data stays on disk); ``flipped`` is False.
 
     Decoder availability is checked by ``read_dicom`` only: a header can be indexed on a
-    machine that lacks the codec.
+    machine that lacks the codec. ``path`` and ``name`` are as for ``read_dicom``.
     """
-    name, ds = _open(path)
-    return _check_header(name, ds, max_rows, max_cols)
+    name, ds, size = _open(path, name)
+    return _check_header(name, ds, size, max_rows, max_cols)
 
 
-def read_dicom(path: str | os.PathLike, *, flip: bool | None = None, apply_voi: bool = True,
+def read_dicom(path: DicomSource, *, flip: bool | None = None, apply_voi: bool = True,
                max_rows: int = DEFAULT_MAX_DIM, max_cols: int = DEFAULT_MAX_DIM,
-               ) -> tuple[np.ndarray, DicomMeta]:
+               name: str | None = None) -> tuple[np.ndarray, DicomMeta]:
     """Return ``(image, meta)``: a float32 2-D array in canonical orientation and its header.
 
     Args:
+        path: a path; or the file's bytes, or a seekable binary file object read from its
+            current position (an upload). Bytes are never taken as a path.
         flip: None decides from content (mirror when the right third of the columns is
             brighter than the left third); True/False forces it, e.g. for an ROI mask that
             must follow its image's decision (``meta.flipped`` of the image).
         apply_voi: apply the VOI LUT or window (WindowCenter/Width) when the file has one.
-        max_rows, max_cols: header dimensions above these are rejected before decoding.
+        max_rows, max_cols: header dimensions above these are rejected before decoding
+            (``DicomTooLargeError``).
+        name: what errors and ``meta.path`` call the source, e.g. an upload's file name;
+            side and view tokens in it count as they do in a path. Defaults to the path, or
+            ``"<upload>"`` for bytes and file objects.
     """
-    name, ds = _open(path)
-    meta = _check_header(name, ds, max_rows, max_cols)
+    name, ds, size = _open(path, name)
+    meta = _check_header(name, ds, size, max_rows, max_cols)
     stored = _decode(name, ds)
     if stored.shape != (meta.rows, meta.columns):
         raise DicomReadError(name, f"decoded shape {stored.shape} differs from Rows x Columns "
@@ -135,18 +161,20 @@ def parse_side_view_from_path(path: str | os.PathLike) -> tuple[Side | None, Vie
     return side, view
 
 
-def _open(path: str | os.PathLike) -> tuple[str, Dataset]:
-    """Parse the file with large values deferred; map every failure to a DicomReadError."""
+def _open(path: DicomSource, name: str | None) -> tuple[str, Dataset, int]:
+    """Parse the source with large values deferred; return ``(name, dataset, size in bytes)``.
+
+    Every failure is a DicomReadError. An in-memory or file-object source stays referenced
+    by the dataset, which reads its deferred pixel data from it later.
+    """
+    source, start, name = _resolve(path, name)
+    if isinstance(source, str):
+        size = os.path.getsize(source)
+    else:  # offsets pydicom records are absolute positions in the buffer
+        size = source.seek(0, os.SEEK_END)
+        source.seek(start)
     try:
-        name = os.fspath(path)
-    except TypeError as exc:
-        raise DicomReadError(repr(path), "path must be a str or os.PathLike") from exc
-    if not os.path.exists(name):
-        raise DicomReadError(name, "file not found")
-    if not os.path.isfile(name):
-        raise DicomReadError(name, "not a regular file")
-    try:
-        return name, pydicom.dcmread(name, defer_size=_DEFER_SIZE)
+        return name, pydicom.dcmread(source, defer_size=_DEFER_SIZE), size
     except InvalidDicomError as exc:
         not_dicom = exc
     except OSError as exc:
@@ -156,24 +184,51 @@ def _open(path: str | os.PathLike) -> tuple[str, Dataset]:
     # No 128-byte preamble + "DICM": some old exports write the bare data set. Accept one only
     # if it parses into something DICOM-shaped; arbitrary bytes parse into nonsense tags.
     try:
-        ds = pydicom.dcmread(name, defer_size=_DEFER_SIZE, force=True)
+        if not isinstance(source, str):
+            source.seek(start)
+        ds = pydicom.dcmread(source, defer_size=_DEFER_SIZE, force=True)
     except Exception:
         ds = None
     if ds is None or not (ds.file_meta or "SOPClassUID" in ds):
         raise DicomReadError(name, f"not a DICOM file ({not_dicom})") from not_dicom
-    return name, ds
+    return name, ds, size
 
 
-def _check_header(name: str, ds: Dataset, max_rows: int, max_cols: int) -> DicomMeta:
+def _resolve(path: DicomSource, name: str | None) -> tuple[str | BinaryIO, int, str]:
+    """``(path or binary stream, stream start, name for errors)``; checks that a path is a file."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return io.BytesIO(path), 0, name or UPLOAD_NAME
+    if hasattr(path, "read"):
+        name = name or UPLOAD_NAME
+        try:
+            if path.seekable():
+                return path, path.tell(), name
+            return io.BytesIO(path.read()), 0, name  # pydicom seeks; a pipe is read whole
+        except (OSError, ValueError) as exc:  # e.g. a closed file
+            raise DicomReadError(name, f"unreadable ({exc})") from exc
     try:
-        return _checked_meta(name, ds, max_rows, max_cols)
+        fs_path = os.fsdecode(os.fspath(path))  # a PathLike may give bytes
+    except TypeError as exc:
+        raise DicomReadError(name or repr(path), "path must be a str or os.PathLike, bytes or a "
+                                                 "binary file object") from exc
+    name = name or fs_path
+    if not os.path.exists(fs_path):
+        raise DicomReadError(name, "file not found")
+    if not os.path.isfile(fs_path):
+        raise DicomReadError(name, "not a regular file")
+    return fs_path, 0, name
+
+
+def _check_header(name: str, ds: Dataset, size: int, max_rows: int, max_cols: int) -> DicomMeta:
+    try:
+        return _checked_meta(name, ds, size, max_rows, max_cols)
     except DicomReadError:
         raise
     except Exception as exc:  # a malformed value (wrong VR, unparsable number) in an element we read
         raise DicomReadError(name, f"invalid header ({type(exc).__name__}: {exc})") from exc
 
 
-def _checked_meta(name: str, ds: Dataset, max_rows: int, max_cols: int) -> DicomMeta:
+def _checked_meta(name: str, ds: Dataset, size: int, max_rows: int, max_cols: int) -> DicomMeta:
     def fail(reason: str) -> DicomReadError:
         return DicomReadError(name, reason)
 
@@ -195,7 +250,8 @@ def _checked_meta(name: str, ds: Dataset, max_rows: int, max_cols: int) -> Dicom
     if rows <= 0 or cols <= 0:
         raise fail(f"zero image dimensions (Rows={rows}, Columns={cols})")
     if rows > max_rows or cols > max_cols:
-        raise fail(f"image dimensions {rows}x{cols} exceed the limit {max_rows}x{max_cols}")
+        raise DicomTooLargeError(name, f"image dimensions {rows}x{cols} exceed the limit "
+                                       f"{max_rows}x{max_cols}")
 
     if "BitsAllocated" not in ds or "BitsStored" not in ds:
         raise fail("missing BitsAllocated or BitsStored")
@@ -212,9 +268,9 @@ def _checked_meta(name: str, ds: Dataset, max_rows: int, max_cols: int) -> Dicom
     try:
         get_decoder(syntax)
     except NotImplementedError as exc:
-        raise fail(f"unsupported transfer syntax {syntax} ({syntax.name})") from exc
+        raise DicomUnsupportedError(name, f"unsupported transfer syntax {syntax} ({syntax.name})") from exc
     if not syntax.is_encapsulated:
-        _check_native_length(name, ds, syntax, rows * cols * allocated // 8)
+        _check_native_length(name, ds, syntax, rows * cols * allocated // 8, size)
 
     side, view = _side_view_from_header(ds)
     path_side, path_view = parse_side_view_from_path(name)
@@ -236,7 +292,7 @@ def _transfer_syntax(ds: Dataset) -> dcm_uid.UID:
     return dcm_uid.UID(syntax)
 
 
-def _check_native_length(name: str, ds: Dataset, syntax: dcm_uid.UID, expected: int) -> None:
+def _check_native_length(name: str, ds: Dataset, syntax: dcm_uid.UID, expected: int, size: int) -> None:
     # The raw element keeps the declared length and file offset without loading the value.
     elem = ds.get_item("PixelData", keep_deferred=True)
     length = getattr(elem, "length", None)
@@ -245,10 +301,9 @@ def _check_native_length(name: str, ds: Dataset, syntax: dcm_uid.UID, expected: 
     if length < expected:
         raise DicomReadError(name, f"pixel data is {length} bytes, expected {expected} for "
                                    f"Rows x Columns x BitsAllocated/8 (truncated or wrong header)")
-    # A cut file still declares the full length; compare with what is on disk. Offsets in a
-    # deflated file refer to the inflated stream, so they cannot be compared.
+    # A cut file still declares the full length; compare with what is on disk (or in the
+    # buffer). Offsets in a deflated file refer to the inflated stream, so they cannot be compared.
     end = getattr(elem, "value_tell", 0) + expected
-    size = os.path.getsize(name)
     if syntax != dcm_uid.DeflatedExplicitVRLittleEndian and size < end:
         raise DicomReadError(name, f"file truncated: pixel data needs {end} bytes, the file has {size}")
 
@@ -259,8 +314,8 @@ def _decode(name: str, ds: Dataset) -> np.ndarray:
     if not decoder.is_available:
         package = _PLUGIN_PACKAGE.get(syntax, "pylibjpeg-libjpeg or pylibjpeg-openjpeg")
         found = "; ".join(decoder.missing_dependencies) or "no plugins"
-        raise DicomReadError(name, f"no decoder available for {syntax.name}: install pylibjpeg and "
-                                   f"{package} (pydicom plugins: {found})")
+        raise DicomUnsupportedError(name, f"no decoder available for {syntax.name} ({syntax}): install "
+                                          f"pylibjpeg and {package} (pydicom plugins: {found})")
     try:
         # pydicom masks bits above BitsStored (sign-extending signed data) for us.
         return ds.pixel_array
