@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mammo_ray.cli_localize import add_localize_commands
 
     add_localize_commands(add)
+    from mammo_ray.cli_serve import add_serve_command
+
+    add_serve_command(add)
     return parser
 
 

@@ -60,3 +60,40 @@ def tiny_config():
     from mammo_ray.config import load_config
 
     return lambda *overrides: load_config(None, [*TINY_TRAIN, *overrides])
+
+
+PATCH_TRAIN = [*TINY_TRAIN, "data.abnormality=all", "data.crop=patch", "data.task=mass_presence", "data.patch_px=64",
+               "data.cache_px=32", "data.input_px=32", "data.normalization=global", "data.negatives_per_image=4",
+               "train.epochs=6", "train.monitor=val_auc"]
+
+
+def _trained_checkpoint(overrides, workdir, out_dir):
+    """Train ``load_config(None, overrides)`` without Ray and save its checkpoint: (path, prepared)."""
+    import torch
+
+    from mammo_ray.config import load_config
+    from mammo_ray.data.pipeline import ensure_prepared
+    from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint
+    from mammo_ray.train.loop import build_training, fit
+
+    torch.manual_seed(0)
+    config = load_config(None, overrides)
+    prepared = ensure_prepared(config, workdir, progress=False)
+    training = build_training(config, prepared.cache_dir)
+    fit(training)
+    payload = checkpoint_payload(model=training.model, config=config, spec=training.spec,
+                                 epoch=config.train.epochs - 1, history=training.history)
+    return save_checkpoint(payload, out_dir), prepared
+
+
+@pytest.fixture(scope="session")
+def patch_model(tiny_workdir, tmp_path_factory):
+    """(checkpoint, prepared data) of a levynet mass / no-mass patch classifier (paper 003), trained
+    for a few epochs on the tiny synthetic data with global normalisation (dense maps are exact)."""
+    return _trained_checkpoint(PATCH_TRAIN, tiny_workdir, tmp_path_factory.mktemp("patch-model"))
+
+
+@pytest.fixture(scope="session")
+def lesion_model(tiny_workdir, tmp_path_factory):
+    """(checkpoint, prepared data) of a levynet benign / malignant classifier on proportional crops."""
+    return _trained_checkpoint([*TINY_TRAIN, "train.epochs=3"], tiny_workdir, tmp_path_factory.mktemp("lesion-model"))

@@ -489,6 +489,10 @@ def test_rayservice_deploys_what_serve_config_yaml_deploys():
     in_pod = yaml.safe_load(_manifest("rayservice")["spec"]["serveConfigV2"])
     assert [a["import_path"] for a in in_pod["applications"]] == [a["import_path"] for a in local["applications"]]
     assert local.get("http_options", {}).get("host") == "127.0.0.1"
+    from mammo_ray.serving.runtime import ServeSettings
+
+    for app in [*local["applications"], *in_pod["applications"]]:  # every args key is a builder field
+        ServeSettings(**app["args"])
 
 
 # ---------------------------------------------------------------- no secrets in cluster/

@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -20,32 +19,10 @@ from mammo_ray.cli import main
 from mammo_ray.config import load_config
 from mammo_ray.data.crops import mask_bbox
 from mammo_ray.data.dicom import read_dicom
-from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.localize.whole_image import localize_image, prepare_whole_image, read_mammogram, window_geometry
-from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint
-from mammo_ray.train.loop import build_training, fit
 
 pytestmark = pytest.mark.slow
-
-PATCH = [*TINY_TRAIN, "data.abnormality=all", "data.crop=patch", "data.task=mass_presence", "data.patch_px=64",
-         "data.cache_px=32", "data.input_px=32", "data.normalization=global", "data.negatives_per_image=4",
-         "train.epochs=6", "train.monitor=val_auc"]
-
-
-@pytest.fixture(scope="module")
-def patch_model(tiny_workdir, tmp_path_factory):
-    """(checkpoint path, prepared data) of a trained patch classifier."""
-    torch.manual_seed(0)
-    config = load_config(None, PATCH)
-    prepared = ensure_prepared(config, tiny_workdir, progress=False)
-    training = build_training(config, prepared.cache_dir)
-    fit(training)
-    assert max(h["val_auc"] for h in training.history) > 0.8  # the patches carry the signal
-    payload = checkpoint_payload(model=training.model, config=config, spec=training.spec,
-                                 epoch=config.train.epochs - 1, history=training.history)
-    return save_checkpoint(payload, tmp_path_factory.mktemp("patch-model")), prepared
-
 
 @pytest.fixture(scope="module")
 def mass_image(patch_model):

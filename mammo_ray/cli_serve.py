@@ -1,0 +1,100 @@
+"""``mammo-ray serve``: the Ray Serve app on a local Ray (or ``$RAY_ADDRESS``), until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+APP_NAME = "mammo-ray"
+
+
+def _settings(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import yaml
+
+    values: dict[str, Any] = {"model": args.model, "workdir": str(workdir)}
+    if args.tracking_uri:
+        values["tracking_uri"] = args.tracking_uri
+    for item in args.options:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE (a ServeSettings field)")
+        values[key.strip()] = yaml.safe_load(text)
+    from mammo_ray.serving.runtime import ServeSettings
+
+    try:
+        return ServeSettings(**values).model_dump(mode="json")
+    except Exception as exc:  # pydantic names the field
+        raise ValueError(f"serve settings: {exc}") from None
+
+
+def wait_ready(url: str, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Poll ``/v1/health`` until it answers 200 (the proxy answers 404 until the app is up)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return json.loads(reply.read())
+        except Exception as exc:  # noqa: BLE001 - not up yet
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(1.0)
+    raise TimeoutError(f"{url}/v1/health not ready after {timeout_s:.0f} s ({last})")
+
+
+def start_app(settings: dict[str, Any], host: str, port: int, address: str | None = None) -> str:
+    """Start Serve on ``host:port`` with the app and wait until it is healthy; returns the base URL."""
+    from ray import serve
+
+    from mammo_ray.ray_session import init_ray
+    from mammo_ray.serving.app import build_app
+
+    init_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    wait_ready(url)
+    return url
+
+
+def cmd_serve(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from ray import serve
+
+    settings = _settings(args, workdir)
+    url = start_app(settings, args.host, args.port, args.address)
+    with urllib.request.urlopen(f"{url}/v1/model", timeout=30) as reply:
+        info = json.loads(reply.read())
+    print(f"serving {info['version']} ({info['members']} members, {info['execution']['chosen']} execution on "
+          f"{info['device']}) at {url}  (docs: {url}/docs); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.for_seconds:
+        stop.wait(args.for_seconds)
+    else:
+        while not stop.wait(1.0):
+            pass
+    serve.delete(APP_NAME)
+    serve.shutdown()
+    result = {"url": url, "model": info["version"], "members": info["members"], "stopped": True}
+    return result, f"stopped serving {info['version']}"
+
+
+def add_serve_command(add: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add("serve", cmd_serve, "Serve the ensemble over HTTP with Ray Serve (FastAPI: POST /v1/predict, "
+            "POST /v1/localize, GET /v1/health, GET /v1/model, docs at /docs) until Ctrl-C.")
+    p.add_argument("--model", required=True, help="a checkpoint (file or folder), an MLflow run id, or a "
+                   "registered ensemble (models:/<name>/<version>)")
+    p.add_argument("--tracking-uri", help="MLflow store of --model (default: as `train` uses)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a ServeSettings value (repeatable), e.g. --option max_batch_size=16 --option num_gpus=0.25")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--for-seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")

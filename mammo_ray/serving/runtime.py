@@ -1,0 +1,262 @@
+"""The served ensemble, without Ray: load, choose the execution, warm, predict, localize, describe.
+
+``ModelRuntime`` is what one Serve replica holds (``serve/app.py`` wraps it in a deployment with
+``@serve.batch``); the tests use it in-process. Every input goes through the same steps as the
+offline evaluation: the upload is decoded like ``read_dicom`` (``data.uploads``), the ROI is
+cropped as the crop cache crops it (``data.roi``), and the eval transform stored in the
+checkpoint does the rest, so a served probability equals ``mammo-ray evaluate``'s for the same
+lesion.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mammo_ray.constants import CLASS_NAMES, DISCLAIMER, Task
+from mammo_ray.data.uploads import (DEFAULT_MAX_UPLOAD_BYTES, UploadError, check_in_bounds, decode_upload,
+                                    parse_box, parse_point)
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+class ServeSettings(BaseModel):
+    """The app builder's typed arguments (``serve/config.yaml``'s ``args``, or ``mammo-ray serve``)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str  # checkpoint file or folder, MLflow run id, or models:/<name>/<version>
+    tracking_uri: str | None = None  # MLflow store of `model` (default: as `train` uses)
+    workdir: str | None = None  # where registered models are downloaded (default: $MAMMO_RAY_WORKDIR or ./work)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the replica has a GPU
+    execution: Literal["auto", "loop", "stacked"] = "auto"  # auto: measured on the replica's device
+    max_batch_size: int = Field(8, ge=1)  # @serve.batch: requests combined into one forward pass
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill
+    max_upload_mb: float = Field(DEFAULT_MAX_UPLOAD_BYTES / 2**20, gt=0)  # larger uploads answer 413
+    max_dim: int = Field(10_000, ge=64)  # images with more rows or columns answer 413 (from the header)
+    threshold: float = Field(0.5, ge=0, le=1)  # `label` is malignant at or above this probability
+    localize_threshold: float = Field(0.5, ge=0, le=1)  # default box threshold of /v1/localize
+    localize_tile: int = Field(1024, ge=0)  # dense-map tile side (px); 0: one pass
+    roi_default: Literal["whole", "center"] = "whole"  # without a box or seed: the whole image or its centre
+    num_replicas: int = Field(1, ge=1)  # replicas of the model (ignored with autoscaling)
+    autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
+    num_cpus: float = Field(1.0, ge=0)  # CPUs per model replica
+    num_gpus: float = Field(0.0, ge=0)  # GPU fraction per model replica (e.g. 0.25)
+    max_ongoing_requests: int = Field(16, ge=1)  # per replica; must be >= max_batch_size for full batches
+    max_queued_requests: int = Field(64, ge=1)  # beyond this the app answers 503 instead of queueing
+    health_check_period_s: float = Field(10.0, gt=0)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
+
+@dataclass
+class PredictItem:
+    """One /v1/predict request: uploads by field ("file", or "cc" and "mlo") and ROI texts by field."""
+
+    files: dict[str, tuple[str, bytes]]  # field -> (file name, bytes)
+    rois: dict[str, str] = field(default_factory=dict)  # "box", "seed", "cc_box", "mlo_seed", ...
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class ModelRuntime:
+    """The ensemble of one replica, loaded, measured and warmed in ``__init__``."""
+
+    def __init__(self, settings: ServeSettings | dict[str, Any]) -> None:
+        from mammo_ray.data.transforms import build_eval_transform
+        from mammo_ray.ensemble.execution import choose_execution
+        from mammo_ray.ensemble.model import Ensemble
+        from mammo_ray.ensemble.source import resolve_model_source
+        from mammo_ray.workdir import resolve_workdir
+
+        started = time.perf_counter()
+        self.settings = s = settings if isinstance(settings, ServeSettings) else ServeSettings(**settings)
+        self.source = resolve_model_source(s.model, resolve_workdir(s.workdir), tracking_uri=s.tracking_uri)
+        self.device = _device(s.device)
+        ensemble = Ensemble.from_checkpoints(self.source.checkpoints, self.device)
+        self.spec, self.config, self.view_mode = ensemble.spec, ensemble.config, ensemble.view_mode
+        self.members = list(ensemble.members)  # the localizer scans member by member
+        self.transform = build_eval_transform(self.spec)
+        self.class_names = CLASS_NAMES[Task.parse(self.config.data.task)]  # (class 0, class 1): benign, malignant
+        example = self._example(s.max_batch_size)
+        self.module, self.execution = choose_execution(ensemble, example, mode=s.execution)
+        with torch.inference_mode():
+            self.module(example)  # warm: the first call pays for allocation and kernel selection
+        self.localizable, self.localize_note = self._check_localizable()
+        self.load_seconds = time.perf_counter() - started
+        self.ready = True
+
+    # ------------------------------------------------------------------ setup
+
+    def _example(self, batch: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = self.transform(np.full((self.spec.cache_px,) * 2, 1000, np.uint16))
+        x = x.unsqueeze(0).repeat(batch, 1, 1, 1).to(self.device)
+        return (x, x.clone()) if self.view_mode == "multimodal" else x
+
+    def _check_localizable(self) -> tuple[bool, str]:
+        from mammo_ray.localize.whole_image import window_geometry
+
+        if self.view_mode == "multimodal":
+            return False, "a multimodal model classifies CC+MLO pairs; dense maps need a single-view patch model"
+        try:
+            window_geometry(self.config, self.spec)
+        except ValueError as exc:
+            return False, str(exc)
+        return True, "dense map of the patch classifier (paper 003)"
+
+    # ------------------------------------------------------------------ predict
+
+    def _view_tensor(self, name: str, data: bytes, rois: dict[str, str], prefix: str) -> tuple[torch.Tensor, str]:
+        from mammo_ray.data.roi import roi_crop
+
+        field = prefix.rstrip("_") or "file"
+        decoded = decode_upload(data, name=name, field=field, max_bytes=self.settings.max_bytes,
+                                max_dim=self.settings.max_dim)
+        box = parse_box(rois.get(f"{prefix}box"), f"{prefix}box")
+        seed = parse_point(rois.get(f"{prefix}seed"), f"{prefix}seed")
+        check_in_bounds(box, decoded.shape, f"{prefix}box")
+        check_in_bounds(seed, decoded.shape, f"{prefix}seed")
+        crop = roi_crop(decoded.image, self.config.data, box=box, seed=seed, flipped=decoded.flipped,
+                        default=self.settings.roi_default)
+        view = decoded.view.value if decoded.view is not None else field.upper()
+        return self.transform(crop), view
+
+    def _inputs(self, item: PredictItem) -> tuple[list[torch.Tensor], list[str]]:
+        if "file" in item.files:
+            name, data = item.files["file"]
+            x, view = self._view_tensor(name, data, item.rois, "")
+            if self.view_mode == "multimodal":
+                raise UploadError(422, "this multimodal model needs a CC+MLO pair: send fields 'cc' and 'mlo'",
+                                  "file")
+            return [x], [view if view in ("CC", "MLO") else "image"]
+        tensors, views = [], []
+        for prefix in ("cc", "mlo"):
+            name, data = item.files[prefix]
+            x, _ = self._view_tensor(name, data, item.rois, f"{prefix}_")
+            tensors.append(x)
+            views.append(prefix.upper())
+        return tensors, views
+
+    def predict_items(self, items: list[PredictItem]) -> list[dict[str, Any] | UploadError]:
+        """One forward pass for every request of a batch; a bad request gets its UploadError back
+        (returned, not raised, so the rest of the batch is answered)."""
+        prepared: list[tuple[list[torch.Tensor], list[str]] | UploadError] = []
+        for item in items:
+            try:
+                prepared.append(self._inputs(item))
+            except UploadError as exc:
+                prepared.append(exc)
+        good = [p for p in prepared if not isinstance(p, UploadError)]
+        probs = self._forward(good) if good else []
+        out, k = [], 0
+        for p in prepared:
+            if isinstance(p, UploadError):
+                out.append(p)
+            else:
+                out.append(self._response(probs[k], p[1]))
+                k += 1
+        return out
+
+    def _forward(self, good: list[tuple[list[torch.Tensor], list[str]]]) -> list[np.ndarray]:
+        """Per request: (views, members) probabilities of class 1."""
+        with torch.inference_mode():
+            if self.view_mode == "multimodal":
+                cc = torch.stack([t[0] for t, _ in good]).to(self.device)
+                mlo = torch.stack([t[1] for t, _ in good]).to(self.device)
+                probs = self.module((cc, mlo)).float().cpu().numpy()  # (N, M): one joint view
+                return [row[None] for row in probs]
+            flat = torch.stack([x for tensors, _ in good for x in tensors]).to(self.device)
+            probs = self.module(flat).float().cpu().numpy()  # (total views, M)
+        out, k = [], 0
+        for tensors, _ in good:
+            out.append(probs[k:k + len(tensors)])
+            k += len(tensors)
+        return out
+
+    def _response(self, probs: np.ndarray, views: list[str]) -> dict[str, Any]:
+        members = probs.mean(axis=0).astype(np.float64)  # per member: CC and MLO averaged (paper 000)
+        p = float(members.mean())
+        by_view = {}
+        if self.view_mode != "multimodal":
+            by_view = {view: float(probs[i].mean()) for i, view in enumerate(views)}
+        return {"probability": p, "label": self.class_names[int(p >= self.settings.threshold)],
+                "threshold": self.settings.threshold, "task": self.config.data.task,
+                "members": {"count": int(members.size), "mean": p, "std": float(members.std()),
+                            "quantiles": {f"q{round(q * 100):02d}": float(np.quantile(members, q)) for q in QUANTILES}},
+                "views": by_view, "model_version": self.version, "disclaimer": DISCLAIMER}
+
+    # ------------------------------------------------------------------ localize
+
+    def localize(self, name: str, data: bytes, *, threshold: float | None = None, heatmap: str = "png",
+                 max_side: int = 768) -> dict[str, Any]:
+        from mammo_ray.localize.render import overlay_base64
+        from mammo_ray.localize.whole_image import localize_image
+
+        if not self.localizable:
+            raise UploadError(422, f"this model cannot localize: {self.localize_note}", "file")
+        decoded = decode_upload(data, name=name, field="file", max_bytes=self.settings.max_bytes,
+                                max_dim=self.settings.max_dim)
+        t = self.settings.localize_threshold if threshold is None else threshold
+        found = localize_image(self.members, self.spec, self.config, decoded.image, flipped=decoded.flipped,
+                               threshold=t, tile=self.settings.localize_tile or None)
+        result = {**found.to_dict(), "model_version": self.version, "disclaimer": DISCLAIMER}
+        if heatmap in ("png", "both"):
+            stored = np.fliplr(decoded.image) if decoded.flipped else decoded.image
+            result["heatmap_png_base64"] = overlay_base64(stored, found.heatmap(), found.boxes,
+                                                          title=f"{name}: mass probability", max_side=max_side)
+        if heatmap in ("array", "both"):  # the map grid, stored orientation, rounded for size
+            grid = np.fliplr(found.dense.probs) if decoded.flipped else found.dense.probs
+            result["heatmap_array"] = np.round(grid, 4).tolist()
+            result["heatmap_array_geometry"] = {"cell_px": found.map_scale, "offset_px": list(found.map_offset)}
+        return result
+
+    # ------------------------------------------------------------------ describe
+
+    @property
+    def version(self) -> str:
+        s = self.source
+        return s.model_uri or (f"runs:/{s.run_id}" if s.run_id else str(s.checkpoints[0]))
+
+    def _metrics(self) -> dict[str, Any]:
+        """The model run's MLflow metrics (the ensemble's for a registered version), and member 0's
+        last-epoch validation metrics from its checkpoint."""
+        from mammo_ray.train.checkpoint import load_checkpoint
+
+        history = load_checkpoint(self.source.checkpoints[0]).get("history") or [{}]
+        out: dict[str, Any] = {"member_0_last_epoch": {k: v for k, v in history[-1].items()
+                                                       if isinstance(v, (int, float))}}
+        if self.source.run_id and self.source.tracking_uri:
+            try:
+                from mlflow import MlflowClient
+
+                out["run"] = dict(MlflowClient(self.source.tracking_uri).get_run(self.source.run_id).data.metrics)
+            except Exception as exc:  # noqa: BLE001 - the store may be unreachable from a replica
+                out["run_error"] = f"{type(exc).__name__}: {exc}"
+        return out
+
+    def info(self) -> dict[str, Any]:
+        if not hasattr(self, "_info_metrics"):
+            self._info_metrics = self._metrics()
+        return {"version": self.version, "source": self.source.to_dict(), "members": len(self.members),
+                "member_run_ids": self.source.member_run_ids, "view_mode": self.view_mode,
+                "model": self.config.model.name, "task": self.config.data.task,
+                "config": self.config.model_dump(mode="json"), "metrics": self._info_metrics,
+                "execution": self.execution, "device": str(self.device), "load_seconds": self.load_seconds,
+                "localize": {"available": self.localizable, "note": self.localize_note},
+                "settings": self.settings.model_dump(mode="json"), "disclaimer": DISCLAIMER}
+
+    def status(self) -> dict[str, Any]:
+        return {"status": "ready" if self.ready else "loading", "members": len(self.members),
+                "execution": self.execution.get("chosen"), "device": str(self.device)}

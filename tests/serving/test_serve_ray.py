@@ -1,0 +1,153 @@
+"""The Serve app on a 2-CPU local Ray, over real HTTP on 127.0.0.1: a lesion classifier under "/" and a
+patch localizer under "/loc", their answers against the offline paths, a bad upload inside a
+batch, and 200 concurrent requests with back-pressure."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+from ray import serve
+
+from mammo_ray.cli_serve import APP_NAME, start_app, wait_ready
+from mammo_ray.data.crops import mask_bbox
+from mammo_ray.data.datasets import CropCache, SingleViewDataset
+from mammo_ray.data.dicom import read_dicom
+from mammo_ray.localize.whole_image import localize_image, read_mammogram
+from mammo_ray.serving.app import build_app
+from mammo_ray.serving.runtime import ServeSettings
+from mammo_ray.train.evaluation import predict_checkpoint
+from mammo_ray.ensemble.model import Ensemble
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+SMALL = {"num_cpus": 0.5, "max_batch_size": 4, "max_ongoing_requests": 4, "max_queued_requests": 8,
+         "execution": "loop"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(lesion_model, patch_model, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("serve-ray")
+    lesion = {"model": str(lesion_model[0]), "workdir": str(workdir), **SMALL}
+    url = start_app(ServeSettings(**lesion).model_dump(), "127.0.0.1", _free_port())
+    patch = ServeSettings(model=str(patch_model[0]), workdir=str(workdir), localize_threshold=0.3, **SMALL)
+    serve.run(build_app(patch.model_dump()), name="loc", route_prefix="/loc", blocking=False)
+    wait_ready(f"{url}/loc")
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+
+
+def _multipart(fields: dict[str, tuple[str, bytes] | str]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f"--{boundary}\r\n".encode())
+        if isinstance(value, tuple):
+            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{value[0]}"\r\n'
+                      "Content-Type: application/octet-stream\r\n\r\n".encode())
+            out.write(value[1])
+        else:
+            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def post(url: str, fields: dict) -> tuple[int, dict]:
+    body, content_type = _multipart(fields)
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text)
+        except ValueError:
+            return exc.code, {"raw": text.decode(errors="replace")}
+
+
+@pytest.fixture(scope="module")
+def lesions(lesion_model):
+    checkpoint, prepared = lesion_model
+    dataset = SingleViewDataset(CropCache(prepared.cache_dir), "test", "pathology")
+    frame = predict_checkpoint(checkpoint, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir,
+                               splits_path=prepared.splits)["frame"]
+    rows = dataset.frame.assign(prob=frame["prob"].to_numpy())
+    masks = pd.read_parquet(prepared.manifest).set_index("lesion_id")["roi_mask_path"]
+    rows["box"] = [",".join(map(str, mask_bbox(read_dicom(masks[lid], flip=False)[0] > 0)))
+                   for lid in rows["lesion_id"]]
+    return rows
+
+
+def test_health_and_model_lineage(served, lesion_model):
+    with urllib.request.urlopen(f"{served}/v1/health") as reply:
+        assert reply.status == 200 and json.loads(reply.read())["status"] == "ready"
+    with urllib.request.urlopen(f"{served}/v1/model") as reply:
+        info = json.loads(reply.read())
+    assert info["source"]["checkpoints"] == [str(lesion_model[0])] and info["members"] == 1
+    assert info["execution"]["chosen"] == "loop" and info["settings"]["max_queued_requests"] == 8
+
+
+def test_predict_over_http_equals_the_offline_evaluation(served, lesions):
+    for row in lesions.head(4).itertuples():
+        status, body = post(f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()),
+                                                     "box": row.box})
+        assert status == 200, body
+        assert body["probability"] == pytest.approx(row.prob, abs=1e-5)
+
+
+def test_localize_over_http_equals_the_offline_map(served, patch_model):
+    row = pd.read_parquet(patch_model[1].manifest).query("abnormality_type == 'MASS'").iloc[2]
+    status, body = post(f"{served}/loc/v1/localize", {"file": ("scan.dcm", Path(row["image_path"]).read_bytes()),
+                                                      "heatmap": "none"})
+    assert status == 200, body
+    ensemble = Ensemble.from_checkpoints([patch_model[0]])
+    image, flipped = read_mammogram(row["image_path"])
+    offline = localize_image(list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped,
+                             threshold=0.3)
+    assert body["image_score"] == pytest.approx(offline.image_score, abs=1e-6)
+    assert body["boxes"] == [b.to_dict() for b in offline.boxes]
+
+
+def test_a_bad_upload_is_a_4xx_and_the_server_stays_up(served, lesions):
+    status, body = post(f"{served}/v1/predict", {"file": ("junk.dcm", b"\x00not an image" * 50)})
+    assert status == 400 and "not a DICOM" in body["reason"]
+    row = lesions.iloc[0]
+    status, _ = post(f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box})
+    assert status == 200
+
+
+def test_200_concurrent_requests_answer_200_or_503(served, lesions):
+    row = lesions.iloc[0]
+    fields = {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box}
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        results = list(pool.map(lambda _: post(f"{served}/v1/predict", fields), range(200)))
+    statuses = pd.Series([s for s, _ in results]).value_counts().to_dict()
+    assert set(statuses) <= {200, 503}, statuses  # back-pressure, never another 5xx
+    assert statuses.get(200, 0) >= 20, statuses
+    answers = {round(b["probability"], 6) for s, b in results if s == 200}
+    assert answers == {round(row.prob, 6)}  # batched with others, the same answer
+    for s, b in results:
+        if s == 503:
+            assert "Service Unavailable" in json.dumps(b) or "raw" in b
+    status, _ = post(f"{served}/v1/predict", fields)
+    assert status == 200
