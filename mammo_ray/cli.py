@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
             "tracked in MLflow. Use a search config such as tune_configs/search_smoke.yaml.", configurable)
     p.add_argument("--data-only", action="store_true", help="stop after preparing the data")
     p.add_argument("--members", type=int, default=4, help="ensemble members trained from the best config (default 4)")
+    p.add_argument("--no-serve", action="store_true", help="skip serving the ensemble and the curl request at the end")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
     from mammo_ray.cli_search import add_commands

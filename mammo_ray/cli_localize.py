@@ -109,7 +109,7 @@ def cmd_froc(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], s
     out = Path(args.out)
     summary = evaluate_split(scanned, out, reduce=args.reduce, image_threshold=args.image_threshold,
                              box_threshold=args.box_threshold, seed=args.seed, skipped=skipped,
-                             label=Path(args.model).name)
+                             label=f"{ensemble.config.model.name} x{len(ensemble.members)} ({source.kind})")
     result = {"model": source.to_dict(), "split": args.split, **summary}
     result["mlflow_run"] = _log_outputs(source, out, f"froc/{args.split}")
     s, r, two = summary["sensitivity_at_1fp"], summary["random_sensitivity_at_1fp"], summary["two_stage"]

@@ -114,4 +114,55 @@ def demo_search_and_ensemble(args: argparse.Namespace, config: Any, workdir: Pat
     text = "\n".join(["", "search (mammo-ray tune):", _search_text(searched), "",
                       "ensemble of the best config (mammo-ray ensemble --from-search):", _ensemble_text(ensembled)])
     searched = {k: v for k, v in searched.items() if k != "leaderboard_text"}
-    return {"search": searched, "ensemble": ensembled}, text
+    result = {"search": searched, "ensemble": ensembled}
+    if not args.no_serve:
+        served, serve_text = demo_serve(ensembled, workdir, progress=not args.json)
+        result["serve"] = served
+        text += "\n\n" + serve_text
+    return result, text
+
+
+def demo_serve(ensembled: dict[str, Any], workdir: Path, *, progress: bool) -> tuple[dict[str, Any], str]:
+    """Serve the registered ensemble, send one synthetic test DICOM with curl, print the reply, stop."""
+    import json
+    import shlex
+    import socket
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from ray import serve
+
+    from mammo_ray.cli_serve import APP_NAME, start_app
+    from mammo_ray.data.crops import mask_bbox
+    from mammo_ray.data.dicom import read_dicom
+    from mammo_ray.search.trial import read_plan
+    from mammo_ray.serving.runtime import ServeSettings
+
+    plan = read_plan(ensembled["experiment_dir"])
+    prepared = plan.cells["member"]["prepared"]
+    manifest = pd.read_parquet(prepared["manifest"])
+    from mammo_ray.data.splits import Splits
+
+    split = Splits.load(prepared["splits"]).assign(manifest)
+    row = manifest[(split == "test") & (manifest["roi_mask_path"] != "")].iloc[0]
+    box = ",".join(map(str, mask_bbox(read_dicom(row["roi_mask_path"], flip=False)[0] > 0)))
+    with socket.socket() as sock:  # a free loopback port: 8000 may be taken on a shared machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = ServeSettings(model=ensembled["model_uri"], tracking_uri=ensembled["tracking_uri"],
+                             workdir=str(workdir), num_cpus=1, max_batch_size=4)
+    if progress:
+        print(f"starting the Serve app on {ensembled['model_uri']} ...", file=sys.stderr, flush=True)
+    url = start_app(settings.model_dump(mode="json"), "127.0.0.1", port)
+    command = ["curl", "-s", "-F", f"file=@{row['image_path']}", "-F", f"box={box}", f"{url}/v1/predict"]
+    try:
+        reply = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    answer = json.loads(reply)
+    shown = " ".join(shlex.quote(c) for c in command)
+    text = "\n".join([f"served {ensembled['model_uri']} at {url} (mammo-ray serve), asked with curl:", f"  {shown}",
+                      f"  -> {json.dumps(answer)}", "service stopped"])
+    return {"url": url, "curl": shown, "reply": answer, "lesion": row["lesion_id"]}, text

@@ -1,0 +1,185 @@
+"""Serve benchmark: HTTP latency (p50/p95) against the same prediction called in-process, and
+requests per second under concurrency, measured side by side in one run.
+
+    python benchmarks/bench_serve.py                       # 4 levynet members at 64 px, 200 requests
+    python benchmarks/bench_serve.py --model resnet18 --members 10 --px 224 --requests 300 --clients 32
+    python benchmarks/bench_serve.py --smoke               # tiny: a check that it runs
+
+Members with random weights (speed does not depend on them) are saved as checkpoints and served
+the way ``mammo-ray serve`` serves them (``cli_serve.start_app`` on a local Ray, ``--max-batch-size``
+requests batched by ``@serve.batch``). Each request uploads one 16-bit PNG mammogram with an ROI
+box. ``in-process``: ``ModelRuntime.predict_items([item])`` on the same input, one call at a time
+(decode, crop, transform, every member's forward pass): the work a request costs without HTTP,
+Serve's proxy, the ingress or the handle. ``http sequential``: the same request over HTTP, one at a
+time: p50(http) - p50(in-process) is Serve's overhead per request. ``http concurrent``: ``--clients``
+threads sending ``--requests`` requests: requests per second, with the batching the load allows.
+Results go to WORKDIR/benchmarks/serve.json.
+For research use only. Not for use in diagnostic procedures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import socket
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from mammo_ray.config import load_config  # noqa: E402
+from mammo_ray.data.transforms import TransformSpec  # noqa: E402
+from mammo_ray.models import build_view_model  # noqa: E402
+from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings  # noqa: E402
+from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint  # noqa: E402
+from mammo_ray.workdir import resolve_workdir  # noqa: E402
+
+
+def make_members(name: str, members: int, px: int, out: Path) -> list[Path]:
+    config = load_config(None, [f"model.name={name}", f"data.cache_px={px}", f"data.input_px={px}"])
+    spec = TransformSpec.from_config(config.data)
+    paths = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        model = build_view_model(config.model).eval()
+        paths.append(save_checkpoint(checkpoint_payload(model=model, config=config, spec=spec, epoch=0),
+                                     out / f"member_{seed:03d}"))
+    return paths
+
+
+def register(members: list[Path], out: Path) -> tuple[str, str]:
+    """The members as one registered ensemble version in a local SQLite store, as `mammo-ray ensemble` does."""
+    from mlflow import MlflowClient
+
+    from mammo_ray.ensemble.model import register_ensemble
+
+    uri = f"sqlite:///{(out / 'serve-mlflow.db').resolve()}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("bench-serve")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        "bench-serve", artifact_location=str((out / "serve-artifacts").resolve()))
+    run = client.create_run(experiment_id)
+    registered = register_ensemble(uri, run.info.run_id, members, [""] * len(members), "bench-serve")
+    client.set_terminated(run.info.run_id)
+    return registered["model_uri"], uri
+
+
+def upload() -> tuple[bytes, str]:
+    rng = np.random.default_rng(0)
+    image = rng.normal(2000, 200, (640, 384)).clip(0, 65535)
+    yy, xx = np.mgrid[:640, :384]
+    image[(yy - 300) ** 2 + (xx - 150) ** 2 < 30 ** 2] += 1500
+    buf = io.BytesIO()
+    Image.fromarray(image.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue(), "110,260,190,340"
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "mean_ms": float(ms.mean()), "n": int(ms.size)}
+
+
+def http_post(url: str, data: bytes, box: str) -> int:
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"scan.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + data + (
+        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"box\"\r\n\r\n{box}\r\n--{boundary}--\r\n").encode()
+    request = urllib.request.Request(f"{url}/v1/predict", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            reply.read()
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="levynet")
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--px", type=int, default=64, help="input side of the members")
+    parser.add_argument("--requests", type=int, default=200, help="requests of each measurement")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--execution", default="auto", choices=["auto", "loop", "stacked"])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--workdir")
+    args = parser.parse_args()
+    if args.smoke:
+        args.members, args.requests, args.clients = 2, 20, 4
+    out = resolve_workdir(args.workdir) / "benchmarks"
+    members = make_members(args.model, args.members, args.px, out / "serve-members")
+    data, box = upload()
+    model_uri, tracking = register(members, out)
+    settings = ServeSettings(model=model_uri, tracking_uri=tracking, workdir=str(out), execution=args.execution,
+                             max_batch_size=args.max_batch_size, num_cpus=1,
+                             max_ongoing_requests=max(16, args.max_batch_size), max_queued_requests=4 * args.requests)
+    runtime = ModelRuntime(settings)
+    item = PredictItem(files={"file": ("scan.png", data)}, rois={"box": box})
+    runtime.predict_items([item])  # warm-up
+    local = []
+    for _ in range(args.requests):
+        start = time.perf_counter()
+        runtime.predict_items([item])
+        local.append(time.perf_counter() - start)
+
+    from ray import serve
+
+    from mammo_ray.cli_serve import start_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    served = settings.model_dump(mode="json")
+    url = start_app(served, "127.0.0.1", port)
+    http_post(url, data, box)
+    sequential = []
+    for _ in range(args.requests):
+        start = time.perf_counter()
+        status = http_post(url, data, box)
+        sequential.append(time.perf_counter() - start)
+        assert status == 200, status
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        statuses = list(pool.map(lambda _: http_post(url, data, box), range(args.requests)))
+    wall = time.perf_counter() - start
+    serve.shutdown()
+    record = {"in_process": percentiles(local), "http_sequential": percentiles(sequential),
+              "http_concurrent": {"clients": args.clients, "requests": args.requests, "wall_s": wall,
+                                  "requests_per_s": args.requests / wall,
+                                  "statuses": {str(s): statuses.count(s) for s in set(statuses)}},
+              "in_process_requests_per_s": 1 / statistics.mean(local),
+              "execution": runtime.execution, "settings": vars(args),
+              "machine": {"torch": torch.__version__, "python": platform.python_version(),
+                          "threads": torch.get_num_threads()}}
+    lp, hp = record["in_process"], record["http_sequential"]
+    print(f"{args.members} x {args.model} at {args.px} px, {args.requests} requests, execution "
+          f"{runtime.execution['chosen']} (loop {runtime.execution['loop_s']}, stacked {runtime.execution['stacked_s']})")
+    print("| path | p50 ms | p95 ms | requests/s |")
+    print("|---|---|---|---|")
+    print(f"| in-process ModelRuntime | {lp['p50_ms']:.1f} | {lp['p95_ms']:.1f} | {record['in_process_requests_per_s']:.1f} |")
+    print(f"| HTTP, one at a time | {hp['p50_ms']:.1f} | {hp['p95_ms']:.1f} | {1000 / hp['mean_ms']:.1f} |")
+    print(f"| HTTP, {args.clients} clients | | | {record['http_concurrent']['requests_per_s']:.1f} |")
+    print(f"Serve overhead per request (p50 http - p50 in-process): {hp['p50_ms'] - lp['p50_ms']:.1f} ms; "
+          f"statuses {record['http_concurrent']['statuses']}")
+    (out / "serve.json").write_text(json.dumps(record, indent=2, default=str))
+    print(f"written {out / 'serve.json'}")
+
+
+if __name__ == "__main__":
+    main()
