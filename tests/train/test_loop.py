@@ -132,3 +132,19 @@ def test_dog_input_needs_one_channel(tiny_config):
         tiny_config("model.in_chans=9")
     config = tiny_config("model.in_chans=9", "data.channels=1")
     assert config.model.in_chans == 9
+
+
+def test_channels_last_changes_only_the_layout_on_cpu(tiny_workdir, tiny_config):
+    """The GPU option channels_last changes the memory layout only: the same initial model gives the
+    same outputs in both layouts, and an epoch trains (AMP is CUDA-only: amp_dtype stays None on CPU)."""
+    outputs = []
+    for layout in ("false", "true"):
+        config = tiny_config("train.epochs=1", f"train.channels_last={layout}", "train.amp=bf16")
+        training = build_training(config, ensure_prepared(config, tiny_workdir, progress=False).cache_dir)
+        assert training.amp_dtype is None and training.scaler is None
+        outputs.append(evaluate(training.model, training.val_loader, device=training.device)["prob"].to_numpy())
+        if layout == "true":
+            assert training.model.features[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+            history = fit(training)
+            assert math.isfinite(history[-1]["train_loss"])
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5)
