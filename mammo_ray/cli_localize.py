@@ -73,8 +73,14 @@ def cmd_localize(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any
                            out / f"{stem}_heatmap.png",
                            title=f"{Path(args.image).name}: mass probability ({len(ensemble.members)} member(s))")
     np.save(out / f"{stem}_map.npy", found.dense.probs)
+    spread = None
+    if len(ensemble.members) > 1:  # the member-spread map: where the members disagree
+        spread = save_overlay(image if not flipped else np.fliplr(image), found.heatmap(spread=True), [],
+                              out / f"{stem}_member_spread.png",
+                              title=f"{Path(args.image).name}: member std of the mass probability")
     result = {"image": str(args.image), "model": source.to_dict(), **found.to_dict(),
-              "overlay": str(overlay), "map": str(out / f"{stem}_map.npy"), "boxes_json": str(out / f"{stem}_boxes.json")}
+              "overlay": str(overlay), "spread_overlay": str(spread) if spread else None,
+              "map": str(out / f"{stem}_map.npy"), "boxes_json": str(out / f"{stem}_boxes.json")}
     Path(result["boxes_json"]).write_text(json.dumps({k: result[k] for k in ("image", "boxes", "image_score",
                                                                             "threshold", "image_size")}, indent=2))
     result["mlflow_run"] = _log_outputs(source, out, f"localize/{stem}")

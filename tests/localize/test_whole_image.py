@@ -142,3 +142,22 @@ def test_unknown_model_source_is_a_clear_error(tmp_path, capfd):
     assert main(["localize", "--model", "not-a-model", "--image", "x.dcm", "--out", str(tmp_path),
                  "--workdir", str(tmp_path), "--json"]) == 2
     assert "--model not-a-model" in json.loads(capfd.readouterr().out)["error"]
+
+
+def test_a_registered_ensemble_averages_its_members_maps(patch_model, mass_image, tmp_path, capfd):
+    from mammo_ray.ensemble.model import register_ensemble
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("ens", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment)
+    registered = register_ensemble(uri, parent.info.run_id, [patch_model[0]] * 2, ["", ""], "patch-ensemble")
+    single = _run(capfd, "localize", "--model", str(patch_model[0]), "--image", mass_image[0], "--out",
+                  str(tmp_path / "one"), "--workdir", str(tmp_path), "--threshold", "0.25")
+    pair = _run(capfd, "localize", "--model", registered["model_uri"], "--tracking-uri", uri, "--image",
+                mass_image[0], "--out", str(tmp_path / "two"), "--workdir", str(tmp_path), "--threshold", "0.25")
+    np.testing.assert_allclose(np.load(pair["map"]), np.load(single["map"]), atol=1e-6)  # the members' mean
+    assert pair["max_spread"] == pytest.approx(0, abs=1e-6) and single["spread_overlay"] is None
+    with Image.open(pair["spread_overlay"]) as png:
+        assert png.size[0] > 200
+    assert pair["mlflow_run"] == parent.info.run_id  # logged to the ensemble's run
