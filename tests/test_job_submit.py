@@ -1,61 +1,165 @@
-"""`ray job submit` against a `ray start --head` cluster on 127.0.0.1, exactly as the README says."""
+"""The jobs of docs/walkthrough.md against one `ray start --head` cluster on 127.0.0.1, as a client would run
+them: `ray job submit` of train, of the smoke search and of an ensemble of its best config; `ray job logs`;
+then `serve deploy` of serve/config.yaml (the committed `serve.app:build_app`, shipped with a working_dir
+runtime_env) on the registered ensemble, and one DICOM through /v1/predict. Shrunk to a few Ray Train fits."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+from ray_head import REPO, RAY, SHRINK, field, free_port, job_logs, ray_head, sets, submit
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SHRINK = ["data.synth_patients=40", "data.synth_size=[384, 240]", "data.cache_px=40", "data.input_px=32",
-          "train.epochs=2", "train.eval_bootstrap=50"]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+SERVE = str(Path(RAY).parent / "serve")
+# The smoke search cut to one cell of one trial of one epoch, without the texture baseline.
+SEARCH = [*SHRINK, "train.epochs=1", "tune.backbones=[levynet]", "tune.view_modes=[single]", "tune.num_samples=1",
+          "tune.baseline=false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def job_id(kind: str) -> str:
+    return f"mammo-ray-{kind}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A one-node head on loopback; its dashboard (the jobs API) on a free port."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    gcs, dashboard = _free_port(), _free_port()
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
-    try:
-        yield env, f"http://127.0.0.1:{dashboard}"
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+def cluster():
+    with ray_head() as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The work directory (crop cache, SQLite MLflow store) the search and the ensemble share."""
+    return tmp_path_factory.mktemp("jobs") / "work"
+
+
+def store(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
 
 
 def test_job_submit_trains_and_tracks(cluster, tmp_path):
-    env, address = cluster
     workdir = tmp_path / "work"
-    runtime_env = json.dumps({"env_vars": {"MAMMO_RAY_WORKDIR": str(workdir)}})
-    overrides = [arg for o in SHRINK for arg in ("--set", o)]
-    proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                           "--runtime-env-json", runtime_env, "--",
-                           "mammo-ray", "train", "--config", "tune_configs/smoke.yaml", *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "succeeded" in log and "MLflow run" in log
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+    log = submit(cluster, job_id("train"), ["mammo-ray", "train", "--config", "tune_configs/smoke.yaml",
+                                            *sets(SHRINK)], {"MAMMO_RAY_WORKDIR": str(workdir)})
+    (tmp_path / "train.log").write_text(log)
+    assert "MLflow run" in log
+    client = store(workdir)
     experiment = client.get_experiment_by_name("mammo-ray")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["model.name"] == "levynet"
     assert 0 <= runs[0].data.metrics["final_val_auc"] <= 1
     assert Path(runs[0].data.tags["mammo_ray.checkpoint"]).is_file()
+
+
+@pytest.fixture(scope="module")
+def searched(cluster, workdir):
+    submission = job_id("tune")
+    log = submit(cluster, submission, ["mammo-ray", "tune", "--config", "tune_configs/search_smoke.yaml",
+                                       *sets(SEARCH)], {"MAMMO_RAY_WORKDIR": str(workdir)})
+    (workdir.parent / "tune.log").write_text(log)
+    return submission, log
+
+
+def test_job_submit_tune_and_job_logs(cluster, workdir, searched):
+    submission, log = searched
+    parent = field(log, "parent run")
+    assert "| levynet |" in log  # the leaderboard's row
+    logs = job_logs(cluster, submission)  # read back from the cluster, after the client has gone
+    assert field(logs, "parent run") == parent and "leaderboard" in logs
+    client = store(workdir)
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["mammo_ray.kind"] == "search"
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.params["model.name"] == "levynet"
+    folder = Path(field(log, "search folder"))
+    assert (folder / "leaderboard.md").is_file() and (folder / "best_config.yaml").is_file()
+
+
+@pytest.fixture(scope="module")
+def ensembled(cluster, workdir, searched):
+    parent = field(searched[1], "parent run")
+    submission = job_id("ensemble")
+    submit(cluster, submission, ["mammo-ray", "ensemble", "--config", "tune_configs/ensemble_smoke.yaml",
+                                 "--from-search", parent, "--set", "ensemble.members=2"],
+           {"MAMMO_RAY_WORKDIR": str(workdir)})
+    log = job_logs(cluster, submission)
+    (workdir.parent / "ensemble.log").write_text(log)
+    return log
+
+
+def test_job_submit_ensemble_registers_a_model(workdir, ensembled):
+    model_uri = field(ensembled, "registered model")
+    assert model_uri == "models:/mammo-ray-ensemble-smoke/1"
+    assert "ensemble of 2 members (0 failed)" in ensembled
+    client = store(workdir)
+    version = client.get_model_version("mammo-ray-ensemble-smoke", "1")
+    members = version.tags["mammo_ray.member_run_ids"].split(",")
+    assert len(members) == 2 and all(client.get_run(m).info.status == "FINISHED" for m in members)
+    assert client.get_run(field(ensembled, "parent run")).info.status == "FINISHED"
+
+
+def _test_lesion(ensemble_log: str) -> tuple[Path, str]:
+    """A test-split image with a mass, and its box, as `mammo-ray demo` picks one."""
+    from mammo_ray.data.crops import mask_bbox
+    from mammo_ray.data.dicom import read_dicom
+    from mammo_ray.data.splits import Splits
+    from mammo_ray.search.trial import read_plan
+
+    prepared = read_plan(field(ensemble_log, "folder")).cells["member"]["prepared"]
+    manifest = pd.read_parquet(prepared["manifest"])
+    row = manifest[(Splits.load(prepared["splits"]).assign(manifest) == "test")
+                   & (manifest["roi_mask_path"] != "")].iloc[0]
+    box = ",".join(map(str, mask_bbox(read_dicom(row["roi_mask_path"], flip=False)[0] > 0)))
+    return Path(row["image_path"]), box
+
+
+def test_serve_deploy_of_the_registered_ensemble(cluster, workdir, ensembled, tmp_path):
+    from mammo_ray.cli_serve import wait_ready
+
+    port = free_port()
+    path = tmp_path / "serve-config.yaml"
+    # serve/config.yaml as committed (`serve.app:build_app`), on the registered ensemble and this job's store.
+    # `serve deploy` sends the config to the cluster, so a working_dir must already be there: a
+    # `local://` directory every node has (here the one node; on a cluster, shared storage) or a zip URI.
+    subprocess.run([sys.executable, "scripts/serve_config.py", "--model", field(ensembled, "registered model"),
+                    "--arg", f"tracking_uri=sqlite:///{workdir / 'mlflow' / 'mlflow.db'}",
+                    "--arg", f"workdir={workdir}", "--arg", "num_cpus=0.5", "--arg", "max_batch_size=4",
+                    "--arg", "execution=loop",
+                    "--port", str(port), "--working-dir", f"local://{REPO}", "--out", str(path)],
+                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    deployed = yaml.safe_load(path.read_text())
+    assert deployed["applications"][0]["import_path"] == "serve.app:build_app"
+
+    deploy = subprocess.run([SERVE, "deploy", str(path), "--address", cluster.address], env=cluster.env,
+                            capture_output=True, text=True, timeout=120)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_ready(url, timeout_s=300)
+        assert health["status"] == "ready", health
+        image, box = _test_lesion(ensembled)
+        curl = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-F", f"file=@{image}", "-F", f"box={box}",
+                               f"{url}/v1/predict"], capture_output=True, text=True, timeout=120)
+        body, _, code = curl.stdout.rpartition("\n")
+        assert code == "200", curl.stdout + curl.stderr
+        reply = json.loads(body)
+        assert 0 <= reply["probability"] <= 1 and reply["label"] in ("benign", "malignant"), reply
+        (tmp_path / "predict.json").write_text(json.dumps(reply))
+        status_out = subprocess.run([SERVE, "status", "--address", cluster.address], env=cluster.env,
+                                    capture_output=True, text=True, timeout=60)
+        assert "RUNNING" in status_out.stdout, status_out.stdout + status_out.stderr
+    finally:
+        shutdown = subprocess.run([SERVE, "shutdown", "-y", "--address", cluster.address], env=cluster.env,
+                                  capture_output=True, text=True, timeout=120)
+    assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
