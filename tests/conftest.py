@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+from setups import PATCH_TRAIN, TINY_TRAIN  # noqa: E402  (re-exported for the fixtures below)
+
 # The four real CBIS-DDSM case-description CSVs (CC BY 3.0, attribution in their README).
 REAL_CSV_DIR = Path(__file__).resolve().parent / "fixtures" / "cbis-ddsm"
 
@@ -35,12 +37,6 @@ def small_index(small_dataset):
     return manifest, splits.assign(manifest)
 
 
-TINY_TRAIN = [  # a tiny training setup: levynet on 40-px crops, seconds per epoch on one core
-    "data.synth_patients=40", "data.synth_size=[384, 240]", "data.seed=3", "data.cache_px=40",
-    "data.input_px=32", "data.num_workers=0", "data.split_fractions=[0.6, 0.2, 0.2]",
-    "model.name=levynet", "model.dropout=0.1", "train.batch_size=8", "train.epochs=2",
-    "train.eval_bootstrap=50",
-]
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +58,6 @@ def tiny_config():
     return lambda *overrides: load_config(None, [*TINY_TRAIN, *overrides])
 
 
-PATCH_TRAIN = [*TINY_TRAIN, "data.abnormality=all", "data.crop=patch", "data.task=mass_presence", "data.patch_px=64",
-               "data.cache_px=32", "data.input_px=32", "data.normalization=global", "data.negatives_per_image=4",
-               "train.epochs=6", "train.monitor=val_auc"]
 
 
 def _trained_checkpoint(overrides, workdir, out_dir):

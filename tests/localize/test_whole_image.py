@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import TINY_TRAIN
+from setups import TINY_TRAIN
 from mammo_ray.cli import main
 from mammo_ray.config import load_config
 from mammo_ray.data.crops import mask_bbox

@@ -23,7 +23,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from conftest import TINY_TRAIN
+from setups import TINY_TRAIN
 from mammo_ray.cli import main
 from mammo_ray.config import load_config
 from mammo_ray.data.datasets import CropCache, SingleViewDataset
