@@ -82,7 +82,15 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     config = trial_config(plan_.cell_config(params["cell"]), params, trial_id)
     tags = {TRIAL_TAG: trial_id, "mammo_ray.kind": f"{plan_.kind}-trial", "mammo_ray.cell": params["cell"],
             "mammo_ray.search": plan_.name}
-    previous = find_trial_run(MlflowClient(plan_.tracking_uri), plan_, trial_id)
+    client = MlflowClient(plan_.tracking_uri)
+    previous = find_trial_run(client, plan_, trial_id)
+    if previous is not None:
+        done = client.get_run(previous)
+        if done.info.status == "FINISHED" and done.data.tags.get("mammo_ray.checkpoint"):
+            # It finished before the driver died, but Tune had not saved that yet (it writes its
+            # state every few seconds): report the finished run's final metrics, do not train again.
+            tune.report({**{k: float(v) for k, v in done.data.metrics.items()}, "mammo_ray_restored": 1.0})
+            return
     run_training(config, plan_.workdir, prepared=PreparedData(**cell["prepared"]),
                  parent_run_id=plan_.parent_run_id, run_name=run_name(plan_, trial_id), progress=False,
                  callbacks=[TuneReportCallback()], tags=tags, resume_run_id=previous)
