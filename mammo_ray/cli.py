@@ -53,15 +53,17 @@ def _configurable() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 def cmd_synth(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
-    from mammo_ray.data.synth import synthesize
+    from mammo_ray.data.synthetic import csv_source, synthesize
 
     out = Path(args.out) if args.out else workdir / "datasets" / f"synthetic-p{args.patients}-s{args.seed}"
     summary = synthesize(out, patients=args.patients, seed=args.seed, size=args.size, layout=args.layout,
-                         from_csv=args.from_csv, progress=not args.json).to_dict()
+                         from_csv=csv_source(args.from_csv) if args.from_csv else None,
+                         progress=not args.json).to_dict()
     (Path(summary["out_dir"]) / "synth.json").write_text(json.dumps(summary, indent=2))
     text = (f"synthetic CBIS-DDSM-shaped dataset ({summary['layout']} layout) in {summary['out_dir']}\n"
             f"  {summary['patients']} patients, {summary['images']} full-field images, "
-            f"{summary['abnormalities']} abnormality rows {summary['by_type']} {summary['by_pathology']}\n"
+            f"({summary['films']} films), {summary['abnormalities']} abnormality rows {summary['by_type']} "
+            f"{summary['by_pathology']}\n"
             f"  case-description CSVs in {summary['csv_dir']}")
     return summary, text
 
@@ -80,6 +82,7 @@ def cmd_index(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
     report_path.write_text(json.dumps(report, indent=2, default=str))
     text = (f"manifest {report['manifest']}: {report['rows']} rows, {report['resolved']} resolved, "
             f"{len(report['unresolved'])} unresolved, {len(report['unreadable'])} unreadable files\n"
+            f"  quirks handled: " + ", ".join(f"{k} {v}" for k, v in report["quirks"].items()) + "\n"
             f"  full report: {report['report']}")
     for item in report["unresolved"][:5]:
         text += f"\n  unresolved {item.get('source_file', '')} row {item.get('source_row', '')}: {item['reason']}"
@@ -92,13 +95,16 @@ def cmd_split(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
 
     manifest = read_manifest(args.manifest)
     splits = make_splits(manifest, fractions=args.fractions, seed=args.seed, balance_eval=args.balance_eval,
-                         folds=args.folds)
+                         mode=args.mode, folds=args.folds)
     out = Path(args.out) if args.out else workdir / "splits" / "splits.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.save(out)
     counts = summarize(splits, manifest)
-    result = {"splits": str(out.resolve()), "seed": args.seed, "counts": counts}
-    text = f"patient-level splits in {result['splits']} (seed {args.seed})\n" + json.dumps(counts, indent=2)
+    result = {"splits": str(out.resolve()), "seed": args.seed, "mode": splits.mode,
+              "overlap_patients_in_test": splits.overlap_patients_in_test, "counts": counts}
+    text = (f"patient-level splits ({splits.mode}) in {result['splits']} (seed {args.seed})\n"
+            + (f"{splits.overlap_patients_in_test} patients in both official sets went to test\n"
+               if splits.mode == "official" else "") + json.dumps(counts, indent=2))
     return result, text
 
 
@@ -119,7 +125,9 @@ def cmd_prepare(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any]
             f"{summary['images_decoded']} decoded images in {summary['seconds']:.1f}s "
             f"({summary['images_per_second']:.1f} images/s; {summary['shards_reused']} of "
             f"{summary['shards_total']} shards reused)\n  per split (malignant label: count): {summary['by_split']}\n"
-            f"  skipped: {len(summary['skipped'])}")
+            f"  skipped: {len(summary['skipped'])}; ROI masks resampled to their image: {summary['resampled_masks']}; "
+            f"orientation from image content (no laterality header): {summary['orientation_from_content']}, "
+            f"header and content disagree: {summary['orientation_disagreements']}")
     return summary, text
 
 
@@ -154,7 +162,8 @@ def _train_text(result: dict[str, Any]) -> str:
     lines = [f"MLflow run      {result['run_id']} ({result['run_name']})",
              f"tracking URI    {result['tracking_uri']}"]
     if "checkpoint" in result:
-        lines += [f"checkpoint      {result['checkpoint']} (best epoch {result['best_epoch']})",
+        lines += [f"checkpoint      {result['checkpoint']} (epoch {result['best_epoch']}: "
+                  f"{result.get('selection') or 'best by train.monitor'})",
                   f"outputs         {result['output_dir']}",
                   f"validation      AUC {m['val_auc']:.3f} [{m.get('val_auc_ci_low', float('nan')):.3f}, "
                   f"{m.get('val_auc_ci_high', float('nan')):.3f}]  accuracy {m['val_acc']:.3f}  "
@@ -162,6 +171,8 @@ def _train_text(result: dict[str, Any]) -> str:
                   f"specificity {m['val_specificity']:.3f}"]
     else:
         lines.append(f"{result['folds']}-fold cross-validation (mean ± std over folds):")
+        if result.get("selection"):
+            lines.append(f"  checkpoint      {result['selection']}")
         for key in ("val_auc", "val_acc", "val_loss", "val_recall", "val_specificity"):
             if key in result["summary"]:
                 lines.append(f"  {key:<16}{result['summary'][key]['mean']:.3f} ± {result['summary'][key]['std']:.3f}")
@@ -246,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full-field image size HxW (default 832x512; full size is about 5000x3000)")
     p.add_argument("--layout", choices=["csv", "tcia"], default="csv",
                    help="csv: files at the CSVs' own paths; tcia: the TCIA download layout")
-    p.add_argument("--from-csv", help="draw images for the rows of real CBIS-DDSM CSVs in this folder")
+    p.add_argument("--from-csv", help="draw images for the rows of real CBIS-DDSM CSVs in this folder; "
+                   "'cbis-ddsm' takes the real CSVs shipped with mammo-ray (all 3568 rows with "
+                   "--patients 1566): a replica with every structural quirk of the real data")
 
     p = add("index", cmd_index, "Index CBIS-DDSM (or a generic manifest CSV) into one manifest.")
     p.add_argument("--root", help="folder holding the DICOM tree (either layout)")
@@ -262,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=_parse_fractions, default=(0.8, 0.1, 0.1), help="train,val,test")
     p.add_argument("--balance-eval", action="store_true", help="class-balanced val and test (paper 001)")
     p.add_argument("--folds", type=int, help="also make K patient-level folds (paper 004)")
+    p.add_argument("--mode", choices=["patient", "official"], default="patient",
+                   help="patient: random by patient (default); official: the dataset's own test set "
+                        "(CBIS-DDSM's test CSVs; patients in both official sets go to test), val from its train")
 
     p = add("prepare", cmd_prepare, "Decode once and cache lesion crops for training.", configurable)
     p.add_argument("--manifest", required=True)

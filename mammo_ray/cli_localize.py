@@ -59,32 +59,36 @@ def _network_input(path: str, ensemble: Any, box: tuple[int, int, int, int] | No
 
 
 def cmd_localize(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    from mammo_ray.localize.methods import localize, map_label
     from mammo_ray.localize.render import save_overlay
-    from mammo_ray.localize.whole_image import localize_image, read_mammogram
+    from mammo_ray.localize.whole_image import read_mammogram
 
     source, ensemble = _members(args, workdir)
     image, flipped = read_mammogram(args.image)
-    found = localize_image(list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped,
-                           threshold=args.threshold, tile=args.tile or None)
+    found = localize(list(ensemble.members), ensemble.spec, ensemble.config, image, method=args.method,
+                     flipped=flipped, threshold=args.threshold, tile=args.tile or None, long_side=args.long_side)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
-    overlay = save_overlay(image if not flipped else np.fliplr(image), found.heatmap(), found.boxes,
-                           out / f"{stem}_heatmap.png",
-                           title=f"{Path(args.image).name}: mass probability ({len(ensemble.members)} member(s))")
+    label, members = map_label(found.method, ensemble.config), len(ensemble.members)
+    stored = image if not flipped else np.fliplr(image)
+    overlay = save_overlay(stored, found.heatmap(), found.boxes, out / f"{stem}_heatmap.png", label=label,
+                           title=f"{Path(args.image).name}: {label} ({found.method}, {members} member(s))")
     np.save(out / f"{stem}_map.npy", found.dense.probs)
     spread = None
-    if len(ensemble.members) > 1:  # the member-spread map: where the members disagree
-        spread = save_overlay(image if not flipped else np.fliplr(image), found.heatmap(spread=True), [],
-                              out / f"{stem}_member_spread.png",
-                              title=f"{Path(args.image).name}: member std of the mass probability")
+    if members > 1:  # the member-spread map: where the members disagree
+        spread = save_overlay(stored, found.heatmap(spread=True), [], out / f"{stem}_member_spread.png",
+                              label=f"member std of the {label}",
+                              title=f"{Path(args.image).name}: member std of the {label}")
     result = {"image": str(args.image), "model": source.to_dict(), **found.to_dict(),
               "overlay": str(overlay), "spread_overlay": str(spread) if spread else None,
               "map": str(out / f"{stem}_map.npy"), "boxes_json": str(out / f"{stem}_boxes.json")}
-    Path(result["boxes_json"]).write_text(json.dumps({k: result[k] for k in ("image", "boxes", "image_score",
-                                                                            "threshold", "image_size")}, indent=2))
+    Path(result["boxes_json"]).write_text(json.dumps({k: result[k] for k in (
+        "image", "method", "map_values", "boxes", "image_score", "image_score_means", "threshold", "image_size")},
+        indent=2))
     result["mlflow_run"] = _log_outputs(source, out, f"localize/{stem}")
-    lines = [f"{len(found.boxes)} box(es) at threshold {args.threshold} (image score {found.image_score:.3f}):"]
+    lines = [f"{found.method}: {len(found.boxes)} box(es) at threshold {args.threshold} "
+             f"(image score {found.image_score:.3f}: {result['image_score_means']}):"]
     lines += [f"  ({b.x0}, {b.y0}, {b.x1}, {b.y1}) score {b.score:.3f}" for b in found.boxes]
     lines += [f"overlay {overlay}", f"boxes   {result['boxes_json']}"]
     return result, "\n".join(lines)
@@ -111,16 +115,17 @@ def cmd_froc(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], s
 
         stage1 = localizer(Ensemble.from_checkpoints(
             resolve_model_source(args.classifier, workdir, tracking_uri=args.tracking_uri).checkpoints))
-    scanned, skipped = scan_split(rows, localizer(ensemble), stage1, progress=not args.json)
+    scan = scan_split(rows, localizer(ensemble), stage1, progress=not args.json)
     out = Path(args.out)
-    summary = evaluate_split(scanned, out, reduce=args.reduce, image_threshold=args.image_threshold,
-                             box_threshold=args.box_threshold, seed=args.seed, skipped=skipped,
+    summary = evaluate_split(scan, out, reduce=args.reduce, image_threshold=args.image_threshold,
+                             box_threshold=args.box_threshold, seed=args.seed,
                              label=f"{ensemble.config.model.name} x{len(ensemble.members)} ({source.kind})")
     result = {"model": source.to_dict(), "split": args.split, **summary}
     result["mlflow_run"] = _log_outputs(source, out, f"froc/{args.split}")
     s, r, two = summary["sensitivity_at_1fp"], summary["random_sensitivity_at_1fp"], summary["two_stage"]
     text = "\n".join([
-        f"FROC on {summary['n_images']} {args.split} images ({summary['n_rois']} masses, {len(skipped)} skipped)",
+        f"FROC on {summary['n_images']} {args.split} images ({summary['n_rois']} mass ROIs, one per lesion; "
+        f"{len(scan.skipped)} image(s) unreadable; {summary['shared_films']} film(s) stored twice, scanned once)",
         f"  sensitivity at 1 FP/image: {s['overlap']:.3f} (random heatmap {r['overlap']:.3f}); peak rule "
         f"{s['peak']:.3f} (random {r['peak']:.3f})",
         f"  image mass/no-mass AUC from the map maximum: {summary['image_auc']}",
@@ -198,18 +203,27 @@ def add_localize_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
                        "(runs:/<id>), or a registered ensemble (models:/<name>/<version>)")
         p.add_argument("--tracking-uri", help="MLflow store of --model (default: as `train` uses)")
 
-    p = add("localize", cmd_localize, "Scan a whole mammogram with a patch classifier made fully convolutional "
-            "(paper 003): a mass probability map, averaged over ensemble members, as a heatmap overlay PNG and "
-            "boxes JSON in original pixel coordinates.")
+    p = add("localize", cmd_localize, "Map a whole mammogram, averaged over ensemble members, as a heatmap "
+            "overlay PNG and boxes JSON in original pixel coordinates: a patch classifier made fully "
+            "convolutional (dense, paper 003), or the class activation map of a crop classifier (cam / "
+            "gradcam, paper 004).")
     model_args(p)
     p.add_argument("--image", required=True, help="a whole mammogram: DICOM, or PNG/TIFF")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=0.5, help="map value a box must reach (default 0.5)")
-    p.add_argument("--tile", type=int, default=1024, help="tile side in px for bounded memory; 0: one pass")
+    p.add_argument("--method", choices=["dense", "cam", "gradcam"],
+                   help="dense: fully convolutional map of a patch classifier (data.crop=patch/seed750); cam: "
+                   "class activation map (GAP+FC backbones: ResNet, GoogLeNet, Inception-v3); gradcam: any "
+                   "backbone. Default: dense for patch classifiers, else cam where defined, else gradcam")
+    p.add_argument("--threshold", type=float, default=0.5, help="map value a box must reach (default 0.5; "
+                   "for cam/gradcam a fraction of the image's own activation range)")
+    p.add_argument("--tile", type=int, default=1024, help="dense: tile side in px for bounded memory; 0: one pass")
+    p.add_argument("--long-side", type=int, help="cam/gradcam: the image's long side in network px (default: "
+                   "the training crops' scale where fixed, else 4 x data.input_px)")
 
-    p = add("froc", cmd_froc, "Paper 003's evaluation over a split: dense maps of every image, sensitivity per "
-            "mass ROI against false positives per image (FROC, next to a random heatmap), image-level "
-            "mass/no-mass accuracy from the map maximum, and the two-stage pipeline's figures.")
+    p = add("froc", cmd_froc, "Paper 003's evaluation over a split: dense maps of every film (image_id: a film "
+            "stored twice is scanned once), sensitivity per mass ROI (one per lesion, none merged or dropped) "
+            "against false positives per image (FROC, next to a random heatmap), image-level mass/no-mass "
+            "accuracy from the map maximum, and the two-stage pipeline's figures.")
     model_args(p)
     p.add_argument("--manifest", required=True, help="manifest written by `mammo-ray index`")
     p.add_argument("--splits", required=True, help="splits JSON written by `mammo-ray split`")

@@ -21,6 +21,8 @@ def _search_text(result: dict[str, Any]) -> str:
         params = ", ".join(f"{k}={v:.3g}" for k, v in best["params"].items())
         lines.append(f"best            {best['cell']} trial {best['trial_id']} ({params}): "
                      + ", ".join(f"{k} {v:.4g}" for k, v in best["metrics"].items()))
+        if best.get("selection"):
+            lines.append(f"chosen by       {best['selection']}")
         lines.append(f"best config     {best['config_path']}")
     lines.append(f"MLflow UI       {mlflow_ui_command(result['tracking_uri'])}")
     return "\n".join(lines)
@@ -88,7 +90,8 @@ def add_ensemble_command(add: Callable[..., argparse.ArgumentParser], configurab
             "their probabilities (and CC with MLO per exam), compare the ensemble with its members on the test split "
             "and register it in the MLflow model registry (paper 000).", configurable)
     p.add_argument("--from-search", metavar="PARENT_RUN_ID",
-                   help="take the members' config from this `mammo-ray tune` run's best trial (by its metric); "
+                   help="take the members' config from this `mammo-ray tune` run's best configuration (the cell "
+                        "winner with the lowest exam-level validation loss, val_exam_loss); "
                         "--config then supplies the ensemble section and the resources")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted ensemble; finished members "
                    "are not trained again")
@@ -130,22 +133,24 @@ def demo_serve(ensembled: dict[str, Any], workdir: Path, *, progress: bool) -> t
     import subprocess
     import sys
 
-    import pandas as pd
     from ray import serve
 
     from mammo_ray.cli_serve import APP_NAME, start_app
     from mammo_ray.data.crops import mask_bbox
     from mammo_ray.data.dicom import read_dicom
+    from mammo_ray.data.manifest import read_manifest
     from mammo_ray.search.trial import read_plan
     from mammo_ray.serving.runtime import ServeSettings
 
     plan = read_plan(ensembled["experiment_dir"])
     prepared = plan.cells["member"]["prepared"]
-    manifest = pd.read_parquet(prepared["manifest"])
+    manifest = read_manifest(prepared["manifest"])
     from mammo_ray.data.splits import Splits
 
     split = Splits.load(prepared["splits"]).assign(manifest)
-    row = manifest[(split == "test") & (manifest["roi_mask_path"] != "")].iloc[0]
+    # a mask at its image's size gives the box as is
+    usable = (manifest["roi_mask_path"] != "") & ~manifest["mask_resampled"] & ~manifest["mask_dropped"]
+    row = manifest[(split == "test") & usable].iloc[0]
     box = ",".join(map(str, mask_bbox(read_dicom(row["roi_mask_path"], flip=False)[0] > 0)))
     with socket.socket() as sock:  # a free loopback port: 8000 may be taken on a shared machine
         sock.bind(("127.0.0.1", 0))
@@ -156,13 +161,22 @@ def demo_serve(ensembled: dict[str, Any], workdir: Path, *, progress: bool) -> t
         print(f"starting the Serve app on {ensembled['model_uri']} ...", file=sys.stderr, flush=True)
     url = start_app(settings.model_dump(mode="json"), "127.0.0.1", port)
     command = ["curl", "-s", "-F", f"file=@{row['image_path']}", "-F", f"box={box}", f"{url}/v1/predict"]
+    # The whole film to /v1/localize: the method follows the model (CAM for a crop classifier).
+    located = ["curl", "-s", "-F", f"file=@{row['image_path']}", "-F", "heatmap=none", f"{url}/v1/localize"]
     try:
         reply = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+        where = subprocess.run(located, capture_output=True, text=True, timeout=300, check=True).stdout
     finally:
         serve.delete(APP_NAME)
         serve.shutdown()
-    answer = json.loads(reply)
-    shown = " ".join(shlex.quote(c) for c in command)
+    answer, localized = json.loads(reply), json.loads(where)
+    shown, shown_localize = (" ".join(shlex.quote(c) for c in cmd) for cmd in (command, located))
+    boxes = localized.get("boxes", [])
     text = "\n".join([f"served {ensembled['model_uri']} at {url} (mammo-ray serve), asked with curl:", f"  {shown}",
-                      f"  -> {json.dumps(answer)}", "service stopped"])
-    return {"url": url, "curl": shown, "reply": answer, "lesion": row["lesion_id"]}, text
+                      f"  -> {json.dumps(answer)}", f"  {shown_localize}",
+                      f"  -> method {localized.get('method')}, image score {localized.get('image_score')}, "
+                      f"{len(boxes)} box(es){': top ' + json.dumps(boxes[0]) if boxes else ''}"
+                      + (f" ({localized['detail']})" if "detail" in localized else ""),
+                      "service stopped"])
+    return {"url": url, "curl": shown, "reply": answer, "lesion": row["lesion_id"], "curl_localize": shown_localize,
+            "localize_reply": {k: v for k, v in localized.items() if k != "heatmap"}}, text

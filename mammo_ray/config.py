@@ -24,13 +24,16 @@ class DataConfig(_Section):
     root: str | None = None  # image tree (CBIS-DDSM download); synthetic: made in the workdir
     csv_dir: str | None = None  # CBIS-DDSM case-description CSVs; defaults to root
     generic_csv: str | None = None  # generic manifest CSV (source: generic)
-    synth_patients: int = Field(60, ge=2)  # synthetic patients
+    synth_patients: int = Field(60, ge=2)  # synthetic patients (with synth_from_csv: the first N real patient ids)
     synth_size: tuple[int, int] = (832, 512)  # synthetic full-field image (H, W); ~(5000, 3000) is full size
     synth_layout: Literal["csv", "tcia"] = "csv"  # folder layout of the synthetic tree
+    synth_from_csv: str | None = None  # "cbis-ddsm" (the shipped real CSVs) or a CSV folder: replicate those rows
+    split_seed: int | None = None  # seeds the patient split; None: data.seed (vary splits on one dataset)
     seed: int = 0  # seeds synthesis, splits and the offline augmentation
     abnormality: Literal["mass", "calcification", "all"] = "mass"  # rows kept before splitting
     task: Literal["pathology", "abnormality", "mass_presence"] = "pathology"  # what the label means
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test, by patient
+    split: Literal["patient", "official"] = "patient"  # official: the dataset's own test set, val from its train
     balance_eval: bool = False  # class-balanced val and test (paper 001)
     folds: int | None = Field(None, ge=2)  # k patient folds (paper 004)
     crop: Literal["seed750", "fixed", "proportional", "patch", "whole"] = "proportional"
@@ -52,6 +55,7 @@ class DataConfig(_Section):
     max_dim: int = Field(10_000, ge=64)  # reject DICOMs larger than this per side, before decoding
     num_workers: int = Field(2, ge=0)  # processes for prepare and data loading
     shard_images: int = Field(16, ge=1)  # source images per cache shard
+    scale_aug: tuple[float, float] | None = None  # random zoom range (min, max) in training (paper 003: scale)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -88,6 +92,17 @@ class OptimConfig(_Section):
     poly_power: float = Field(0.5, gt=0)  # power for `poly` (paper 001)
 
 
+# Validation metrics that pick checkpoints and trials. ``val_loss`` / ``val_auc`` are the view
+# mode's primary level (per image for single, per exam for parallel and multimodal); ``val_exam_loss``
+# is per exam in every view mode, so it compares models across view modes (``loop.summarize_predictions``).
+SelectionMetric = Literal["val_exam_loss", "val_loss", "val_auc"]
+
+
+def metric_mode(metric: str) -> Literal["min", "max"]:
+    """Whether lower (a loss) or higher (an AUC, an accuracy) is better: the one place that decides."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)  # per Ray Train worker
@@ -99,7 +114,7 @@ class TrainConfig(_Section):
     amp: Literal["none", "bf16", "fp16"] = "bf16"  # mixed precision, used on GPU only
     channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
     balanced_sampling: bool = False  # draw each class equally often in training
-    monitor: Literal["val_loss", "val_auc"] = "val_loss"  # picks the best checkpoint and drives early stopping
+    monitor: SelectionMetric = "val_loss"  # picks the best checkpoint and drives early stopping (not in --folds)
     early_stop_patience: int | None = Field(None, ge=1)  # epochs without improvement before stopping
     stop_train_acc: float | None = Field(None, gt=0, le=1)  # paper 004: stop at this mean train accuracy ...
     stop_train_window: int = Field(50, ge=1)  # ... over the last N batches
@@ -130,7 +145,8 @@ class TuneConfig(_Section):
     weight_decay: tuple[float, float] = (1e-7, 1e-3)  # log-uniform (L2)
     algorithm: Literal["tpe", "random"] = "tpe"  # Optuna sampler per cell (random: the benchmark's control)
     scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs all train.epochs
-    metric: Literal["val_loss", "val_auc"] = "val_loss"  # selects trials, cells and the best config
+    metric: SelectionMetric = "val_exam_loss"  # drives Optuna and ASHA and picks each cell's best trial; the
+    # best config overall is always the cell winner with the lowest val_exam_loss (one level for every view mode)
     max_concurrent_trials: int = Field(2, ge=1)
     grace_period: int = Field(1, ge=1)  # ASHA: epochs before a trial may be stopped
     reduction_factor: float = Field(2.0, gt=1)  # ASHA: keep the top 1/rf at each rung

@@ -11,14 +11,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from setups import PATCH_TRAIN, TINY_TRAIN  # noqa: E402  (re-exported for the fixtures below)
 
+from mammo_ray.data.synthetic import REAL_CBIS_CSVS  # noqa: E402
+
 # The four real CBIS-DDSM case-description CSVs (CC BY 3.0, attribution in their README).
-REAL_CSV_DIR = Path(__file__).resolve().parent / "fixtures" / "cbis-ddsm"
+REAL_CSV_DIR = REAL_CBIS_CSVS
 
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """A 12-patient synthetic CBIS-DDSM tree (CSV layout) at 384x240."""
-    from mammo_ray.data.synth import synthesize
+    from mammo_ray.data.synthetic.cbis import synthesize
 
     out = tmp_path_factory.mktemp("synth") / "data"
     synthesize(out, patients=12, seed=5, size=(384, 240), progress=False)

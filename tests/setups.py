@@ -9,5 +9,5 @@ TINY_TRAIN = [  # a tiny training setup: levynet on 40-px crops, seconds per epo
 ]
 
 PATCH_TRAIN = [*TINY_TRAIN, "data.abnormality=all", "data.crop=patch", "data.task=mass_presence", "data.patch_px=64",
-               "data.cache_px=32", "data.input_px=32", "data.normalization=global", "data.negatives_per_image=4",
+               "data.cache_px=32", "data.input_px=32", "data.normalization=global", "data.negatives_per_image=8",
                "train.epochs=6", "train.monitor=val_auc"]

@@ -14,9 +14,10 @@ fixed-order vector in that spirit for a lesion crop and its ROI mask:
 
 Simplifications against the papers: no rubber-band straightening transform, and texture is
 measured inside the lesion rather than on the straightened margin band. The lesion is the
-largest connected component of the mask (a crop carries the masks of every lesion of its
-image). Everything here is plain numpy / scipy / scikit-image, deterministic, and for
-research use only.
+mask as given, all of its components: the crop cache stores each lesion's own ROI mask, so a
+neighbouring lesion in the same crop is not in it (an earlier cache stored the union of the
+film's ROIs, and the largest component could then be the neighbour). Everything here is plain
+numpy / scipy / scikit-image, deterministic, and for research use only.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ FEATURE_NAMES: list[str] = [
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of ``mask > 0``; ValueError when the mask is empty."""
+    """The largest 8-connected component of ``mask > 0``; ValueError when the mask is empty.
+
+    Not used by ``lesion_features`` (which takes a lesion's own mask whole); kept for masks that
+    hold several lesions, e.g. a ``whole`` cache entry.
+    """
     labels = label(np.asarray(mask) > 0, connectivity=2)
     if labels.max() == 0:
         raise ValueError("mask is empty (no pixel > 0): there is no lesion to describe")
@@ -222,7 +227,8 @@ def lesion_features(image: np.ndarray, mask: np.ndarray, *, levels: int = 32) ->
 
     Args:
         image: the 2-D crop (any numeric dtype, e.g. the cache's uint16).
-        mask: its ROI mask, same shape; > 0 marks lesion pixels.
+        mask: the lesion's own ROI mask, same shape; > 0 marks lesion pixels, all of which
+            (every component) are the lesion.
         levels: gray levels texture is quantised to, over the lesion's intensity range.
 
     Raises:
@@ -231,12 +237,14 @@ def lesion_features(image: np.ndarray, mask: np.ndarray, *, levels: int = 32) ->
     image, mask = np.asarray(image), np.asarray(mask)
     if image.ndim != 2 or image.shape != mask.shape:
         raise ValueError(f"image {image.shape} and mask {mask.shape} must be 2-D arrays of one shape")
-    lesion = largest_component(mask)
+    lesion = mask > 0
+    if not lesion.any():
+        raise ValueError("mask is empty (no pixel > 0): there is no lesion to describe")
     rows, cols = np.flatnonzero(lesion.any(axis=1)), np.flatnonzero(lesion.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # texture: the lesion's bounding box
     q = quantize(image[box], lesion[box], levels)
     vector = np.concatenate([glcm_features(q, levels), glrlm_features(q, levels),
-                             intensity_features(image, lesion, mask > 0), shape_features(lesion)])
+                             intensity_features(image, lesion, lesion), shape_features(lesion)])
     if not np.all(np.isfinite(vector)):
         bad = [name for name, v in zip(FEATURE_NAMES, vector) if not np.isfinite(v)]
         raise ValueError(f"non-finite lesion features {bad}")

@@ -5,8 +5,10 @@ linear discriminant analysis) for comparison with its CNNs. ``run_baseline`` doe
 on a prepared crop cache: ``features.lesion_features`` for every lesion crop, a standardising
 LDA fitted on the train split, and the val and test predictions reported with the CNN's own
 ``report_predictions`` (per-image metrics primary, as ``view_mode="single"``), so the numbers
-sit beside the CNN rows. Sahiner's stepwise feature selection is replaced by shrinkage LDA
-(Ledoit-Wolf), which stays stable with few training lesions. For research use only.
+sit beside the CNN rows; their AUC CIs resample patients (the frame carries ``patient_id``), as
+the CNN's do, because one patient's lesions are correlated. Sahiner's stepwise feature selection
+is replaced by shrinkage LDA (Ledoit-Wolf), which stays stable with few training lesions. For
+research use only.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def split_features(cache: CropCache, frame: pd.DataFrame, split: str, *, levels:
                    progress: bool = False) -> tuple[np.ndarray, pd.DataFrame, list[int]]:
     """Features of every entry of ``frame`` (a ``task_frame``) in ``split``.
 
-    Entries whose mask is empty have no lesion to describe: they are left out and their
-    cache entry numbers returned, for the caller to report.
+    Each entry's stored mask is its own lesion's ROI (not its film's other lesions), so the
+    features describe that lesion even when a neighbour shares the crop. Entries whose mask is
+    empty have no lesion to describe: they are left out and their cache entry numbers returned,
+    for the caller to report.
 
     Returns:
         ``(features (n, len(FEATURE_NAMES)), rows of the n entries used, skipped entries)``.

@@ -7,13 +7,18 @@ Layout of a cache directory::
     index.parquet              one row per entry (crop), see ``ENTRY_COLUMNS``
     mean_image.npy             mean training crop (for mean-image subtraction, paper 001)
     shards/shard-00007.images.npy   uint16 (n, H, W) crops
-    shards/shard-00007.masks.npy    uint8  (n, H, W) ROI masks cropped the same way
+    shards/shard-00007.masks.npy    uint8  (n, H, W) masks cropped the same way: a lesion's own ROI,
+                                    a negative's lesion map (empty), a whole image's kept ROIs
+    shards/shard-00007.skipped.json inputs left out, each with its reason
+    shards/shard-00007.stats.json   counts for the report (resampled masks, orientation checks)
     shards/shard-00007.parquet      the shard's entries; written last, so it marks the shard done
 
-Each source image is decoded once per cache, and all of its crops are made from that one
-decode. Every file is written to a temporary name and renamed into place, so an
-interrupted run leaves no corrupt entry; a rerun skips the shards that are done and
-produces the same cache as an uninterrupted run.
+Each film (manifest ``image_id``: CBIS-DDSM stores some films twice, under a Mass and a Calc
+folder) is decoded once per cache, and all of its crops are made from that one decode. Every
+file is written to a temporary name and renamed into place, so an interrupted run leaves no
+corrupt entry; a rerun skips the shards that are done and produces the same cache as an
+uninterrupted run. ``CACHE_FORMAT`` is part of the fingerprint: a cache written by code that
+stored its crops differently is never mistaken for a current one.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mammo_ray.config import DataConfig
-from mammo_ray.data.shard_worker import CROP_FIELDS, ENTRY_COLUMNS, process_shard
+from mammo_ray.data.manifest import film_ids
+from mammo_ray.data.shard_worker import CACHE_FORMAT, CROP_FIELDS, ENTRY_COLUMNS, STAT_KEYS, process_shard
 
 
 class CacheError(RuntimeError):
@@ -53,6 +59,9 @@ class CacheSummary:
     images_per_second: float
     by_split: dict[str, dict[str, int]]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    resampled_masks: int = 0  # ROI masks stored at another size (same aspect ratio), resampled to their film
+    orientation_from_content: int = 0  # films without a laterality header: mirrored by image content
+    orientation_disagreements: int = 0  # films whose laterality header and image content disagree
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +74,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _fingerprint(cfg: DataConfig, rows: pd.DataFrame) -> tuple[dict[str, Any], str]:
-    params = {name: getattr(cfg, name) for name in CROP_FIELDS}
+    params = {name: getattr(cfg, name) for name in CROP_FIELDS} | {"cache_format": CACHE_FORMAT}
     params = json.loads(json.dumps(params))  # tuples -> lists, as they come back from JSON
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(pd.util.hash_pandas_object(rows, index=False).values.tobytes())
@@ -75,24 +84,32 @@ def _fingerprint(cfg: DataConfig, rows: pd.DataFrame) -> tuple[dict[str, Any], s
 def _select_rows(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig) -> pd.DataFrame:
     rows = manifest.assign(split=split_of.fillna("").astype(str).str.lower())
     rows = rows[rows["resolved"] & (rows["split"] != "")]
-    rows["keep"] = True
+    rows = rows.assign(image_id=film_ids(rows), keep=True)
     if cfg.abnormality != "all":
         rows["keep"] = rows["abnormality_type"].str.lower().str.startswith(cfg.abnormality[:4])
-    # Rows that are not kept still travel with their image: their masks keep negative
-    # patches off every lesion, not only off the kept ones.
-    keep_images = set(rows.loc[rows["keep"], "image_path"])
-    rows = rows[rows["image_path"].isin(keep_images)]
-    return rows.sort_values(["image_path", "lesion_id"]).reset_index(drop=True)
+    # Rows that are not kept still travel with their film (whichever folder lists them): their
+    # masks keep negative patches off every lesion, not only off the kept ones.
+    keep_films = set(rows.loc[rows["keep"], "image_id"])
+    rows = rows[rows["image_id"].isin(keep_films)]
+    return rows.sort_values(["image_id", "image_path", "lesion_id"]).reset_index(drop=True)
 
 
 def _shards(rows: pd.DataFrame, per_shard: int) -> list[list[dict[str, Any]]]:
-    images = list(dict.fromkeys(rows["image_path"]))
-    groups = dict(tuple(rows.groupby("image_path", sort=False)))
+    """Films in groups of ``per_shard``; a film is decoded from its first image path (sorted order)."""
+    films = list(dict.fromkeys(rows["image_id"]))
+    groups = dict(tuple(rows.groupby("image_id", sort=False)))
     shards = []
-    for start in range(0, len(images), per_shard):
-        chunk = images[start:start + per_shard]
-        shards.append([{"image_path": p, "rows": groups[p].to_dict("records")} for p in chunk])
+    for start in range(0, len(films), per_shard):
+        chunk = films[start:start + per_shard]
+        shards.append([{"image_id": f, "image_path": groups[f]["image_path"].iloc[0],
+                        "rows": groups[f].to_dict("records")} for f in chunk])
     return shards
+
+
+def _shard_done(folder: Path, shard: int) -> bool:
+    """A shard is done when its entry table (written last) and its counts exist."""
+    stem = f"shard-{shard:05d}"
+    return (folder / f"{stem}.parquet").exists() and (folder / f"{stem}.stats.json").exists()
 
 
 def _training_statistics(cache_dir: Path, index: pd.DataFrame) -> dict[str, float]:
@@ -155,8 +172,7 @@ def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, 
     for stray in (cache_dir / "shards").glob("*.tmp*"):
         stray.unlink()  # half-written files of an interrupted run; their shards are redone below
     shards = _shards(rows, cfg.shard_images)
-    todo = [i for i in range(len(shards))
-            if not (cache_dir / "shards" / f"shard-{i:05d}.parquet").exists()]
+    todo = [i for i in range(len(shards)) if not _shard_done(cache_dir / "shards", i)]
     bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"prepare {cfg.crop}",
                unit="shard", disable=not progress)
     decoded = 0
@@ -175,6 +191,10 @@ def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, 
     index.insert(0, "entry", np.arange(len(index)))
     skipped = [item for i in range(len(shards))
                for item in json.loads((cache_dir / "shards" / f"shard-{i:05d}.skipped.json").read_text())]
+    counts = dict.fromkeys(STAT_KEYS, 0)
+    for i in range(len(shards)):
+        for key, value in json.loads((cache_dir / "shards" / f"shard-{i:05d}.stats.json").read_text()).items():
+            counts[key] += int(value)
     tmp = cache_dir / "index.parquet.tmp"
     index.to_parquet(tmp, index=False)
     tmp.replace(cache_dir / "index.parquet")
@@ -187,7 +207,7 @@ def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, 
         cache_dir=str(cache_dir), crop=cfg.crop, entries=len(index), images_decoded=decoded,
         shards_total=len(shards), shards_reused=len(shards) - len(todo), seconds=round(seconds, 3),
         images_per_second=round(decoded / seconds, 3) if decoded else 0.0,
-        by_split=by_split, skipped=skipped)
+        by_split=by_split, skipped=skipped, **counts)
     meta = {"fingerprint": fingerprint, "params": params, **stats, "summary": summary.to_dict()}
     _atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
     return summary

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from mammo_ray.constants import AbnormalityType, Pathology, Side, View
 from mammo_ray.data.dicom import DicomReadError, read_dicom, read_dicom_header
-from mammo_ray.data.manifest import MANIFEST_COLUMNS, build_index_report, conform, read_generic_csv
+from mammo_ray.data.manifest import MANIFEST_COLUMNS, build_index_report, conform, mark_quirks, read_generic_csv
+from mammo_ray.data.masks import mask_fit, mask_fit_reason, scale_box
 
 CSV_FILES: dict[str, tuple[AbnormalityType, str]] = {
     "mass_case_description_train_set.csv": (AbnormalityType.MASS, "train"),
@@ -274,14 +275,18 @@ class _Resolver:
         if binary is None or not binary:
             return out | {"resolved": False,
                           "unresolved_reason": f"ROI mask {'unreadable' if binary is None else 'not binary'}: {mask}"}
-        if (mask_meta.rows, mask_meta.columns) != (meta.rows, meta.columns) or box is None:
-            self.warnings.append({"lesion_id": row.get("lesion_id", ""), "path": str(mask), "reason":
-                                  "ROI mask is empty" if box is None else
-                                  f"ROI mask {mask_meta.rows}x{mask_meta.columns} differs from image "
-                                  f"{meta.rows}x{meta.columns}; no box"})
-            return out
-        x0, y0, x1, y1 = box
-        out.update(bbox_x0=x0, bbox_y0=y0, bbox_x1=x1, bbox_y1=y1)
+        mask_shape, image_shape = (mask_meta.rows, mask_meta.columns), (meta.rows, meta.columns)
+        fit = mask_fit(mask_shape, image_shape)
+        if fit == "drop":
+            reason = mask_fit_reason(mask_shape, image_shape)
+            self.warnings.append({"lesion_id": row.get("lesion_id", ""), "path": str(mask), "reason": reason})
+            return out | {"mask_dropped": True}
+        if box is None:
+            self.warnings.append({"lesion_id": row.get("lesion_id", ""), "path": str(mask),
+                                  "reason": "ROI mask is empty"})
+            return out | {"mask_resampled": fit == "resample"}
+        x0, y0, x1, y1 = box if fit == "same" else scale_box(box, mask_shape, image_shape)
+        out.update(bbox_x0=x0, bbox_y0=y0, bbox_x1=x1, bbox_y1=y1, mask_resampled=fit == "resample")
         if np.isnan(row.get("seed_x", np.nan)):
             out.update(seed_x=(x0 + x1) / 2, seed_y=(y0 + y1) / 2)
         return out
@@ -367,7 +372,7 @@ def index_dataset(root: str | Path | None = None, csv_dir: str | Path | None = N
         unreadable += generic.attrs["unreadable"]
         warnings += generic.attrs["warnings"]
         frames.append(conform(generic))
-    manifest = conform(pd.concat(frames, ignore_index=True))
+    manifest = mark_quirks(conform(pd.concat(frames, ignore_index=True)))
     report = build_index_report(manifest, invalid=invalid, unreadable=unreadable, warnings=warnings)
     report.update(root=str(root or ""), csv_dir=str(csv_dir or ""), generic_csv=str(generic_csv or ""))
     return manifest, report

@@ -3,6 +3,10 @@
 Boxes are ``(x0, y0, x1, y1)`` in full-image pixels, ``x1``/``y1`` exclusive. A box may
 reach past the image border: ``crop_padded`` pads with a fill value and never fails.
 
+Stored values: every crop of one source image is mapped into uint16 by one ``ValueMap``
+decided from that whole image (``source_value_map``), never from the crop, so two crops of one
+8-bit film keep their relative brightness.
+
 Modes:
     seed750       a fixed square around the ROI centre (paper 000: 750 x 750 px)
     fixed         the mask's bounding box plus a fixed padding (paper 001: 50 px)
@@ -14,8 +18,11 @@ Modes:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 Box = tuple[int, int, int, int]
 
@@ -92,21 +99,50 @@ def resize(image: np.ndarray, size: tuple[int, int], *, nearest: bool = False) -
     return np.asarray(out, dtype=np.float32)
 
 
-def crop_resized(image: np.ndarray, box: Box, px: int) -> np.ndarray:
-    """The ``box`` of ``image`` (zero-padded past the border) resized to ``px`` x ``px``: a cache crop."""
-    return resize(crop_padded(image, box, fill=0.0), (px, px))
+def crop_resized(image: np.ndarray, box: Box, px: int, fill: float = 0.0) -> np.ndarray:
+    """The ``box`` of ``image`` (padded with ``fill`` past the border) resized to ``px`` x ``px``: a cache crop."""
+    return resize(crop_padded(image, box, fill=fill), (px, px))
 
 
-def to_uint16(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """Store values as uint16; rescale only data that does not fit (e.g. floats in 0..1).
+class ValueMap(NamedTuple):
+    """How one source image's values become stored uint16: ``stored = (value - offset) * scale``."""
+
+    offset: float
+    scale: float
+
+
+def source_value_map(image: np.ndarray) -> ValueMap:
+    """The value map of a whole source image, decided once from its range (never per crop).
+
+    A per-crop stretch would give two crops of one 8-bit image different scales and brighten a
+    dark crop: a contrast change the model learns from. So the scale follows the data's depth:
+    16-bit data (max above 255, within 0..65535) is kept as is; 8-bit data (max at most 255, or
+    integer data at most 1) is multiplied by 257 (255 -> 65535); float data in [0, 1] by 65535.
+    Anything else (negative or above 65535) maps the image's own min..max onto 0..65535.
+    """
+    lo, hi = float(image.min()), float(image.max())
+    if lo >= 0.0 and hi <= 65535.0:
+        if hi > 255.0:
+            return ValueMap(0.0, 1.0)
+        if hi > 1.0 or np.array_equal(image, np.rint(image)):
+            return ValueMap(0.0, 257.0)
+        return ValueMap(0.0, 65535.0)
+    return ValueMap(lo, 65535.0 / (hi - lo) if hi > lo else 1.0)
+
+
+def store_uint16(crop: np.ndarray, value_map: ValueMap) -> np.ndarray:
+    """``crop`` in the stored uint16 range of its source image (see ``source_value_map``)."""
+    offset, scale = value_map
+    return np.rint(np.clip((crop.astype(np.float64) - offset) * scale, 0.0, 65535.0)).astype(np.uint16)
+
+
+def to_uint16(image: np.ndarray, value_map: ValueMap | None = None) -> tuple[np.ndarray, float]:
+    """Store values as uint16 with ``value_map`` (default: the map of ``image`` itself, as a source).
 
     Returns the stored array and the scale applied (1.0 for 16-bit data kept as is).
     """
-    lo, hi = float(image.min()), float(image.max())
-    if lo >= 0.0 and 255.0 < hi <= 65535.0:
-        return np.rint(image).astype(np.uint16), 1.0
-    scale = 65535.0 / (hi - lo) if hi > lo else 1.0
-    return np.rint((image - lo) * scale).astype(np.uint16), scale
+    value_map = source_value_map(image) if value_map is None else value_map
+    return store_uint16(image, value_map), value_map.scale
 
 
 def letterbox(image: np.ndarray, size: tuple[int, int], fill: float = 0.0) -> tuple[np.ndarray, float, tuple[int, int]]:
@@ -131,14 +167,46 @@ def breast_region(image: np.ndarray, fraction: float = 0.05) -> np.ndarray:
     return image > lo + fraction * (hi - lo)
 
 
+def breast_interior(breast: np.ndarray, min_dist: float) -> np.ndarray:
+    """Breast pixels at least ``min_dist`` px (Euclidean) from any non-breast pixel and the image edge.
+
+    When no pixel is that deep, the deepest available ones come back instead (a thin breast still
+    gives negatives; the caller counts any shortfall). The image edge is a boundary too: a patch
+    centred on it would be half padding. Large images are first measured on blocks of ``s`` px
+    (``s <= min_dist / 8``, the exact transform of a whole film takes about a second): a block
+    counts as breast only when all of it is, and its centre's distance is lowered by ``s * sqrt(2)``,
+    which bounds how far its pixels and the background's lie from their block centres. That
+    answer is never outside the true interior; only when it is empty is the exact one computed.
+    """
+    step = max(1, int(min_dist // 8))
+    h, w = breast.shape
+    if step > 1:
+        padded = np.zeros((-(-h // step) * step, -(-w // step) * step), dtype=bool)
+        padded[:h, :w] = breast
+        blocks = padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step).all(axis=(1, 3))
+        depth = ndimage.distance_transform_edt(np.pad(blocks, 1))[1:-1, 1:-1] * step - step * np.sqrt(2.0)
+        deep = blocks & (depth >= min_dist)
+        chosen = np.repeat(np.repeat(deep, step, axis=0), step, axis=1)[:h, :w] & breast
+        if chosen.any():
+            return chosen
+    depth = ndimage.distance_transform_edt(np.pad(breast, 1))[1:-1, 1:-1]
+    chosen = depth >= min_dist
+    if chosen.any() or depth.max() == 0:
+        return chosen
+    return depth == depth.max()
+
+
 def negative_boxes(breast: np.ndarray, lesions: np.ndarray, count: int, side: int,
                    rng: np.random.Generator, max_tries: int = 200) -> list[Box]:
-    """Up to ``count`` ``side``-px boxes centred in the breast that touch no lesion pixel.
+    """Up to ``count`` ``side``-px boxes centred in the breast interior that touch no lesion pixel.
 
-    Paper 003: patches outside every ROI are "non-mass". Fewer boxes come back when the
+    Paper 003: patches outside every ROI are "non-mass". Their centres come from the breast
+    interior (``breast_interior``, at least ``side / 4`` from the skin line and the image edge):
+    positives sit on masses inside the breast, so negatives on the skin edge or background would
+    let a model tell the classes apart by the boundary alone. Fewer boxes come back when the
     breast has no room; the caller counts the shortfall.
     """
-    ys, xs = np.nonzero(breast)
+    ys, xs = np.nonzero(breast_interior(breast, side / 4.0))
     boxes: list[Box] = []
     if ys.size == 0:
         return boxes

@@ -129,7 +129,10 @@ class PairedViewDataset(Dataset):
     """The CC and MLO crops of one lesion: ``((cc, mlo), label)``.
 
     Lesions seen in only one view cannot be paired; they are counted in ``unpaired`` (with
-    their exam keys in ``unpaired_keys``), never dropped silently.
+    their exam keys in ``unpaired_keys``), never dropped silently. ``pairs`` carries each
+    exam's ``patient_id``, the cluster of the evaluation bootstrap. The views of one exam key
+    must agree on the label (the indexer gives disagreeing views keys of their own); a cache
+    where they do not is rejected with the exam key, never paired under the first row's label.
     """
 
     def __init__(self, cache: CropCache, split: str, task: str | Task,
@@ -140,12 +143,19 @@ class PairedViewDataset(Dataset):
         frame = frame[(frame["split"] == split) & (frame["exam_key"] != "")]
         pairs, unpaired = [], []
         for key, group in frame.groupby("exam_key", sort=True):
+            for column in ("label", "patient_id"):
+                if group[column].nunique(dropna=False) > 1:
+                    raise ValueError(f"{cache.cache_dir}: exam {key!r} in split {split!r} has views with different "
+                                     f"{column!r} values {sorted(group[column].astype(str).unique())}; re-index "
+                                     "with this version (`mammo-ray index`, then `mammo-ray prepare`): its pairing "
+                                     "rule gives views that disagree exam keys of their own")
             views = dict(zip(group["view"], group["entry"]))
             if "CC" in views and "MLO" in views:
-                pairs.append((key, int(views["CC"]), int(views["MLO"]), int(group["label"].iloc[0])))
+                pairs.append((key, str(group["patient_id"].iloc[0]), int(views["CC"]), int(views["MLO"]),
+                              int(group["label"].iloc[0])))
             else:
                 unpaired.append(key)
-        self.pairs = pd.DataFrame(pairs, columns=["exam_key", "cc_entry", "mlo_entry", "label"])
+        self.pairs = pd.DataFrame(pairs, columns=["exam_key", "patient_id", "cc_entry", "mlo_entry", "label"])
         self.unpaired_keys = unpaired
         self.unpaired = len(unpaired)
         if self.pairs.empty:

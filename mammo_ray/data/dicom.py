@@ -5,6 +5,13 @@ Canonical means: a C-contiguous 2-D float32 array in which higher values are den
 the units of the last LUT stage applied (stored value -> Modality LUT/rescale -> VOI LUT or
 window); nothing is rescaled to [0, 1] here.
 
+Orientation: the laterality header (ImageLaterality, Laterality, a side in the view code) says
+which breast this is, and a RIGHT breast in standard display has its chest wall on the right,
+so RIGHT is mirrored and LEFT is not. Only without such a header does image content decide
+(``breast_on_right``). Path tokens never decide the mirror: a folder name is weaker evidence
+than the pixels. ``DicomMeta`` records which source decided and whether the content check
+disagreed with the header, for the caller to count.
+
 Every failure is a ``DicomReadError`` naming the file and the reason. Header checks
 (dimensions, bit depth, pixel-data length, transfer syntax) run on a deferred read, before
 any pixel is decoded, so a broken or hostile header cannot make us allocate a huge array.
@@ -90,6 +97,8 @@ class DicomMeta:
     bits_stored: int
     transfer_syntax: str                         # UID name, e.g. "Explicit VR Little Endian"
     flipped: bool                                # the returned array was mirrored left-right
+    orientation_source: str = ""                 # "header", "content", "caller" (flip given); "" unread
+    content_disagrees: bool = False              # header decided, and the content check said otherwise
 
 
 def read_dicom_header(path: DicomSource, *, max_rows: int = DEFAULT_MAX_DIM,
@@ -111,7 +120,8 @@ def read_dicom(path: DicomSource, *, flip: bool | None = None, apply_voi: bool =
     Args:
         path: a path; or the file's bytes, or a seekable binary file object read from its
             current position (an upload). Bytes are never taken as a path.
-        flip: None decides from content (mirror when the right third of the columns is
+        flip: None decides from the laterality header (RIGHT is mirrored), and from content
+            only when no header names the side (mirror when the right third of the columns is
             brighter than the left third); True/False forces it, e.g. for an ROI mask that
             must follow its image's decision (``meta.flipped`` of the image).
         apply_voi: apply the VOI LUT or window (WindowCenter/Width) when the file has one.
@@ -131,10 +141,28 @@ def read_dicom(path: DicomSource, *, flip: bool | None = None, apply_voi: bool =
         image = _to_canonical_intensity(stored, ds, apply_voi)
     except Exception as exc:
         raise DicomReadError(name, f"cannot apply the modality/VOI LUT ({exc})") from exc
-    mirror = breast_on_right(image) if flip is None else bool(flip)
+    if flip is None:
+        mirror, source, disagrees = decide_mirror(image, _side_view_from_header(ds)[0])
+    else:
+        mirror, source, disagrees = bool(flip), "caller", False
     if mirror:
         image = np.fliplr(image)
-    return np.ascontiguousarray(image, dtype=np.float32), dataclasses.replace(meta, flipped=mirror)
+    meta = dataclasses.replace(meta, flipped=mirror, orientation_source=source, content_disagrees=disagrees)
+    return np.ascontiguousarray(image, dtype=np.float32), meta
+
+
+def decide_mirror(image: np.ndarray, header_side: Side | None) -> tuple[bool, str, bool]:
+    """``(mirror, source, content_disagrees)`` for an image in its stored orientation.
+
+    A side from the header decides (RIGHT -> mirror: its chest wall is on the right in standard
+    display); content (``breast_on_right``) is then only a check. Without a header side, content
+    decides and there is nothing to disagree with.
+    """
+    content = breast_on_right(image)
+    if header_side is None:
+        return content, "content", False
+    mirror = header_side is Side.RIGHT
+    return mirror, "header", mirror != content
 
 
 def parse_side_view_from_path(path: str | os.PathLike) -> tuple[Side | None, View | None]:

@@ -6,6 +6,7 @@ Columns (``MANIFEST_COLUMNS``):
 
     lesion_id          str   unique per abnormality in one view: "<patient>_<side>_<view>_<type>_<abn>"
     exam_key           str   pairs the CC and MLO rows of one lesion: "<patient>_<side>_<type>_<abn>"
+                             (see ``mark_quirks`` for the pairing rule)
     patient_id         str   e.g. "P_00001"
     side               str   Side value: LEFT / RIGHT
     view               str   View value: CC / MLO
@@ -31,6 +32,14 @@ Columns (``MANIFEST_COLUMNS``):
     seed_x, seed_y     float radiologist seed point in full-image pixels, NaN if unknown
     resolved           bool  image_path exists (and the mask, if the source named one)
     unresolved_reason  str   "" when resolved, otherwise why not
+    image_id           str   the film: "<patient>_<side>_<view>" (one film may have two files)
+    shared_film        bool  the film is listed under both a Mass and a Calc row
+    multi_roi_image    bool  the film has more than one ROI row
+    view_label_conflict bool the CC and MLO rows of this abnormality id disagree on the label:
+                             not paired, exam_key is "<patient>_<side>_<type>_<abn>_<view>"
+    mask_resampled     bool  the ROI mask is stored at another size, same aspect: resampled
+    mask_dropped       bool  the ROI mask has another aspect ratio than its image: not used
+    in_both_source_splits bool the patient is in CBIS-DDSM's official train and test sets
 
 Generic manifest CSV (``read_generic_csv``): how INbreast, VinDr-Mammo or a private export
 comes in. One row per abnormality per image; a header row (row 0), then data rows 1, 2, ...
@@ -60,6 +69,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -99,7 +109,18 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "seed_y": "float64",
     "resolved": "bool",
     "unresolved_reason": "string",
+    "image_id": "string",
+    "shared_film": "bool",
+    "multi_roi_image": "bool",
+    "view_label_conflict": "bool",
+    "mask_resampled": "bool",
+    "mask_dropped": "bool",
+    "in_both_source_splits": "bool",
 }
+MANIFEST_FORMAT = "m2"  # m2: quirk flags, image_id, the exam pairing rule
+# Quirk flags (see ``mark_quirks``): computed, so a manifest written before they existed still reads.
+QUIRK_FLAGS = ("shared_film", "multi_roi_image", "view_label_conflict", "mask_resampled", "mask_dropped",
+               "in_both_source_splits")
 
 
 class ManifestError(ValueError):
@@ -119,12 +140,38 @@ def conform(frame: pd.DataFrame) -> pd.DataFrame:
             col = pd.Series(float("nan"), index=frame.index)
         elif dtype == "string":
             col = pd.Series("", index=frame.index)
+        elif name in QUIRK_FLAGS:
+            col = pd.Series(False, index=frame.index)
         else:
             raise ManifestError(f"manifest is missing required column {name!r}")
         if dtype == "string":
             col = col.fillna("")
+        elif dtype == "bool":  # a flag an update left out is not set (NaN would cast to True)
+            col = col.astype(object).where(col.notna(), False)
         out[name] = col.astype(dtype)
+    # Image identity is the film, (patient, side, view), not the file: CBIS-DDSM stores some films
+    # twice, under a Mass and a Calc folder.
+    # A generic export may hold two studies of one view (priors): there the file is the image.
+    derived = out["patient_id"] + "_" + out["side"] + "_" + out["view"]
+    generic = out["source"] == "generic"
+    if generic.any():
+        derived = derived.where(~generic, derived + "_" + out["image_path"].map(_path_tag).astype("string"))
+    out["image_id"] = out["image_id"].where(out["image_id"] != "", derived)
     return out.reset_index(drop=True)
+
+
+def film_ids(rows: pd.DataFrame) -> pd.Series:
+    """Each row's film: ``image_id``, or ``<patient>_<side>_<view>`` where it is missing or empty
+    (rows of a frame that did not go through ``conform``, such as a cache's own row tables)."""
+    derived = rows["patient_id"].astype(str) + "_" + rows["side"].astype(str) + "_" + rows["view"].astype(str)
+    if "image_id" not in rows:
+        return derived
+    given = rows["image_id"].fillna("").astype(str)
+    return given.where(given != "", derived)
+
+
+def _path_tag(path: str) -> str:
+    return f"{zlib.crc32(str(path).encode()):08x}"
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -146,10 +193,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise ManifestError(f"{path}: not a readable Parquet manifest ({exc})") from exc
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns and c not in QUIRK_FLAGS + ("image_id",)]
     if missing:
         raise ManifestError(f"{path}: manifest lacks columns {missing}")
-    return conform(frame)
+    # The pairing rule and the film flags hold for a manifest written before they existed too.
+    return mark_quirks(conform(frame))
 
 
 _GENERIC_REQUIRED = ("patient_id", "image_path", "side", "view", "label")
@@ -293,13 +341,70 @@ def _generic_box(rec: dict, number) -> tuple[float, float, float, float]:
     return box
 
 
+def exam_base_key(frame: pd.DataFrame) -> pd.Series:
+    """(patient, side, abnormality type, abnormality id): the key CBIS-DDSM numbers abnormalities by."""
+    return (frame["patient_id"] + "_" + frame["side"] + "_" + frame["abnormality_type"] + "_"
+            + frame["abnormality_id"].astype("int64").astype(str)).astype("string")
+
+
+def mark_quirks(frame: pd.DataFrame) -> pd.DataFrame:
+    """Set the quirk flags and apply the exam pairing rule; idempotent.
+
+    Pairing rule: CBIS-DDSM numbers abnormalities per image, and the CC and MLO rows of one
+    breast that share (patient, side, type, abnormality id) are taken as one lesion seen twice:
+    one exam. Where those views disagree on the label (three keys in the real CSVs:
+    P_00419 LEFT MASS 1 and 2, P_01623 RIGHT MASS 1), they cannot be one lesion, so they are
+    not paired: each view becomes an exam of its own, ``<key>_<VIEW>``, flagged
+    ``view_label_conflict``. Within one exam the label is therefore always one value.
+
+    Image identity is the film, ``image_id`` = (patient, side, view): ``shared_film`` marks a
+    film listed under both a Mass and a Calc row (the same pixels in two folders);
+    ``multi_roi_image`` a film with more than one ROI row; ``in_both_source_splits`` a patient
+    in CBIS-DDSM's official train and test sets. ``mask_resampled`` / ``mask_dropped`` are set
+    by the indexer, which reads the masks.
+    """
+    out = frame.copy()
+    types = out.groupby("image_id")["abnormality_type"].transform("nunique")
+    out["shared_film"] = (types > 1).astype(bool)
+    out["multi_roi_image"] = (out.groupby("image_id")["image_id"].transform("size") > 1).astype(bool)
+    base = exam_base_key(out)
+    conflict = out.groupby(base)["label"].transform("nunique").gt(1).to_numpy()
+    out["exam_key"] = base.where(~conflict, base + "_" + out["view"])
+    out["view_label_conflict"] = conflict
+    official = out[out["source_split"] != ""].groupby("patient_id")["source_split"].nunique()
+    both = set(official.index[official > 1])
+    out["in_both_source_splits"] = out["patient_id"].isin(both).to_numpy()
+    return conform(out)
+
+
+def quirk_counts(manifest: pd.DataFrame) -> dict[str, int]:
+    """The ``quirks`` of ``mammo-ray index --json``: how many of each real-data quirk were handled.
+
+    view_label_conflicts: exam keys (patient, side, type, id) whose CC and MLO labels disagree;
+    shared_films: films listed under both a Mass and a Calc row; multi_roi_images: films with
+    more than one ROI row; resampled_masks / dropped_masks: rows whose mask is stored at another
+    size than its image (same aspect ratio: resampled; another: dropped); official_split_overlap_patients:
+    patients in both of CBIS-DDSM's own train and test sets.
+    """
+    conflicts = manifest.loc[manifest["view_label_conflict"]]
+    return {
+        "view_label_conflicts": int(exam_base_key(conflicts).nunique()) if len(conflicts) else 0,
+        "shared_films": int(manifest.loc[manifest["shared_film"], "image_id"].nunique()),
+        "multi_roi_images": int(manifest.loc[manifest["multi_roi_image"], "image_id"].nunique()),
+        "resampled_masks": int(manifest["mask_resampled"].sum()),
+        "dropped_masks": int(manifest["mask_dropped"].sum()),
+        "official_split_overlap_patients": int(manifest.loc[manifest["in_both_source_splits"], "patient_id"].nunique()),
+    }
+
+
 def build_index_report(manifest: pd.DataFrame, *, invalid=(), unreadable=(), warnings=()) -> dict:
     """The JSON-able summary ``mammo-ray index`` prints and saves beside the manifest.
 
     Keys: rows, resolved, unresolved (list of {lesion_id, source_file, source_row, reason}),
     unresolved_by_reason (the reason's text before ":"), unreadable ({path, reason}),
     invalid ({source_file, source_row, field, value, reason}), warnings, patients,
-    patients_in_both_source_splits (CBIS-DDSM's own train/test share patients), and counts
+    patients_in_both_source_splits (CBIS-DDSM's own train/test share patients), quirks
+    (``quirk_counts``), and counts
     by_type, by_pathology, by_label, by_source_split, resolved_by_type.
     """
     def counts(series: pd.Series) -> dict:
@@ -320,6 +425,7 @@ def build_index_report(manifest: pd.DataFrame, *, invalid=(), unreadable=(), war
         "warnings": [dict(w) for w in warnings],
         "patients": int(manifest["patient_id"].nunique()),
         "patients_in_both_source_splits": int((splits_per_patient > 1).sum()),
+        "quirks": quirk_counts(manifest),
         "by_type": counts(manifest["abnormality_type"]),
         "by_pathology": counts(manifest["pathology"]),
         "by_label": counts(manifest["label"]),

@@ -17,10 +17,10 @@ import pandas as pd
 from mammo_ray.config import Config, DataConfig, save_config
 from mammo_ray.data.cache import prepare_cache
 from mammo_ray.data.cbis_ddsm import index_dataset
-from mammo_ray.data.manifest import read_manifest, write_manifest
-from mammo_ray.data.shard_worker import CROP_FIELDS
+from mammo_ray.data.manifest import MANIFEST_FORMAT, read_manifest, write_manifest
+from mammo_ray.data.shard_worker import CACHE_FORMAT, CROP_FIELDS
 from mammo_ray.data.splits import Splits, make_splits
-from mammo_ray.data.synth import synthesize
+from mammo_ray.data.synthetic import csv_source, synthesize
 
 
 @dataclass
@@ -46,7 +46,11 @@ def dataset_key(cfg: DataConfig) -> str:
     """A folder name that changes whenever the source data would."""
     if cfg.source == "synthetic":
         h, w = cfg.synth_size
-        return f"synthetic-p{cfg.synth_patients}-s{cfg.seed}-{h}x{w}-{cfg.synth_layout}"
+        key = f"synthetic-p{cfg.synth_patients}-s{cfg.seed}-{h}x{w}-{cfg.synth_layout}"
+        if cfg.synth_from_csv is not None:  # a replica of real CSV rows
+            name = "cbis" if cfg.synth_from_csv == "cbis-ddsm" else _short_hash(str(Path(cfg.synth_from_csv).resolve()))
+            key = f"replica-{name}-" + key.removeprefix("synthetic-")
+        return key
     return f"{cfg.source}-{_short_hash([cfg.root, cfg.csv_dir, cfg.generic_csv])}"
 
 
@@ -56,15 +60,16 @@ def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> 
         return Path(cfg.root or Path(cfg.generic_csv).parent).resolve()
     out = workdir / "datasets" / dataset_key(cfg)
     if not (out / "synth.json").is_file():
+        from_csv = csv_source(cfg.synth_from_csv) if cfg.synth_from_csv is not None else None
         summary = synthesize(out, patients=cfg.synth_patients, seed=cfg.seed, size=tuple(cfg.synth_size),
-                             layout=cfg.synth_layout, progress=progress)
+                             layout=cfg.synth_layout, from_csv=from_csv, progress=progress)
         (out / "synth.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return out
 
 
 def ensure_manifest(cfg: DataConfig, root: Path, workdir: Path) -> tuple[Path, Path]:
     """Index the dataset once; return the manifest and the index report paths."""
-    folder = workdir / "index" / dataset_key(cfg)
+    folder = workdir / "index" / f"{dataset_key(cfg)}-{MANIFEST_FORMAT}"  # a new format re-indexes
     manifest_path, report_path = folder / "manifest.parquet", folder / "index_report.json"
     if not manifest_path.is_file():
         csv_dir = None if cfg.source == "generic" else (cfg.csv_dir or root)
@@ -83,17 +88,23 @@ def rows_for(cfg: DataConfig, manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def ensure_splits(cfg: DataConfig, manifest_path: Path, workdir: Path) -> Path:
-    """Split the patients who have rows of the configured abnormality, so that val and test get
-    their share of those patients (splitting everyone can leave a split with almost no masses)."""
-    params = {"fractions": list(cfg.split_fractions), "seed": cfg.seed, "balance_eval": cfg.balance_eval,
-              "folds": cfg.folds, "abnormality": cfg.abnormality}
+    """Split every patient of the manifest once per (fractions, seed, mode, balance, folds).
+
+    The split does not depend on ``data.abnormality``: strata carry each patient's abnormality
+    types (``splits.composition_strata``), so val and test get their share of mass patients, and
+    a mass model and an all-abnormality model with the same seed have the same test patients
+    (``froc --classifier`` never scores one model on the other's training images).
+    """
+    seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    params = {"fractions": list(cfg.split_fractions), "seed": seed, "balance_eval": cfg.balance_eval,
+              "folds": cfg.folds, "mode": cfg.split}
     path = workdir / "splits" / f"{dataset_key(cfg)}-{_short_hash(params)}.json"
     if not path.is_file():
-        rows = rows_for(cfg, read_manifest(manifest_path))
-        if rows.empty:
+        rows = read_manifest(manifest_path)
+        if rows_for(cfg, rows).empty:
             raise ValueError(f"{manifest_path}: no {cfg.abnormality} rows to split (data.abnormality)")
-        splits = make_splits(rows, fractions=tuple(cfg.split_fractions), seed=cfg.seed,
-                             balance_eval=cfg.balance_eval, folds=cfg.folds)
+        splits = make_splits(rows, fractions=tuple(cfg.split_fractions), seed=seed,
+                             balance_eval=cfg.balance_eval, folds=cfg.folds, mode=cfg.split)
         path.parent.mkdir(parents=True, exist_ok=True)
         splits.save(path)
     return path
@@ -101,7 +112,8 @@ def ensure_splits(cfg: DataConfig, manifest_path: Path, workdir: Path) -> Path:
 
 def cache_dir_for(cfg: DataConfig, splits_path: Path, workdir: Path) -> Path:
     params = {name: getattr(cfg, name) for name in CROP_FIELDS} | {"abnormality": cfg.abnormality,
-                                                                    "splits": splits_path.name}
+                                                                    "splits": splits_path.name,
+                                                                    "cache_format": CACHE_FORMAT}
     return workdir / "cache" / f"{dataset_key(cfg)}-{cfg.crop}-{_short_hash(params)}"
 
 

@@ -1,10 +1,11 @@
 """One lesion crop from one image, exactly as the crop cache makes it (for serving and the CLI).
 
 The cache crops each lesion with its config's crop mode around the ROI box
-(``crops.lesion_box``), resizes it to ``cache_px`` and stores it as uint16
-(``crops.crop_resized``, ``crops.to_uint16``); the model's eval transform then does the rest.
-``roi_crop`` repeats those steps for an image that arrives later (an upload, a file on the
-command line), so a served prediction equals the offline evaluation of the same lesion.
+(``crops.lesion_box``), resizes it to ``cache_px`` (``crops.crop_resized``) and stores it as
+uint16 with the value map of the whole source image (``crops.source_value_map``: decided once
+per image, never per crop); the model's eval transform then does the rest. ``roi_crop``
+repeats those steps for an image that arrives later (an upload, a file on the command line),
+so a served prediction equals the offline evaluation of the same lesion.
 
 Without an ROI the image is taken whole (``default="whole"``: a lesion crop such as
 CBIS-DDSM's cropped images) or as its centred square (``default="center"``).
@@ -17,7 +18,8 @@ from typing import Literal
 import numpy as np
 
 from mammo_ray.config import DataConfig
-from mammo_ray.data.crops import Box, centred_box, crop_resized, lesion_box, letterbox, to_uint16
+from mammo_ray.data.crops import (Box, centred_box, crop_resized, lesion_box, letterbox, source_value_map,
+                                  store_uint16)
 
 RoiDefault = Literal["whole", "center"]
 
@@ -62,10 +64,12 @@ def roi_crop(image: np.ndarray, cfg: DataConfig, *, box: Box | None = None, seed
     """The stored-crop equivalent (uint16, ``cache_px`` square) of one ROI of a canonical image.
 
     Models of ``data.crop=whole`` see the whole image letterboxed to ``whole_size``, ROI or not.
+    Values are stored with the whole image's value map, and padding past the border is the
+    value that maps to 0, exactly as ``prepare`` does.
     """
+    value_map = source_value_map(image)
     if cfg.crop == "whole":
-        canvas, _, _ = letterbox(image, tuple(cfg.whole_size))
-        return to_uint16(canvas)[0]
+        canvas, _, _ = letterbox(image, tuple(cfg.whole_size), fill=value_map.offset)
+        return store_uint16(canvas, value_map)
     crop_box = roi_box(cfg, image.shape, box=box, seed=seed, flipped=flipped, default=default)
-    stored, _ = to_uint16(crop_resized(image, crop_box, cfg.cache_px))
-    return stored
+    return store_uint16(crop_resized(image, crop_box, cfg.cache_px, fill=value_map.offset), value_map)

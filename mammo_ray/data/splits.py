@@ -8,7 +8,14 @@ Splits are by patient, never by image or lesion: all rows of a patient land in o
   by rounding, so the totals are within about one patient per stratum of the target.
 * Stratification: a patient's class is the maximum of ``label_column`` over their rows when
   it is numeric (any malignant lesion makes a malignant patient), otherwise its most common
-  value (ties: the first in sorted order), e.g. ``abnormality_type`` for paper 004.
+  value (ties: the first in sorted order), e.g. ``abnormality_type`` for paper 004. Strata
+  combine that class with the abnormality types the patient has (``composition_strata``), so
+  every split gets its share of mass and of calcification patients and the split does not
+  depend on which abnormality a model trains on: a mass model and an all-abnormality model
+  made with the same seed share their test patients.
+* Modes: ``patient`` (default) draws all three splits at random by patient; ``official`` keeps
+  the dataset's own test set (CBIS-DDSM's test CSVs; the 31 patients that are in both official
+  sets go to test only) and draws val from the official train patients.
 * ``balance_eval`` (paper 001): val and test are made class-balanced by patient class, by
   moving randomly chosen surplus patients of the larger classes into train; none are dropped.
 * ``folds=K`` (paper 004: an 85/15 split, ``fractions=(0.85, 0, 0.15)``, and five folds):
@@ -65,6 +72,8 @@ class Splits:
     excluded_patients: list[str] = field(default_factory=list)  # not split (no resolved row)
     excluded_rows: int = 0                              # manifest rows of those patients
     excluded_reason: str = ""
+    mode: str = "patient"                               # "patient" (random) or "official" (the dataset's own)
+    overlap_patients_in_test: int = 0                   # official: patients in both official sets, put in test
 
     def patients(self, split: str | Split) -> list[str]:
         """Patient ids of ``split`` (a Split or its spelling: "train", "VAL", ...)."""
@@ -140,10 +149,49 @@ def patient_strata(manifest: pd.DataFrame, label_column: str = "label") -> pd.Se
     return grouped.agg(lambda s: sorted(s.value_counts().loc[lambda c: c == c.max()].index)[0])
 
 
+def composition_strata(manifest: pd.DataFrame, label_column: str = "label") -> pd.Series:
+    """Each patient's stratum: their class (``patient_strata``) and which abnormality types they have.
+
+    Stratifying by the types as well gives every split its share of mass patients and of
+    calcification patients, so one split file serves a mass model and an all-abnormality model
+    alike (``data.abnormality`` does not change who is in test).
+    """
+    classes = patient_strata(manifest, label_column).astype(str)
+    if "abnormality_type" not in manifest.columns:
+        return classes
+    types = manifest.groupby("patient_id", sort=True)["abnormality_type"].agg(lambda s: "+".join(sorted(set(s))))
+    return classes + "|" + types
+
+
+def _official_test(manifest: pd.DataFrame) -> tuple[set[str], set[str]]:
+    """(test patients, overlap patients) of the dataset's own split; a patient in both sets goes to test."""
+    sets: dict[str, set[str]] = {patient: set(values.str.lower()) - {""}
+                                 for patient, values in manifest.groupby("patient_id")["source_split"]}
+    missing = sorted(p for p, s in sets.items() if not s)
+    if missing:
+        raise ValueError(f"data.split=official needs the dataset's own train/test split (manifest column "
+                         f"source_split); {len(missing)} patient(s) have none, e.g. {missing[0]!r}")
+    unknown = sorted(set().union(*sets.values()) - {"train", "test"})
+    if unknown:
+        raise ValueError(f"data.split=official: source_split values {unknown} are neither 'train' nor 'test'")
+    test = {p for p, s in sets.items() if "test" in s}
+    overlap = {p for p, s in sets.items() if s == {"train", "test"}}
+    return test, overlap
+
+
 def make_splits(manifest: pd.DataFrame, *, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                 seed: int = 0, stratify: bool = True, balance_eval: bool = False, folds: int | None = None,
-                label_column: str = "label", require_resolved: bool = True) -> Splits:
-    """Split the manifest's patients into train/val/test (and optional folds); see the module docstring."""
+                label_column: str = "label", require_resolved: bool = True, mode: str = "patient") -> Splits:
+    """Split the manifest's patients into train/val/test (and optional folds); see the module docstring.
+
+    ``mode="official"`` keeps the dataset's own test set (``source_split``, CBIS-DDSM's train/test
+    CSVs): every patient with a test row is in test, including the patients that the official
+    sets share (counted in ``overlap_patients_in_test``); val is drawn by patient from the official
+    train patients, ``fractions[1] / (fractions[0] + fractions[1])`` of them per stratum;
+    ``fractions[2]`` is not used.
+    """
+    if mode not in ("patient", "official"):
+        raise ValueError(f"split mode must be 'patient' or 'official', got {mode!r}")
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
     if fractions[0] <= 0:
@@ -151,21 +199,28 @@ def make_splits(manifest: pd.DataFrame, *, fractions: tuple[float, float, float]
     keep = manifest.groupby("patient_id")["resolved"].transform("any") if require_resolved else \
         pd.Series(True, index=manifest.index)
     excluded = sorted(manifest.loc[~keep, "patient_id"].unique())
-    strata = patient_strata(manifest[keep], label_column) if keep.any() else pd.Series(dtype="int64")
+    strata = composition_strata(manifest[keep], label_column) if keep.any() else pd.Series(dtype="object")
     if not stratify:
         strata = pd.Series(0, index=strata.index)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+    official_test, overlap = _official_test(manifest[keep]) if mode == "official" else (set(), set())
     for _, members in sorted(strata.groupby(strata), key=lambda kv: str(kv[0])):
-        order = list(rng.permutation(np.asarray(sorted(members.index), dtype=object)))
-        n_test = math.floor(len(order) * fractions[2] + 0.5)
-        n_val = min(math.floor(len(order) * fractions[1] + 0.5), len(order) - n_test)
-        parts["test"] += order[:n_test]
+        if mode == "official":
+            parts["test"] += sorted(p for p in members.index if p in official_test)
+            order = list(rng.permutation(np.asarray(sorted(p for p in members.index if p not in official_test),
+                                                    dtype=object)))
+            n_test, share = 0, fractions[1] / (fractions[0] + fractions[1])
+        else:
+            order = list(rng.permutation(np.asarray(sorted(members.index), dtype=object)))
+            n_test, share = math.floor(len(order) * fractions[2] + 0.5), fractions[1]
+            parts["test"] += order[:n_test]
+        n_val = min(math.floor(len(order) * share + 0.5), len(order) - n_test)
         parts["val"] += order[n_test:n_test + n_val]
         parts["train"] += order[n_test + n_val:]
     if balance_eval:
         classes = patient_strata(manifest[keep], label_column) if keep.any() else pd.Series(dtype="int64")
-        for name in ("val", "test"):
+        for name in ("val", "test") if mode == "patient" else ("val",):  # the official test set stays whole
             parts[name], surplus = _balance(parts[name], classes, rng)
             parts["train"] += surplus
     fold_lists = None
@@ -178,7 +233,8 @@ def make_splits(manifest: pd.DataFrame, *, fractions: tuple[float, float, float]
                     folds=fold_lists, seed=seed, fractions=tuple(fractions), stratify=stratify,
                     balance_eval=balance_eval, label_column=label_column, excluded_patients=excluded,
                     excluded_rows=int((~keep).sum()),
-                    excluded_reason="patient has no resolved row" if excluded else "")
+                    excluded_reason="patient has no resolved row" if excluded else "", mode=mode,
+                    overlap_patients_in_test=len(overlap))
     splits.check_no_leak("make_splits")
     return splits
 

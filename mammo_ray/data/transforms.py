@@ -6,7 +6,8 @@ evaluation did. Order, following papers 000 and 001:
 
     normalise (per-crop z-score, or train mean-image subtraction)
     -> resize to cache_px (256)
-    -> train: random integer rotation with mean fill, random input_px (224) crop, flips
+    -> train: random zoom with mean fill (``scale_aug``, paper 003), random integer rotation with
+       mean fill, random input_px (224) crop, flips
        eval:  centre crop
     -> grayscale replicated to 3 channels for ImageNet backbones
 
@@ -40,6 +41,7 @@ class TransformSpec:
     rotation_deg: int = 0
     hflip: bool = True
     vflip: bool = False
+    scale_aug: tuple[float, float] | None = None
     train_mean: float = 0.0
     train_std: float = 1.0
     mean_image: np.ndarray | None = field(default=None, compare=False, repr=False)
@@ -51,7 +53,8 @@ class TransformSpec:
             raise ValueError("data.normalization=mean_image needs the cache's mean_image.npy")
         return cls(normalization=cfg.normalization, cache_px=cfg.cache_px, input_px=cfg.input_px,
                    channels=cfg.channels, rotation_deg=cfg.rotation_deg, hflip=cfg.hflip, vflip=cfg.vflip,
-                   train_mean=train_mean, train_std=train_std, mean_image=mean_image)
+                   scale_aug=check_scale_aug(cfg.scale_aug), train_mean=train_mean, train_std=train_std,
+                   mean_image=mean_image)
 
     def to_state(self) -> dict[str, Any]:
         """Plain data + one tensor: loadable with ``torch.load(weights_only=True)``."""
@@ -62,6 +65,8 @@ class TransformSpec:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "TransformSpec":
         state = dict(state)
+        if state.get("scale_aug") is not None:  # a checkpoint may hand back a list
+            state["scale_aug"] = tuple(float(v) for v in state["scale_aug"])
         if state.get("mean_image") is not None:
             state["mean_image"] = torch.as_tensor(state["mean_image"]).numpy()
         return cls(**state)
@@ -86,6 +91,25 @@ class Normalize(torch.nn.Module):
         if mean.shape[-2:] != x.shape[-2:]:
             mean = F.resize(mean, list(x.shape[-2:]), antialias=True)
         return (x - mean) / max(self.spec.train_std, 1e-6)
+
+
+def check_scale_aug(scale_aug: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``data.scale_aug`` as a (min, max) zoom range with 0 < min <= max; ValueError otherwise."""
+    if scale_aug is None:
+        return None
+    lo, hi = (float(v) for v in scale_aug)
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"data.scale_aug must be (min, max) with 0 < min <= max, got {tuple(scale_aug)}")
+    return lo, hi
+
+
+def random_zoom(scale_aug: tuple[float, float]) -> v2.RandomAffine:
+    """Zoom about the centre by a factor drawn uniformly from ``scale_aug``, filling with 0 (the mean).
+
+    Paper 003 augments its patches by scale as well as by crop, translation, rotation and flip;
+    a lesion then appears at several sizes, as masses of one kind do in different breasts.
+    """
+    return v2.RandomAffine(degrees=0.0, scale=scale_aug, interpolation=v2.InterpolationMode.BILINEAR, fill=0.0)
 
 
 class RandomIntegerRotation(torch.nn.Module):
@@ -129,6 +153,8 @@ def build_eval_transform(spec: TransformSpec) -> Callable[[np.ndarray], torch.Te
 def build_train_transform(spec: TransformSpec) -> Callable[[np.ndarray], torch.Tensor]:
     """Stored crop -> randomly augmented network input (uses torch's global RNG)."""
     ops = _head(spec)
+    if spec.scale_aug is not None:
+        ops.append(random_zoom(check_scale_aug(spec.scale_aug)))
     if spec.rotation_deg:
         ops.append(RandomIntegerRotation(spec.rotation_deg))
     ops.append(v2.RandomCrop(spec.input_px))

@@ -8,9 +8,12 @@ order) are averaged per image, then taken to the view mode's primary level (per 
 Averaging is linear, so averaging members then views equals averaging views then members.
 
 The report compares the ensemble with its members on the same cases: each member's AUC, the
-mean member AUC with a class-stratified bootstrap CI, a paired bootstrap of the gain (ensemble
-AUC minus mean member AUC) and the curve of ensemble AUC against the number of members.
-Every bootstrap draws the same resamples (same ``seed``), so the three CIs are consistent.
+mean member AUC with a bootstrap CI, a paired bootstrap of the gain (ensemble AUC minus mean
+member AUC) and the curve of ensemble AUC against the number of members. The bootstraps are
+cluster bootstraps over patients (``train.metrics``): a resample draws patients, stratified by
+class, and all of a patient's cases come with them, because one patient's cases are correlated
+(a frame without ``patient_id`` resamples cases). Every bootstrap draws the same resamples (same
+cases, patients and ``seed``), so the three CIs are consistent and the gain is paired.
 """
 
 from __future__ import annotations
@@ -26,14 +29,13 @@ import scipy.stats
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mammo_ray.train.metrics import (_auc_statistic, _stratified_bootstrap, binary_metrics, check_predictions,
-                                     exam_level)
+from mammo_ray.train.metrics import (CLUSTER, PRIMARY_LEVEL, auc_of_weights, check_predictions, cluster_bootstrap,
+                                     evaluate_predictions, exam_level, summarize_levels)
 from mammo_ray.train.plots import _save, plot_rocs
 
 __all__ = ["KEY_COLUMNS", "average_members", "ensemble_report"]
 
-KEY_COLUMNS = ("exam_key", "view", "patient_id", "label")  # what identifies a row (paired frames lack some)
-PRIMARY_LEVEL = {"single": "image", "parallel": "exam", "multimodal": "exam"}  # as loop.summarize_predictions
+KEY_COLUMNS = ("exam_key", "view", "patient_id", "label")  # what identifies a row (paired frames lack "view")
 NAN = float("nan")
 
 
@@ -101,17 +103,19 @@ def _column_aucs(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (ranks[y == 1].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def _mean_auc_statistic(probs: np.ndarray) -> Callable[..., np.ndarray]:
-    """Mean over members (columns of ``probs``) of each member's AUC on resampled case indices.
+def _gain_statistic(y: np.ndarray, ensemble: np.ndarray, probs: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Case weights (resamples, n) -> columns (mean member AUC, ensemble AUC - mean member AUC).
 
     One member at a time, each vectorised over the resamples: the memory of one batch stays at
-    what ``_stratified_bootstrap`` bounds for a single predictor, whatever the ensemble size.
+    what ``cluster_bootstrap`` bounds for a single predictor, whatever the ensemble size.
     """
-    members = [_auc_statistic(np.ascontiguousarray(probs[:, m])) for m in range(probs.shape[1])]
+    members = [auc_of_weights(y, np.ascontiguousarray(probs[:, m])) for m in range(probs.shape[1])]
+    ensemble_auc = auc_of_weights(y, ensemble)
 
-    def mean_auc(neg: np.ndarray, pos: np.ndarray, axis: int = -1) -> np.ndarray:
-        return sum(auc(neg, pos, axis) for auc in members) / len(members)
-    return mean_auc
+    def statistic(weights: np.ndarray) -> np.ndarray:
+        mean = sum(auc(weights) for auc in members) / len(members)
+        return np.stack([mean, ensemble_auc(weights) - mean], axis=1)
+    return statistic
 
 
 def _primary_level(keys: pd.DataFrame, probs: np.ndarray, view_mode: str) -> tuple[pd.DataFrame, np.ndarray]:
@@ -162,16 +166,8 @@ def _plot_curve(curve: list[dict[str, float]], mean_member_auc: float, path: Pat
 def _flat_metrics(keys: pd.DataFrame, probs: np.ndarray, view_mode: str, prefix: str, n_boot: int,
                   seed: int) -> dict[str, float]:
     """``loop.summarize_predictions``' keys for the ensemble frame (without importing torch)."""
-    ensemble = keys.assign(prob=probs.mean(axis=1))
-    image = binary_metrics(ensemble["label"], ensemble["prob"], n_boot=n_boot, seed=seed)
-    exams = exam_level(ensemble)
-    exam = binary_metrics(exams["label"], exams["prob"], n_boot=n_boot, seed=seed)
-    m = image if PRIMARY_LEVEL[view_mode] == "image" else exam
-    out = {"loss": m.log_loss, "auc": m.auc, "acc": m.accuracy, "recall": m.recall, "specificity": m.specificity,
-           "precision": m.precision, "image_auc": image.auc, "exam_auc": exam.auc, "n": float(m.n)}
-    if n_boot:
-        out["auc_ci_low"], out["auc_ci_high"] = m.auc_ci
-    return {f"{prefix}{name}": float(value) for name, value in out.items()}
+    levels = evaluate_predictions(keys.assign(prob=probs.mean(axis=1)), n_boot=n_boot, seed=seed)
+    return summarize_levels(levels, view_mode, prefix=prefix, with_ci=n_boot > 0)
 
 
 def ensemble_report(frames: Sequence[pd.DataFrame], view_mode: str, out_dir: str | Path, *, split: str = "test",
@@ -192,8 +188,10 @@ def ensemble_report(frames: Sequence[pd.DataFrame], view_mode: str, out_dir: str
         ``ensemble_auc``, ``ensemble_auc_ci``, ``mean_member_auc``, ``mean_member_auc_ci``, ``diff``
         (ensemble minus mean member AUC), ``diff_ci`` (paired), ``member_aucs``, ``curve`` (one
         ``{k, mean, std}`` per k), ``metrics`` (flat, ``<split>_ensemble_*``), ``plots``,
-        ``predictions``, ``n`` (cases at the primary level), plus ``split``, ``view_mode``,
-        ``level`` and ``members``. Undefined values (one class only) are nan.
+        ``predictions``, ``n`` (cases at the primary level), ``bootstrap_unit`` ("patient", or
+        "case" for frames without ``patient_id``), ``clusters`` (units resampled), ``boot_dropped``
+        (resamples left out for lacking a class), plus ``split``, ``view_mode``, ``level`` and
+        ``members``. Undefined values (one class only) are nan.
     """
     if view_mode not in PRIMARY_LEVEL:
         raise ValueError(f"ensemble_report: unknown view_mode {view_mode!r}; expected one of {list(PRIMARY_LEVEL)}")
@@ -210,13 +208,10 @@ def ensemble_report(frames: Sequence[pd.DataFrame], view_mode: str, out_dir: str
     ensemble_ci = (metrics.get(f"{prefix}auc_ci_low", NAN), metrics.get(f"{prefix}auc_ci_high", NAN))
     member_aucs = _column_aucs(y, probs)
     mean_member_auc = float(member_aucs.mean())
-    mean_auc, ensemble_stat = _mean_auc_statistic(probs), _auc_statistic(ensemble)
-    mean_ci = _stratified_bootstrap(y, mean_auc, n_boot=n_boot, ci=0.95, seed=seed)
-
-    def gain(neg: np.ndarray, pos: np.ndarray, axis: int = -1) -> np.ndarray:  # paired: same resamples
-        return ensemble_stat(neg, pos, axis) - mean_auc(neg, pos, axis)
-
-    diff_ci = _stratified_bootstrap(y, gain, n_boot=n_boot, ci=0.95, seed=seed)
+    groups = cases[CLUSTER].to_numpy() if CLUSTER in cases.columns else None
+    mean_boot, gain_boot = cluster_bootstrap(y, _gain_statistic(y, ensemble, probs), groups=groups, n_boot=n_boot,
+                                             ci=0.95, seed=seed, outputs=2)
+    mean_ci, diff_ci = mean_boot.interval, gain_boot.interval
     curve = _auc_curve(y, probs, ensemble_auc, curve_orders, np.random.default_rng(seed))
     metrics.update({f"{prefix}mean_member_auc": mean_member_auc, f"{prefix}mean_member_auc_ci_low": mean_ci[0],
                     f"{prefix}mean_member_auc_ci_high": mean_ci[1], f"{prefix}auc_gain": ensemble_auc - mean_member_auc,
@@ -245,6 +240,7 @@ def ensemble_report(frames: Sequence[pd.DataFrame], view_mode: str, out_dir: str
               "mean_member_auc": mean_member_auc, "mean_member_auc_ci": [float(v) for v in mean_ci],
               "diff": float(ensemble_auc - mean_member_auc), "diff_ci": [float(v) for v in diff_ci],
               "member_aucs": [float(v) for v in member_aucs], "curve": curve, "metrics": metrics,
-              "plots": [str(p) for p in plots], "predictions": str(predictions)}
+              "bootstrap_unit": "case" if groups is None else "patient", "clusters": mean_boot.clusters,
+              "boot_dropped": mean_boot.dropped, "plots": [str(p) for p in plots], "predictions": str(predictions)}
     (out_dir / f"ensemble_{split}.json").write_text(json.dumps(result, indent=2))
     return result

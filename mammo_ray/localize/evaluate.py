@@ -1,10 +1,14 @@
 """Paper 003's evaluation over a split of whole mammograms, and its two-stage pipeline.
 
-For every image of the split: the dense mass map of the patch classifier (``whole_image``),
-the union of its mass ROI masks brought onto the map grid, then FROC (``froc``): sensitivity
-per ground-truth ROI (max or mean of the map inside it against a threshold), false positives
-per image from above-threshold blobs outside every ROI, and image-level mass / no-mass
-accuracy from the map's maximum. A random heatmap on the same images is the chance baseline.
+For every film of the split (``image_id``: scanned once, whatever its copies; ``rois``): the
+dense mass map of the patch classifier (``whole_image``), one ground-truth ROI per mass lesion
+brought onto the map grid by itself (never merged with its neighbour, never dropped for being
+small or at the border), then FROC (``froc``): sensitivity per ROI (max or mean of the map
+inside its cells against a threshold), false positives per image from above-threshold blobs
+that touch no ROI, and image-level mass / no-mass accuracy from the map's maximum. A random
+heatmap on the same images is the chance baseline. Every mass row of the split is accounted
+for: evaluated (possibly as an ROI nothing could place, counted as missed), in an unreadable
+image, or a duplicate of a lesion already listed (``SplitScan.roi_counts``).
 
 Two stages (paper 003 §III.B-C): stage 1 calls an image "mass" when its image score (the
 maximum of the stage-1 model's map; by default the localizer's own) reaches
@@ -16,18 +20,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 from tqdm.auto import tqdm
 
-from mammo_ray.constants import AbnormalityType
-from mammo_ray.localize.findings import mask_to_grid
 from mammo_ray.localize.froc import FROCResult, evaluate_image, froc, plot_froc
+from mammo_ray.localize.rois import Film, group_films, roi_grids
 from mammo_ray.localize.whole_image import Localization, read_mammogram
 
 Localizer = Callable[[np.ndarray, bool], Localization]
@@ -35,78 +38,100 @@ Localizer = Callable[[np.ndarray, bool], Localization]
 
 @dataclass
 class ScannedImage:
-    """One image of the split: its map, its mass mask on the map grid, and the stage-1 score."""
+    """One film of the split: its map, one ground-truth layer per mass lesion, and the stage-1 score."""
 
-    image_path: str
+    image_id: str  # the film (patient, side, view), scanned once whatever its copies
+    image_path: str  # the file that was read
     patient_id: str
     prob_map: np.ndarray
-    mask: np.ndarray
+    rois: np.ndarray  # (n_masses, h, w) bool on the map grid, one layer per mass lesion
+    lesion_ids: tuple[str, ...]
     stage1_score: float
-    n_masses: int
+
+    @property
+    def n_masses(self) -> int:
+        return int(self.rois.shape[0])
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The union of the ROIs on the map grid (for display; the evaluation keeps them apart)."""
+        return self.rois.any(axis=0)
+
+
+@dataclass
+class SplitScan:
+    """Every film of a split through the localizer, with the bookkeeping that accounts for each ROI."""
+
+    images: list[ScannedImage]
+    skipped: list[dict[str, Any]]  # films none of whose files could be read: image_id, paths, n_masses, reason
+    placed: list[dict[str, Any]]  # one per evaluated ROI: image_id, lesion_id, placed_by, reason
+    n_films: int  # films of the split
+    n_mass_rows: int  # MASS rows of those films
+    duplicate_mass_rows: int  # MASS rows repeating a lesion_id of their film (counted once)
+    shared_films: int  # films stored under more than one file (CBIS-DDSM's Mass + Calc copies)
+    roi_counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        evaluated = sum(s.n_masses for s in self.images)
+        unreadable = sum(int(s["n_masses"]) for s in self.skipped)
+        self.roi_counts = {"mass_rows": self.n_mass_rows, "evaluated": evaluated,
+                           "in_unreadable_images": unreadable, "duplicate_rows": self.duplicate_mass_rows}
+        if evaluated + unreadable + self.duplicate_mass_rows != self.n_mass_rows:
+            raise RuntimeError(f"ROI accounting does not add up: {self.roi_counts}")
 
 
 def split_images(manifest: pd.DataFrame, split_of: pd.Series, split: str) -> pd.DataFrame:
-    """The resolved rows of ``split``, all abnormalities (an image without a mass is a negative)."""
-    rows = manifest[(split_of == split) & manifest["resolved"].astype(bool)]
-    if rows.empty:
+    """Every row of ``split``, all abnormalities (a film without a mass row is a negative), resolved or not.
+
+    Unresolved rows stay: a Mass row whose own file is missing still makes its film a mass image
+    when the film's Calc copy reads, and a film with no readable file is reported by ``scan_split``
+    with its mass ROIs, not left out unseen.
+    """
+    rows = manifest[split_of == split]
+    if not rows["resolved"].astype(bool).any():
         raise ValueError(f"split {split!r} has no resolved images")
     return rows
 
 
-def _mass_mask(rows: pd.DataFrame, shape: tuple[int, int], flipped: bool, skipped: list[dict[str, Any]]) -> np.ndarray:
-    from mammo_ray.data.dicom import DicomReadError, read_dicom
+def _read_film(film: Film) -> tuple[np.ndarray | None, bool, str, list[str]]:
+    """The first of the film's files that reads: (image, flipped, path, errors of the files tried before)."""
+    from mammo_ray.data.dicom import DicomReadError
 
-    mask = np.zeros(shape, dtype=bool)
-    for row in rows.itertuples(index=False):
-        if AbnormalityType.parse(row.abnormality_type) is not AbnormalityType.MASS:
+    errors = []
+    for path in film.paths:
+        try:
+            image, flipped = read_mammogram(path)
+        except (DicomReadError, ValueError) as exc:
+            errors.append(f"{path}: {exc}")
             continue
-        path = getattr(row, "roi_mask_path", "") or ""
-        if path:
-            try:
-                roi, _ = read_dicom(path, flip=flipped)
-            except DicomReadError as exc:
-                skipped.append({"image_path": row.image_path, "path": exc.path, "reason": exc.reason})
-                continue
-            if roi.shape != shape:
-                skipped.append({"image_path": row.image_path, "path": path,
-                                "reason": f"mask shape {roi.shape} differs from image shape {shape}"})
-                continue
-            mask |= roi > 0
-            continue
-        box = [getattr(row, f"bbox_{k}", float("nan")) for k in ("x0", "y0", "x1", "y1")]
-        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in box):
-            skipped.append({"image_path": row.image_path, "path": "", "reason": "mass without mask or bbox"})
-            continue
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        if flipped:
-            x0, x1 = shape[1] - x1, shape[1] - x0
-        mask[max(y0, 0):y1, max(x0, 0):x1] = True
-    return mask
+        return image, flipped, path, errors
+    return None, False, "", errors or ["no image file"]
 
 
 def scan_split(rows: pd.DataFrame, localize: Localizer, stage1: Localizer | None = None, *,
-               progress: bool = True) -> tuple[list[ScannedImage], list[dict[str, Any]]]:
-    """Dense maps of every image of ``rows``; unreadable images are skipped and listed with a reason."""
-    from mammo_ray.data.dicom import DicomReadError
-
-    scanned, skipped = [], []
-    groups = list(rows.groupby("image_path", sort=True))
-    for image_path, group in tqdm(groups, desc="dense maps", unit="image", disable=not progress):
-        try:
-            image, flipped = read_mammogram(image_path)
-        except (DicomReadError, ValueError) as exc:
-            skipped.append({"image_path": image_path, "path": image_path, "reason": str(exc)})
+               progress: bool = True) -> SplitScan:
+    """Maps of every film of ``rows`` (once per image_id); films none of whose files read are skipped
+    and listed with the reason and the mass ROIs they take out of the evaluation."""
+    films = group_films(rows)
+    scanned, skipped, placed = [], [], []
+    for film in tqdm(films, desc="dense maps", unit="image", disable=not progress):
+        image, flipped, path, errors = _read_film(film)
+        if image is None:
+            skipped.append({"image_id": film.image_id, "paths": list(film.paths), "n_masses": film.n_masses,
+                            "reason": "; ".join(errors)})
             continue
-        mask = _mass_mask(group, image.shape, flipped, skipped)
         found = localize(image, flipped)
-        grid = mask_to_grid(mask, found.dense.probs.shape, found.map_scale, found.map_offset)
+        rois, how = roi_grids(film, image.shape, flipped, found.dense.probs.shape, found.map_scale,
+                              found.map_offset)
+        placed.extend(how)
         score = found.image_score if stage1 is None else stage1(image, flipped).image_score
-        n_masses = int(ndimage.label(mask, structure=np.ones((3, 3)))[1])
-        scanned.append(ScannedImage(str(image_path), str(group["patient_id"].iloc[0]), found.dense.probs,
-                                    grid, score, n_masses))
+        scanned.append(ScannedImage(film.image_id, path, film.patient_id, found.dense.probs, rois,
+                                    tuple(r["lesion_id"] for r in how), score))
     if not scanned:
         raise ValueError(f"no image could be scanned ({len(skipped)} skipped: {skipped[:3]})")
-    return scanned, skipped
+    masses = sum(f.n_masses + f.duplicate_mass_rows for f in films)
+    return SplitScan(scanned, skipped, placed, len(films), masses, sum(f.duplicate_mass_rows for f in films),
+                     sum(len(f.paths) > 1 for f in films))
 
 
 def random_maps(scanned: Sequence[ScannedImage], seed: int) -> list[np.ndarray]:
@@ -122,7 +147,7 @@ def two_stage(scanned: Sequence[ScannedImage], image_threshold: float, box_thres
     labels = np.array([s.n_masses > 0 for s in scanned])
     detected = fps = n_rois = 0
     for s, call in zip(scanned, calls):
-        record = evaluate_image(s.prob_map, s.mask, [box_threshold], reduce=reduce, hit=hit)
+        record = evaluate_image(s.prob_map, s.rois, [box_threshold], reduce=reduce, hit=hit)
         n_rois += record.roi_scores.size
         if call:
             detected += int(record.detected[:, 0].sum())
@@ -137,13 +162,20 @@ def two_stage(scanned: Sequence[ScannedImage], image_threshold: float, box_thres
             "fp_per_image": float(fps / len(scanned))}
 
 
-def evaluate_split(scanned: Sequence[ScannedImage], out_dir: str | Path, *, reduce: str = "max",
-                   image_threshold: float = 0.5, box_threshold: float = 0.5, seed: int = 0,
-                   skipped: Sequence[dict[str, Any]] = (), label: str = "model") -> dict[str, Any]:
+def _roi_summary(scan: SplitScan) -> dict[str, Any]:
+    """How the evaluated ROIs were placed, and every one not placed by its own mask, with the reason."""
+    return {"counts": scan.roi_counts,
+            "placed_by": dict(Counter(str(p["placed_by"]) for p in scan.placed)),
+            "not_by_own_mask": [p for p in scan.placed if p["placed_by"] not in ("mask", "mask_resampled")]}
+
+
+def evaluate_split(scan: SplitScan, out_dir: str | Path, *, reduce: str = "max", image_threshold: float = 0.5,
+                   box_threshold: float = 0.5, seed: int = 0, label: str = "model") -> dict[str, Any]:
     """FROC under both hit rules against a random heatmap, the two-stage figures, PNG + JSON + CSV."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    maps, masks = [s.prob_map for s in scanned], [s.mask for s in scanned]
+    scanned = scan.images
+    maps, masks = [s.prob_map for s in scanned], [s.rois for s in scanned]
     chance = random_maps(scanned, seed)
     results: dict[str, dict[str, FROCResult]] = {}
     for hit in ("overlap", "peak"):
@@ -159,7 +191,8 @@ def evaluate_split(scanned: Sequence[ScannedImage], out_dir: str | Path, *, redu
         plots.append(str(path))
     summary = {
         "n_images": len(scanned), "n_rois": results["overlap"]["model"].n_rois, "reduce": reduce,
-        "skipped": list(skipped),
+        "n_films": scan.n_films, "shared_films": scan.shared_films, "skipped": list(scan.skipped),
+        "rois": _roi_summary(scan),
         "sensitivity_at_1fp": {hit: pair["model"].sensitivity_at(1.0) for hit, pair in results.items()},
         "random_sensitivity_at_1fp": {hit: pair["random"].sensitivity_at(1.0) for hit, pair in results.items()},
         "image_auc": results["overlap"]["model"].image_auc,
@@ -170,7 +203,8 @@ def evaluate_split(scanned: Sequence[ScannedImage], out_dir: str | Path, *, redu
         "plots": plots,
         "curves": {hit: {name: r.to_dict() for name, r in pair.items()} for hit, pair in results.items()},
     }
-    per_image = pd.DataFrame({"image_path": [s.image_path for s in scanned],
+    per_image = pd.DataFrame({"image_id": [s.image_id for s in scanned],
+                              "image_path": [s.image_path for s in scanned],
                               "patient_id": [s.patient_id for s in scanned],
                               "n_masses": [s.n_masses for s in scanned],
                               "map_max": [float(s.prob_map.max()) for s in scanned],

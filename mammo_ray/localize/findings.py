@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from mammo_ray.data.crops import Box
+from mammo_ray.data.crops import Box, mask_bbox
 
-__all__ = ["Finding", "check_map", "find_boxes", "label_components", "mask_to_grid"]
+__all__ = ["Finding", "check_map", "find_boxes", "label_components", "mask_to_grid", "roi_to_grid"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -163,21 +163,78 @@ def mask_to_grid(mask: Any, map_shape: tuple[int, int], scale: float = 1.0,
         raise ValueError(f"min_fraction must be in (0, 1] or None, got {min_fraction}")
     scale, ox, oy = _check_geometry(scale, offset)
     h, w = int(map_shape[0]), int(map_shape[1])
-    height, width = full.shape
-
-    def edges(n: int, start: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        lo = np.floor(np.arange(n) * scale + start).astype(np.int64)
-        hi = np.ceil((np.arange(n) + 1) * scale + start).astype(np.int64)
-        return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
-
-    y0, y1 = edges(h, oy, height)
-    x0, x1 = edges(w, ox, width)
-    # Summed-area table: any cell's lesion pixel count in four lookups, whatever the scale.
-    table = np.zeros((height + 1, width + 1), dtype=np.int64)
-    table[1:, 1:] = np.cumsum(np.cumsum(full != 0, axis=0), axis=1)
-    counts = (table[y1[:, None], x1[None, :]] - table[y0[:, None], x1[None, :]]
-              - table[y1[:, None], x0[None, :]] + table[y0[:, None], x0[None, :]])
+    counts, pixels = _cell_counts(full != 0, np.arange(h), np.arange(w), scale, (ox, oy), (0, 0))
     if min_fraction is None:
         return counts > 0
-    pixels = (y1 - y0)[:, None] * (x1 - x0)[None, :]
     return (pixels > 0) & (counts >= float(min_fraction) * pixels)
+
+
+def roi_to_grid(mask: Any, map_shape: tuple[int, int], scale: float = 1.0,
+                offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """One ground-truth ROI on a map grid, never lost on the way (paper 003's FROC denominator).
+
+    The ROI covers every cell it touches (any-pooling, as :func:`mask_to_grid` with
+    ``min_fraction=None``). An ROI that touches no cell, because it lies in the image margin the
+    map's cells do not reach (a dense map's first cell is centred on its first window, half a
+    window in from the border), gets the one cell nearest to its centre instead: it stays in the
+    evaluation as an ROI the map can find or miss, instead of silently leaving the denominator.
+    Only the ROI's bounding box is read, so this stays cheap on full-size mammograms.
+
+    Args:
+        mask: (H, W) full-resolution mask of one ROI; non-zero is lesion.
+        map_shape, scale, offset: the map's grid and geometry, as for :func:`mask_to_grid`.
+
+    Returns:
+        (h, w) bool array with at least one True cell, or all False when ``mask`` is empty
+        (an ROI with no pixel has no place on any grid; the caller reports it).
+    """
+    full = np.asarray(mask)
+    if full.ndim != 2:
+        raise ValueError(f"mask: expected a 2-D (H, W) mask of one ROI, got shape {full.shape}")
+    if len(map_shape) != 2 or min(map_shape) < 1:
+        raise ValueError(f"map_shape: expected a positive (h, w), got {tuple(map_shape)}")
+    scale, ox, oy = _check_geometry(scale, offset)
+    h, w = int(map_shape[0]), int(map_shape[1])
+    grid = np.zeros((h, w), dtype=bool)
+    lesion = full != 0
+    box = mask_bbox(lesion)
+    if box is None:
+        return grid
+    bx0, by0, bx1, by1 = box
+    # Cells that can touch the box, one cell of margin each side (the exact test is the count).
+    j0, j1 = max(0, math.floor((bx0 - ox) / scale) - 1), min(w, math.ceil((bx1 - ox) / scale) + 1)
+    i0, i1 = max(0, math.floor((by0 - oy) / scale) - 1), min(h, math.ceil((by1 - oy) / scale) + 1)
+    if i1 > i0 and j1 > j0:
+        counts, _ = _cell_counts(lesion[by0:by1, bx0:bx1], np.arange(i0, i1), np.arange(j0, j1), scale,
+                                 (ox, oy), (bx0, by0))
+        grid[i0:i1, j0:j1] = counts > 0
+    if not grid.any():  # in the margin outside every cell: the cell nearest to its centre
+        rows, cols = np.nonzero(lesion)
+        i = min(h - 1, max(0, math.floor((float(rows.mean()) + 0.5 - oy) / scale)))
+        j = min(w - 1, max(0, math.floor((float(cols.mean()) + 0.5 - ox) / scale)))
+        grid[i, j] = True
+    return grid
+
+
+def _cell_counts(lesion: np.ndarray, cell_rows: np.ndarray, cell_cols: np.ndarray, scale: float,
+                 offset: tuple[float, float], origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion pixels and in-image pixels touched by each listed cell, for a mask cut out at ``origin``.
+
+    ``lesion`` is the (x, y) = ``origin`` corner of the full mask onwards; the cells are numbered
+    on the full grid, so a cut-out holding every lesion pixel counts exactly as the full mask does.
+    """
+    height, width = lesion.shape
+
+    def edges(cells: np.ndarray, start: float, first: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.floor(cells * scale + start).astype(np.int64) - first
+        hi = np.ceil((cells + 1) * scale + start).astype(np.int64) - first
+        return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
+
+    y0, y1 = edges(cell_rows, offset[1], origin[1], height)
+    x0, x1 = edges(cell_cols, offset[0], origin[0], width)
+    # Summed-area table: any cell's lesion pixel count in four lookups, whatever the scale.
+    table = np.zeros((height + 1, width + 1), dtype=np.int64)
+    table[1:, 1:] = np.cumsum(np.cumsum(lesion, axis=0), axis=1)
+    counts = (table[y1[:, None], x1[None, :]] - table[y0[:, None], x1[None, :]]
+              - table[y1[:, None], x0[None, :]] + table[y0[:, None], x0[None, :]])
+    return counts, (y1 - y0)[:, None] * (x1 - x0)[None, :]

@@ -23,8 +23,15 @@ Two hit rules (``hit=``):
     of the ``reduce`` criterion, some blob's mark lies inside it. One giant blob then hits
     at most one ROI and is a false positive unless its peak is in a mass.
 
-Maps and masks are on the same (h, w) grid: bring full-resolution masks down with
-:func:`mammo_ray.localize.findings.mask_to_grid` first.
+Ground truth. Each image gives either a stack ``(R, h, w)`` with one layer per ground-truth
+ROI (one per lesion, as :mod:`mammo_ray.localize.evaluate` builds it: neighbouring lesions stay
+two ROIs, layers may overlap, and an empty layer is an ROI the map can never localize, so it
+still counts as missed), or a single ``(h, w)`` union mask whose 8-connected components are the
+ROIs (touching lesions merge into one: only for inputs that know no better). With a stack, a
+blob is a false positive when it touches no layer; under ``"peak"`` a mark inside several
+(overlapping) layers localizes each of them. Maps and masks share the (h, w) grid: bring each
+full-resolution ROI down with :func:`mammo_ray.localize.findings.roi_to_grid` (never drops an
+ROI) or a union with :func:`~mammo_ray.localize.findings.mask_to_grid`.
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ class ImageRecord:
     """What one image contributes to the evaluation."""
 
     thresholds: np.ndarray       # (T,) ascending
-    roi_scores: np.ndarray       # (R,) max or mean of the map inside each ground-truth ROI
+    roi_scores: np.ndarray       # (R,) max or mean of the map inside each ground-truth ROI; NaN: empty ROI
     detected: np.ndarray         # (R, T) bool: ROI r localized at threshold t (hit rule)
     false_positives: np.ndarray  # (T,) int: false-positive blobs of map >= t (hit rule)
     image_score: float           # map.max(): the image-level mass score
@@ -88,31 +95,42 @@ class ImageRecord:
         return self.roi_scores.size > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds.tolist(), "roi_scores": self.roi_scores.tolist(),
+        return {"thresholds": self.thresholds.tolist(), "roi_scores": [_optional(v) for v in self.roi_scores],
                 "detected": self.detected.tolist(), "false_positives": self.false_positives.tolist(),
                 "image_score": self.image_score, "has_mass": self.has_mass, "reduce": self.reduce,
                 "hit": self.hit}
 
 
+def _roi_stack(mask: np.ndarray) -> np.ndarray:
+    """(R, h, w) one layer per ROI: a stack as given, or a union mask split into 8-connected components."""
+    if mask.ndim == 3:
+        return mask
+    rois, n_rois = label_components(mask)
+    return rois[None] == np.arange(1, n_rois + 1)[:, None, None]
+
+
+def _roi_scores(array: np.ndarray, stack: np.ndarray, reduce: str) -> np.ndarray:
+    """``reduce`` of the map inside each ROI; NaN for an empty ROI (never localized)."""
+    pick = np.max if reduce == "max" else np.mean
+    return np.array([pick(array[layer]) if layer.any() else np.nan for layer in stack], dtype=np.float64)
+
+
 def _evaluate(array: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, reduce: str,
               hit: str) -> ImageRecord:
-    rois, n_rois = label_components(mask)
-    if n_rois:
-        pick = ndimage.maximum if reduce == "max" else ndimage.mean
-        roi_scores = np.asarray(pick(array, rois, np.arange(1, n_rois + 1)), dtype=np.float64).reshape(n_rois)
-    else:
-        roi_scores = np.zeros(0)
-    detected = roi_scores[:, None] >= thresholds[None, :]
+    stack = _roi_stack(mask)
+    union = stack.any(axis=0)
+    roi_scores = _roi_scores(array, stack, reduce)
+    with np.errstate(invalid="ignore"):  # NaN (an empty ROI) is below every threshold
+        detected = roi_scores[:, None] >= thresholds[None, :]
     false_positives = np.zeros(thresholds.size, dtype=np.int64)
     for k, t in enumerate(thresholds):
         blobs, n_blobs = label_components(array >= t)
         if hit == "overlap":
-            false_positives[k] = n_blobs - np.unique(blobs[mask & (blobs > 0)]).size
+            false_positives[k] = n_blobs - np.unique(blobs[union & (blobs > 0)]).size
         elif n_blobs:  # "peak": each blob is one mark at its (first) maximum pixel
             marks = np.array(ndimage.maximum_position(array, blobs, np.arange(1, n_blobs + 1)))
-            hit_roi = rois[marks[:, 0], marks[:, 1]]
-            false_positives[k] = int(np.count_nonzero(hit_roi == 0))
-            detected[:, k] &= np.isin(np.arange(1, n_rois + 1), hit_roi)
+            false_positives[k] = int(np.count_nonzero(~union[marks[:, 0], marks[:, 1]]))
+            detected[:, k] &= stack[:, marks[:, 0], marks[:, 1]].any(axis=1)
         else:
             detected[:, k] = False
     return ImageRecord(thresholds=thresholds, roi_scores=roi_scores, detected=detected,
@@ -123,9 +141,10 @@ def _evaluate(array: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, reduc
 def _check_pair(prob_map: Any, gt_mask: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     array = check_map(prob_map, f"{where} prob_map")
     mask = np.asarray(gt_mask)
-    if mask.shape != array.shape:
+    if mask.ndim not in (2, 3) or mask.shape[-2:] != array.shape:
         raise ValueError(f"{where}: prob_map shape {array.shape} != gt_mask shape {mask.shape} "
-                         "(bring the mask onto the map grid with mask_to_grid)")
+                         "(expected (h, w) or (n_rois, h, w) on the map grid: bring masks onto it with "
+                         "roi_to_grid or mask_to_grid)")
     return array, mask != 0
 
 
@@ -135,8 +154,8 @@ def evaluate_image(prob_map: Any, gt_mask: Any, thresholds: Any = None, *,
 
     Args:
         prob_map: (h, w) mass probability map.
-        gt_mask: (h, w) mask on the same grid, non-zero inside ROIs; each 8-connected
-            component is one ROI.
+        gt_mask: on the same grid, non-zero inside ROIs: ``(R, h, w)``, one layer per ROI, or an
+            ``(h, w)`` union whose 8-connected components are the ROIs (module docstring).
         thresholds: decision thresholds (sorted ascending, duplicates dropped); None for
             :data:`DEFAULT_THRESHOLDS`.
         reduce: ``"max"`` or ``"mean"`` of the map inside an ROI is compared with ``t``.
@@ -163,7 +182,7 @@ class FROCResult:
     n_rois: int
     reduce: str                 # "max" or "mean" inside each ROI
     hit: str                    # "overlap" or "peak" (module docstring)
-    roi_scores: np.ndarray      # (n_rois,) per ROI, in image order (paper 003 Fig. 11-13)
+    roi_scores: np.ndarray      # (n_rois,) per ROI, in image order (paper 003 Fig. 11-13); NaN: empty ROI
     image_scores: np.ndarray    # (n_images,) map.max() per image
     image_labels: np.ndarray    # (n_images,) 1 where the mask has an ROI
 
@@ -220,7 +239,7 @@ class FROCResult:
             "image_auc": _optional(self.image_auc),
             "sensitivity_at_1fp": _optional(self.sensitivity_at(1.0)),
             "operating_point_at_1fp": None if k is None else self.operating_point(self.thresholds[k]),
-            "roi_scores": self.roi_scores.tolist(), "image_scores": self.image_scores.tolist(),
+            "roi_scores": [_optional(v) for v in self.roi_scores], "image_scores": self.image_scores.tolist(),
             "image_labels": self.image_labels.tolist(),
         }
 
@@ -231,8 +250,9 @@ def froc(maps: Sequence[Any], masks: Sequence[Any], thresholds: Any = None, *,
 
     Args:
         maps: one (h, w) probability map per image.
-        masks: one ground-truth mask per image on the same grid as its map (may be empty:
-            an image without a mass still counts in FP per image and image accuracy).
+        masks: per image, its ground truth on its map's grid: an ``(R, h, w)`` stack with one
+            layer per ROI, or an ``(h, w)`` union mask (module docstring). ``R = 0`` or an empty
+            union is an image without a mass: it still counts in FP per image and image accuracy.
         thresholds: decision thresholds, sorted ascending; None for 0.01, 0.02, ..., 0.99.
         reduce: ``"max"`` (paper 003's criterion, Fig. 14) or ``"mean"`` of the map inside
             an ROI is compared with the threshold.

@@ -21,8 +21,9 @@ def _display(image: np.ndarray, heat: np.ndarray, max_side: int) -> tuple[np.nda
 
 
 def overlay_figure(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], *, title: str = "",
-                   max_side: int = 1024, alpha: float = 0.45):  # noqa: ANN201 - a matplotlib Figure
-    """Grayscale image, the heatmap on top (0..1, jet), and each box with its score."""
+                   max_side: int = 1024, alpha: float = 0.45,
+                   label: str = "mass probability"):  # noqa: ANN201 - a matplotlib Figure
+    """Grayscale image, the heatmap on top (0..1, jet; ``label`` on the colour bar), and each box with its score."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -42,7 +43,7 @@ def overlay_figure(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding]
                                (box.y1 - box.y0) * factor, fill=False, edgecolor="white", linewidth=1.5))
         ax.text(box.x0 * factor, box.y0 * factor - 2, f"{box.score:.2f}", color="white", fontsize=8,
                 va="bottom", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"})
-    fig.colorbar(layer, ax=ax, fraction=0.046, pad=0.02, label="mass probability")
+    fig.colorbar(layer, ax=ax, fraction=0.046, pad=0.02, label=label)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
     fig.text(0.01, 0.005, DISCLAIMER, fontsize=6, color="0.3")
@@ -50,10 +51,10 @@ def overlay_figure(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding]
 
 
 def save_overlay(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], path: str | Path, *,
-                 title: str = "", max_side: int = 1024) -> Path:
+                 title: str = "", max_side: int = 1024, label: str = "mass probability") -> Path:
     import matplotlib.pyplot as plt
 
-    fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side)
+    fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side, label=label)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
@@ -62,11 +63,11 @@ def save_overlay(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], 
 
 
 def overlay_base64(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], *, title: str = "",
-                   max_side: int = 768) -> str:
+                   max_side: int = 768, label: str = "mass probability") -> str:
     """The overlay as a base64 PNG string (for JSON replies)."""
     import matplotlib.pyplot as plt
 
-    fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side)
+    fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side, label=label)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mammo_ray.config import Config
-from mammo_ray.data.crops import breast_region, resize
+from mammo_ray.data.crops import breast_region, resize, source_value_map
 from mammo_ray.data.transforms import TransformSpec
 from mammo_ray.localize.fcn import DenseMap, ensemble_dense_map
 from mammo_ray.localize.findings import Finding, find_boxes
@@ -82,13 +82,42 @@ def prepare_whole_image(image: np.ndarray, spec: TransformSpec, geometry: Window
         raise ValueError(f"a whole mammogram must be a 2-D array, got shape {image.shape}")
     h = max(geometry.window, round(image.shape[0] * geometry.scale))
     w = max(geometry.window, round(image.shape[1] * geometry.scale))
-    x = torch.from_numpy(normalise_whole(resize(image, (h, w)), spec))[None, None]
+    return network_input(image, spec, (h, w))
+
+
+def network_input(image: np.ndarray, spec: TransformSpec, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) canonical intensities resized to ``size`` and normalised as the eval transform does: (1, C, h, w).
+
+    The values are first put in the cache's stored range with the image's own value map (8-bit
+    data x257, as ``prepare`` stores its crops), so global normalisation sees training's units.
+    """
+    h, w = size
+    value_map = source_value_map(image)
+    scaled = ((resize(image, (h, w)) - value_map.offset) * value_map.scale).astype(np.float32)
+    x = torch.from_numpy(normalise_whole(scaled, spec))[None, None]
     return x.expand(1, spec.channels, h, w).contiguous() if spec.channels > 1 else x
+
+
+MAP_VALUES = {  # what the map's numbers are, per method (reported with every localization)
+    "dense": "P(class 1) of the window centred on each cell, mean over members (paper 003)",
+    "cam": "class activation map of class 1 (paper 004, Eq. 1), min-max scaled to [0, 1] per member, then averaged",
+    "gradcam": "Grad-CAM of class 1, min-max scaled to [0, 1] per member, then averaged",
+}
+IMAGE_SCORE_MEANS = {
+    "dense": "the map's maximum (paper 003's image-level score)",
+    "cam": "the members' mean P(class 1) for the whole image (the output the map explains)",
+    "gradcam": "the members' mean P(class 1) for the whole image (the output the map explains)",
+}
 
 
 @dataclass
 class Localization:
-    """A dense mass map of one image and what was read off it, in original pixel coordinates."""
+    """A map of one whole image (dense, CAM or Grad-CAM) and what was read off it, in original pixels.
+
+    A class map (``method`` "cam" / "gradcam", :mod:`mammo_ray.localize.class_map`) has no
+    window: its ``geometry.window`` and ``patch_px`` are 0, its ``dense`` grid has square cells of
+    ``dense.stride`` scaled px with ``window == stride`` (each value at its cell's centre).
+    """
 
     dense: DenseMap  # member-mean map, in the scaled and (if ``flipped``) mirrored frame
     spread: np.ndarray  # member std per cell (zeros for one member)
@@ -97,11 +126,14 @@ class Localization:
     flipped: bool  # the map's frame is mirrored relative to the stored image
     threshold: float
     boxes: list[Finding] = field(default_factory=list)
+    method: str = "dense"  # "dense", "cam" or "gradcam": how the map was made (MAP_VALUES)
+    score: float | None = None  # the image score when it is not the map's maximum (class maps)
 
     @property
     def image_score(self) -> float:
-        """The map's maximum: paper 003's image-level mass / no-mass score."""
-        return float(self.dense.probs.max())
+        """Dense maps: the map's maximum, paper 003's image-level mass / no-mass score. Class maps
+        (min-max scaled, so their maximum is 1): the members' mean P(class 1) for the whole image."""
+        return float(self.dense.probs.max()) if self.score is None else float(self.score)
 
     @property
     def map_scale(self) -> float:
@@ -125,7 +157,9 @@ class Localization:
         return {"boxes": [b.to_dict() for b in self.boxes], "image_score": self.image_score,
                 "threshold": self.threshold, "image_size": list(self.image_shape),
                 "map_shape": list(self.dense.probs.shape), "map_stride_px": self.map_scale,
-                "window_px": self.geometry.patch_px, "max_spread": float(self.spread.max(initial=0.0))}
+                "window_px": self.geometry.patch_px or None, "max_spread": float(self.spread.max(initial=0.0)),
+                "method": self.method, "map_values": MAP_VALUES[self.method],
+                "image_score_means": IMAGE_SCORE_MEANS[self.method]}
 
 
 def _mirror(box: Finding, width: int) -> Finding:
@@ -152,11 +186,16 @@ def localize_image(models: Sequence[nn.Module], spec: TransformSpec, config: Con
     x = prepare_whole_image(image, spec, geometry)
     dense, spread = ensemble_dense_map(list(models), x, geometry.window, tile=tile)
     result = Localization(dense, spread, geometry, tuple(image.shape), flipped, threshold)
-    boxes = find_boxes(dense.probs, threshold, scale=result.map_scale, offset=result.map_offset,
-                       min_area=min_area, max_boxes=max_boxes)
-    width = image.shape[1]
-    result.boxes = [_mirror(b, width) for b in boxes] if flipped else boxes
+    result.boxes = read_boxes(result, min_area=min_area, max_boxes=max_boxes)
     return result
+
+
+def read_boxes(result: Localization, *, min_area: int = 1, max_boxes: int | None = 20) -> list[Finding]:
+    """Boxes of the blobs of ``result``'s map at its threshold, in the stored image's original pixels."""
+    boxes = find_boxes(result.dense.probs, result.threshold, scale=result.map_scale, offset=result.map_offset,
+                       min_area=min_area, max_boxes=max_boxes)
+    width = result.image_shape[1]
+    return [_mirror(b, width) for b in boxes] if result.flipped else boxes
 
 
 def read_mammogram(path: str | Path, *, max_dim: int | None = None) -> tuple[np.ndarray, bool]:

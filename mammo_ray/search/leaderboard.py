@@ -1,10 +1,11 @@
 """The search leaderboard, shaped like paper 000's Table 1.
 
 Rows are backbones (and the non-deep baseline); column groups are view mode x augmentation;
-each cell is the held-out test accuracy / ROC AUC (bootstrap 95% CI) / log loss of the cell's
-best trial, chosen on the validation metric. Written three ways: ``leaderboard.md`` (the table
-to read), ``leaderboard.csv`` (the same table, one column per cell and measure) and
-``leaderboard_long.csv`` (one row per cell, every number, for analysis).
+each cell is the held-out test accuracy / ROC AUC (patient-level bootstrap 95% CI) / log loss of
+the cell's best trial, chosen on the validation metric; the note under the table says which metric
+at which level chose the cells' winners and the best configuration overall. Written three ways:
+``leaderboard.md`` (the table to read), ``leaderboard.csv`` (the same table, one column per cell
+and measure) and ``leaderboard_long.csv`` (one row per cell, every number, for analysis).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 LONG_COLUMNS = ["backbone", "column", "view_mode", "augment", "status", "test_acc", "test_auc", "test_auc_ci_low",
-                "test_auc_ci_high", "test_loss", "test_n", "val_metric", "trial_id", "run_id", "trials"]
+                "test_auc_ci_high", "test_loss", "test_n", "val_metric", "val_exam_loss", "trial_id", "run_id",
+                "trials"]
 MEASURES = ("acc", "auc", "auc_ci_low", "auc_ci_high", "loss")
 
 
@@ -55,18 +57,25 @@ def wide_table(long: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def to_markdown(table: pd.DataFrame, title: str) -> str:
+def to_markdown(table: pd.DataFrame, title: str, selection: str = "") -> str:
     header = ["method", *table.columns]
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, row in table.iterrows():
         lines.append("| " + " | ".join([str(method), *(str(v) for v in row)]) + " |")
-    lines += ["", "Each cell: test accuracy / ROC AUC (bootstrap 95% CI) / log loss of the cell's best trial "
-              "by validation metric. For research use only. Not for use in diagnostic procedures."]
+    lines += ["", "Each cell: test accuracy / ROC AUC (95% CI, bootstrap over patients) / log loss of the cell's "
+              "best trial by validation metric."]
+    if selection:
+        lines += ["", selection]
+    lines += ["", "For research use only. Not for use in diagnostic procedures."]
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str) -> dict[str, Any]:
-    """Write ``leaderboard.{md,csv}`` and ``leaderboard_long.csv``; return their paths and the Markdown."""
+def write_leaderboard(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str,
+                      selection: str = "") -> dict[str, Any]:
+    """Write ``leaderboard.{md,csv}`` and ``leaderboard_long.csv``; return their paths and the Markdown.
+
+    ``selection`` (``search.selection_text``) says under the table which metric, at which level,
+    chose each cell's best trial and the best configuration overall."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     long = leaderboard_frame(rows)
@@ -78,7 +87,7 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, ti
             value = row[f"test_{measure}"] if row["status"] == "ok" else math.nan
             wide.loc[str(row["backbone"]), f"{row['column']} {measure}"] = value
     wide.to_csv(out_dir / "leaderboard.csv")
-    markdown = to_markdown(wide_table(long), title)
+    markdown = to_markdown(wide_table(long), title, selection)
     (out_dir / "leaderboard.md").write_text(markdown)
     return {"csv": str(out_dir / "leaderboard.csv"), "long_csv": str(out_dir / "leaderboard_long.csv"),
             "markdown": str(out_dir / "leaderboard.md"), "text": markdown}

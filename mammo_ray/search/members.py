@@ -1,6 +1,7 @@
 """``mammo-ray ensemble``: paper 000's ensemble, its members trained as parallel Tune trials.
 
-The members share one configuration (by default the best of a search, by validation loss)
+The members share one configuration (by default the best of a search: the cell winner with the
+lowest exam-level validation loss, ``val_exam_loss``, see ``search.select_best``)
 and differ only in ``train.seed``. They run as a Tune grid over seeds: each member a Ray Train
 run (``trial.run_trial``) holding the resources the config gives its workers, so Ray packs
 as many as fit (a fractional ``train.gpus_per_worker`` puts several members on one GPU), up to
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 from mlflow import MlflowClient
 
-from mammo_ray.config import Config, save_config, with_values
+from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.search.cells import AS_CONFIGURED, Cell
 from mammo_ray.search.search import trainable
@@ -115,7 +116,7 @@ def run_ensemble(config: Config | None, workdir: str | Path, *, from_search: str
                     experiment_dir=str(storage_path_for(config, workdir) / name),
                     tracking_uri=tracking_uri(config, workdir), experiment=config.train.experiment,
                     parent_run_id="", metric=config.train.monitor,
-                    mode="min" if config.train.monitor == "val_loss" else "max",
+                    mode=metric_mode(config.train.monitor),
                     cells={"member": {"cell": cell.to_dict(), "config": config.model_dump(mode="json"),
                                       "prepared": prepared.to_dict()}})
     tags = {"mammo_ray.kind": "ensemble", "mammo_ray.experiment_dir": plan.experiment_dir,

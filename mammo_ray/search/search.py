@@ -5,10 +5,14 @@ from its own seeded Optuna study over dropout, learning rate and L2 (``searcher.
 is one Ray Train run (``trial.py``), stopped early by its cell's ASHA when it trails its cell at
 the same epoch. One parent MLflow run holds a child run per trial.
 
-Afterwards each cell's best trial (best validation metric over all its epochs) is evaluated on
+Afterwards each cell's best trial (best ``tune.metric`` over all its epochs) is evaluated on
 the held-out test split, and the leaderboard (``leaderboard.py``) is written, logged to the
-parent run and returned. The best configuration overall is saved as ``best_config.yaml`` (and
-logged to the parent run), where ``mammo-ray ensemble --from-search`` picks it up.
+parent run and returned. The best configuration overall is the cell winner with the lowest
+``val_exam_loss`` (``select_best``): validation log loss per exam in every view mode (a single-view
+model's exam probability is the mean of its CC and MLO probabilities), because ``val_loss`` is per
+image for single-view cells and per exam for two-view cells, and losses on different cases do not
+compare. It is saved as ``best_config.yaml`` (and logged to the parent run), where
+``mammo-ray ensemble --from-search`` picks it up.
 
 A search killed midway (Ctrl-C, or SIGKILL of the driver) continues with ``--resume DIR``:
 ``Tuner.restore`` keeps the finished trials, restarts the unfinished ones (their Train runs
@@ -26,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from mammo_ray.config import Config, save_config
+from mammo_ray.config import Config, metric_mode, save_config
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.search.cells import Cell, make_cells, trial_config
 from mammo_ray.search.leaderboard import write_leaderboard
@@ -36,6 +40,52 @@ from mammo_ray.train.run import check_resources, storage_path_for
 from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
 TRIAL_CPU = 0.01  # the trial only drives its TorchTrainer; the Train workers hold the cores
+SELECTION_METRIC = "val_exam_loss"  # picks the best configuration overall: one level for every view mode
+METRIC_LEVELS = {
+    "val_exam_loss": "validation log loss per exam (the CC and MLO probabilities of a lesion averaged) in every "
+                     "view mode",
+    "val_loss": "validation log loss at the view mode's primary level: per image for single, per exam for "
+                "parallel and multimodal",
+    "val_auc": "validation ROC AUC at the view mode's primary level: per image for single, per exam for "
+               "parallel and multimodal",
+}
+
+
+def describe_metric(metric: str) -> str:
+    """``lowest val_exam_loss (validation log loss per exam ...)``: what a selection compared."""
+    return f"{'lowest' if metric_mode(metric) == 'min' else 'highest'} {metric} ({METRIC_LEVELS[metric]})"
+
+
+def best_row(frame: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The row with the best finite ``metric`` (``mode`` "min" or "max"); None when none has one."""
+    scored = frame.dropna(subset=[metric])
+    if scored.empty:
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    return scored.loc[(sign * scored[metric]).idxmin()]
+
+
+def select_best(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The best configuration overall: each cell's best trial by ``metric`` (the leaderboard's
+    winners), then the one of those with the lowest ``SELECTION_METRIC`` at that epoch.
+
+    Within a cell every trial has the same view mode, so ``metric`` compares like with like
+    whatever its level; across cells only an exam-level metric does, which ``SELECTION_METRIC`` is
+    for every view mode. None when no cell winner has it.
+    """
+    winners = [row for _, cell in trials.groupby("cell", sort=False)
+               if (row := best_row(cell, metric, mode)) is not None]
+    return best_row(pd.DataFrame(winners), SELECTION_METRIC, "min") if winners else None
+
+
+def selection_text(metric: str, best: pd.Series | None) -> str:
+    """How the leaderboard's winners and the best configuration were chosen, for its Markdown."""
+    text = f"Each cell's best trial: {describe_metric(metric)} over its epochs."
+    overall = describe_metric(SELECTION_METRIC).replace("lowest", "the lowest", 1)
+    if best is None:
+        return f"{text} Best configuration overall: none (no cell's best trial reported {SELECTION_METRIC})."
+    return (f"{text} Best configuration overall: the cell winner with {overall}: {best['cell']} trial "
+            f"{best['trial_id']} ({SELECTION_METRIC} {float(best[SELECTION_METRIC]):.4f}).")
 
 
 def prepare_cells(cells: list[tuple[Any, Config]], workdir: Path, progress: bool) -> dict[str, PreparedData]:
@@ -90,8 +140,8 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> Any:
 
 
 def trial_table(results: Any, plan: Plan) -> pd.DataFrame:
-    """One row per trial: cell, sampled values, status, epochs, and its best epoch by the metric."""
-    sign = 1.0 if plan.mode == "min" else -1.0
+    """One row per trial: cell, sampled values, status, epochs, and its best epoch by the metric
+    (with ``val_auc``, ``val_loss`` and ``SELECTION_METRIC`` of that epoch)."""
     rows = []
     for result in results:
         config = result.config or {}
@@ -99,15 +149,16 @@ def trial_table(results: Any, plan: Plan) -> pd.DataFrame:
         row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path or "").name,
                                "cell": config.get("cell"), **{k: v for k, v in config.items() if k != "cell"},
                                "error": None if result.error is None else type(result.error).__name__,
-                               "epochs": 0, "best_epoch": math.nan, plan.metric: math.nan, "checkpoint": None}
+                               "epochs": 0, "best_epoch": math.nan, plan.metric: math.nan, SELECTION_METRIC: math.nan,
+                               "checkpoint": None}
         if history is not None and len(history) and plan.metric in history:
-            scored = history.dropna(subset=[plan.metric])
             row["epochs"] = int(history[TIME_ATTR].max()) if TIME_ATTR in history else len(history)
-            if len(scored):
-                best = scored.loc[(sign * scored[plan.metric]).idxmin()]
+            best = best_row(history, plan.metric, plan.mode)
+            if best is not None:
                 row.update({"best_epoch": int(best[TIME_ATTR]), plan.metric: float(best[plan.metric]),
                             "val_auc": float(best.get("val_auc", math.nan)),
                             "val_loss": float(best.get("val_loss", math.nan)),
+                            SELECTION_METRIC: float(best.get(SELECTION_METRIC, math.nan)),
                             "checkpoint": best.get("checkpoint_path")})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -121,18 +172,16 @@ def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[s
     from mammo_ray.train.tracking import log_metrics
 
     client = MlflowClient(plan.tracking_uri)
-    sign = 1.0 if plan.mode == "min" else -1.0
     rows = []
     for key, cell in plan.cells.items():
         info = cell["cell"]
         row: dict[str, Any] = {"cell": key, "backbone": info["backbone"], "column": Cell(**info).column,
                                "view_mode": info["view_mode"],
                                "augment": info["augment"], "trials": int((trials["cell"] == key).sum())}
-        done = trials[(trials["cell"] == key) & trials["checkpoint"].notna()]
-        if done.empty:
+        best = best_row(trials[(trials["cell"] == key) & trials["checkpoint"].notna()], plan.metric, plan.mode)
+        if best is None:
             rows.append({**row, "status": "no finished trial"})
             continue
-        best = done.loc[(sign * done[plan.metric]).idxmin()]
         prepared = PreparedData(**cell["prepared"])
         out_dir = Path(plan.experiment_dir) / "cells" / key
         result = evaluate_checkpoint(best["checkpoint"], "test", plan.workdir, out_dir, n_boot=n_boot,
@@ -144,6 +193,7 @@ def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[s
             client.set_tag(run_id, "mammo_ray.cell_best", "true")
         rows.append({**row, "status": "ok", "trial_id": best["trial_id"], "run_id": run_id,
                      "val_metric": float(best[plan.metric]), "checkpoint": best["checkpoint"],
+                     SELECTION_METRIC: float(best.get(SELECTION_METRIC, math.nan)),
                      **{k: metrics.get(k, math.nan) for k in ("test_acc", "test_auc", "test_auc_ci_low",
                                                               "test_auc_ci_high", "test_loss", "test_n")},
                      "plots": result["plots"]})
@@ -194,7 +244,7 @@ def run_search(config: Config, workdir: str | Path, *, resume: str | Path | None
         plan = Plan(kind="search", name=name, workdir=str(workdir),
                     experiment_dir=str(storage_path_for(config, workdir) / name), tracking_uri=uri,
                     experiment=config.train.experiment, parent_run_id="", metric=config.tune.metric,
-                    mode="min" if config.tune.metric == "val_loss" else "max",
+                    mode=metric_mode(config.tune.metric),
                     cells={cell.key: {"cell": cell.to_dict(), "config": c.model_dump(mode="json"),
                                       "prepared": prepared[cell.key].to_dict()} for cell, c in cells})
     parent = TrackedRun(plan.tracking_uri, plan.experiment, plan.name, config=None if resume else config,
@@ -225,32 +275,34 @@ def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> d
         columns = list(dict.fromkeys((r["column"], r["view_mode"], r["augment"]) for r in rows))
         rows += baseline_rows(plan.cell_config(next(iter(plan.cells))), PreparedData(**first["prepared"]), columns,
                               out / "baseline", config.train.eval_bootstrap)
-    board = write_leaderboard(rows, out, title=f"Search {plan.name}: {config.data.task} on {config.data.source} data")
+    best = select_best(trials, plan.metric, plan.mode)
+    board = write_leaderboard(rows, out, title=f"Search {plan.name}: {config.data.task} on {config.data.source} data",
+                              selection=selection_text(plan.metric, best))
     parent.log_artifacts([board["csv"], board["long_csv"], board["markdown"], out / "trials.csv"], "leaderboard")
     for row in rows:
         if row.get("plots"):
             parent.log_artifacts(row["plots"], f"cells/{row['cell']}")
-    scored = trials.dropna(subset=[plan.metric])
     summary: dict[str, Any] = {"experiment_dir": plan.experiment_dir, "parent_run_id": plan.parent_run_id,
                                "tracking_uri": plan.tracking_uri, "leaderboard": board["csv"],
                                "leaderboard_markdown": board["markdown"], "trials_csv": str(out / "trials.csv"),
                                "trials": int(len(trials)), "errored": int(trials["error"].notna().sum()),
                                "cells": len(plan.cells), "best": None}
-    if len(scored):
-        sign = 1.0 if plan.mode == "min" else -1.0
-        best = scored.loc[(sign * scored[plan.metric]).idxmin()]
+    if best is not None:
         params = {k: best[k] for k in ("model.dropout", "optim.lr", "optim.weight_decay") if k in best}
         best_config = trial_config(plan.cell_config(best["cell"]), {k: float(v) for k, v in params.items()},
                                    best["trial_id"])
         path = save_config(best_config, out, "best_config.yaml")
         parent.log_artifact(path, "best")
-        metrics = {plan.metric: float(best[plan.metric]), "val_auc": float(best["val_auc"]),
-                   "val_loss": float(best["val_loss"]), "best_epoch": int(best["best_epoch"])}
+        metrics = {plan.metric: float(best[plan.metric]), SELECTION_METRIC: float(best[SELECTION_METRIC]),
+                   "val_auc": float(best["val_auc"]), "val_loss": float(best["val_loss"]),
+                   "best_epoch": int(best["best_epoch"])}
         parent.log_metrics({f"best_{k}": v for k, v in metrics.items()})
         parent.set_tags({"mammo_ray.best_trial": best["trial_id"], "mammo_ray.best_cell": best["cell"],
                          "mammo_ray.best_config": path})
         summary["best"] = {"trial_id": best["trial_id"], "cell": best["cell"], "params": params,
-                           "metrics": metrics, "config_path": str(path), "checkpoint": best["checkpoint"],
+                           "metrics": metrics, "selected_by": SELECTION_METRIC,
+                           "selection": selection_text(plan.metric, best), "config_path": str(path),
+                           "checkpoint": best["checkpoint"],
                            "config": best_config.model_dump(mode="json")}
     (out / "search_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary["leaderboard_text"] = board["text"]

@@ -26,13 +26,14 @@ log = logging.getLogger(__name__)
 
 PREDICT_FILES = {"file", "cc", "mlo"}
 PREDICT_ROIS = {"box", "seed", "cc_box", "cc_seed", "mlo_box", "mlo_seed"}
-LOCALIZE_FIELDS = {"file", "threshold", "heatmap"}
+LOCALIZE_FIELDS = {"file", "threshold", "heatmap", "method"}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the upload cap
 
 
 class Backend(Protocol):
     async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError: ...
-    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str) -> dict[str, Any]: ...
+    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str,
+                       method: str | None) -> dict[str, Any]: ...
     async def status(self) -> dict[str, Any]: ...
     async def info(self) -> dict[str, Any]: ...
 
@@ -55,6 +56,34 @@ class PredictReply(BaseModel):
     task: str
     members: MemberSummary
     views: dict[str, float]  # per-view probabilities
+    model_version: str
+    disclaimer: str
+
+
+class Box(BaseModel):
+    x0: int  # left edge (inclusive), original pixels of the stored image
+    y0: int  # top edge (inclusive)
+    x1: int  # right edge (exclusive)
+    y1: int  # bottom edge (exclusive)
+    score: float  # the map's maximum inside the blob
+    area: float  # blob size in original pixels
+
+
+class LocalizeReply(BaseModel):
+    method: Literal["dense", "cam", "gradcam"]  # how the map was made: the model's default or the `method` field
+    map_values: str  # what the map's numbers are (a probability for dense, a relative activation for cam/gradcam)
+    boxes: list[Box]  # blobs of the map >= `threshold`, highest score first
+    image_score: float
+    image_score_means: str  # dense: the map's maximum; cam/gradcam: the members' mean P(class 1) of the image
+    threshold: float
+    image_size: list[int]  # (H, W) of the upload
+    map_shape: list[int]  # (h, w) of the map grid
+    map_stride_px: float  # original pixels per map cell
+    window_px: int | None  # dense: the patch side in original pixels; None for cam/gradcam
+    max_spread: float  # largest member std of the map (0 for one member)
+    heatmap_png_base64: str | None = None  # heatmap=png|both: the overlay with the boxes
+    heatmap_array: list[list[float]] | None = None  # heatmap=array|both: the map grid, stored orientation
+    heatmap_array_geometry: dict[str, Any] | None = None  # cell_px and offset_px of heatmap_array
     model_version: str
     disclaimer: str
 
@@ -159,16 +188,22 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
             raise result
         return result
 
-    @app.post("/v1/localize", responses={400: {"model": ErrorReply}, 413: {"model": ErrorReply},
-              422: {"model": ErrorReply}, 503: {"model": ErrorReply}},
-              summary="Mass probability heatmap and boxes of a whole mammogram (original pixel coordinates)")
+    @app.post("/v1/localize", response_model=LocalizeReply, response_model_exclude_unset=True,
+              responses={400: {"model": ErrorReply}, 413: {"model": ErrorReply}, 422: {"model": ErrorReply},
+                         503: {"model": ErrorReply}},
+              summary="Heatmap and boxes of a whole mammogram (original pixel coordinates): the dense map of a "
+                      "patch classifier, or the CAM / Grad-CAM of a crop classifier")
     async def localize(request: Request, file: UploadFile = File(..., description="a whole mammogram"),
                        threshold: float | None = Form(None, ge=0, le=1, description="box threshold"),
-                       heatmap: Literal["png", "array", "both", "none"] = Form("png")) -> Any:
+                       heatmap: Literal["png", "array", "both", "none"] = Form("png"),
+                       method: Literal["dense", "cam", "gradcam"] | None = Form(
+                           None, description="dense (patch classifiers), cam (GAP+FC backbones) or gradcam (any); "
+                                             "default: dense for patch classifiers, else cam, else gradcam. "
+                                             "One the model cannot do answers 422 with the reason")) -> Any:
         form = await request.form()
         check_fields(list(form.keys()), LOCALIZE_FIELDS, {"file"})
         name, data = await _read(file, "file", settings.max_bytes)
-        return await _call(backend.localize(name, data, threshold, heatmap))
+        return await _call(backend.localize(name, data, threshold, heatmap, method))
 
     @app.get("/v1/health", summary="ready (200) once the models are loaded and warmed, else 503")
     async def health() -> Any:
@@ -214,8 +249,10 @@ class RuntimeBackend:
     async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError:
         return (await asyncio.to_thread(self._ready().predict_items, [item]))[0]
 
-    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self._ready().localize, name, data, threshold=threshold, heatmap=heatmap)
+    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str,
+                       method: str | None = None) -> dict[str, Any]:
+        return await asyncio.to_thread(self._ready().localize, name, data, threshold=threshold, heatmap=heatmap,
+                                       method=method)
 
     async def status(self) -> dict[str, Any]:
         if self.runtime is None:

@@ -6,7 +6,8 @@
 
 Two deployments. ``EnsembleModel`` loads the members once per replica in ``__init__`` (from a
 checkpoint, a run or a registered version), measures loop against stacked execution on its own
-device, warms up, and answers ``@serve.batch``-ed predictions and dense-map localizations.
+device, warms up, and answers ``@serve.batch``-ed predictions and localizations (dense maps of
+patch classifiers, CAM or Grad-CAM of crop classifiers).
 ``Ingress`` parses and checks uploads (``mammo_ray.serving.api``) and calls the model through
 its handle. ``max_ongoing_requests`` and ``max_queued_requests`` bound both, so overload
 answers 503 instead of piling up. HTTP binds 127.0.0.1 unless told otherwise.
@@ -40,8 +41,10 @@ class EnsembleModel:
     async def predict(self, items: list[PredictItem]) -> list[dict[str, Any] | UploadError]:
         return await asyncio.to_thread(self.runtime.predict_items, items)
 
-    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.runtime.localize, name, data, threshold=threshold, heatmap=heatmap)
+    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str,
+                       method: str | None = None) -> dict[str, Any]:
+        return await asyncio.to_thread(self.runtime.localize, name, data, threshold=threshold, heatmap=heatmap,
+                                       method=method)
 
     def status(self) -> dict[str, Any]:
         return self.runtime.status()
@@ -63,8 +66,9 @@ class HandleBackend:
     async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError:
         return await self.handle.predict.remote(item)
 
-    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str) -> dict[str, Any]:
-        return await self.handle.localize.remote(name, data, threshold, heatmap)
+    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str,
+                       method: str | None = None) -> dict[str, Any]:
+        return await self.handle.localize.remote(name, data, threshold, heatmap, method)
 
     async def status(self) -> dict[str, Any]:
         return await asyncio.wait_for(self.handle.status.remote(), STATUS_TIMEOUT_S)

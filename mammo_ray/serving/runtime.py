@@ -10,10 +10,12 @@ lesion.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ class ServeSettings(BaseModel):
     threshold: float = Field(0.5, ge=0, le=1)  # `label` is malignant at or above this probability
     localize_threshold: float = Field(0.5, ge=0, le=1)  # default box threshold of /v1/localize
     localize_tile: int = Field(1024, ge=0)  # dense-map tile side (px); 0: one pass
+    localize_long_side: int | None = Field(None, ge=8)  # cam/gradcam: image long side (network px); None: by crop
     roi_default: Literal["whole", "center"] = "whole"  # without a box or seed: the whole image or its centre
     num_replicas: int = Field(1, ge=1)  # replicas of the model (ignored with autoscaling)
     autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
@@ -63,6 +66,44 @@ class PredictItem:
 
     files: dict[str, tuple[str, bytes]]  # field -> (file name, bytes)
     rois: dict[str, str] = field(default_factory=dict)  # "box", "seed", "cc_box", "mlo_seed", ...
+
+
+class MemberGuard:
+    """Who may use the members at once. Grad-CAM hooks their layers for the length of one request, and
+    a hook fires on every forward pass, whoever runs it: so Grad-CAM runs alone (``exclusive``), while
+    predictions, dense maps and CAM (no hooks) overlap freely (``shared``). A waiting Grad-CAM holds
+    back new shared users, so a stream of predictions cannot starve it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = self._waiting = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not (self._exclusive or self._waiting))
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not (self._exclusive or self._shared))
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 def _device(choice: str) -> torch.device:
@@ -94,7 +135,9 @@ class ModelRuntime:
         self.module, self.execution = choose_execution(ensemble, example, mode=s.execution)
         with torch.inference_mode():
             self.module(example)  # warm: the first call pays for allocation and kernel selection
-        self.localizable, self.localize_note = self._check_localizable()
+        self.guard = MemberGuard()  # Grad-CAM hooks the members' layers: nothing else runs them meanwhile
+        self.localize_reasons, self.localize_method = self._check_localizable()
+        self.localizable = self.localize_method is not None
         self.load_seconds = time.perf_counter() - started
         self.ready = True
 
@@ -105,16 +148,21 @@ class ModelRuntime:
         x = x.unsqueeze(0).repeat(batch, 1, 1, 1).to(self.device)
         return (x, x.clone()) if self.view_mode == "multimodal" else x
 
-    def _check_localizable(self) -> tuple[bool, str]:
-        from mammo_ray.localize.whole_image import window_geometry
+    def _check_localizable(self) -> tuple[dict[str, str], str | None]:
+        """Per localization method, why this model cannot use it ("" if it can), and its default method."""
+        from mammo_ray.localize.methods import default_method, method_reasons
 
-        if self.view_mode == "multimodal":
-            return False, "a multimodal model classifies CC+MLO pairs; dense maps need a single-view patch model"
-        try:
-            window_geometry(self.config, self.spec)
-        except ValueError as exc:
-            return False, str(exc)
-        return True, "dense map of the patch classifier (paper 003)"
+        reasons = method_reasons(self.members, self.config, self.spec)
+        return reasons, default_method(self.config, reasons)
+
+    @property
+    def localize_note(self) -> str:
+        if self.localize_method is None:
+            return self.localize_reasons["dense"]
+        notes = {"dense": "dense map of the patch classifier (paper 003)",
+                 "cam": "class activation map of the whole image (paper 004)",
+                 "gradcam": "Grad-CAM of the whole image (CAM is not defined for this head)"}
+        return f"default method {self.localize_method}: {notes[self.localize_method]}"
 
     # ------------------------------------------------------------------ predict
 
@@ -171,7 +219,7 @@ class ModelRuntime:
 
     def _forward(self, good: list[tuple[list[torch.Tensor], list[str]]]) -> list[np.ndarray]:
         """Per request: (views, members) probabilities of class 1."""
-        with torch.inference_mode():
+        with self.guard.shared(), torch.inference_mode():
             if self.view_mode == "multimodal":
                 cc = torch.stack([t[0] for t, _ in good]).to(self.device)
                 mlo = torch.stack([t[1] for t, _ in good]).to(self.device)
@@ -200,22 +248,39 @@ class ModelRuntime:
     # ------------------------------------------------------------------ localize
 
     def localize(self, name: str, data: bytes, *, threshold: float | None = None, heatmap: str = "png",
-                 max_side: int = 768) -> dict[str, Any]:
+                 method: str | None = None, max_side: int = 768) -> dict[str, Any]:
+        """A map of one whole mammogram by ``method`` (None: the model's default), its boxes and heatmap.
+
+        Raises:
+            UploadError: 422 naming ``file`` when the model has no localization method at all, or
+                ``method`` when it cannot use the one asked for (with the reason); the upload's 4xx.
+        """
+        from mammo_ray.localize.methods import localize, map_label
         from mammo_ray.localize.render import overlay_base64
-        from mammo_ray.localize.whole_image import localize_image
 
         if not self.localizable:
             raise UploadError(422, f"this model cannot localize: {self.localize_note}", "file")
+        chosen = method or self.localize_method
+        if chosen not in self.localize_reasons:
+            raise UploadError(422, f"unknown method {chosen!r}: expected one of {sorted(self.localize_reasons)}",
+                              "method")
+        if self.localize_reasons[chosen]:
+            raise UploadError(422, f"method {chosen!r} is not available for this model: "
+                                   f"{self.localize_reasons[chosen]}", "method")
         decoded = decode_upload(data, name=name, field="file", max_bytes=self.settings.max_bytes,
                                 max_dim=self.settings.max_dim)
         t = self.settings.localize_threshold if threshold is None else threshold
-        found = localize_image(self.members, self.spec, self.config, decoded.image, flipped=decoded.flipped,
-                               threshold=t, tile=self.settings.localize_tile or None)
+        with self.guard.exclusive() if chosen == "gradcam" else self.guard.shared():
+            found = localize(self.members, self.spec, self.config, decoded.image, method=chosen,
+                             flipped=decoded.flipped, threshold=t, tile=self.settings.localize_tile or None,
+                             long_side=self.settings.localize_long_side)
         result = {**found.to_dict(), "model_version": self.version, "disclaimer": DISCLAIMER}
         if heatmap in ("png", "both"):
             stored = np.fliplr(decoded.image) if decoded.flipped else decoded.image
-            result["heatmap_png_base64"] = overlay_base64(stored, found.heatmap(), found.boxes,
-                                                          title=f"{name}: mass probability", max_side=max_side)
+            label = map_label(found.method, self.config)
+            result["heatmap_png_base64"] = overlay_base64(stored, found.heatmap(), found.boxes, label=label,
+                                                          title=f"{name}: {label} ({found.method})",
+                                                          max_side=max_side)
         if heatmap in ("array", "both"):  # the map grid, stored orientation, rounded for size
             grid = np.fliplr(found.dense.probs) if decoded.flipped else found.dense.probs
             result["heatmap_array"] = np.round(grid, 4).tolist()
@@ -254,7 +319,9 @@ class ModelRuntime:
                 "model": self.config.model.name, "task": self.config.data.task,
                 "config": self.config.model_dump(mode="json"), "metrics": self._info_metrics,
                 "execution": self.execution, "device": str(self.device), "load_seconds": self.load_seconds,
-                "localize": {"available": self.localizable, "note": self.localize_note},
+                "localize": {"available": self.localizable, "note": self.localize_note,
+                             "default_method": self.localize_method,
+                             "methods": {m: reason or "available" for m, reason in self.localize_reasons.items()}},
                 "settings": self.settings.model_dump(mode="json"), "disclaimer": DISCLAIMER}
 
     def status(self) -> dict[str, Any]:

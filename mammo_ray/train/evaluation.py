@@ -1,7 +1,9 @@
 """Evaluate a checkpoint on a split: predictions, metrics per image and per exam, plots.
 
 The model and its preprocessing come from the checkpoint alone (``restore_model``); the
-data come from the checkpoint's own config, prepared in the workdir when absent.
+data come from the checkpoint's own config, prepared in the workdir when absent. AUC CIs are
+cluster bootstraps over patients (``metrics``): a patient's cases are resampled together, because
+they are correlated and are not independent evidence.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from mammo_ray.data.datasets import CropCache, PairedViewDataset, SingleViewData
 from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.data.transforms import build_eval_transform
 from mammo_ray.train.checkpoint import load_checkpoint, restore_model
-from mammo_ray.train.loop import evaluate, relabel_fold, summarize_predictions
-from mammo_ray.train.metrics import evaluate_predictions
+from mammo_ray.train.loop import evaluate, relabel_fold
+from mammo_ray.train.metrics import CLUSTER, PRIMARY_LEVEL, evaluate_predictions, exam_level, summarize_levels
 from mammo_ray.train.plots import plot_confusion, plot_rocs, plot_training_curves
+
 
 def predict_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path, *,
                        cache_dir: str | Path | None = None, fold: int | None = None,
@@ -70,12 +73,14 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path,
 def report_predictions(frame: pd.DataFrame, view_mode: str, split: str, out_dir: str | Path, *, n_boot: int = 1000,
                        task: str = "pathology", history: list[dict] | None = None,
                        unpaired: int = 0) -> dict[str, Any]:
-    """Metrics and PNG plots of one prediction table (see ``evaluate_checkpoint``)."""
+    """Metrics and PNG plots of one prediction table (see ``evaluate_checkpoint``).
+
+    The CIs resample patients when the frame has ``patient_id`` (``bootstrap_unit`` says which)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     levels = evaluate_predictions(frame, n_boot=n_boot)
-    flat = summarize_predictions(frame, view_mode, prefix=f"{split}_", n_boot=n_boot)
-    primary = levels["image" if view_mode == "single" else "exam"]
+    flat = summarize_levels(levels, view_mode, prefix=f"{split}_", with_ci=n_boot > 0)
+    primary = levels[PRIMARY_LEVEL[view_mode]]
     predictions = out_dir / f"predictions_{split}.csv"
     frame.to_csv(predictions, index=False)
     plots = [
@@ -89,6 +94,7 @@ def report_predictions(frame: pd.DataFrame, view_mode: str, split: str, out_dir:
         plots.append(plot_training_curves(history, out_dir / "training_curves.png",
                                           metrics=("train_loss", "val_loss", "val_auc", "val_acc", "train_acc")))
     result = {"split": split, "view_mode": view_mode, "n": int(len(frame)), "unpaired": int(unpaired),
+              "bootstrap_unit": "patient" if CLUSTER in frame.columns else "case",
               "metrics": flat, **{level: {**m.to_dict(), "confusion": m.confusion} for level, m in levels.items()},
               "predictions": str(predictions), "plots": [str(p) for p in plots]}
     (out_dir / f"metrics_{split}.json").write_text(json.dumps(result, indent=2, default=str))
@@ -96,7 +102,5 @@ def report_predictions(frame: pd.DataFrame, view_mode: str, split: str, out_dir:
 
 
 def _exam_curve(frame: pd.DataFrame, ci: tuple[float, float]) -> tuple[Any, Any, tuple[float, float]]:
-    from mammo_ray.train.metrics import exam_level
-
     exams = exam_level(frame)
     return exams["label"], exams["prob"], ci

@@ -26,12 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mammo_ray.config import Config
+from mammo_ray.config import Config, metric_mode
 from mammo_ray.data.datasets import CropCache, PairedViewDataset, SingleViewDataset
 from mammo_ray.data.splits import Splits
 from mammo_ray.data.transforms import TransformSpec, build_eval_transform, build_train_transform
 from mammo_ray.models import build_view_model, fine_tune_multipliers, freeze, get_model_info, param_groups
-from mammo_ray.train.metrics import binary_metrics, exam_level
+from mammo_ray.train.metrics import evaluate_predictions, summarize_levels
 
 
 def seed_everything(seed: int) -> None:
@@ -248,8 +248,9 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device, amp_
              channels_last: bool = False) -> pd.DataFrame:
     """Malignancy (positive-class) probabilities of every sample, in dataset order.
 
-    Returns a frame with ``prob``, ``label``, ``exam_key`` (and ``view`` for single crops),
-    ready for ``summarize_predictions`` and ``metrics.evaluate_predictions``.
+    Returns a frame with ``prob``, ``label``, ``exam_key``, ``patient_id`` (the bootstrap's
+    cluster) and, for single crops, ``view``: ready for ``summarize_predictions`` and
+    ``metrics.evaluate_predictions``.
     """
     model = unwrap(model).eval()
     probs, labels = [], []
@@ -260,7 +261,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device, amp_
         probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
         labels.append(y)
     dataset = loader.dataset
-    frame = (dataset.pairs[["exam_key"]] if isinstance(dataset, PairedViewDataset)
+    frame = (dataset.pairs[["exam_key", "patient_id"]] if isinstance(dataset, PairedViewDataset)
              else dataset.frame[["exam_key", "view", "patient_id"]]).reset_index(drop=True).copy()
     frame["prob"] = torch.cat(probs).numpy().astype(np.float64)
     frame["label"] = torch.cat(labels).numpy().astype(np.int64)
@@ -269,19 +270,12 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device, amp_
 
 def summarize_predictions(frame: pd.DataFrame, view_mode: str, *, prefix: str = "val_",
                           n_boot: int = 0, seed: int = 0) -> dict[str, float]:
-    """Flat metrics of one evaluation. ``<prefix>auc`` / ``loss`` / ``acc`` are the view mode's
-    primary level: per image for ``single``, per exam for ``parallel`` and ``multimodal``."""
-    image = binary_metrics(frame["label"], frame["prob"], n_boot=n_boot, seed=seed)
-    exams = exam_level(frame)
-    exam = binary_metrics(exams["label"], exams["prob"], n_boot=n_boot, seed=seed)
-    primary = image if view_mode == "single" else exam
-    out = {f"{prefix}loss": primary.log_loss, f"{prefix}auc": primary.auc, f"{prefix}acc": primary.accuracy,
-           f"{prefix}recall": primary.recall, f"{prefix}specificity": primary.specificity,
-           f"{prefix}precision": primary.precision, f"{prefix}image_auc": image.auc, f"{prefix}exam_auc": exam.auc,
-           f"{prefix}n": float(primary.n)}
-    if n_boot:
-        out[f"{prefix}auc_ci_low"], out[f"{prefix}auc_ci_high"] = primary.auc_ci
-    return out
+    """Flat metrics of one evaluation (``metrics.summarize_levels``). ``<prefix>auc`` / ``loss`` /
+    ``acc`` are the view mode's primary level: per image for ``single``, per exam for ``parallel``
+    and ``multimodal``; ``<prefix>exam_loss`` is per exam for every view mode, so it compares
+    models of different view modes (the search selects on it). CIs resample patients."""
+    levels = evaluate_predictions(frame, n_boot=n_boot, seed=seed)
+    return summarize_levels(levels, view_mode, prefix=prefix, with_ci=n_boot > 0)
 
 
 class EarlyStopping:
@@ -289,7 +283,7 @@ class EarlyStopping:
 
     def __init__(self, metric: str, patience: int | None):
         self.metric, self.patience = metric, patience
-        self.sign = -1.0 if metric.endswith("loss") else 1.0
+        self.sign = -1.0 if metric_mode(metric) == "min" else 1.0
         self.best = -math.inf
         self.bad_epochs = 0
 

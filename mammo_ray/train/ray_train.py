@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mammo_ray.config import Config
+from mammo_ray.config import Config, metric_mode
 from mammo_ray.train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from mammo_ray.train.loop import EarlyStopping, build_training, fit
 from mammo_ray.train.tracking import log_metrics
@@ -133,6 +133,6 @@ def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: st
             logging_config=LoggingConfig(log_level="WARNING"),  # progress: one line per epoch from rank 0
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.monitor,
-                                               checkpoint_score_order="min" if t.monitor == "val_loss" else "max"),
+                                               checkpoint_score_order=metric_mode(t.monitor)),
         ),
     )

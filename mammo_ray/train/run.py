@@ -1,9 +1,15 @@
 """One tracked training run, driven from the Ray driver: data, MLflow run, ``TorchTrainer.fit``,
 final evaluation, artifacts. Also K-fold cross-validation (paper 004), with one Ray task per fold.
 
-Every output goes under ``<workdir>/runs/<run name>/``: the resolved config, the best
+Every output goes under ``<workdir>/runs/<run name>/``: the resolved config, the reported
 checkpoint, predictions, metrics and plots. The same files are logged to MLflow, with a
 model that ``mlflow.pytorch.load_model("runs:/<id>/model")`` loads back.
+
+Which checkpoint a run reports (``checkpoint_rule``): a plain run reports its best epoch by
+``train.monitor`` on the val split. A cross-validation fold cannot: its validation patients are
+the patients it reports, and a score on the data that picked the epoch is optimistic. So a fold
+trains a fixed ``train.epochs`` with early stopping off and reports its last epoch; the
+outcome's ``selection`` says so.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mammo_ray.config import Config, save_config
+from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model
 from mammo_ray.train.evaluation import evaluate_checkpoint
@@ -32,15 +38,43 @@ class TrainOutcome:
     run_id: str
     run_name: str
     tracking_uri: str
-    checkpoint: str  # the best checkpoint by train.monitor, copied under the run folder
+    checkpoint: str  # the reported checkpoint (see ``selection``), copied under the run folder
     output_dir: str
     metrics: dict[str, float]  # final validation metrics of that checkpoint (val_auc, val_loss, ...)
-    best_epoch: int
+    best_epoch: int  # the epoch of the reported checkpoint (the last one for a fold)
     epochs_run: int  # less than train.epochs after an early stop
     status: str
+    selection: str = ""  # how the checkpoint was chosen (``CheckpointRule.selection``)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class CheckpointRule:
+    """Which checkpoint a run reports, and the sentence that says so in its outcome."""
+
+    last: bool  # the last epoch's checkpoint; else the best by train.monitor
+    selection: str
+
+
+def checkpoint_rule(config: Config, fold: int | None) -> tuple[Config, CheckpointRule]:
+    """The config a run trains with and the checkpoint it reports.
+
+    A fold is validated on the patients it reports, so they must neither pick its epoch nor stop
+    it early: the fold trains ``train.epochs`` with ``early_stop_patience`` off and reports the last
+    epoch. ``train.stop_train_acc`` stays (paper 004's rule looks at training batches only).
+    """
+    t = config.train
+    if fold is None:
+        return config, CheckpointRule(last=False, selection=f"best epoch by train.monitor={t.monitor} on the val "
+                                                            "split, which the reported val metrics also score")
+    fixed = with_values(config, {"train.early_stop_patience": None}, f"fold {fold}")
+    selection = f"fixed epochs (train.epochs={t.epochs}): the fold is not used to pick the checkpoint"
+    if t.stop_train_acc is not None:
+        selection += (f"; training stops earlier once train accuracy reaches train.stop_train_acc={t.stop_train_acc:g}"
+                      " (training batches only)")
+    return fixed, CheckpointRule(last=True, selection=selection)
 
 
 def run_name_for(config: Config, fold: int | None = None) -> str:
@@ -102,6 +136,7 @@ def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData 
             the Train run of the same name resumes from its latest checkpoint by itself.
     """
     workdir = Path(workdir).resolve()
+    config, rule = checkpoint_rule(config, fold)
     check_resources(config, fold)
     prepared = prepared or ensure_prepared(config, workdir, progress=progress)
     uri = tracking_uri(config, workdir)
@@ -122,8 +157,9 @@ def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData 
         result = trainer.fit()
         if result.error is not None:
             raise result.error
-        mode = "min" if config.train.monitor == "val_loss" else "max"
-        best = result.get_best_checkpoint(config.train.monitor, mode) or result.checkpoint
+        monitor = config.train.monitor
+        best = result.checkpoint if rule.last else (result.get_best_checkpoint(monitor, metric_mode(monitor))
+                                                    or result.checkpoint)
         if best is None:
             raise RuntimeError(f"run {name}: training reported no checkpoint")
         checkpoint = out_dir / CHECKPOINT_FILE
@@ -135,14 +171,15 @@ def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData 
                                          cache_dir=prepared.cache_dir, fold=fold, splits_path=prepared.splits)
         metrics = evaluation["metrics"]
         run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=payload["epoch"])
-        run.set_tags({"mammo_ray.best_epoch": payload["epoch"], "mammo_ray.checkpoint": checkpoint})
+        run.set_tags({"mammo_ray.best_epoch": payload["epoch"], "mammo_ray.checkpoint": checkpoint,
+                      "mammo_ray.selection": rule.selection})
         run.log_artifacts(evaluation["plots"], "plots")
         run.log_artifacts([evaluation["predictions"], out_dir / "metrics_val.json"], "evaluation")
         run.log_artifact(checkpoint, "checkpoint")
         log_model(run, checkpoint)
     return TrainOutcome(run_id=run.run_id, run_name=name, tracking_uri=uri, checkpoint=str(checkpoint),
                         output_dir=str(out_dir), metrics=metrics, best_epoch=int(payload["epoch"]),
-                        epochs_run=epochs_run, status=run.status or "")
+                        epochs_run=epochs_run, status=run.status or "", selection=rule.selection)
 
 
 def _fold_task(config_dict: dict[str, Any], workdir: str, prepared: dict[str, Any], parent_run_id: str,
@@ -155,7 +192,10 @@ def _fold_task(config_dict: dict[str, Any], workdir: str, prepared: dict[str, An
 
 def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool = True) -> dict[str, Any]:
     """K-fold cross-validation by patient (paper 004): the folds train in parallel as Ray tasks,
-    each nested under one parent MLflow run, which gets the mean and std of every metric."""
+    each nested under one parent MLflow run, which gets the mean and std of every metric.
+
+    Each fold reports its last epoch after a fixed ``train.epochs`` (``checkpoint_rule``), so the
+    fold that scores a model never chose it; ``selection`` in the result says so."""
     import ray
 
     workdir = Path(workdir).resolve()
@@ -165,10 +205,12 @@ def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool
     name = run_name_for(config) + f"-cv{folds}"
     out_dir = workdir / "runs" / name
     save_config(config, out_dir)
+    selection = checkpoint_rule(config, 0)[1].selection  # the same for every fold
     # The task only drives a trainer: a sliver of CPU, so the Train workers get the cores.
     task = ray.remote(num_cpus=0.01)(_fold_task)
-    with TrackedRun(uri, config.train.experiment, name, config=config, tags={"mammo_ray.kind": "cv",
-                    "mammo_ray.folds": str(folds)}, artifact_location=artifact_root(uri, workdir)) as parent:
+    with TrackedRun(uri, config.train.experiment, name, config=config,
+                    tags={"mammo_ray.kind": "cv", "mammo_ray.folds": str(folds), "mammo_ray.selection": selection},
+                    artifact_location=artifact_root(uri, workdir)) as parent:
         refs = [task.remote(config.model_dump(mode="json"), str(workdir), prepared.to_dict(), parent.run_id, k)
                 for k in range(folds)]
         outcomes = ray.get(refs)
@@ -181,5 +223,5 @@ def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool
         parent.log_metrics({f"{k}_mean": v["mean"] for k, v in summary.items()}
                            | {f"{k}_std": v["std"] for k, v in summary.items()})
     return {"run_id": parent.run_id, "run_name": name, "tracking_uri": uri, "folds": folds,
-            "output_dir": str(out_dir), "summary": summary, "fold_runs": outcomes,
+            "selection": selection, "output_dir": str(out_dir), "summary": summary, "fold_runs": outcomes,
             "metrics": {k: v["mean"] for k, v in summary.items()}}

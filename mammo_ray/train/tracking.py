@@ -154,6 +154,10 @@ class TrackedRun:
             status = RunStatus.FINISHED
         elif issubclass(exc_type, (RunKilled, KeyboardInterrupt)):
             status = RunStatus.KILLED
+        elif self.client.get_run(self.run_id).info.status == RunStatus.to_string(RunStatus.KILLED):
+            # Stopped from outside first (a search scheduler's early stop ends the run KILLED), and the
+            # interrupted training raised on its way out: the stop, not that error, is what happened.
+            status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
             self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])

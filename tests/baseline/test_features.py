@@ -131,12 +131,22 @@ def test_quantize_spans_the_region_range_only():
     assert quantize(np.full((2, 2), 7), np.ones((2, 2), bool), 8).tolist() == [[0, 0], [0, 0]]
 
 
-def test_largest_component_is_the_lesion():
+def test_largest_component():
     mask = disc(12)
-    mask[:4, :4] = 1  # a small second lesion in the corner
+    mask[:4, :4] = 1  # a small second blob in the corner
     assert largest_component(mask).sum() == disc(12).sum()
+    with pytest.raises(ValueError, match="mask is empty"):
+        largest_component(np.zeros((4, 4)))
+
+
+def test_the_own_mask_is_the_lesion_whole():
+    # The cache stores each lesion's own ROI, so every component of it is this lesion (e.g. a
+    # calcification cluster): nothing is dropped as a supposed neighbour.
+    mask = disc(12)
+    mask[:4, :4] = 1
     image = textured(np.random.default_rng(5), 20)
-    assert feature(lesion_features(image, mask), "shape_area") == pytest.approx(disc(12).sum() / SIZE**2)
+    assert feature(lesion_features(image, mask), "shape_area") == pytest.approx(mask.sum() / SIZE**2)
+    assert feature(lesion_features(image, disc(12)), "shape_area") == pytest.approx(disc(12).sum() / SIZE**2)
 
 
 def test_empty_mask_is_an_error():

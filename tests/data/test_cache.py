@@ -36,9 +36,11 @@ def test_every_mode(tmp_path, small_index, crop):
     summary = prepare_cache(manifest, split_of, cfg(crop=crop), tmp_path / crop, progress=False)
     cache = CropCache(tmp_path / crop)
     index = cache.index
-    images_in_splits = manifest.loc[split_of != "", "image_path"].nunique()
-    assert summary.images_decoded == images_in_splits  # each source image decoded exactly once
+    images_in_splits = manifest.loc[split_of != "", "image_id"].nunique()
+    assert summary.images_decoded == images_in_splits  # each film decoded exactly once
     assert summary.skipped == []
+    # synthetic films carry ImageLaterality and lay right breasts out as standard display does
+    assert (summary.orientation_from_content, summary.orientation_disagreements) == (0, 0)
     assert set(index["split"]) <= {"train", "val", "test"}
     shape = (192, 120) if crop == "whole" else (64, 64)
     assert cache.image(0).shape == shape and cache.image(0).dtype == np.uint16

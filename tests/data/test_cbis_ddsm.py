@@ -14,8 +14,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mammo_ray.data.cbis_ddsm import (CbisCsvError, index_dataset, parse_cbis_csvs, read_cbis_csvs,
                                       resolve_paths)
+from mammo_ray.data.synthetic import REAL_CBIS_CSVS
 
-REAL = Path(__file__).resolve().parents[1] / "fixtures" / "cbis-ddsm"  # the real CSVs
+REAL = REAL_CBIS_CSVS  # the real CSVs
 HEADER = ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
           "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
           "image file path", "cropped image file path", "ROI mask file path"]
@@ -243,8 +244,11 @@ def test_csv_layout_resolves_every_quirk(csv_tree):
     assert get("twins").unresolved_reason.startswith("mask and crop indistinguishable")
     odd = get("odd_mask")
     assert odd.resolved and odd.roi_mask_path.endswith("000001.dcm") and np.isnan(odd.bbox_x0)
-    assert report["warnings"] == [{"lesion_id": odd.lesion_id, "path": odd.roi_mask_path,
-                                   "reason": "ROI mask 60x40 differs from image 64x48; no box"}]
+    assert odd.mask_dropped and not odd.mask_resampled  # 60x40 has another aspect ratio than 64x48
+    assert report["warnings"] == [{"lesion_id": odd.lesion_id, "path": odd.roi_mask_path, "reason":
+                                   "ROI mask 60x40 has another aspect ratio than its image 64x48: cannot be placed, "
+                                   "dropped"}]
+    assert report["quirks"]["dropped_masks"] == 1 and report["quirks"]["resampled_masks"] == 0
     assert get("no_image").unresolved_reason == f"image folder not found: Mass-Training_P_00006_LEFT_CC under {root}"
     assert get("no_roi").unresolved_reason == (f"ROI folder not found: Mass-Training_P_00010_LEFT_CC_1 under {root}")
     assert get("garbage").unresolved_reason.startswith("image unreadable: ")

@@ -1,10 +1,13 @@
-"""Crop modes: output size, centring, and boxes past the border (padded, never crashing)."""
+"""Crop modes: output size, centring, boxes past the border (padded, never crashing), negatives from the
+breast interior, and one value scale per source image."""
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from mammo_ray.data.crops import (box_centre, crop_padded, lesion_box, letterbox, mask_bbox, negative_boxes,
-                                  resize, squarify)
+from mammo_ray.data.crops import (ValueMap, box_centre, breast_interior, crop_padded, crop_resized, lesion_box,
+                                  letterbox, mask_bbox, negative_boxes, resize, source_value_map, squarify,
+                                  store_uint16, to_uint16)
 
 BBOX = (100, 200, 140, 260)  # 40 wide, 60 tall, centre (120, 230)
 
@@ -82,3 +85,65 @@ def test_negative_boxes_avoid_lesions():
         assert breast[int(cy), int(cx)]
     # no room at all: fewer boxes, no error
     assert negative_boxes(breast, np.ones((200, 200), bool), 3, 32, np.random.default_rng(1)) == []
+
+
+def half_disc(h: int = 400, w: int = 240) -> np.ndarray:
+    """A breast as a half-disc against the left edge (the chest wall), radius 190 px."""
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - h / 2) ** 2 + xx**2 < 190**2
+
+
+@pytest.mark.parametrize("side", [64, 96])  # block steps 2 and 3: the coarse path is conservative
+def test_negative_centres_lie_in_the_breast_interior(side):
+    breast = half_disc()
+    depth = ndimage.distance_transform_edt(np.pad(breast, 1))[1:-1, 1:-1]  # the image edge is a boundary too
+    boxes = negative_boxes(breast, np.zeros_like(breast), 40, side, np.random.default_rng(0))
+    assert len(boxes) == 40
+    for box in boxes:
+        cx, cy = (int(v) for v in box_centre(box))
+        assert depth[cy, cx] >= side / 4
+    interior = breast_interior(breast, side / 4)
+    assert interior.any() and (depth[interior] >= side / 4).all()
+    # the coarse answer gives up little: most of the exact interior is kept
+    assert interior.sum() > 0.8 * (depth >= side / 4).sum()
+
+
+def test_thin_breast_falls_back_to_its_deepest_pixels():
+    breast = np.zeros((100, 100), bool)
+    breast[40:46, :] = True  # 6 px thick: nothing is 16 px deep
+    interior = breast_interior(breast, 16)
+    depth = ndimage.distance_transform_edt(np.pad(breast, 1))[1:-1, 1:-1]
+    assert interior.any() and (depth[interior] == depth.max()).all()
+    assert not breast_interior(np.zeros((50, 50), bool), 16).any()
+
+
+@pytest.mark.parametrize("image, expected", [
+    (np.array([[0, 255], [17, 3]], np.float32), ValueMap(0.0, 257.0)),           # 8-bit: fixed x257
+    (np.array([[0, 1], [1, 0]], np.float32), ValueMap(0.0, 257.0)),              # integer 0/1: still 8-bit
+    (np.array([[0.0, 0.5], [0.25, 1.0]], np.float32), ValueMap(0.0, 65535.0)),  # floats in [0, 1]
+    (np.array([[0, 4095], [300, 12]], np.float32), ValueMap(0.0, 1.0)),          # 12/16-bit kept as is
+    (np.array([[-100, 100], [0, 50]], np.float32), ValueMap(-100.0, 65535.0 / 200)),  # signed: own min..max
+])
+def test_source_value_map(image, expected):
+    got = source_value_map(image)
+    assert got.offset == pytest.approx(expected.offset) and got.scale == pytest.approx(expected.scale)
+    stored = store_uint16(image, got)
+    assert stored.dtype == np.uint16
+    np.testing.assert_array_equal(stored, np.rint((image.astype(np.float64) - got.offset) * got.scale))
+
+
+def test_crops_of_one_eight_bit_image_share_its_scale():
+    # One 8-bit film, a dark region and a bright one: a per-crop stretch would bring both to 0..65535.
+    rng = np.random.default_rng(0)
+    image = np.zeros((200, 200), np.float32)
+    image[:, :100] = rng.integers(10, 40, (200, 100))
+    image[:, 100:] = rng.integers(150, 250, (200, 100))
+    value_map = source_value_map(image)
+    dark = store_uint16(crop_resized(image, (10, 10, 74, 74), 32), value_map)
+    bright = store_uint16(crop_resized(image, (120, 10, 184, 74), 32), value_map)
+    assert value_map == ValueMap(0.0, 257.0)
+    assert bright.mean() > 4 * dark.mean()
+    assert dark.max() <= 40 * 257 and bright.min() >= 150 * 257  # neither crop was stretched
+    # to_uint16 with the source's map is the same; without it, a crop is its own source
+    assert np.array_equal(to_uint16(crop_resized(image, (10, 10, 74, 74), 32), value_map)[0], dark)
+    assert to_uint16(np.full((4, 4), 3000.0))[1] == 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 from pathlib import Path
@@ -84,8 +85,9 @@ def test_monochrome2_round_trip_and_meta(tmp_path, spacing_keyword):
     assert meta == DicomMeta(path=str(path), patient_id="P_00001", side=Side.LEFT, view=View.CC,
                              rows=6, columns=9, pixel_spacing=(0.05, 0.07), photometric="MONOCHROME2",
                              bits_allocated=16, bits_stored=16, transfer_syntax="Explicit VR Little Endian",
-                             flipped=False)
-    assert read_dicom_header(path) == meta
+                             flipped=False, orientation_source="header", content_disagrees=False)
+    # the header read decodes no pixel, so it decides no orientation
+    assert read_dicom_header(path) == dataclasses.replace(meta, orientation_source="")
 
 
 def test_eight_bit_and_absent_optional_fields(tmp_path):
@@ -355,10 +357,41 @@ def test_monochrome1_orientation_is_decided_after_inversion(tmp_path):
 
 
 def test_forced_flip_for_masks(tmp_path):
-    path = write(make_dataset(left_heavy()), tmp_path / "mask.dcm")
-    image, meta = read_dicom(path, flip=True)
-    assert meta.flipped
+    path = write(make_dataset(left_heavy(), ImageLaterality="L"), tmp_path / "mask.dcm")
+    image, meta = read_dicom(path, flip=True)  # the caller's decision beats the header
+    assert meta.flipped and (meta.orientation_source, meta.content_disagrees) == ("caller", False)
     np.testing.assert_array_equal(image, np.fliplr(left_heavy()))
+
+
+def test_laterality_header_decides_over_content(tmp_path):
+    # A RIGHT breast drawn with its tissue on the left: the header wins, the content check is recorded.
+    path = write(make_dataset(left_heavy(), ImageLaterality="R"), tmp_path / "img.dcm")
+    image, meta = read_dicom(path)
+    assert meta.flipped and (meta.orientation_source, meta.content_disagrees) == ("header", True)
+    np.testing.assert_array_equal(image, np.fliplr(left_heavy()))
+
+
+@pytest.mark.parametrize("attrs, pixels, flipped, disagrees", [
+    ({"ImageLaterality": "R"}, "right", True, False),       # standard right breast: header and content agree
+    ({"ImageLaterality": "L"}, "left", False, False),
+    ({"Laterality": "L"}, "right", False, True),            # series-level laterality counts as a header
+    ({"ViewCodeSequence": [code_item("X-1", "right cranio-caudal")]}, "left", True, True),  # side in the view code
+])
+def test_header_side_sources(tmp_path, attrs, pixels, flipped, disagrees):
+    stored = left_heavy() if pixels == "left" else np.ascontiguousarray(np.fliplr(left_heavy()))
+    _, meta = read_dicom(write(make_dataset(stored, **attrs), tmp_path / "img.dcm"))
+    assert (meta.flipped, meta.orientation_source, meta.content_disagrees) == (flipped, "header", disagrees)
+
+
+@pytest.mark.parametrize("name", ["img.dcm", "Mass-Training_P_00001_LEFT_CC/000000.dcm"])
+def test_without_laterality_header_content_decides(tmp_path, name):
+    # Path tokens name a side (LEFT) but never decide the mirror: the content (breast on the right) does.
+    right_heavy = np.ascontiguousarray(np.fliplr(left_heavy()))
+    path = write(make_dataset(right_heavy, ImageLaterality=None), tmp_path / name)
+    image, meta = read_dicom(path)
+    assert meta.flipped and (meta.orientation_source, meta.content_disagrees) == ("content", False)
+    np.testing.assert_array_equal(image, left_heavy())
+    assert read_dicom(path, flip=None)[1].side == (Side.LEFT if "LEFT" in name else None)
 
 
 # --- side and view --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for the synthetic CBIS-DDSM generator (mammo_ray.data.synth, synth_image, dicom_write)."""
+"""Tests for the synthetic CBIS-DDSM generator (mammo_ray.data.synthetic: cbis, phantom, dicom_write)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from mammo_ray.data.synth import CALC_COLUMNS, CSV_NAMES, MASS_COLUMNS, SynthSummary, synthesize
+from mammo_ray.data.synthetic import REAL_CBIS_CSVS
+from mammo_ray.data.synthetic.cbis import CALC_COLUMNS, CSV_NAMES, MASS_COLUMNS, SynthSummary, synthesize
 
-REAL_CSV_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "cbis-ddsm"  # the real CSVs
+REAL_CSV_DIR = REAL_CBIS_CSVS  # the real CSVs
 SMALL = (256, 160)
 
 
@@ -292,3 +293,31 @@ def test_full_size_image(tmp_path):
     mask = pydicom.dcmread(tmp_path / row["ROI mask file path"]).pixel_array
     ys, _ = np.nonzero(mask)
     assert 0.02 * 5000 < np.ptp(ys) < 0.2 * 5000  # a mass of realistic size
+
+
+def test_replica_keeps_the_real_structure(tmp_path):
+    """The first 40 real patients: shared films hold the same pixels, masks of another size, quirk counts."""
+    from mammo_ray.data.cbis_ddsm import index_dataset, parse_cbis_csvs
+    from mammo_ray.data.dicom import read_dicom
+    from mammo_ray.data.manifest import conform, mark_quirks, quirk_counts
+
+    summary = synthesize(tmp_path, patients=40, seed=0, size=(128, 80), from_csv=REAL_CSV_DIR, progress=False)
+    manifest, report = index_dataset(root=tmp_path, csv_dir=tmp_path, progress=False)
+    real, _ = parse_cbis_csvs(REAL_CSV_DIR)
+    real = mark_quirks(conform(real[real["patient_id"].isin(set(manifest["patient_id"]))].assign(resolved=True)))
+    assert report["resolved"] == report["rows"] == len(real) == summary.abnormalities
+    assert summary.films == real["image_id"].nunique() < summary.images  # some films are stored twice
+    quirks, expected = report["quirks"], quirk_counts(real)
+    for key in ("view_label_conflicts", "shared_films", "multi_roi_images", "official_split_overlap_patients"):
+        assert quirks[key] == expected[key], key
+    assert quirks["shared_films"] >= 2 and quirks["resampled_masks"] >= 1 and quirks["dropped_masks"] >= 1
+    for _, film in manifest[manifest["shared_film"]].groupby("image_id"):
+        paths = sorted(set(film["image_path"]))
+        assert len(paths) == 2 and {"Mass" in p for p in paths} == {True, False}
+        assert np.array_equal(read_dicom(paths[0])[0], read_dicom(paths[1])[0])
+    resampled = manifest[manifest["mask_resampled"]].iloc[0]
+    mask, _ = read_dicom(resampled["roi_mask_path"], flip=False, apply_voi=False)
+    assert mask.shape != (128, 80) and np.isfinite(resampled["bbox_x0"])
+    dropped = manifest[manifest["mask_dropped"]]
+    assert dropped["bbox_x0"].isna().all()
+    assert {w["lesion_id"] for w in report["warnings"]} >= set(dropped["lesion_id"])

@@ -95,3 +95,40 @@ def test_spec_round_trips_through_a_weights_only_checkpoint(tmp_path):
     np.testing.assert_array_equal(back.mean_image, s.mean_image)
     with pytest.raises(ValueError, match="mean_image"):
         TransformSpec.from_config(cfg)
+
+
+def blob(size: int = 64, radius: int = 10) -> np.ndarray:
+    """A bright disc on a flat background, centred."""
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    return np.where(np.hypot(yy, xx) < radius, 3000, 1000).astype(np.uint16)
+
+
+def blob_area(x: torch.Tensor) -> int:
+    return int((x[0] > x[0].mean() + 0.5 * x[0].std()).sum())  # bright pixels after normalisation
+
+
+def test_scale_aug_changes_apparent_size_and_leaves_eval_alone():
+    # no crop jitter to speak of (input_px = cache_px), no flips: only the zoom changes the blob
+    base = dict(cache_px=64, input_px=64, channels=1, hflip=False)
+    plain, zoomed = spec(**base), spec(**base, scale_aug=(0.6, 1.4))
+    areas = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        areas.append(blob_area(build_train_transform(zoomed)(blob())))
+    torch.manual_seed(0)
+    unzoomed = blob_area(build_train_transform(plain)(blob()))
+    assert min(areas) < 0.8 * unzoomed < unzoomed * 1.25 < max(areas)
+    assert all(0.3 * unzoomed < a < 2.2 * unzoomed for a in areas)  # within the (0.6, 1.4)^2 area range
+    # zoom is training-only: the eval transform of a scale_aug spec is the plain one
+    torch.testing.assert_close(build_eval_transform(zoomed)(blob()), build_eval_transform(plain)(blob()))
+
+
+def test_scale_aug_from_config_is_checked_and_round_trips(tmp_path):
+    cfg = DataConfig(cache_px=64, input_px=48, scale_aug=(0.8, 1.2))
+    s = TransformSpec.from_config(cfg)
+    assert s.scale_aug == (0.8, 1.2)
+    torch.save({"transform": s.to_state()}, tmp_path / "c.pt")
+    assert TransformSpec.from_state(torch.load(tmp_path / "c.pt", weights_only=True)["transform"]) == s
+    assert TransformSpec.from_config(DataConfig(cache_px=64, input_px=48)).scale_aug is None
+    with pytest.raises(ValueError, match=r"data.scale_aug.*\(1.2, 0.8\)"):
+        TransformSpec.from_config(DataConfig(cache_px=64, input_px=48, scale_aug=(1.2, 0.8)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import pickle
 import struct
@@ -22,7 +24,7 @@ from pydicom.uid import MPEG2MPML, RLELossless
 
 from mammo_ray.constants import Side, View
 from mammo_ray.data.dicom import read_dicom, read_dicom_header
-from mammo_ray.data.dicom_write import DicomInfo, write_mammogram
+from mammo_ray.data.synthetic.dicom_write import DicomInfo, write_mammogram
 from mammo_ray.data.uploads import (NOT_AN_IMAGE, DecodedImage, UploadError, canonical_box, canonical_point,
                                     check_fields, check_in_bounds, decode_upload, parse_box, parse_point,
                                     read_capped, sniff)
@@ -253,8 +255,8 @@ def test_check_in_bounds(value, inside):
 # --- success cases -------------------------------------------------------------------------
 
 def test_dicom_decodes_like_read_dicom(tmp_path):
-    pixels = np.ascontiguousarray(np.fliplr(left_heavy()))  # breast on the right: mirrored
-    path = write_mammogram(tmp_path / "case_R_MLO.dcm", pixels, INFO)
+    pixels = np.ascontiguousarray(np.fliplr(left_heavy()))  # a right breast, on the right: mirrored
+    path = write_mammogram(tmp_path / "case_R_MLO.dcm", pixels, dataclasses.replace(INFO, side=Side.RIGHT))
     expected, meta = read_dicom(path)
 
     decoded = decode_upload(path.read_bytes(), name="case.dcm", field="image")
@@ -263,7 +265,8 @@ def test_dicom_decodes_like_read_dicom(tmp_path):
     assert decoded.image.dtype == np.float32 and decoded.image.flags.c_contiguous
     assert (decoded.kind, decoded.name, decoded.view, decoded.flipped, decoded.shape) == (
         "dicom", "case.dcm", View.MLO, True, (24, 30))
-    assert decoded.meta.path == "case.dcm" and decoded.meta.side is Side.LEFT and decoded.meta.rows == meta.rows
+    assert decoded.meta.path == "case.dcm" and decoded.meta.side is Side.RIGHT and decoded.meta.rows == meta.rows
+    assert decoded.meta.orientation_source == "header" and not decoded.meta.content_disagrees
 
 
 def test_read_dicom_takes_bytes_and_file_objects(tmp_path):

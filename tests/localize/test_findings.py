@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from mammo_ray.data.crops import mask_bbox
-from mammo_ray.localize.findings import Finding, find_boxes, mask_to_grid
+from mammo_ray.localize.findings import Finding, find_boxes, mask_to_grid, roi_to_grid
 from mammo_ray.localize.froc import FROCResult, evaluate_image, froc, plot_froc
 
 
@@ -80,6 +80,48 @@ def test_mask_to_grid_any_and_fraction():
     assert mask_to_grid(np.ones((4, 4)), (2, 2), 4, (0, 0), min_fraction=1.0).tolist() == \
         [[True, False], [False, False]]
     assert mask_to_grid(half, (16, 16)).tolist() == half.tolist()  # scale 1: identity
+
+
+def test_roi_to_grid_keeps_every_roi_apart_and_on_the_grid():
+    # A dense map's geometry: 8-px cells, the first one 4 px in from the border (half a window less
+    # half a stride), 11 x 7 cells over a 96 x 64 image: pixels 0-3 and 60-63 belong to no cell.
+    shape, grid, scale, offset = (96, 64), (11, 7), 8.0, (4.0, 4.0)
+    left, right = square(shape, slice(20, 30), slice(20, 30)), square(shape, slice(20, 30), slice(30, 40))
+    border = square(shape, slice(40, 43), slice(0, 3))  # 3 x 3 px, in the margin no cell reaches
+    union = mask_to_grid(left | right | border, grid, scale, offset)
+    assert ndimage.label(union, np.ones((3, 3)))[1] == 1  # the old union: 3 lesions became 1 ROI
+    layers = [roi_to_grid(m, grid, scale, offset) for m in (left, right, border)]
+    assert [int(g.sum()) for g in layers] == [4, 4, 1]
+    assert np.argwhere(layers[0]).tolist() == [[2, 2], [2, 3], [3, 2], [3, 3]]  # cells 2-3 touch px 20-29
+    assert np.argwhere(layers[1]).tolist() == [[2, 3], [2, 4], [3, 3], [3, 4]]  # shares column 3 with left
+    assert np.argwhere(layers[2]).tolist() == [[4, 0]]  # the cell nearest its centre (1.5, 41.5)
+    # inside the grid, it is exactly mask_to_grid's any-pooling, computed on the ROI's box only
+    assert (layers[0] == mask_to_grid(left, grid, scale, offset)).all()
+    assert not roi_to_grid(np.zeros(shape), grid, scale, offset).any()  # nothing to place
+    corner = square(shape, slice(94, 96), slice(62, 64))
+    assert np.argwhere(roi_to_grid(corner, grid, scale, offset)).tolist() == [[10, 6]]
+
+
+def test_a_stack_of_rois_counts_each_lesion_and_an_empty_one_as_missed():
+    left, right = square((20, 20), slice(5, 10), slice(2, 6)), square((20, 20), slice(5, 10), slice(6, 10))
+    prob = np.where(left, 0.9, 0.0)
+    prob[15:17, 15:17] = 0.6  # a false positive away from both
+    union = froc([prob], [left | right], [0.5])
+    assert (union.n_rois, union.sensitivity.tolist()) == (1, [1.0])  # the old input merges them
+    stack = np.stack([left, right, np.zeros((20, 20), bool)])  # the third lesion could not be placed
+    result = froc([prob], [stack], [0.5])
+    assert result.n_rois == 3 and result.sensitivity.tolist() == [pytest.approx(1 / 3)]
+    assert result.fp_per_image.tolist() == [1.0] and result.image_labels.tolist() == [1]
+    assert result.roi_scores[:2].tolist() == [0.9, 0.0] and math.isnan(result.roi_scores[2])
+    assert json.loads(json.dumps(result.to_dict()))["roi_scores"] == [0.9, 0.0, None]
+    # overlapping layers: one peak inside both localizes both under the peak rule
+    both = np.stack([square((20, 20), slice(5, 10), slice(5, 10)), square((20, 20), slice(8, 12), slice(8, 12))])
+    peak = np.zeros((20, 20))
+    peak[9, 9] = 0.8
+    record = evaluate_image(peak, both, [0.5], hit="peak")
+    assert record.detected.tolist() == [[True], [True]] and record.false_positives.tolist() == [0]
+    with pytest.raises(ValueError, match=r"gt_mask shape \(2, 8, 8\)"):
+        froc([np.zeros((8, 9))], [np.zeros((2, 8, 8))])
 
 
 # ---- froc ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_cells_cover_the_grid_with_validated_configs():
         assert cell_config.data.hflip is (cell.augment == "on")
         assert cell_config.data.rotation_deg == (25 if cell.augment == "on" else 0)
         assert cell_config.data.input_px == (200 if cell.backbone == "resnet18" else 224)
-        assert cell_config.train.monitor == "val_loss"
+        assert cell_config.train.monitor == "val_exam_loss"  # the kept checkpoints are the ones the search ranks
     assert {cell.column for cell, _ in cells} == {"single w/ aug", "single w/o aug", "parallel w/ aug",
                                                   "parallel w/o aug"}
 

@@ -95,9 +95,12 @@ def test_leaderboard_has_every_combination_and_the_baseline(search):
     assert set(baseline["view_mode"]) == {"single", "parallel"} and (baseline["status"] == "ok").all()
     markdown = Path(search["leaderboard_markdown"]).read_text()
     assert "| levynet |" in markdown and "| resnet18 |" in markdown and "texture + LDA" in markdown
+    # The best configuration is the lowest exam-level validation loss, one level for every view mode.
     best = search["best"]
-    assert best["metrics"]["val_loss"] == pytest.approx(pd.read_csv(search["trials_csv"])["val_loss"].min())
+    assert best["selected_by"] == "val_exam_loss"
+    assert best["metrics"]["val_exam_loss"] == pytest.approx(pd.read_csv(search["trials_csv"])["val_exam_loss"].min())
     assert load_config(best["config_path"]).model.name == best["cell"].split("-")[0]
+    assert f"{best['cell']} trial {best['trial_id']}" in markdown and "lowest val_exam_loss" in markdown
 
 
 def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_workdir, capfd):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -132,9 +133,90 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_succeeds(lesion_model,
         assert after.status_code == 200, (name, after.text)
 
 
-def test_localize_needs_a_patch_model_and_says_so(lesion_client, test_lesions):
-    reply = lesion_client.post("/v1/localize", files={"file": ("scan.dcm", _dicom(test_lesions.iloc[0].image_path))})
+def _registered_ensemble(checkpoints, tmp_path, name: str) -> tuple[str, str]:
+    """(models:/ URI, tracking URI) of ``checkpoints`` registered as one ensemble, as `make demo` registers it."""
+    from mlflow import MlflowClient
+
+    from mammo_ray.ensemble.model import register_ensemble
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment)
+    registered = register_ensemble(uri, parent.info.run_id, checkpoints, [""] * len(checkpoints), name)
+    return registered["model_uri"], uri
+
+
+def _untrained_checkpoint(tmp_path, *overrides: str) -> Path:
+    import torch
+
+    from mammo_ray.config import load_config
+    from mammo_ray.data.transforms import TransformSpec
+    from mammo_ray.models.views import build_view_model
+    from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint
+
+    torch.manual_seed(0)
+    config = load_config(None, ["data.cache_px=40", "data.input_px=32", "data.crop=proportional",
+                                "data.task=pathology", *overrides])
+    model = build_view_model(config.model).eval()
+    spec = TransformSpec.from_config(config.data, train_mean=1000.0, train_std=500.0)
+    return save_checkpoint(checkpoint_payload(model=model, config=config, spec=spec, epoch=0), tmp_path)
+
+
+def _heatmap_png(body) -> Image.Image:
+    return Image.open(io.BytesIO(__import__("base64").b64decode(body["heatmap_png_base64"])))
+
+
+def test_a_crop_classifier_ensemble_localizes_with_its_class_map(lesion_model, test_lesions, tmp_path):
+    """The ensemble `make demo` serves (levynet on proportional crops, pathology): Grad-CAM, as CAM needs GAP+FC."""
+    model_uri, uri = _registered_ensemble([lesion_model[0]] * 2, tmp_path, "crop-ensemble")
+    client, backend = client_for(model_uri, tmp_path, tracking_uri=uri)
+    row = test_lesions.iloc[0]
+    scan = {"file": ("scan.dcm", _dicom(row.image_path))}
+    reply = client.post("/v1/localize", files=scan, data={"heatmap": "both"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    image, _ = read_dicom(row.image_path, flip=False)
+    assert body["method"] == "gradcam" and "Grad-CAM" in body["map_values"] and body["window_px"] is None
+    assert body["image_size"] == list(image.shape) and body["boxes"] and body["disclaimer"] == DISCLAIMER
+    assert all(0 <= b["x0"] < b["x1"] <= image.shape[1] + body["map_stride_px"] and b["score"] >= 0.5
+               for b in body["boxes"])
+    grid = np.asarray(body["heatmap_array"])
+    assert grid.shape == tuple(body["map_shape"]) and grid.min() >= 0 and grid.max() == pytest.approx(1.0)
+    assert body["max_spread"] == pytest.approx(0, abs=1e-6)  # two copies of one member agree
+    assert 0 <= body["image_score"] <= 1 and _heatmap_png(body).format == "PNG"
+    explicit = client.post("/v1/localize", files=scan, data={"method": "gradcam", "heatmap": "none"}).json()
+    assert explicit["boxes"] == body["boxes"] and "heatmap_png_base64" not in explicit
+    for method, words in (("dense", "data.crop='proportional'"), ("cam", "levynet does not")):
+        refused = client.post("/v1/localize", files=scan, data={"method": method})
+        assert refused.status_code == 422, refused.text
+        error = refused.json()
+        assert error["field"] == "method" and f"method {method!r} is not available" in error["reason"]
+        assert words in error["reason"] and error["disclaimer"] == DISCLAIMER
+    bad = client.post("/v1/localize", files=scan, data={"method": "saliency"})
+    assert bad.status_code == 422 and bad.json()["field"] == "method"
+    assert client.post("/v1/localize", files=scan).status_code == 200  # still serving after the refusals
+    info = client.get("/v1/model").json()["localize"]
+    assert info["default_method"] == "gradcam" and info["methods"]["gradcam"] == "available"
+    assert "proportional" in info["methods"]["dense"]
+
+
+def test_a_gap_fc_crop_classifier_defaults_to_cam(test_lesions, tmp_path):
+    checkpoint = _untrained_checkpoint(tmp_path / "resnet", "model.name=resnet18")
+    client, _ = client_for(checkpoint, tmp_path)
+    scan = {"file": ("scan.dcm", _dicom(test_lesions.iloc[0].image_path))}
+    body = client.post("/v1/localize", files=scan, data={"heatmap": "array"}).json()
+    assert body["method"] == "cam" and body["disclaimer"] == DISCLAIMER
+    assert np.asarray(body["heatmap_array"]).shape == tuple(body["map_shape"])
+    assert client.post("/v1/localize", files=scan, data={"method": "gradcam"}).json()["method"] == "gradcam"
+
+
+def test_a_multimodal_model_cannot_localize_and_says_so(test_lesions, tmp_path):
+    checkpoint = _untrained_checkpoint(tmp_path / "mm", "model.name=levynet", "model.view_mode=multimodal")
+    client, _ = client_for(checkpoint, tmp_path)
+    reply = client.post("/v1/localize", files={"file": ("scan.dcm", _dicom(test_lesions.iloc[0].image_path))})
     assert reply.status_code == 422 and "cannot localize" in reply.json()["reason"]
+    assert "multimodal" in reply.json()["reason"] and reply.json()["field"] == "file"
 
 
 def test_localize_gives_a_heatmap_and_boxes(patch_model, tmp_path):
@@ -145,6 +227,7 @@ def test_localize_gives_a_heatmap_and_boxes(patch_model, tmp_path):
                         data={"heatmap": "both"})
     assert reply.status_code == 200, reply.text
     body = reply.json()
+    assert body["method"] == "dense" and body["window_px"] == 64  # a patch classifier keeps its dense map
     image, _ = read_dicom(row["image_path"], flip=False)
     assert body["image_size"] == list(image.shape) and body["boxes"]
     assert all(0 <= b["x0"] < b["x1"] <= image.shape[1] + 32 and b["score"] >= 0.3 for b in body["boxes"])
@@ -177,3 +260,9 @@ def test_model_endpoint_and_openapi(lesion_client, lesion_model):
     assert {"/v1/predict", "/v1/localize", "/v1/health", "/v1/model"} <= set(spec["paths"])
     fields = spec["components"]["schemas"]
     assert any("probability" in s.get("properties", {}) for s in fields.values())
+    localize = spec["paths"]["/v1/localize"]["post"]
+    assert fields["LocalizeReply"]["properties"]["method"]["enum"] == ["dense", "cam", "gradcam"]
+    assert localize["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("LocalizeReply")
+    form = localize["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    method = fields[form]["properties"]["method"]
+    assert "gradcam" in json.dumps(method) and "422" in method["description"]

@@ -23,6 +23,7 @@ from mammo_ray.cli_serve import APP_NAME, start_app, wait_ready
 from mammo_ray.data.crops import mask_bbox
 from mammo_ray.data.datasets import CropCache, SingleViewDataset
 from mammo_ray.data.dicom import read_dicom
+from mammo_ray.localize.class_map import localize_class_map
 from mammo_ray.localize.whole_image import localize_image, read_mammogram
 from mammo_ray.serving.app import build_app
 from mammo_ray.serving.runtime import ServeSettings
@@ -125,7 +126,25 @@ def test_localize_over_http_equals_the_offline_map(served, patch_model):
     offline = localize_image(list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped,
                              threshold=0.3)
     assert body["image_score"] == pytest.approx(offline.image_score, abs=1e-6)
+    assert body["boxes"] == [b.to_dict() for b in offline.boxes] and body["method"] == "dense"
+
+
+def test_a_crop_classifier_localizes_with_its_class_map_over_http(served, lesion_model, lesions):
+    """The lesion classifier (levynet, proportional crops) has no dense map: Grad-CAM, as offline."""
+    row = lesions.iloc[0]
+    scan = ("scan.dcm", Path(row.image_path).read_bytes())
+    status, body = post(f"{served}/v1/localize", {"file": scan, "heatmap": "png"})
+    assert status == 200, body
+    assert body["method"] == "gradcam" and body["heatmap_png_base64"] and body["boxes"]
+    assert body["disclaimer"].startswith("For research use only")
+    ensemble = Ensemble.from_checkpoints([lesion_model[0]])
+    image, flipped = read_mammogram(row.image_path)
+    offline = localize_class_map(list(ensemble.members), ensemble.spec, ensemble.config, image, method="gradcam",
+                                 flipped=flipped, threshold=0.5)
     assert body["boxes"] == [b.to_dict() for b in offline.boxes]
+    assert body["image_score"] == pytest.approx(offline.image_score, abs=1e-5)
+    status, body = post(f"{served}/v1/localize", {"file": scan, "method": "dense"})
+    assert status == 422 and body["field"] == "method" and "not available" in body["reason"]
 
 
 def test_a_bad_upload_is_a_4xx_and_the_server_stays_up(served, lesions):

@@ -111,8 +111,12 @@ def test_fit_every_view_mode(tiny_workdir, tiny_config, view_mode):
     assert all(math.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1 for h in history)
     frame = evaluate(training.model, training.val_loader, device=training.device)
     assert frame["prob"].between(0, 1).all() and set(frame["label"]) <= {0, 1}
+    # every row names its patient (the bootstrap's cluster), and the exam-level loss exists in every mode
+    assert frame["patient_id"].str.startswith("P_").all()
+    assert all(math.isfinite(h["val_exam_loss"]) for h in history)
     if view_mode == "multimodal":  # one row per CC+MLO pair
         assert frame["exam_key"].is_unique
+        assert (frame["patient_id"] == frame["exam_key"].str.extract(r"^(P_\d+)")[0]).all()
     else:  # one row per crop; parallel's primary metrics are the exam averages
         assert set(frame["view"]) == {"CC", "MLO"}
         metrics = summarize_predictions(frame, view_mode)

@@ -1,4 +1,5 @@
-"""Metrics and plots: hand-computed values, bootstrap CIs, exam-level averaging, PNG output."""
+"""Metrics and plots: hand-computed values, bootstrap CIs, exam-level averaging, PNG output.
+(The patient-clustered bootstrap itself: test_bootstrap.py.)"""
 
 import math
 
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from mammo_ray.train.metrics import (BinaryMetrics, _auc_statistic, binary_metrics, bootstrap_auc_ci,
+from mammo_ray.train.metrics import (BinaryMetrics, auc_of_weights, binary_metrics, bootstrap_auc_ci,
                                      compare_auc, evaluate_predictions, exam_level)
 from mammo_ray.train.plots import plot_confusion, plot_roc, plot_rocs, plot_training_curves
 
@@ -64,9 +65,10 @@ def test_to_dict_is_flat_and_prefixed():
     d = binary_metrics(HAND_LABELS, HAND_PROBS, n_boot=100).to_dict("val_")
     assert set(d) == {f"val_{k}" for k in ("n", "positives", "accuracy", "auc", "auc_ci_low", "auc_ci_high",
                                            "log_loss", "precision", "recall", "specificity", "threshold",
-                                           "tn", "fp", "fn", "tp")}
+                                           "tn", "fp", "fn", "tp", "clusters", "boot_dropped")}
     assert all(type(v) is float for v in d.values())
     assert (d["val_tn"], d["val_fp"], d["val_fn"], d["val_tp"]) == (4.0, 2.0, 1.0, 3.0)
+    assert (d["val_clusters"], d["val_boot_dropped"]) == (10.0, 0.0)  # no groups: every case its own cluster
     assert d["val_auc_ci_low"] <= d["val_auc"] <= d["val_auc_ci_high"]
 
 
@@ -96,8 +98,7 @@ def test_ci_is_deterministic_for_a_seed_and_handles_ties():
     assert bootstrap_auc_ci(y, p, n_boot=300, seed=8) != first
     assert first[0] <= roc_auc_score(y, p) <= first[1]
     # the bootstrap's statistic itself equals sklearn's AUC on the full, tied data
-    neg, pos = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
-    assert _auc_statistic(p)(neg, pos) == pytest.approx(roc_auc_score(y, p))
+    assert auc_of_weights(y, p)(np.ones(y.size))[0] == pytest.approx(roc_auc_score(y, p))
 
 
 @pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1, 1]])

@@ -118,6 +118,9 @@ def test_cli_train_folds_in_parallel(ray_session, tmp_path, capsys):
     assert code == 0, out
     result = json.loads(out)
     assert result["folds"] == 2 and len(result["fold_runs"]) == 2
+    # Each fold reports its last epoch: the fold it is scored on did not pick it.
+    assert result["selection"] == "fixed epochs (train.epochs=2): the fold is not used to pick the checkpoint"
+    assert all(r["best_epoch"] == 1 and r["selection"] == result["selection"] for r in result["fold_runs"])
     auc = result["summary"]["val_auc"]
     assert len(auc["values"]) == 2 and auc["std"] >= 0
     client = MlflowClient(result["tracking_uri"])

@@ -9,6 +9,12 @@ both the CC and the MLO view of its breast. The CSVs reproduce the real files' q
 (CRLF lines, one path column quoted with a trailing newline, crop/mask file names that do
 not tell which is which, masks in another series, several rows per image).
 
+A ``from_csv`` replica also keeps the real data's structure: a film that a Mass and a Calc row
+both list (71 in CBIS-DDSM) is drawn once, with the lesions of both, and the same pixels are
+written under both folders; each ROI has its own mask; some masks are stored at another size
+than their image (``_mask_size_quirk``); labels that disagree between the CC and MLO rows of
+one abnormality id are kept as the CSVs have them.
+
 Layouts: ``csv`` stores each DICOM at ``out_dir/<path in the CSV>``; ``tcia`` stores them
 the way a TCIA download does (``CBIS-DDSM/<folder>/<date>-DDSM-[NA-]<study[-5:]>/
 1.000000-<series description>-<series[-5:]>/1-1.dcm``). Every number comes from
@@ -32,9 +38,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mammo_ray.constants import Side, View
-from mammo_ray.data import synth_image as si
-from mammo_ray.data.dicom_write import (SERIES_CROP, SERIES_FULL, SERIES_MASK, DicomInfo, write_crop, write_mammogram,
-                                        write_mask)
+from mammo_ray.data.masks import resample_mask
+from mammo_ray.data.synthetic import phantom as si
+from mammo_ray.data.synthetic.dicom_write import (SERIES_CROP, SERIES_FULL, SERIES_MASK, DicomInfo, write_crop,
+                                                  write_mammogram, write_mask)
 
 MASS_COLUMNS = ("patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
                 "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
@@ -95,7 +102,8 @@ class SynthSummary:
     seed: int
     size: tuple[int, int]  # (H, W) of the full-field images
     patients: int
-    images: int  # full-field mammograms
+    images: int  # full-field mammogram files
+    films: int  # distinct (patient, side, view): a film listed under a Mass and a Calc folder is one film, two files
     abnormalities: int  # CSV rows (one per abnormality per view)
     by_type: dict[str, int]
     by_pathology: dict[str, int]
@@ -261,9 +269,36 @@ def _positions(rows: list[_Row], seed: int, pnum: int) -> dict[tuple, tuple[floa
     return out
 
 
+def _mask_size_quirk(row: _Row, seed: int, pnum: int, view_mlo: bool) -> str:
+    """"": the mask has its image's size; "rescaled" / "cropped": stored at another size (replica only).
+
+    Real CBIS-DDSM has masks whose size differs from their image: about 2% of these ROIs are
+    written rescaled (same aspect ratio, resampled by the pipeline) and 0.5% cropped by an
+    eighth of their rows (another aspect ratio: the pipeline drops them and says so).
+    """
+    case, side = _CASES.index((row.kind, row.split)), int(row[2] == "RIGHT")
+    draw = np.random.default_rng([seed, pnum, case, side, int(view_mlo), _int(row[4], 1, 0, 99), 7]).random()
+    return "rescaled" if draw < 0.02 else "cropped" if draw < 0.025 else ""
+
+
+def _stored_mask(mask: np.ndarray, quirk: str, rng_key: list[int]) -> np.ndarray:
+    if quirk == "rescaled":
+        factor = (0.5, 0.8, 1.25)[int(np.random.default_rng(rng_key).integers(3))]
+        h, w = mask.shape
+        return resample_mask(mask, (max(8, round(h * factor)), max(8, round(w * factor))))
+    if quirk == "cropped":
+        return mask[: mask.shape[0] - mask.shape[0] // 8]
+    return mask
+
+
 def _render_image(out: Path, layout: str, rows: list[_Row], seed: int, pnum: int, size: tuple[int, int],
-                  positions: dict, dates: dict) -> None:
-    """Draw one full-field image with all lesions of its rows; write it, each crop and each mask."""
+                  positions: dict, dates: dict, mask_quirks: bool = False) -> int:
+    """Draw one film with all lesions of its rows; write it, each crop and each mask; return files written.
+
+    ``rows`` are every row of one (patient, side, view). CBIS-DDSM lists some films under both a
+    Mass and a Calc folder: the film is drawn once, with the lesions of both, and the same pixels
+    are written at each of its image paths.
+    """
     first = rows[0]
     kind, side, view = first.kind, Side.parse(first[2]), View.parse(first[3])
     case, spacing = _CASES.index((kind, first.split)), IMAGE_HEIGHT_MM / size[0]
@@ -275,21 +310,23 @@ def _render_image(out: Path, layout: str, rows: list[_Row], seed: int, pnum: int
         look, angle, scale = _lesion_draw(row, seed, pnum, spacing)
         u, p, q = positions[(row.kind, row.split, row[2], row[4])]
         w = p if view is View.CC else float(np.clip(0.7 * (p + q), -0.7, 0.7))
-        radius = (look.diameter_mm if kind == "mass" else look.extent_mm) * scale / 2 / spacing
+        radius = (look.diameter_mm if row.kind == "mass" else look.extent_mm) * scale / 2 / spacing
         center = si.lesion_center(geom, u, w, radius)
-        draw = si.draw_mass if kind == "mass" else si.draw_calcs
+        draw = si.draw_mass if row.kind == "mass" else si.draw_calcs
         rois.append(draw(att, center, look, spacing, angle, scale))
     pixels = si.to_pixels(att, rng)
     del att
     if side is Side.RIGHT:  # standard display: a right breast's chest wall is on the right
         pixels = np.ascontiguousarray(pixels[:, ::-1])
-    date = dates[kind]
-    info = dict(patient_id=first[0], side=side, view=view, study_date=f"{date:%Y%m%d}", spacing_mm=spacing)
-    img_path = first[_I_IMG]
-    _, study, series, _ = img_path.split("/")
-    write_mammogram(_target(out, layout, img_path, SERIES_FULL, date, kind), pixels,
-                    DicomInfo(study_uid=study, series_uid=series, sop_uid=_uid(rng), series_description=SERIES_FULL,
-                              **info))
+    base = dict(patient_id=first[0], side=side, view=view, spacing_mm=spacing)
+    films = {row[_I_IMG]: row.kind for row in rows}  # one path per folder that lists the film
+    for img_path, img_kind in films.items():
+        _, study, series, _ = img_path.split("/")
+        date = dates[img_kind]
+        write_mammogram(_target(out, layout, img_path, SERIES_FULL, date, img_kind), pixels,
+                        DicomInfo(study_uid=study, series_uid=series, sop_uid=_uid(rng),
+                                  series_description=SERIES_FULL, study_date=f"{date:%Y%m%d}", **base))
+    written = len(films)
     for row, (sl, local) in zip(rows, rois):
         mask = np.zeros(size, bool)
         mask[sl] = local
@@ -299,14 +336,19 @@ def _render_image(out: Path, layout: str, rows: list[_Row], seed: int, pnum: int
             mask = mask[:, ::-1]
         ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         crop = pixels[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
+        quirk = _mask_size_quirk(row, seed, pnum, view is View.MLO) if mask_quirks else ""
+        mask = _stored_mask(mask, quirk, [seed, pnum, _int(row[4], 1, 0, 99), 8])
         crop_path, mask_path = row[_I_CROP], row[_I_MASK]
         shared = crop_path.rsplit("/", 1)[0] == mask_path.rsplit("/", 1)[0]
+        date = dates[row.kind]
         for path, desc, write, data in ((crop_path, SERIES_MASK if shared else SERIES_CROP, write_crop, crop),
                                         (mask_path, SERIES_MASK, write_mask, mask)):
             _, study, series, name = path.split("/")
-            write(_target(out, layout, path, desc, date, kind), data,
+            write(_target(out, layout, path, desc, date, row.kind), data,
                   DicomInfo(study_uid=study, series_uid=series, sop_uid=_uid(rng), series_description=desc,
-                            instance_number=1 + int(name != "000000.dcm"), **info))
+                            instance_number=1 + int(name != "000000.dcm"), study_date=f"{date:%Y%m%d}", **base))
+        written += 2
+    return written
 
 
 def _write_csvs(out: Path, rows: list[_Row]) -> None:
@@ -319,7 +361,8 @@ def _write_csvs(out: Path, rows: list[_Row]) -> None:
 
 
 def synthesize(out_dir: str | Path, *, patients: int = 40, seed: int = 0, size: tuple[int, int] = (832, 512),
-               layout: str = "csv", from_csv: str | Path | None = None, progress: bool = True) -> SynthSummary:
+               layout: str = "csv", from_csv: str | Path | None = None, mask_quirks: bool | None = None,
+               progress: bool = True) -> SynthSummary:
     """Write a synthetic CBIS-DDSM-shaped dataset (four CSVs + DICOMs) to ``out_dir``.
 
     Args:
@@ -331,6 +374,8 @@ def synthesize(out_dir: str | Path, *, patients: int = 40, seed: int = 0, size: 
         layout: "csv" (files at the CSV paths) or "tcia" (as a TCIA download).
         from_csv: Folder with real CBIS-DDSM case-description CSVs whose rows, paths and
             descriptions are reused.
+        mask_quirks: Store some ROI masks at another size than their image, as real CBIS-DDSM
+            does (see ``_mask_size_quirk``). Default: on for a ``from_csv`` replica, off otherwise.
         progress: Show a tqdm bar over patients.
     """
     if layout not in LAYOUTS:
@@ -346,22 +391,25 @@ def synthesize(out_dir: str | Path, *, patients: int = 40, seed: int = 0, size: 
         raise ValueError(f"from_csv {from_csv} is out_dir: writing there would overwrite the source CSVs")
     out.mkdir(parents=True, exist_ok=True)
     rows = _read_rows(Path(from_csv), patients) if from_csv is not None else _plan(seed, patients)
+    mask_quirks = from_csv is not None if mask_quirks is None else bool(mask_quirks)
     dates = {kind: _study_date(seed, kind) for kind in ("mass", "calc")}
     by_patient: dict[str, list[_Row]] = {}
     for row in rows:
         by_patient.setdefault(row[0], []).append(row)
-    n_images = 0
+    n_images, n_films = 0, 0
     for pid in tqdm(sorted(by_patient), desc="synthesize", unit="patient", disable=not progress):
         prows, pnum = by_patient[pid], _pnum(pid)
         positions = _positions(prows, seed, pnum)
-        images: dict[tuple[str, str], list[_Row]] = {}
+        films: dict[tuple[str, str], list[_Row]] = {}  # (side, view): every row of that film, any folder
         for row in prows:
-            images.setdefault((row.kind, row[_I_IMG]), []).append(row)
-        for irows in images.values():
-            _render_image(out, layout, irows, seed, pnum, size, positions, dates)
-        n_images += len(images)
+            films.setdefault((row[2].upper(), row[3].upper()), []).append(row)
+        for frows in films.values():
+            frows.sort(key=lambda r: _CASES.index((r.kind, r.split)))  # the film's look: its first folder's draw
+            _render_image(out, layout, frows, seed, pnum, size, positions, dates, mask_quirks=mask_quirks)
+            n_images += len({r[_I_IMG] for r in frows})
+        n_films += len(films)
     _write_csvs(out, rows)
     return SynthSummary(out_dir=str(out), csv_dir=str(out), layout=layout, seed=seed, size=size,
-                        patients=len(by_patient), images=n_images, abnormalities=len(rows),
+                        patients=len(by_patient), images=n_images, films=n_films, abnormalities=len(rows),
                         by_type=dict(sorted(Counter(r[5] for r in rows).items())),
                         by_pathology=dict(sorted(Counter(r[9] for r in rows).items())))
