@@ -16,8 +16,10 @@ checkpoint's eval transform does (``whole_image.normalise_whole``).
 
 Values. CAM is in logit units and Grad-CAM in gradient x activation units; neither is a
 probability. Each member's map is min-max scaled to [0, 1] (``cam.normalize_map``) before the
-members are averaged, so the heatmap and the box threshold are relative to the image's own
-activation (0.5: the upper half). The image score is the members' mean P(class 1) for the whole
+members are averaged, and the mean is min-max scaled again: members that look at different places
+average to a low, flat map, and a threshold on it would then find nothing. So the heatmap and the
+box threshold are relative to the ensemble's own peak on this image (0.5: the upper half of it),
+the peak always makes a box, and how much the members disagree is the spread map's to say. The image score is the members' mean P(class 1) for the whole
 image: the output the map explains, not a validated image-level call.
 
 Grid. Member maps come at feature resolution (finer for LevyNet than for ResNet); each is
@@ -85,6 +87,12 @@ def _member_map(model: nn.Module, x: torch.Tensor, method: str, target_class: in
     return maps[0].detach().float().cpu(), prob
 
 
+def _rescale(values: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1]; a constant map becomes zeros."""
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
 def localize_class_map(models: Sequence[nn.Module], spec: TransformSpec, config: Config, image: np.ndarray, *,
                        method: str = "cam", flipped: bool = False, threshold: float = 0.5,
                        long_side: int | None = None, target_class: int = 1, min_area: int = 1,
@@ -123,7 +131,7 @@ def localize_class_map(models: Sequence[nn.Module], spec: TransformSpec, config:
     cell = size[0] / rows
     cols = max(1, round(size[1] / cell))
     stack = torch.stack([normalize_map(upsample_map(m, (rows, cols))) for m in raw]).numpy()
-    dense = DenseMap(stack.mean(0).astype(np.float32), cell, cell, size)  # type: ignore[arg-type]
+    dense = DenseMap(_rescale(stack.mean(0)).astype(np.float32), cell, cell, size)  # type: ignore[arg-type]
     geometry = WindowGeometry(scale=scale, window=0, patch_px=0)
     result = Localization(dense, stack.std(0).astype(np.float32), geometry, tuple(image.shape), flipped, threshold,
                           method=method, score=float(np.mean(probs)))

@@ -100,8 +100,10 @@ def network_input(image: np.ndarray, spec: TransformSpec, size: tuple[int, int])
 
 MAP_VALUES = {  # what the map's numbers are, per method (reported with every localization)
     "dense": "P(class 1) of the window centred on each cell, mean over members (paper 003)",
-    "cam": "class activation map of class 1 (paper 004, Eq. 1), min-max scaled to [0, 1] per member, then averaged",
-    "gradcam": "Grad-CAM of class 1, min-max scaled to [0, 1] per member, then averaged",
+    "cam": "class activation map of class 1 (paper 004, Eq. 1), min-max scaled to [0, 1] per member, averaged, "
+           "and the mean scaled to [0, 1] (relative to this image's peak)",
+    "gradcam": "Grad-CAM of class 1, min-max scaled to [0, 1] per member, averaged, and the mean scaled to [0, 1] "
+               "(relative to this image's peak)",
 }
 IMAGE_SCORE_MEANS = {
     "dense": "the map's maximum (paper 003's image-level score)",
