@@ -39,7 +39,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mammo_ray.config import DataConfig
-from mammo_ray.data.manifest import film_ids
+from mammo_ray.data.quirks import film_ids
 from mammo_ray.data.shard_worker import CACHE_FORMAT, CROP_FIELDS, ENTRY_COLUMNS, STAT_KEYS, process_shard
 
 

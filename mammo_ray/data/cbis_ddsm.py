@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from mammo_ray.constants import AbnormalityType, Pathology, Side, View
 from mammo_ray.data.dicom import DicomReadError, read_dicom, read_dicom_header
-from mammo_ray.data.manifest import MANIFEST_COLUMNS, build_index_report, conform, mark_quirks, read_generic_csv
+from mammo_ray.data.manifest import MANIFEST_COLUMNS, build_index_report, conform, read_generic_csv
+from mammo_ray.data.quirks import mark_quirks
 from mammo_ray.data.masks import mask_fit, mask_fit_reason, scale_box
 
 CSV_FILES: dict[str, tuple[AbnormalityType, str]] = {

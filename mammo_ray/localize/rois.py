@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from mammo_ray.constants import AbnormalityType
-from mammo_ray.data.manifest import film_ids
+from mammo_ray.data.quirks import film_ids
 from mammo_ray.localize.findings import roi_to_grid
 
 __all__ = ["Film", "film_ids", "group_films", "roi_grids", "roi_mask"]

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mammo_ray.data.manifest import conform, mark_quirks, quirk_counts
+from mammo_ray.data.manifest import conform
+from mammo_ray.data.quirks import mark_quirks, quirk_counts
 from mammo_ray.data.masks import mask_fit, resample_mask, scale_box
 from mammo_ray.data.splits import make_splits
 

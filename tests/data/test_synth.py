@@ -299,7 +299,8 @@ def test_replica_keeps_the_real_structure(tmp_path):
     """The first 40 real patients: shared films hold the same pixels, masks of another size, quirk counts."""
     from mammo_ray.data.cbis_ddsm import index_dataset, parse_cbis_csvs
     from mammo_ray.data.dicom import read_dicom
-    from mammo_ray.data.manifest import conform, mark_quirks, quirk_counts
+    from mammo_ray.data.manifest import conform
+    from mammo_ray.data.quirks import mark_quirks, quirk_counts
 
     summary = synthesize(tmp_path, patients=40, seed=0, size=(128, 80), from_csv=REAL_CSV_DIR, progress=False)
     manifest, report = index_dataset(root=tmp_path, csv_dir=tmp_path, progress=False)
