@@ -52,10 +52,14 @@ def prepare_rate(manifest, split_of, cfg: DataConfig, out: Path) -> tuple[float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patients", type=int, default=24)
-    parser.add_argument("--size", help="full-field HxW of the synthetic images (default 1664x1024; "
-                        "256x160 with --replica)")
-    parser.add_argument("--replica", action="store_true", help="the full-structure replica of the real CSVs "
-                        "(all 1566 patients) instead of invented patients")
+    parser.add_argument(
+        "--size", help="full-field HxW of the synthetic images (default 1664x1024; 256x160 with --replica)"
+    )
+    parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="the full-structure replica of the real CSVs (all 1566 patients) instead of invented patients",
+    )
     parser.add_argument("--crop", default="proportional")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=2, help="passes over the files for the raw decode")
@@ -67,8 +71,14 @@ def main() -> None:
     patients = 1566 if args.replica else args.patients
     data = workdir / f"{'replica' if args.replica else 'data'}-p{patients}-{h}x{w}"
     if not (data / "mass_case_description_train_set.csv").exists():
-        synthesize(data, patients=patients, seed=0, size=(h, w), progress=False,
-                   from_csv=csv_source("cbis-ddsm") if args.replica else None)
+        synthesize(
+            data,
+            patients=patients,
+            seed=0,
+            size=(h, w),
+            progress=False,
+            from_csv=csv_source("cbis-ddsm") if args.replica else None,
+        )
     manifest, _ = index_dataset(root=data, csv_dir=data)
     manifest = manifest[manifest["resolved"]].reset_index(drop=True)
     split_of = make_splits(manifest, seed=0).assign(manifest)
@@ -82,13 +92,18 @@ def main() -> None:
     bound = len(paths) / (len(paths) / raw + len(masks) / raw_masks)  # films/s decoding films and masks
     cfg = DataConfig(crop=args.crop, abnormality="all", num_workers=1, cache_px=256, input_px=224)
     one, decoded = prepare_rate(manifest, split_of, cfg, workdir / "cache-1")
-    many, _ = prepare_rate(manifest, split_of, cfg.model_copy(update={"num_workers": args.workers}),
-                           workdir / f"cache-{args.workers}")
+    many, _ = prepare_rate(
+        manifest, split_of, cfg.model_copy(update={"num_workers": args.workers}), workdir / f"cache-{args.workers}"
+    )
 
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pydicom": pydicom.__version__},
-        "replica": args.replica, "load_average": os.getloadavg(),
-        "images": len(paths), "masks": len(masks), "image_size": [h, w], "crop": args.crop,
+        "replica": args.replica,
+        "load_average": os.getloadavg(),
+        "images": len(paths),
+        "masks": len(masks),
+        "image_size": [h, w],
+        "crop": args.crop,
         "images_decoded_by_prepare": decoded,
         "raw_decode_images_per_s": round(raw, 2),
         "raw_decode_images_and_masks_images_per_s": round(bound, 2),
@@ -101,14 +116,19 @@ def main() -> None:
     }
     out = workdir / "data.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"{len(paths)} films ({len(masks)} ROI masks) of {h}x{w}, crop mode {args.crop}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"{len(paths)} films ({len(masks)} ROI masks) of {h}x{w}, crop mode {args.crop}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     print(f"  raw pydicom decode, films          {raw:8.1f} images/s")
     print(f"  raw decode, films + their masks    {bound:8.1f} images/s   (the bound)")
-    print(f"  prepare, 1 worker                  {one:8.1f} images/s   ({one / raw:.2f}x raw, "
-          f"{one / bound:.2f}x bound)")
-    print(f"  prepare, {args.workers} workers                 {many:8.1f} images/s   ({many / raw:.2f}x raw, "
-          f"{many / bound:.2f}x bound)")
+    print(
+        f"  prepare, 1 worker                  {one:8.1f} images/s   ({one / raw:.2f}x raw, {one / bound:.2f}x bound)"
+    )
+    print(
+        f"  prepare, {args.workers} workers                 {many:8.1f} images/s   ({many / raw:.2f}x raw, "
+        f"{many / bound:.2f}x bound)"
+    )
     print(f"written to {out}")
 
 

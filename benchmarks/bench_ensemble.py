@@ -69,10 +69,16 @@ def example(view_mode: str, batch: int, px: int, device: str) -> torch.Tensor | 
 
 
 def machine_info(device: str, threads: int) -> dict:
-    return {"cpus": os.cpu_count(), "torch_threads": threads, "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-            "load_average_1_5_15": list(os.getloadavg()), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": threads,
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "load_average_1_5_15": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def main() -> None:
@@ -81,14 +87,25 @@ def main() -> None:
     parser.add_argument("--members", default="10,100", help="comma-separated member counts")
     parser.add_argument("--view-mode", default="single", choices=("single", "parallel", "multimodal"))
     parser.add_argument("--batch", type=int, default=8, help="images per forward (pairs for multimodal)")
-    parser.add_argument("--slow-batch", type=int, default=2,
-                        help="batch of resnet18 with >= 100 members on CPU (0: --batch); ignored on cuda")
-    parser.add_argument("--input-px", type=int,
-                        help="input side for every model (default: levynet 64, resnet18 112 on cpu; 224 on cuda)")
+    parser.add_argument(
+        "--slow-batch",
+        type=int,
+        default=2,
+        help="batch of resnet18 with >= 100 members on CPU (0: --batch); ignored on cuda",
+    )
+    parser.add_argument(
+        "--input-px",
+        type=int,
+        help="input side for every model (default: levynet 64, resnet18 112 on cpu; 224 on cuda)",
+    )
     parser.add_argument("--member-chunk", type=int, help="members per vmap call (default: all at once)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up round)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: steady on a shared machine, see the docstring)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: steady on a shared machine, see the docstring)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--smoke", action="store_true", help="2 and 4 members, 32 px, batch 2, 1 repeat")
     parser.add_argument("--workdir")
@@ -112,21 +129,44 @@ def main() -> None:
             slow = args.device == "cpu" and model == SLOW_MODEL and n >= SLOW_MEMBERS and args.slow_batch > 0
             batch = args.slow_batch if slow else args.batch
             ensemble = Ensemble(members[:n], TransformSpec(input_px=px), config).eval()
-            report = measure_execution(ensemble, example(args.view_mode, batch, px, args.device),
-                                       repeats=args.repeats, warmup=1, member_chunk=args.member_chunk)
+            report = measure_execution(
+                ensemble,
+                example(args.view_mode, batch, px, args.device),
+                repeats=args.repeats,
+                warmup=1,
+                member_chunk=args.member_chunk,
+            )
             stacked_s = report["stacked_s"]
-            auto = ("loop" if stacked_s is None or not report["max_abs_diff"] <= TOLERANCE
-                    else "stacked" if stacked_s < report["loop_s"] else "loop")
-            row = {"model": model, "view_mode": args.view_mode, "members": n, "input_px": px, "batch": batch,
-                   "small_batch": slow, "loop_s": report["loop_s"], "stacked_s": stacked_s,
-                   "ratio_loop_to_stacked": report.get("ratio_loop_to_stacked"),
-                   "max_abs_diff": report["max_abs_diff"], "auto": auto, "build_members_s": round(build_s, 2),
-                   "report": report}
+            auto = (
+                "loop"
+                if stacked_s is None or not report["max_abs_diff"] <= TOLERANCE
+                else "stacked"
+                if stacked_s < report["loop_s"]
+                else "loop"
+            )
+            row = {
+                "model": model,
+                "view_mode": args.view_mode,
+                "members": n,
+                "input_px": px,
+                "batch": batch,
+                "small_batch": slow,
+                "loop_s": report["loop_s"],
+                "stacked_s": stacked_s,
+                "ratio_loop_to_stacked": report.get("ratio_loop_to_stacked"),
+                "max_abs_diff": report["max_abs_diff"],
+                "auto": auto,
+                "build_members_s": round(build_s, 2),
+                "report": report,
+            }
             rows.append(row)
             ratio = f"{row['ratio_loop_to_stacked']:.2f}" if stacked_s is not None else "-"
-            print(f"[{model} x{n}, {px} px, batch {batch}] loop {report['loop_s']:.4f} s, stacked "
-                  f"{stacked_s if stacked_s is None else round(stacked_s, 4)} s, loop/stacked {ratio}"
-                  + (f", stacked failed: {report['stacked_error']}" if report["stacked_error"] else ""), flush=True)
+            print(
+                f"[{model} x{n}, {px} px, batch {batch}] loop {report['loop_s']:.4f} s, stacked "
+                f"{stacked_s if stacked_s is None else round(stacked_s, 4)} s, loop/stacked {ratio}"
+                + (f", stacked failed: {report['stacked_error']}" if report["stacked_error"] else ""),
+                flush=True,
+            )
             del ensemble
             gc.collect()
         del members
@@ -134,18 +174,30 @@ def main() -> None:
 
     result = {
         "machine": {**machine_info(args.device, args.threads), "load_average_at_start": load_start},
-        "settings": {"models": models, "members": counts, "view_mode": args.view_mode, "batch": args.batch,
-                     "slow_batch": args.slow_batch, "input_px": args.input_px, "member_chunk": args.member_chunk,
-                     "repeats": args.repeats, "warmup": 1, "threads": args.threads, "device": args.device,
-                     "smoke": args.smoke},
+        "settings": {
+            "models": models,
+            "members": counts,
+            "view_mode": args.view_mode,
+            "batch": args.batch,
+            "slow_batch": args.slow_batch,
+            "input_px": args.input_px,
+            "member_chunk": args.member_chunk,
+            "repeats": args.repeats,
+            "warmup": 1,
+            "threads": args.threads,
+            "device": args.device,
+            "smoke": args.smoke,
+        },
         "wall_s": round(time.perf_counter() - start, 1),
         "results": rows,
     }
     out = resolve_workdir(args.workdir) / "benchmarks" / "ensemble.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n{args.device}, {args.threads} torch threads, {args.view_mode} view, median of {args.repeats} rounds "
-          f"after 1 warm-up; load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print(
+        f"\n{args.device}, {args.threads} torch threads, {args.view_mode} view, median of {args.repeats} rounds "
+        f"after 1 warm-up; load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    )
     print("\n| model | members | px | batch | loop s | stacked s | loop/stacked | max abs diff | auto |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -153,8 +205,10 @@ def main() -> None:
         ratio = "-" if r["stacked_s"] is None else f"{r['ratio_loop_to_stacked']:.2f}"
         diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
         batch = f"{r['batch']} (small)" if r["small_batch"] else str(r["batch"])
-        print(f"| {r['model']} | {r['members']} | {r['input_px']} | {batch} | {r['loop_s']:.4f} | {stacked} | "
-              f"{ratio} | {diff} | {r['auto']} |")
+        print(
+            f"| {r['model']} | {r['members']} | {r['input_px']} | {batch} | {r['loop_s']:.4f} | {stacked} | "
+            f"{ratio} | {diff} | {r['auto']} |"
+        )
     print(f"\nwritten to {out} ({result['wall_s']} s)")
 
 

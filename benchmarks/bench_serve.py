@@ -36,12 +36,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from mammo_ray.config import load_config  # noqa: E402
-from mammo_ray.data.transforms import TransformSpec  # noqa: E402
-from mammo_ray.models import build_view_model  # noqa: E402
-from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings  # noqa: E402
-from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint  # noqa: E402
-from mammo_ray.workdir import resolve_workdir  # noqa: E402
+from mammo_ray.config import load_config
+from mammo_ray.data.transforms import TransformSpec
+from mammo_ray.models import build_view_model
+from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
+from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint
+from mammo_ray.workdir import resolve_workdir
 
 
 def make_members(name: str, members: int, px: int, out: Path) -> list[Path]:
@@ -51,8 +51,11 @@ def make_members(name: str, members: int, px: int, out: Path) -> list[Path]:
     for seed in range(members):
         torch.manual_seed(seed)
         model = build_view_model(config.model).eval()
-        paths.append(save_checkpoint(checkpoint_payload(model=model, config=config, spec=spec, epoch=0),
-                                     out / f"member_{seed:03d}"))
+        paths.append(
+            save_checkpoint(
+                checkpoint_payload(model=model, config=config, spec=spec, epoch=0), out / f"member_{seed:03d}"
+            )
+        )
     return paths
 
 
@@ -65,8 +68,11 @@ def register(members: list[Path], out: Path) -> tuple[str, str]:
     uri = f"sqlite:///{(out / 'serve-mlflow.db').resolve()}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("bench-serve")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        "bench-serve", artifact_location=str((out / "serve-artifacts").resolve()))
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment("bench-serve", artifact_location=str((out / "serve-artifacts").resolve()))
+    )
     run = client.create_run(experiment_id)
     registered = register_ensemble(uri, run.info.run_id, members, [""] * len(members), "bench-serve")
     client.set_terminated(run.info.run_id)
@@ -77,7 +83,7 @@ def upload() -> tuple[bytes, str]:
     rng = np.random.default_rng(0)
     image = rng.normal(2000, 200, (640, 384)).clip(0, 65535)
     yy, xx = np.mgrid[:640, :384]
-    image[(yy - 300) ** 2 + (xx - 150) ** 2 < 30 ** 2] += 1500
+    image[(yy - 300) ** 2 + (xx - 150) ** 2 < 30**2] += 1500
     buf = io.BytesIO()
     Image.fromarray(image.astype(np.uint16)).save(buf, format="PNG")
     return buf.getvalue(), "110,260,190,340"
@@ -85,8 +91,12 @@ def upload() -> tuple[bytes, str]:
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "mean_ms": float(ms.mean()), "n": int(ms.size)}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "mean_ms": float(ms.mean()),
+        "n": int(ms.size),
+    }
 
 
 def http_post(url: str, data: bytes, box: str) -> int:
@@ -95,11 +105,22 @@ def http_post(url: str, data: bytes, box: str) -> int:
     import uuid
 
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"scan.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode() + data + (
-        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"box\"\r\n\r\n{box}\r\n--{boundary}--\r\n").encode()
-    request = urllib.request.Request(f"{url}/v1/predict", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="scan.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + (
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="box"\r\n\r\n{box}\r\n--{boundary}--\r\n'
+        ).encode()
+    )
+    request = urllib.request.Request(
+        f"{url}/v1/predict",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=300) as reply:
             reply.read()
@@ -126,9 +147,16 @@ def main() -> None:
     members = make_members(args.model, args.members, args.px, out / "serve-members")
     data, box = upload()
     model_uri, tracking = register(members, out)
-    settings = ServeSettings(model=model_uri, tracking_uri=tracking, workdir=str(out), execution=args.execution,
-                             max_batch_size=args.max_batch_size, num_cpus=1,
-                             max_ongoing_requests=max(16, args.max_batch_size), max_queued_requests=4 * args.requests)
+    settings = ServeSettings(
+        model=model_uri,
+        tracking_uri=tracking,
+        workdir=str(out),
+        execution=args.execution,
+        max_batch_size=args.max_batch_size,
+        num_cpus=1,
+        max_ongoing_requests=max(16, args.max_batch_size),
+        max_queued_requests=4 * args.requests,
+    )
     runtime = ModelRuntime(settings)
     item = PredictItem(files={"file": ("scan.png", data)}, rois={"box": box})
     runtime.predict_items([item])  # warm-up
@@ -159,24 +187,40 @@ def main() -> None:
         statuses = list(pool.map(lambda _: http_post(url, data, box), range(args.requests)))
     wall = time.perf_counter() - start
     serve.shutdown()
-    record = {"in_process": percentiles(local), "http_sequential": percentiles(sequential),
-              "http_concurrent": {"clients": args.clients, "requests": args.requests, "wall_s": wall,
-                                  "requests_per_s": args.requests / wall,
-                                  "statuses": {str(s): statuses.count(s) for s in set(statuses)}},
-              "in_process_requests_per_s": 1 / statistics.mean(local),
-              "execution": runtime.execution, "settings": vars(args),
-              "machine": {"torch": torch.__version__, "python": platform.python_version(),
-                          "threads": torch.get_num_threads()}}
+    record = {
+        "in_process": percentiles(local),
+        "http_sequential": percentiles(sequential),
+        "http_concurrent": {
+            "clients": args.clients,
+            "requests": args.requests,
+            "wall_s": wall,
+            "requests_per_s": args.requests / wall,
+            "statuses": {str(s): statuses.count(s) for s in set(statuses)},
+        },
+        "in_process_requests_per_s": 1 / statistics.mean(local),
+        "execution": runtime.execution,
+        "settings": vars(args),
+        "machine": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+        },
+    }
     lp, hp = record["in_process"], record["http_sequential"]
-    print(f"{args.members} x {args.model} at {args.px} px, {args.requests} requests, execution "
-          f"{runtime.execution['chosen']} (loop {runtime.execution['loop_s']}, stacked {runtime.execution['stacked_s']})")
+    print(
+        f"{args.members} x {args.model} at {args.px} px, {args.requests} requests, execution "
+        f"{runtime.execution['chosen']} (loop {runtime.execution['loop_s']}, stacked {runtime.execution['stacked_s']})"
+    )
     print("| path | p50 ms | p95 ms | requests/s |")
     print("|---|---|---|---|")
-    print(f"| in-process ModelRuntime | {lp['p50_ms']:.1f} | {lp['p95_ms']:.1f} | {record['in_process_requests_per_s']:.1f} |")
+    rate = record["in_process_requests_per_s"]
+    print(f"| in-process ModelRuntime | {lp['p50_ms']:.1f} | {lp['p95_ms']:.1f} | {rate:.1f} |")
     print(f"| HTTP, one at a time | {hp['p50_ms']:.1f} | {hp['p95_ms']:.1f} | {1000 / hp['mean_ms']:.1f} |")
     print(f"| HTTP, {args.clients} clients | | | {record['http_concurrent']['requests_per_s']:.1f} |")
-    print(f"Serve overhead per request (p50 http - p50 in-process): {hp['p50_ms'] - lp['p50_ms']:.1f} ms; "
-          f"statuses {record['http_concurrent']['statuses']}")
+    print(
+        f"Serve overhead per request (p50 http - p50 in-process): {hp['p50_ms'] - lp['p50_ms']:.1f} ms; "
+        f"statuses {record['http_concurrent']['statuses']}"
+    )
     (out / "serve.json").write_text(json.dumps(record, indent=2, default=str))
     print(f"written {out / 'serve.json'}")
 

@@ -61,8 +61,12 @@ def run_plain(config: Config, cache_dir: str, device: str, images: int) -> dict:
     history = fit(training)
     wall = time.perf_counter() - start
     rate, train_s = steady_rate(history, images)
-    return {"images_per_s": rate, "wall_s": wall, "train_s": train_s,
-            "epoch_images_per_s": [h["train_images_per_s"] for h in history]}
+    return {
+        "images_per_s": rate,
+        "wall_s": wall,
+        "train_s": train_s,
+        "epoch_images_per_s": [h["train_images_per_s"] for h in history],
+    }
 
 
 def run_ray(config: Config, cache_dir: str, storage: Path, images: int) -> dict:
@@ -75,17 +79,27 @@ def run_ray(config: Config, cache_dir: str, storage: Path, images: int) -> dict:
         history = load_checkpoint(directory)["history"]
     shutil.rmtree(storage / name, ignore_errors=True)
     rate, train_s = steady_rate(history, images)
-    return {"images_per_s": rate, "wall_s": wall, "train_s": train_s,
-            "epoch_images_per_s": [h["train_images_per_s"] for h in history]}
+    return {
+        "images_per_s": rate,
+        "wall_s": wall,
+        "train_s": train_s,
+        "epoch_images_per_s": [h["train_images_per_s"] for h in history],
+    }
 
 
 def machine_info(device: str, threads: int) -> dict:
     import ray
 
-    return {"cpus": os.cpu_count(), "torch_threads": threads, "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": threads,
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def main() -> None:
@@ -95,8 +109,12 @@ def main() -> None:
     parser.add_argument("--input-px", type=int, default=112, help="network input side (inception_v3 needs >= 75)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--patients", type=int, default=100, help="synthetic patients (sets the dataset size)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads of the plain path = cpus_per_worker of the Ray worker")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads of the plain path = cpus_per_worker of the Ray worker",
+    )
     parser.add_argument("--use-gpu", action="store_true", help="plain path on cuda, Ray worker with use_gpu")
     parser.add_argument("--smoke", action="store_true", help="levynet + resnet18, 64 px, 32 patients")
     parser.add_argument("--workdir")
@@ -110,11 +128,21 @@ def main() -> None:
 
     workdir = resolve_workdir(args.workdir) / "benchmarks"
     storage = workdir / "ray_results"
-    base = ["data.num_workers=0", f"data.synth_patients={args.patients}", f"data.input_px={args.input_px}",
-            f"data.cache_px={args.input_px + args.input_px // 8}", f"train.epochs={args.epochs}",
-            f"train.batch_size={args.batch_size}", "train.num_workers=1", f"train.cpus_per_worker={args.threads}",
-            f"train.use_gpu={args.use_gpu}", "train.max_failures=0", "train.keep_checkpoints=1",
-            "train.early_stop_patience=null", "train.stop_train_acc=null"]
+    base = [
+        "data.num_workers=0",
+        f"data.synth_patients={args.patients}",
+        f"data.input_px={args.input_px}",
+        f"data.cache_px={args.input_px + args.input_px // 8}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+        "train.num_workers=1",
+        f"train.cpus_per_worker={args.threads}",
+        f"train.use_gpu={args.use_gpu}",
+        "train.max_failures=0",
+        "train.keep_checkpoints=1",
+        "train.early_stop_patience=null",
+        "train.stop_train_acc=null",
+    ]
     configs = {m: load_config(SMOKE_CONFIG, base + [f"model.name={m}"]) for m in models}
     cache_dir = ensure_prepared(configs[models[0]], workdir / "train-data", progress=False).cache_dir  # shared
     torch.set_num_threads(args.threads)
@@ -127,8 +155,12 @@ def main() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=max(args.threads, os.cpu_count() or 1), num_gpus=1 if args.use_gpu else 0,
-                 include_dashboard=False, log_to_driver=False)  # worker logs: in Ray's session dir
+        ray.init(
+            num_cpus=max(args.threads, os.cpu_count() or 1),
+            num_gpus=1 if args.use_gpu else 0,
+            include_dashboard=False,
+            log_to_driver=False,
+        )  # worker logs: in Ray's session dir
     rows = []
     try:
         for i, model in enumerate(models):
@@ -136,38 +168,59 @@ def main() -> None:
             order = ("plain", "ray") if i % 2 == 0 else ("ray", "plain")
             runs = {}
             for path in order:
-                runs[path] = (run_plain(config, cache_dir, device, images) if path == "plain"
-                              else run_ray(config, cache_dir, storage, images))
+                runs[path] = (
+                    run_plain(config, cache_dir, device, images)
+                    if path == "plain"
+                    else run_ray(config, cache_dir, storage, images)
+                )
                 rates = " ".join(f"{r:.1f}" for r in runs[path]["epoch_images_per_s"])
                 print(f"[{model}] {path:<5} images/s per epoch {rates}, wall {runs[path]['wall_s']:.1f} s", flush=True)
             plain, ray_run = runs["plain"], runs["ray"]
             startup = ray_run["wall_s"] - ray_run["train_s"] - (plain["wall_s"] - plain["train_s"])
-            rows.append({"model": model, "order": list(order),
-                         "plain_images_per_s": round(plain["images_per_s"], 3),
-                         "ray_images_per_s": round(ray_run["images_per_s"], 3),
-                         "ratio_ray_to_plain": round(ray_run["images_per_s"] / plain["images_per_s"], 3),
-                         "ray_startup_s": round(startup, 1),
-                         "plain": {k: v if isinstance(v, list) else round(v, 3) for k, v in plain.items()},
-                         "ray": {k: v if isinstance(v, list) else round(v, 3) for k, v in ray_run.items()}})
+            rows.append(
+                {
+                    "model": model,
+                    "order": list(order),
+                    "plain_images_per_s": round(plain["images_per_s"], 3),
+                    "ray_images_per_s": round(ray_run["images_per_s"], 3),
+                    "ratio_ray_to_plain": round(ray_run["images_per_s"] / plain["images_per_s"], 3),
+                    "ray_startup_s": round(startup, 1),
+                    "plain": {k: v if isinstance(v, list) else round(v, 3) for k, v in plain.items()},
+                    "ray": {k: v if isinstance(v, list) else round(v, 3) for k, v in ray_run.items()},
+                }
+            )
     finally:
         ray.shutdown()
 
     result = {
         "machine": machine_info(device, args.threads),
-        "settings": {"models": models, "epochs": args.epochs, "warmup_epochs_skipped": 1,
-                     "input_px": args.input_px, "batch_size": args.batch_size, "patients": args.patients,
-                     "train_images_per_epoch": images, "threads": args.threads, "use_gpu": args.use_gpu,
-                     "smoke": args.smoke, "config": configs[models[0]].model_dump(mode="json")},
+        "settings": {
+            "models": models,
+            "epochs": args.epochs,
+            "warmup_epochs_skipped": 1,
+            "input_px": args.input_px,
+            "batch_size": args.batch_size,
+            "patients": args.patients,
+            "train_images_per_epoch": images,
+            "threads": args.threads,
+            "use_gpu": args.use_gpu,
+            "smoke": args.smoke,
+            "config": configs[models[0]].model_dump(mode="json"),
+        },
         "results": rows,
     }
     out = workdir / "train.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n{images} training images per epoch, {args.input_px} px, batch {args.batch_size}, "
-          f"{args.threads} threads, {device}; images/s over epochs 2..{args.epochs} (epoch 1 is a warm-up)")
+    print(
+        f"\n{images} training images per epoch, {args.input_px} px, batch {args.batch_size}, "
+        f"{args.threads} threads, {device}; images/s over epochs 2..{args.epochs} (epoch 1 is a warm-up)"
+    )
     print(f"{'model':<14}{'plain img/s':>12}{'ray img/s':>11}{'ray/plain':>11}{'ray start-up s':>16}")
     for r in rows:
-        print(f"{r['model']:<14}{r['plain_images_per_s']:>12.2f}{r['ray_images_per_s']:>11.2f}"
-              f"{r['ratio_ray_to_plain']:>11.3f}{r['ray_startup_s']:>16.1f}")
+        print(
+            f"{r['model']:<14}{r['plain_images_per_s']:>12.2f}{r['ray_images_per_s']:>11.2f}"
+            f"{r['ratio_ray_to_plain']:>11.3f}{r['ray_startup_s']:>16.1f}"
+        )
     print(f"written to {out}")
 
 

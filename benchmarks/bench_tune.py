@@ -56,17 +56,35 @@ from mammo_ray.workdir import resolve_workdir
 
 # Ray's bookkeeping benchmark (Tune scalability benchmarks, docs.ray.io): 10,000 trials x 1 s,
 # 1 node x 16 CPUs, one result per second per trial: 715.27 s observed, 625 s minimum.
-RAY_REFERENCE = {"trials": 10_000, "trial_s": 1.0, "concurrency": 16, "results_per_s": 1,
-                 "observed_s": 715.27, "minimum_s": 625.0}
+RAY_REFERENCE = {
+    "trials": 10_000,
+    "trial_s": 1.0,
+    "concurrency": 16,
+    "results_per_s": 1,
+    "observed_s": 715.27,
+    "minimum_s": 625.0,
+}
 RAY_REFERENCE["overhead"] = RAY_REFERENCE["observed_s"] / RAY_REFERENCE["minimum_s"] - 1
-RAY_REFERENCE["per_trial_ms"] = ((RAY_REFERENCE["observed_s"] - RAY_REFERENCE["minimum_s"])
-                                 * RAY_REFERENCE["concurrency"] / RAY_REFERENCE["trials"] * 1000)
+RAY_REFERENCE["per_trial_ms"] = (
+    (RAY_REFERENCE["observed_s"] - RAY_REFERENCE["minimum_s"])
+    * RAY_REFERENCE["concurrency"]
+    / RAY_REFERENCE["trials"]
+    * 1000
+)
 
 # tests/conftest.py TINY_TRAIN (levynet on 40-px crops), copied: the tests are not a package.
 TINY_TRAIN = [
-    "data.synth_patients=40", "data.synth_size=[384, 240]", "data.seed=3", "data.cache_px=40",
-    "data.input_px=32", "data.num_workers=0", "data.split_fractions=[0.6, 0.2, 0.2]",
-    "model.name=levynet", "model.dropout=0.1", "train.batch_size=8", "train.epochs=2",
+    "data.synth_patients=40",
+    "data.synth_size=[384, 240]",
+    "data.seed=3",
+    "data.cache_px=40",
+    "data.input_px=32",
+    "data.num_workers=0",
+    "data.split_fractions=[0.6, 0.2, 0.2]",
+    "model.name=levynet",
+    "model.dropout=0.1",
+    "train.batch_size=8",
+    "train.epochs=2",
     "train.eval_bootstrap=50",
 ]
 SEARCHES = (("asha+tpe", "tpe", "asha"), ("random+fifo", "random", "fifo"))
@@ -83,11 +101,13 @@ def overhead_trial(config: dict) -> None:
     step = config["work_s"] / config["reports"]
     for i in range(config["reports"]):
         _time.sleep(step)
-        _tune.report({"step": i + 1, "inside_s": _time.perf_counter() - start, "t_start": t_start,
-                      "t_last": _time.time()})
+        _tune.report(
+            {"step": i + 1, "inside_s": _time.perf_counter() - start, "t_start": t_start, "t_last": _time.time()}
+        )
 
 
 # --- Ray ----------------------------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -112,13 +132,23 @@ def start_ray(num_cpus: int, *, dashboard: bool, attempts: int = 3) -> dict[str,
                 # when another local Ray runs on the machine; Train's placement-group cleaner
                 # actors inherit this through the raylet.
                 os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-                ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
-                         dashboard_port=port, log_to_driver=False)
+                ray.init(
+                    num_cpus=num_cpus,
+                    num_gpus=0,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=port,
+                    log_to_driver=False,
+                )
             else:
                 ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False)
-            return {"address": None, "own": True, "dashboard": os.environ.get("RAY_API_SERVER_ADDRESS")
-                    if dashboard else None, "saved_env": saved}
-        except Exception as exc:  # noqa: BLE001 - retried, then raised
+            return {
+                "address": None,
+                "own": True,
+                "dashboard": os.environ.get("RAY_API_SERVER_ADDRESS") if dashboard else None,
+                "saved_env": saved,
+            }
+        except Exception as exc:
             ray.shutdown()
             _restore_env(saved)
             if attempt == attempts:
@@ -152,13 +182,14 @@ def wait_for_state_api(timeout_s: float = 120) -> None:
         try:
             list_actors(limit=1, raise_on_missing_output=False)
             return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
 
 
 # --- overhead -----------------------------------------------------------------------------------
+
 
 def run_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import ray
@@ -171,12 +202,16 @@ def run_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     tuner = tune.Tuner(
         tune.with_resources(overhead_trial, {"cpu": per_trial_cpu}),
         param_space={"work_s": args.work_s, "reports": args.reports},
-        tune_config=tune.TuneConfig(num_samples=args.trials_overhead, max_concurrent_trials=args.concurrency,
-                                    reuse_actors=args.reuse_actors),
+        tune_config=tune.TuneConfig(
+            num_samples=args.trials_overhead, max_concurrent_trials=args.concurrency, reuse_actors=args.reuse_actors
+        ),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
     )
-    print(f"[overhead] {args.trials_overhead} trials x {args.work_s} s ({args.reports} reports), "
-          f"{args.concurrency} at once ({per_trial_cpu:g} CPU each of {cpus:g})", flush=True)
+    print(
+        f"[overhead] {args.trials_overhead} trials x {args.work_s} s ({args.reports} reports), "
+        f"{args.concurrency} at once ({per_trial_cpu:g} CPU each of {cpus:g})",
+        flush=True,
+    )
     fit_t0, start = time.time(), time.perf_counter()
     results = tuner.fit()
     wall, fit_t1 = time.perf_counter() - start, time.time()
@@ -189,43 +224,75 @@ def run_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         shutil.rmtree(storage / name, ignore_errors=True)
     ideal = args.trials_overhead * args.work_s / args.concurrency
     work_total = args.trials_overhead * args.work_s
-    return {"trials": args.trials_overhead, "finished": len(inside), "errors": errors, "work_s": args.work_s,
-            "reports_per_trial": args.reports, "concurrency": args.concurrency, "cpu_per_trial": per_trial_cpu,
-            "cluster_cpus": cpus, "reuse_actors": args.reuse_actors,
-            "wall_s": round(wall, 3), "ideal_s": round(ideal, 3), "overhead": round(wall / ideal - 1, 4),
-            "per_trial_overhead_ms": round((wall - ideal) * args.concurrency / args.trials_overhead * 1000, 1),
-            "inside_sum_s": round(sum(inside), 3), "work_total_s": round(work_total, 3),
-            "inside_mean_extra_ms": round((sum(inside) / max(len(inside), 1) - args.work_s) * 1000, 2),
-            "first_trial_start_s": round(first_start - fit_t0, 2), "after_last_report_s": round(fit_t1 - last_report, 2),
-            "experiment_dir": str(storage / name) if args.keep else None,
-            "ray_reference": {k: round(v, 4) for k, v in RAY_REFERENCE.items()}}
+    return {
+        "trials": args.trials_overhead,
+        "finished": len(inside),
+        "errors": errors,
+        "work_s": args.work_s,
+        "reports_per_trial": args.reports,
+        "concurrency": args.concurrency,
+        "cpu_per_trial": per_trial_cpu,
+        "cluster_cpus": cpus,
+        "reuse_actors": args.reuse_actors,
+        "wall_s": round(wall, 3),
+        "ideal_s": round(ideal, 3),
+        "overhead": round(wall / ideal - 1, 4),
+        "per_trial_overhead_ms": round((wall - ideal) * args.concurrency / args.trials_overhead * 1000, 1),
+        "inside_sum_s": round(sum(inside), 3),
+        "work_total_s": round(work_total, 3),
+        "inside_mean_extra_ms": round((sum(inside) / max(len(inside), 1) - args.work_s) * 1000, 2),
+        "first_trial_start_s": round(first_start - fit_t0, 2),
+        "after_last_report_s": round(fit_t1 - last_report, 2),
+        "experiment_dir": str(storage / name) if args.keep else None,
+        "ray_reference": {k: round(v, 4) for k, v in RAY_REFERENCE.items()},
+    }
 
 
 def print_overhead(o: dict[str, Any]) -> None:
     ref = o["ray_reference"]
-    print(f"\nTune overhead: {o['trials']} trials x {o['work_s']} s of work ({o['reports_per_trial']} reports each), "
-          f"{o['concurrency']} at once on {o['cluster_cpus']:g} CPUs; {o['finished']} finished, {o['errors']} errors")
+    print(
+        f"\nTune overhead: {o['trials']} trials x {o['work_s']} s of work ({o['reports_per_trial']} reports each), "
+        f"{o['concurrency']} at once on {o['cluster_cpus']:g} CPUs; {o['finished']} finished, {o['errors']} errors"
+    )
     print(f"  {'wall (Tuner.fit)':<34}{o['wall_s']:>10.1f} s")
     print(f"  {'ideal (N x work / concurrency)':<34}{o['ideal_s']:>10.1f} s")
-    print(f"  {'overhead (wall / ideal - 1)':<34}{o['overhead'] * 100:>+9.1f} %   "
-          f"Ray's figure: {ref['overhead'] * 100:+.1f} % ({ref['trials']:,} trials x {ref['trial_s']:g} s, "
-          f"{ref['concurrency']} at once: {ref['observed_s']:g} s vs {ref['minimum_s']:g} s)")
-    print(f"  {'per trial, beyond its work':<34}{o['per_trial_overhead_ms']:>10.0f} ms  "
-          f"Ray's: {ref['per_trial_ms']:.0f} ms")
-    print(f"  {'work inside trials (sum)':<34}{o['inside_sum_s']:>10.1f} s   (N x work = {o['work_total_s']:g} s, "
-          f"{o['inside_mean_extra_ms']:+.1f} ms a trial)")
+    print(
+        f"  {'overhead (wall / ideal - 1)':<34}{o['overhead'] * 100:>+9.1f} %   "
+        f"Ray's figure: {ref['overhead'] * 100:+.1f} % ({ref['trials']:,} trials x {ref['trial_s']:g} s, "
+        f"{ref['concurrency']} at once: {ref['observed_s']:g} s vs {ref['minimum_s']:g} s)"
+    )
+    print(
+        f"  {'per trial, beyond its work':<34}{o['per_trial_overhead_ms']:>10.0f} ms  "
+        f"Ray's: {ref['per_trial_ms']:.0f} ms"
+    )
+    print(
+        f"  {'work inside trials (sum)':<34}{o['inside_sum_s']:>10.1f} s   (N x work = {o['work_total_s']:g} s, "
+        f"{o['inside_mean_extra_ms']:+.1f} ms a trial)"
+    )
     print(f"  {'fit() start to first trial start':<34}{o['first_trial_start_s']:>10.1f} s")
     print(f"  {'last report to fit() return':<34}{o['after_last_report_s']:>10.1f} s")
 
 
 # --- search -------------------------------------------------------------------------------------
 
+
 def search_overrides(args: argparse.Namespace, algorithm: str, scheduler: str) -> list[str]:
-    return [*TINY_TRAIN, f"data.synth_patients={args.patients}", f"train.epochs={args.epochs}",
-            f"train.cpus_per_worker={args.cpus_per_worker:g}", "train.keep_checkpoints=1", "train.eval_bootstrap=0",
-            "train.experiment=bench-tune", "tune.baseline=false", f"tune.num_samples={args.trials}",
-            f"tune.seed={args.seed}", "tune.max_concurrent_trials=2", f"tune.metric={args.metric}",
-            f"tune.algorithm={algorithm}", f"tune.scheduler={scheduler}"]
+    return [
+        *TINY_TRAIN,
+        f"data.synth_patients={args.patients}",
+        f"train.epochs={args.epochs}",
+        f"train.cpus_per_worker={args.cpus_per_worker:g}",
+        "train.keep_checkpoints=1",
+        "train.eval_bootstrap=0",
+        "train.experiment=bench-tune",
+        "tune.baseline=false",
+        f"tune.num_samples={args.trials}",
+        f"tune.seed={args.seed}",
+        "tune.max_concurrent_trials=2",
+        f"tune.metric={args.metric}",
+        f"tune.algorithm={algorithm}",
+        f"tune.scheduler={scheduler}",
+    ]
 
 
 def _num(value: Any) -> float:
@@ -246,15 +313,26 @@ def read_trials(experiment_dir: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
             if "epochs_done" not in row:
                 continue
-            reports.append({"timestamp": int(row["timestamp"]), "epochs_done": int(_num(row["epochs_done"])),
-                            "val_auc": _num(row.get("val_auc")), "val_loss": _num(row.get("val_loss")),
-                            "time_total_s": _num(row.get("time_total_s"))})
+            reports.append(
+                {
+                    "timestamp": int(row["timestamp"]),
+                    "epochs_done": int(_num(row["epochs_done"])),
+                    "val_auc": _num(row.get("val_auc")),
+                    "val_loss": _num(row.get("val_loss")),
+                    "time_total_s": _num(row.get("time_total_s")),
+                }
+            )
         config = {}
         if reports:
             config = json.loads(result_file.read_text().splitlines()[0]).get("config") or {}
-        trials.append({"dir": result_file.parent.name, "reports": reports,
-                       "params": {k: v for k, v in config.items() if k != "cell"},
-                       "error": (result_file.parent / "error.txt").is_file()})
+        trials.append(
+            {
+                "dir": result_file.parent.name,
+                "reports": reports,
+                "params": {k: v for k, v in config.items() if k != "cell"},
+                "error": (result_file.parent / "error.txt").is_file(),
+            }
+        )
     return trials
 
 
@@ -267,17 +345,26 @@ def search_stats(trials: list[dict[str, Any]], target: float, max_epochs: int, s
     reports = [r for t in trials for r in t["reports"]]
     reached = [r["timestamp"] for r in reports if not math.isnan(r["val_auc"]) and r["val_auc"] >= target]
     hit = min(reached) if reached else None
-    return {"trials": len(trials), "errored": sum(t["error"] for t in trials),
-            "stopped_early": sum(1 for t in trials if not t["error"]
-                                 and max((r["epochs_done"] for r in t["reports"]), default=0) < max_epochs),
-            "epochs": len(reports),
-            "epochs_to_target": None if hit is None else sum(1 for r in reports if r["timestamp"] <= hit),
-            "time_to_target_s": None if hit is None else round(hit - start_ts, 1),
-            "best_val_auc": _best([r["val_auc"] for r in reports], -1.0),
-            "best_val_loss": _best([r["val_loss"] for r in reports], 1.0),
-            # seconds from a trial's start to its first epoch report: Train start-up, plus any wait for CPUs
-            "mean_first_epoch_at_s": round(sum(t["reports"][0]["time_total_s"] for t in trials if t["reports"])
-                                           / max(1, sum(1 for t in trials if t["reports"])), 1)}
+    return {
+        "trials": len(trials),
+        "errored": sum(t["error"] for t in trials),
+        "stopped_early": sum(
+            1
+            for t in trials
+            if not t["error"] and max((r["epochs_done"] for r in t["reports"]), default=0) < max_epochs
+        ),
+        "epochs": len(reports),
+        "epochs_to_target": None if hit is None else sum(1 for r in reports if r["timestamp"] <= hit),
+        "time_to_target_s": None if hit is None else round(hit - start_ts, 1),
+        "best_val_auc": _best([r["val_auc"] for r in reports], -1.0),
+        "best_val_loss": _best([r["val_loss"] for r in reports], 1.0),
+        # seconds from a trial's start to its first epoch report: Train start-up, plus any wait for CPUs
+        "mean_first_epoch_at_s": round(
+            sum(t["reports"][0]["time_total_s"] for t in trials if t["reports"])
+            / max(1, sum(1 for t in trials if t["reports"])),
+            1,
+        ),
+    }
 
 
 def run_searches(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -286,8 +373,10 @@ def run_searches(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from mammo_ray.search.search import run_search
 
     search_dir = workdir / "tune-search"  # the mammo-ray workdir: data, MLflow store, ray_results
-    configs = {label: load_config(None, search_overrides(args, algorithm, scheduler))
-               for label, algorithm, scheduler in SEARCHES}
+    configs = {
+        label: load_config(None, search_overrides(args, algorithm, scheduler))
+        for label, algorithm, scheduler in SEARCHES
+    }
     first = next(iter(configs.values()))
     prepared = ensure_prepared(first, search_dir, progress=False)  # before timing; both searches share it
     print(f"[search] data ready: {prepared.entries} crops, {args.patients} patients", flush=True)
@@ -300,61 +389,100 @@ def run_searches(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         summary = run_search(configs[label], search_dir, progress=False)
         wall = time.perf_counter() - start
         trials = read_trials(summary["experiment_dir"])
-        runs[label] = {"experiment_dir": summary["experiment_dir"], "wall_s": round(wall, 1),
-                       "start_ts": start_ts, "trials_detail": trials}
-        print(f"[search] {label}: {len(trials)} trials, "
-              f"{sum(len(t['reports']) for t in trials)} epochs, {wall:.0f} s", flush=True)
+        runs[label] = {
+            "experiment_dir": summary["experiment_dir"],
+            "wall_s": round(wall, 1),
+            "start_ts": start_ts,
+            "trials_detail": trials,
+        }
+        print(
+            f"[search] {label}: {len(trials)} trials, {sum(len(t['reports']) for t in trials)} epochs, {wall:.0f} s",
+            flush=True,
+        )
 
-    bests = {label: _best([r["val_auc"] for t in run["trials_detail"] for r in t["reports"]], -1.0)
-             for label, run in runs.items()}
+    bests = {
+        label: _best([r["val_auc"] for t in run["trials_detail"] for r in t["reports"]], -1.0)
+        for label, run in runs.items()
+    }
     target = args.target_auc if args.target_auc is not None else min(bests.values())
     rows = {}
     for label, run in runs.items():
         stats = search_stats(run["trials_detail"], target, args.epochs, run["start_ts"])
-        rows[label] = {**stats, "wall_s": run["wall_s"], "experiment_dir": run["experiment_dir"],
-                       "per_trial": [{"dir": t["dir"], "params": t["params"], "error": t["error"],
-                                      "epochs": len(t["reports"]),
-                                      "best_val_auc": _best([r["val_auc"] for r in t["reports"]], -1.0),
-                                      "reports": t["reports"]} for t in run["trials_detail"]]}
+        rows[label] = {
+            **stats,
+            "wall_s": run["wall_s"],
+            "experiment_dir": run["experiment_dir"],
+            "per_trial": [
+                {
+                    "dir": t["dir"],
+                    "params": t["params"],
+                    "error": t["error"],
+                    "epochs": len(t["reports"]),
+                    "best_val_auc": _best([r["val_auc"] for r in t["reports"]], -1.0),
+                    "reports": t["reports"],
+                }
+                for t in run["trials_detail"]
+            ],
+        }
     a, r = rows["asha+tpe"], rows["random+fifo"]
-    ratio = (a["epochs_to_target"] / r["epochs_to_target"]
-             if a["epochs_to_target"] and r["epochs_to_target"] else None)
-    return {"target_val_auc": target, "target_from": "--target-auc" if args.target_auc is not None
-            else "lower of the two best val AUCs", "ratio_epochs_to_target": ratio,
-            "ratio_total_epochs": a["epochs"] / r["epochs"] if r["epochs"] else None, "searches": rows}
+    ratio = a["epochs_to_target"] / r["epochs_to_target"] if a["epochs_to_target"] and r["epochs_to_target"] else None
+    return {
+        "target_val_auc": target,
+        "target_from": "--target-auc" if args.target_auc is not None else "lower of the two best val AUCs",
+        "ratio_epochs_to_target": ratio,
+        "ratio_total_epochs": a["epochs"] / r["epochs"] if r["epochs"] else None,
+        "searches": rows,
+    }
 
 
 def print_search(s: dict[str, Any], args: argparse.Namespace) -> None:
     target = s["target_val_auc"]
-    print(f"\nSearch: levynet, single view, {args.patients} synthetic patients, {args.trials} trials x "
-          f"up to {args.epochs} epochs, max 2 at once ({args.cpus_per_worker:g} CPU a Train run), "
-          f"tune.metric={args.metric}, seed {args.seed}; "
-          f"target val AUC {target:.3f} ({s['target_from']})")
-    head = f"{'search':<13}{'trials':>7}{'stopped':>9}{'errored':>9}{'epochs':>8}{'to target':>11}" \
-           f"{'s to target':>13}{'wall s':>8}{'best AUC':>10}{'best loss':>11}"
+    print(
+        f"\nSearch: levynet, single view, {args.patients} synthetic patients, {args.trials} trials x "
+        f"up to {args.epochs} epochs, max 2 at once ({args.cpus_per_worker:g} CPU a Train run), "
+        f"tune.metric={args.metric}, seed {args.seed}; "
+        f"target val AUC {target:.3f} ({s['target_from']})"
+    )
+    head = (
+        f"{'search':<13}{'trials':>7}{'stopped':>9}{'errored':>9}{'epochs':>8}{'to target':>11}"
+        f"{'s to target':>13}{'wall s':>8}{'best AUC':>10}{'best loss':>11}"
+    )
     print(head)
     for label, row in s["searches"].items():
         to_target = "-" if row["epochs_to_target"] is None else str(row["epochs_to_target"])
         t_target = "-" if row["time_to_target_s"] is None else f"{row['time_to_target_s']:.0f}"
-        print(f"{label:<13}{row['trials']:>7}{row['stopped_early']:>9}{row['errored']:>9}{row['epochs']:>8}"
-              f"{to_target:>11}{t_target:>13}{row['wall_s']:>8.0f}{row['best_val_auc']:>10.3f}"
-              f"{row['best_val_loss']:>11.4f}")
+        print(
+            f"{label:<13}{row['trials']:>7}{row['stopped_early']:>9}{row['errored']:>9}{row['epochs']:>8}"
+            f"{to_target:>11}{t_target:>13}{row['wall_s']:>8.0f}{row['best_val_auc']:>10.3f}"
+            f"{row['best_val_loss']:>11.4f}"
+        )
     ratio, total = s["ratio_epochs_to_target"], s["ratio_total_epochs"]
-    print(f"ASHA+TPE / random: epochs to target {'-' if ratio is None else f'{ratio:.2f}'}, "
-          f"total epochs {'-' if total is None else f'{total:.2f}'}")
-    print(f"One seeded sample of {args.trials} trials per search: noisy. Repeat with other --seed values "
-          "before reading much into the ratio.")
+    print(
+        f"ASHA+TPE / random: epochs to target {'-' if ratio is None else f'{ratio:.2f}'}, "
+        f"total epochs {'-' if total is None else f'{total:.2f}'}"
+    )
+    print(
+        f"One seeded sample of {args.trials} trials per search: noisy. Repeat with other --seed values "
+        "before reading much into the ratio."
+    )
 
 
 # --- main ---------------------------------------------------------------------------------------
+
 
 def machine_info() -> dict[str, Any]:
     import optuna
     import ray
     import torch
 
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
-            "torch": torch.__version__, "optuna": optuna.__version__, "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def main() -> None:
@@ -371,15 +499,24 @@ def main() -> None:
     search.add_argument("--trials", type=int, default=8, help="trials per search (tune.num_samples)")
     search.add_argument("--epochs", type=int, default=6, help="train.epochs: the most a trial runs")
     search.add_argument("--patients", type=int, default=120, help="synthetic patients")
-    search.add_argument("--cpus-per-worker", type=float, default=1.0,
-                        help="train.cpus_per_worker; with 2 CPUs, 1 leaves no room for a second Train run beside "
-                             "the trials' 0.01 CPU each, so trials train one at a time (0.99 lets two)")
+    search.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=1.0,
+        help="train.cpus_per_worker; with 2 CPUs, 1 leaves no room for a second Train run beside "
+        "the trials' 0.01 CPU each, so trials train one at a time (0.99 lets two)",
+    )
     search.add_argument("--seed", type=int, default=0, help="tune.seed (the same for both searches)")
-    search.add_argument("--metric", choices=("val_auc", "val_loss"), default="val_auc",
-                        help="tune.metric: what TPE and ASHA optimise (the target is a val AUC either way)")
+    search.add_argument(
+        "--metric",
+        choices=("val_auc", "val_loss"),
+        default="val_auc",
+        help="tune.metric: what TPE and ASHA optimise (the target is a val AUC either way)",
+    )
     search.add_argument("--target-auc", type=float, help="default: the lower of the two searches' best val AUC")
-    parser.add_argument("--smoke", action="store_true",
-                        help="overhead 20 trials x 0.2 s; search 2 trials x 2 epochs, 40 patients")
+    parser.add_argument(
+        "--smoke", action="store_true", help="overhead 20 trials x 0.2 s; search 2 trials x 2 epochs, 40 patients"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the overhead experiment folder")
     parser.add_argument("--workdir")
     args = parser.parse_args()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,30 +66,73 @@ def cmd_localize(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any
 
     source, ensemble = _members(args, workdir)
     image, flipped = read_mammogram(args.image)
-    found = localize(list(ensemble.members), ensemble.spec, ensemble.config, image, method=args.method,
-                     flipped=flipped, threshold=args.threshold, tile=args.tile or None, long_side=args.long_side)
+    found = localize(
+        list(ensemble.members),
+        ensemble.spec,
+        ensemble.config,
+        image,
+        method=args.method,
+        flipped=flipped,
+        threshold=args.threshold,
+        tile=args.tile or None,
+        long_side=args.long_side,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
     label, members = map_label(found.method, ensemble.config), len(ensemble.members)
     stored = image if not flipped else np.fliplr(image)
-    overlay = save_overlay(stored, found.heatmap(), found.boxes, out / f"{stem}_heatmap.png", label=label,
-                           title=f"{Path(args.image).name}: {label} ({found.method}, {members} member(s))")
+    overlay = save_overlay(
+        stored,
+        found.heatmap(),
+        found.boxes,
+        out / f"{stem}_heatmap.png",
+        label=label,
+        title=f"{Path(args.image).name}: {label} ({found.method}, {members} member(s))",
+    )
     np.save(out / f"{stem}_map.npy", found.dense.probs)
     spread = None
     if members > 1:  # the member-spread map: where the members disagree
-        spread = save_overlay(stored, found.heatmap(spread=True), [], out / f"{stem}_member_spread.png",
-                              label=f"member std of the {label}",
-                              title=f"{Path(args.image).name}: member std of the {label}")
-    result = {"image": str(args.image), "model": source.to_dict(), **found.to_dict(),
-              "overlay": str(overlay), "spread_overlay": str(spread) if spread else None,
-              "map": str(out / f"{stem}_map.npy"), "boxes_json": str(out / f"{stem}_boxes.json")}
-    Path(result["boxes_json"]).write_text(json.dumps({k: result[k] for k in (
-        "image", "method", "map_values", "boxes", "image_score", "image_score_means", "threshold", "image_size")},
-        indent=2))
+        spread = save_overlay(
+            stored,
+            found.heatmap(spread=True),
+            [],
+            out / f"{stem}_member_spread.png",
+            label=f"member std of the {label}",
+            title=f"{Path(args.image).name}: member std of the {label}",
+        )
+    result = {
+        "image": str(args.image),
+        "model": source.to_dict(),
+        **found.to_dict(),
+        "overlay": str(overlay),
+        "spread_overlay": str(spread) if spread else None,
+        "map": str(out / f"{stem}_map.npy"),
+        "boxes_json": str(out / f"{stem}_boxes.json"),
+    }
+    Path(result["boxes_json"]).write_text(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "image",
+                    "method",
+                    "map_values",
+                    "boxes",
+                    "image_score",
+                    "image_score_means",
+                    "threshold",
+                    "image_size",
+                )
+            },
+            indent=2,
+        )
+    )
     result["mlflow_run"] = _log_outputs(source, out, f"localize/{stem}")
-    lines = [f"{found.method}: {len(found.boxes)} box(es) at threshold {args.threshold} "
-             f"(image score {found.image_score:.3f}: {result['image_score_means']}):"]
+    lines = [
+        f"{found.method}: {len(found.boxes)} box(es) at threshold {args.threshold} "
+        f"(image score {found.image_score:.3f}: {result['image_score_means']}):"
+    ]
     lines += [f"  ({b.x0}, {b.y0}, {b.x1}, {b.y1}) score {b.score:.3f}" for b in found.boxes]
     lines += [f"overlay {overlay}", f"boxes   {result['boxes_json']}"]
     return result, "\n".join(lines)
@@ -105,34 +149,53 @@ def cmd_froc(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], s
     rows = split_images(manifest, Splits.load(args.splits).assign(manifest), args.split)
 
     def localizer(members: Any) -> Callable[[np.ndarray, bool], Any]:
-        return lambda image, flipped: localize_image(list(members.members), members.spec, members.config, image,
-                                                     threshold=args.box_threshold, tile=args.tile or None)
+        return lambda image, flipped: localize_image(
+            list(members.members),
+            members.spec,
+            members.config,
+            image,
+            threshold=args.box_threshold,
+            tile=args.tile or None,
+        )
 
     stage1 = None
     if args.classifier:
         from mammo_ray.ensemble.model import Ensemble
         from mammo_ray.ensemble.source import resolve_model_source
 
-        stage1 = localizer(Ensemble.from_checkpoints(
-            resolve_model_source(args.classifier, workdir, tracking_uri=args.tracking_uri).checkpoints))
+        stage1 = localizer(
+            Ensemble.from_checkpoints(
+                resolve_model_source(args.classifier, workdir, tracking_uri=args.tracking_uri).checkpoints
+            )
+        )
     scan = scan_split(rows, localizer(ensemble), stage1, progress=not args.json)
     out = Path(args.out)
-    summary = evaluate_split(scan, out, reduce=args.reduce, image_threshold=args.image_threshold,
-                             box_threshold=args.box_threshold, seed=args.seed,
-                             label=f"{ensemble.config.model.name} x{len(ensemble.members)} ({source.kind})")
+    summary = evaluate_split(
+        scan,
+        out,
+        reduce=args.reduce,
+        image_threshold=args.image_threshold,
+        box_threshold=args.box_threshold,
+        seed=args.seed,
+        label=f"{ensemble.config.model.name} x{len(ensemble.members)} ({source.kind})",
+    )
     result = {"model": source.to_dict(), "split": args.split, **summary}
     result["mlflow_run"] = _log_outputs(source, out, f"froc/{args.split}")
     s, r, two = summary["sensitivity_at_1fp"], summary["random_sensitivity_at_1fp"], summary["two_stage"]
-    text = "\n".join([
-        f"FROC on {summary['n_images']} {args.split} images ({summary['n_rois']} mass ROIs, one per lesion; "
-        f"{len(scan.skipped)} image(s) unreadable; {summary['shared_films']} film(s) stored twice, scanned once)",
-        f"  sensitivity at 1 FP/image: {s['overlap']:.3f} (random heatmap {r['overlap']:.3f}); peak rule "
-        f"{s['peak']:.3f} (random {r['peak']:.3f})",
-        f"  image mass/no-mass AUC from the map maximum: {summary['image_auc']}",
-        f"  two-stage at image threshold {two['image_threshold']}, box threshold {two['box_threshold']}: "
-        f"stage-1 accuracy {two['stage1_accuracy']:.3f}, sensitivity {two['sensitivity']}, "
-        f"{two['fp_per_image']:.2f} FP/image",
-        f"  curves {', '.join(summary['plots'])}", f"  json   {summary['json']}"])
+    text = "\n".join(
+        [
+            f"FROC on {summary['n_images']} {args.split} images ({summary['n_rois']} mass ROIs, one per lesion; "
+            f"{len(scan.skipped)} image(s) unreadable; {summary['shared_films']} film(s) stored twice, scanned once)",
+            f"  sensitivity at 1 FP/image: {s['overlap']:.3f} (random heatmap {r['overlap']:.3f}); peak rule "
+            f"{s['peak']:.3f} (random {r['peak']:.3f})",
+            f"  image mass/no-mass AUC from the map maximum: {summary['image_auc']}",
+            f"  two-stage at image threshold {two['image_threshold']}, box threshold {two['box_threshold']}: "
+            f"stage-1 accuracy {two['stage1_accuracy']:.3f}, sensitivity {two['sensitivity']}, "
+            f"{two['fp_per_image']:.2f} FP/image",
+            f"  curves {', '.join(summary['plots'])}",
+            f"  json   {summary['json']}",
+        ]
+    )
     return result, text
 
 
@@ -140,7 +203,7 @@ def cmd_explain(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any]
     import torch
 
     from mammo_ray.explain.filters import save_filter_grid
-    from mammo_ray.explain.saliency import save_saliency_png, saliency_map
+    from mammo_ray.explain.saliency import saliency_map, save_saliency_png
 
     source, ensemble = _members(args, workdir)
     if ensemble.view_mode == "multimodal":
@@ -152,14 +215,25 @@ def cmd_explain(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any]
     stem = Path(args.image).stem
     mean = maps.mean(0)
     np.save(out / f"{stem}_saliency.npy", mean.numpy())
-    written = [save_saliency_png(x[0, 0], mean, out / f"{stem}_saliency.png",
-                                 title=f"saliency of class {args.target_class}, {len(maps)} member(s)")]
-    for i, member in enumerate(ensemble.members[:args.max_filter_grids]):
+    written = [
+        save_saliency_png(
+            x[0, 0],
+            mean,
+            out / f"{stem}_saliency.png",
+            title=f"saliency of class {args.target_class}, {len(maps)} member(s)",
+        )
+    ]
+    for i, member in enumerate(ensemble.members[: args.max_filter_grids]):
         written.append(save_filter_grid(member, out / f"filters_member_{i:03d}.png"))
     with torch.inference_mode():
         prob = float(ensemble(x).mean())
-    result = {"image": str(args.image), "model": source.to_dict(), "probability": prob,
-              "files": [str(p) for p in written], "saliency": str(out / f"{stem}_saliency.npy")}
+    result = {
+        "image": str(args.image),
+        "model": source.to_dict(),
+        "probability": prob,
+        "files": [str(p) for p in written],
+        "saliency": str(out / f"{stem}_saliency.npy"),
+    }
     result["mlflow_run"] = _log_outputs(source, out, f"explain/{stem}")
     return result, f"P(malignant) {prob:.3f}\n" + "\n".join(f"wrote {p}" for p in written)
 
@@ -181,9 +255,16 @@ def cmd_dream(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
     gif = save_dream_gif(result, args.out)
     last = save_dream_frame(result, Path(args.out).with_suffix(".png"))
     scores = result.scores[:, 0].tolist()
-    summary = {"gif": str(gif), "last_frame": str(last), "target": args.target, "steps": args.steps,
-               "views": list(result.view_names), "scores": scores, "model": source.to_dict(),
-               "member": 0}
+    summary = {
+        "gif": str(gif),
+        "last_frame": str(last),
+        "target": args.target,
+        "steps": args.steps,
+        "views": list(result.view_names),
+        "scores": scores,
+        "model": source.to_dict(),
+        "member": 0,
+    }
     summary["mlflow_run"] = None
     if source.run_id:
         from mlflow import MlflowClient
@@ -192,53 +273,82 @@ def cmd_dream(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
         for path in (gif, last):
             client.log_artifact(source.run_id, str(path), f"dream/{Path(args.image).stem}")
         summary["mlflow_run"] = source.run_id
-    text = (f"Directed Dream towards {args.target}: P({args.target}) {scores[0]:.3f} -> {scores[-1]:.3f} "
-            f"in {args.steps} steps\n  gif {gif}\n  last frame {last}")
+    text = (
+        f"Directed Dream towards {args.target}: P({args.target}) {scores[0]:.3f} -> {scores[-1]:.3f} "
+        f"in {args.steps} steps\n  gif {gif}\n  last frame {last}"
+    )
     return summary, text
 
 
 def add_localize_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="a checkpoint (file or folder), an MLflow run id "
-                       "(runs:/<id>), or a registered ensemble (models:/<name>/<version>)")
+        p.add_argument(
+            "--model",
+            required=True,
+            help="a checkpoint (file or folder), an MLflow run id "
+            "(runs:/<id>), or a registered ensemble (models:/<name>/<version>)",
+        )
         p.add_argument("--tracking-uri", help="MLflow store of --model (default: as `train` uses)")
 
-    p = add("localize", cmd_localize, "Map a whole mammogram, averaged over ensemble members, as a heatmap "
-            "overlay PNG and boxes JSON in original pixel coordinates: a patch classifier made fully "
-            "convolutional (dense, paper 003), or the class activation map of a crop classifier (cam / "
-            "gradcam, paper 004).")
+    p = add(
+        "localize",
+        cmd_localize,
+        "Map a whole mammogram, averaged over ensemble members, as a heatmap "
+        "overlay PNG and boxes JSON in original pixel coordinates: a patch classifier made fully "
+        "convolutional (dense, paper 003), or the class activation map of a crop classifier (cam / "
+        "gradcam, paper 004).",
+    )
     model_args(p)
     p.add_argument("--image", required=True, help="a whole mammogram: DICOM, or PNG/TIFF")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--method", choices=["dense", "cam", "gradcam"],
-                   help="dense: fully convolutional map of a patch classifier (data.crop=patch/seed750); cam: "
-                   "class activation map (GAP+FC backbones: ResNet, GoogLeNet, Inception-v3); gradcam: any "
-                   "backbone. Default: dense for patch classifiers, else cam where defined, else gradcam")
-    p.add_argument("--threshold", type=float, default=0.5, help="map value a box must reach (default 0.5; "
-                   "for cam/gradcam a fraction of the image's own activation range)")
+    p.add_argument(
+        "--method",
+        choices=["dense", "cam", "gradcam"],
+        help="dense: fully convolutional map of a patch classifier (data.crop=patch/seed750); cam: "
+        "class activation map (GAP+FC backbones: ResNet, GoogLeNet, Inception-v3); gradcam: any "
+        "backbone. Default: dense for patch classifiers, else cam where defined, else gradcam",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="map value a box must reach (default 0.5; for cam/gradcam a fraction of the image's own activation range)",
+    )
     p.add_argument("--tile", type=int, default=1024, help="dense: tile side in px for bounded memory; 0: one pass")
-    p.add_argument("--long-side", type=int, help="cam/gradcam: the image's long side in network px (default: "
-                   "the training crops' scale where fixed, else 4 x data.input_px)")
+    p.add_argument(
+        "--long-side",
+        type=int,
+        help="cam/gradcam: the image's long side in network px (default: "
+        "the training crops' scale where fixed, else 4 x data.input_px)",
+    )
 
-    p = add("froc", cmd_froc, "Paper 003's evaluation over a split: dense maps of every film (image_id: a film "
-            "stored twice is scanned once), sensitivity per mass ROI (one per lesion, none merged or dropped) "
-            "against false positives per image (FROC, next to a random heatmap), image-level mass/no-mass "
-            "accuracy from the map maximum, and the two-stage pipeline's figures.")
+    p = add(
+        "froc",
+        cmd_froc,
+        "Paper 003's evaluation over a split: dense maps of every film (image_id: a film "
+        "stored twice is scanned once), sensitivity per mass ROI (one per lesion, none merged or dropped) "
+        "against false positives per image (FROC, next to a random heatmap), image-level mass/no-mass "
+        "accuracy from the map maximum, and the two-stage pipeline's figures.",
+    )
     model_args(p)
     p.add_argument("--manifest", required=True, help="manifest written by `mammo-ray index`")
     p.add_argument("--splits", required=True, help="splits JSON written by `mammo-ray split`")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", required=True, help="output folder (froc_*.png, froc.json, per_image.csv)")
     p.add_argument("--reduce", choices=["max", "mean"], default="max", help="map statistic inside an ROI")
-    p.add_argument("--classifier", help="stage-1 image classifier (a patch model: its map maximum); "
-                   "default: --model itself")
+    p.add_argument(
+        "--classifier", help="stage-1 image classifier (a patch model: its map maximum); default: --model itself"
+    )
     p.add_argument("--image-threshold", type=float, default=0.5, help="stage 1: image called mass at this score")
     p.add_argument("--box-threshold", type=float, default=0.4, help="stage 2: box threshold (paper 003: 0.4)")
     p.add_argument("--tile", type=int, default=1024, help="tile side in px; 0: one pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-heatmap baseline")
 
-    p = add("explain", cmd_explain, "Input-gradient saliency maps (averaged over members) and first-layer "
-            "filter grids (paper 001) for one image.")
+    p = add(
+        "explain",
+        cmd_explain,
+        "Input-gradient saliency maps (averaged over members) and first-layer filter grids (paper 001) for one image.",
+    )
     model_args(p)
     p.add_argument("--image", required=True, help="a lesion crop (DICOM/PNG), or a whole image with --box")
     p.add_argument("--box", help="x0,y0,x1,y1 ROI in the image: crop around it as the model's data.crop does")
@@ -246,8 +356,12 @@ def add_localize_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--target-class", type=int, default=1, help="class whose score is explained (1: malignant)")
     p.add_argument("--max-filter-grids", type=int, default=1, help="filter grids of the first N members")
 
-    p = add("dream", cmd_dream, "Directed Dream (paper 000, Algorithm 1): alter the CC (and MLO) input step by "
-            "step towards malignant or benign and save the frames (image, saliency, dream) as a GIF.")
+    p = add(
+        "dream",
+        cmd_dream,
+        "Directed Dream (paper 000, Algorithm 1): alter the CC (and MLO) input step by "
+        "step towards malignant or benign and save the frames (image, saliency, dream) as a GIF.",
+    )
     model_args(p)
     p.add_argument("--image", required=True, help="the CC view (a lesion crop, or a whole image with --box)")
     p.add_argument("--image2", help="the MLO view of the same lesion (parallel/multimodal models)")

@@ -8,8 +8,9 @@ import signal
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 APP_NAME = "mammo-ray"
 
@@ -29,7 +30,7 @@ def _settings(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     try:
         return ServeSettings(**values).model_dump(mode="json")
-    except Exception as exc:  # pydantic names the field
+    except Exception as exc:  # noqa: BLE001 - pydantic names the field
         raise ValueError(f"serve settings: {exc}") from None
 
 
@@ -70,8 +71,11 @@ def cmd_serve(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
     url = start_app(settings, args.host, args.port, args.address)
     with urllib.request.urlopen(f"{url}/v1/model", timeout=30) as reply:
         info = json.loads(reply.read())
-    print(f"serving {info['version']} ({info['members']} members, {info['execution']['chosen']} execution on "
-          f"{info['device']}) at {url}  (docs: {url}/docs); Ctrl-C stops", flush=True)
+    print(
+        f"serving {info['version']} ({info['members']} members, {info['execution']['chosen']} execution on "
+        f"{info['device']}) at {url}  (docs: {url}/docs); Ctrl-C stops",
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -87,14 +91,27 @@ def cmd_serve(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
 
 
 def add_serve_command(add: Callable[..., argparse.ArgumentParser]) -> None:
-    p = add("serve", cmd_serve, "Serve the ensemble over HTTP with Ray Serve (FastAPI: POST /v1/predict, "
-            "POST /v1/localize, GET /v1/health, GET /v1/model, docs at /docs) until Ctrl-C.")
-    p.add_argument("--model", required=True, help="a checkpoint (file or folder), an MLflow run id, or a "
-                   "registered ensemble (models:/<name>/<version>)")
+    p = add(
+        "serve",
+        cmd_serve,
+        "Serve the ensemble over HTTP with Ray Serve (FastAPI: POST /v1/predict, "
+        "POST /v1/localize, GET /v1/health, GET /v1/model, docs at /docs) until Ctrl-C.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a checkpoint (file or folder), an MLflow run id, or a registered ensemble (models:/<name>/<version>)",
+    )
     p.add_argument("--tracking-uri", help="MLflow store of --model (default: as `train` uses)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="a ServeSettings value (repeatable), e.g. --option max_batch_size=16 --option num_gpus=0.25")
+    p.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a ServeSettings value (repeatable), e.g. --option max_batch_size=16 --option num_gpus=0.25",
+    )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--for-seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")

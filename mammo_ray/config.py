@@ -46,7 +46,8 @@ class DataConfig(_Section):
     whole_size: tuple[int, int] = (640, 384)  # `whole` images are letterboxed to this (H, W)
     cache_px: int = Field(256, ge=8)  # side crops are stored at (the "resize to 256" of paper 000)
     input_px: int = Field(224, ge=8)  # network input side: random crop in training, centre crop at eval
-    normalization: Literal["meanvar", "mean_image", "global"] = "meanvar"  # per-crop z-score, train mean image, or train mean/std (translation-invariant: dense maps, paper 003)
+    # per-crop z-score, train mean image, or train mean/std (translation-invariant: dense maps, paper 003)
+    normalization: Literal["meanvar", "mean_image", "global"] = "meanvar"
     rotation_deg: int = Field(0, ge=0, le=180)  # random integer rotation in [-deg, deg], mean fill
     hflip: bool = True  # random horizontal mirroring in training
     vflip: bool = False  # random vertical mirroring in training
@@ -58,7 +59,7 @@ class DataConfig(_Section):
     scale_aug: tuple[float, float] | None = None  # random zoom range (min, max) in training (paper 003: scale)
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if abs(sum(self.split_fractions) - 1.0) > 1e-6:
             raise ValueError(f"data.split_fractions must sum to 1, got {self.split_fractions}")
         if self.input_px > self.cache_px:
@@ -161,7 +162,7 @@ class TuneConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _check_ranges(self) -> "TuneConfig":
+    def _check_ranges(self) -> TuneConfig:
         for name in ("dropout", "lr", "weight_decay"):
             low, high = getattr(self, name)
             if not low < high:
@@ -192,14 +193,16 @@ class Config(_Section):
     ensemble: EnsembleConfig = EnsembleConfig()
 
     @model_validator(mode="after")
-    def _check_model_input(self) -> "Config":
+    def _check_model_input(self) -> Config:
         expected = 1 if self.model.in_chans in (1, 9) else 3  # a 9-channel model makes its DoG channels itself
         if self.data.channels != expected:
-            raise ValueError(f"data.channels ({self.data.channels}) must be {expected} for model.in_chans="
-                             f"{self.model.in_chans}")
+            raise ValueError(
+                f"data.channels ({self.data.channels}) must be {expected} for model.in_chans={self.model.in_chans}"
+            )
         if self.model.view_mode != "single" and self.data.task == "mass_presence":
-            raise ValueError("model.view_mode must be 'single' for data.task=mass_presence: "
-                             "non-mass patches have no CC/MLO partner")
+            raise ValueError(
+                "model.view_mode must be 'single' for data.task=mass_presence: non-mass patches have no CC/MLO partner"
+            )
         return self
 
 

@@ -11,7 +11,7 @@ import enum
 DISCLAIMER = "For research use only. Not for use in diagnostic procedures."
 
 
-class _ParsableEnum(str, enum.Enum):
+class _ParsableEnum(str, enum.Enum):  # noqa: UP042 - StrEnum changes str() of members, which outputs use
     """A string enum with a forgiving ``parse`` for dataset spellings."""
 
     @classmethod
@@ -19,7 +19,7 @@ class _ParsableEnum(str, enum.Enum):
         return {}
 
     @classmethod
-    def parse(cls, value: object) -> "_ParsableEnum":
+    def parse(cls, value: object) -> _ParsableEnum:
         """Parse a dataset spelling; raise ValueError naming the value otherwise."""
         if isinstance(value, cls):
             return value
@@ -39,9 +39,17 @@ class View(_ParsableEnum):
     @classmethod
     def _aliases(cls) -> dict[str, str]:
         # DICOM ViewPosition / ViewCodeSequence meanings seen in the wild.
-        return {"CRANIO_CAUDAL": "CC", "CRANIOCAUDAL": "CC", "MEDIO_LATERAL_OBLIQUE": "MLO",
-                "MEDIOLATERAL_OBLIQUE": "MLO", "ML": "MLO", "LM": "MLO", "XCC": "CC", "CCX": "CC",
-                "LMO": "MLO"}
+        return {
+            "CRANIO_CAUDAL": "CC",
+            "CRANIOCAUDAL": "CC",
+            "MEDIO_LATERAL_OBLIQUE": "MLO",
+            "MEDIOLATERAL_OBLIQUE": "MLO",
+            "ML": "MLO",
+            "LM": "MLO",
+            "XCC": "CC",
+            "CCX": "CC",
+            "LMO": "MLO",
+        }
 
 
 class Side(_ParsableEnum):
@@ -91,8 +99,8 @@ class Split(_ParsableEnum):
 class Task(_ParsableEnum):
     """What a classifier predicts (the label column a task reads)."""
 
-    PATHOLOGY = "PATHOLOGY"          # benign (0) vs malignant (1)
-    ABNORMALITY = "ABNORMALITY"      # mass (0) vs calcification (1), paper 004
+    PATHOLOGY = "PATHOLOGY"  # benign (0) vs malignant (1)
+    ABNORMALITY = "ABNORMALITY"  # mass (0) vs calcification (1), paper 004
     MASS_PRESENCE = "MASS_PRESENCE"  # no mass (0) vs mass (1) patches, paper 003
 
 

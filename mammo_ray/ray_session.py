@@ -29,5 +29,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # the same machine, an unpinned state-API call fails with "multiple active Ray instances".
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port)
+    ray.init(
+        num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
+    )

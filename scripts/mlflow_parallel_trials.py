@@ -33,8 +33,11 @@ def trial(config: dict[str, Any]) -> None:
 
     client = MlflowClient(config["tracking_uri"])
     index = config["index"]
-    run = client.create_run(config["experiment_id"], run_name=f"load-trial-{index:02d}",
-                            tags={"load_batch": config["batch"], "trial_index": str(index)})
+    run = client.create_run(
+        config["experiment_id"],
+        run_name=f"load-trial-{index:02d}",
+        tags={"load_batch": config["batch"], "trial_index": str(index)},
+    )
     run_id = run.info.run_id
     try:
         client.log_batch(run_id, params=[Param(f"param_{k}", str(index * 100 + k)) for k in range(NUM_PARAMS)])
@@ -54,8 +57,11 @@ def trial(config: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                        help="the MLflow server (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="the MLflow server (default: $MLFLOW_TRACKING_URI)",
+    )
     parser.add_argument("--experiment", default="mammo-ray-load")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--concurrent", type=int, default=8, help="trials at once")
@@ -77,21 +83,38 @@ def main() -> None:
     started = time.monotonic()
     tuner = tune.Tuner(
         tune.with_resources(trial, {"cpu": args.cpus_per_trial}),
-        param_space={"index": tune.grid_search(list(range(args.trials))), "steps": args.steps, "batch": batch,
-                     "experiment_id": experiment_id, "tracking_uri": args.tracking_uri},
+        param_space={
+            "index": tune.grid_search(list(range(args.trials))),
+            "steps": args.steps,
+            "batch": batch,
+            "experiment_id": experiment_id,
+            "tracking_uri": args.tracking_uri,
+        },
         # Reused actors: the trials' processes start (and import MLflow) once per slot, not once per trial.
         tune_config=tune.TuneConfig(max_concurrent_trials=args.concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=f"mlflow-load-{batch}", verbose=0,
-                                  storage_path=tempfile.mkdtemp(prefix="mlflow-load-")))
+        run_config=tune.RunConfig(
+            name=f"mlflow-load-{batch}", verbose=0, storage_path=tempfile.mkdtemp(prefix="mlflow-load-")
+        ),
+    )
     results = tuner.fit()
     elapsed = time.monotonic() - started
     runs = client.search_runs([experiment_id], f"tags.load_batch = '{batch}'", max_results=1000)
     edges = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time or r.info.start_time, -1) for r in runs])
     open_runs = [sum(step for _, step in edges[: i + 1]) for i in range(len(edges))]
-    print(json.dumps({"batch": batch, "experiment_id": experiment_id, "trials": args.trials,
-                      "errored": results.num_errors, "runs": sorted(r.info.run_id for r in runs),
-                      "most_runs_open_at_once": max(open_runs, default=0), "seconds": round(elapsed, 1)}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "batch": batch,
+                "experiment_id": experiment_id,
+                "trials": args.trials,
+                "errored": results.num_errors,
+                "runs": sorted(r.info.run_id for r in runs),
+                "most_runs_open_at_once": max(open_runs, default=0),
+                "seconds": round(elapsed, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

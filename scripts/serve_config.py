@@ -25,8 +25,14 @@ COMMITTED = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="models:/<name>/<version>, a run id or a checkpoint")
-    parser.add_argument("--arg", dest="args", action="append", default=[], metavar="KEY=VALUE",
-                        help="a ServeSettings value (repeatable; VALUE is YAML), e.g. num_gpus=0.25")
+    parser.add_argument(
+        "--arg",
+        dest="args",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a ServeSettings value (repeatable; VALUE is YAML), e.g. num_gpus=0.25",
+    )
     parser.add_argument("--port", type=int, help="HTTP port (default: as committed, 8000)")
     parser.add_argument("--host", help="HTTP bind address (default: as committed, 127.0.0.1)")
     parser.add_argument("--working-dir", help="the application's runtime_env working_dir (local://DIR or a zip URI)")

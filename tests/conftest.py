@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from setups import PATCH_TRAIN, TINY_TRAIN  # noqa: E402  (re-exported for the fixtures below)
+from setups import PATCH_TRAIN, TINY_TRAIN
 
-from mammo_ray.data.synthetic import REAL_CBIS_CSVS  # noqa: E402
+from mammo_ray.data.synthetic import REAL_CBIS_CSVS
 
 # The four real CBIS-DDSM case-description CSVs (CC BY 3.0, attribution in their README).
 REAL_CSV_DIR = REAL_CBIS_CSVS
@@ -39,8 +38,6 @@ def small_index(small_dataset):
     return manifest, splits.assign(manifest)
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
     """A workdir whose synthetic data for ``TINY_TRAIN`` is already prepared."""
@@ -60,8 +57,6 @@ def tiny_config():
     return lambda *overrides: load_config(None, [*TINY_TRAIN, *overrides])
 
 
-
-
 def _trained_checkpoint(overrides, workdir, out_dir):
     """Train ``load_config(None, overrides)`` without Ray and save its checkpoint: (path, prepared)."""
     import torch
@@ -76,8 +71,9 @@ def _trained_checkpoint(overrides, workdir, out_dir):
     prepared = ensure_prepared(config, workdir, progress=False)
     training = build_training(config, prepared.cache_dir)
     fit(training)
-    payload = checkpoint_payload(model=training.model, config=config, spec=training.spec,
-                                 epoch=config.train.epochs - 1, history=training.history)
+    payload = checkpoint_payload(
+        model=training.model, config=config, spec=training.spec, epoch=config.train.epochs - 1, history=training.history
+    )
     return save_checkpoint(payload, out_dir), prepared
 
 

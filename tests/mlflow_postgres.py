@@ -13,14 +13,13 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
-
 from ray_head import BIN, REPO, free_port
 
 
@@ -28,12 +27,16 @@ def postgres_uri() -> str:
     """A role's URI on a running PostgreSQL (its database: ``mlflow``)."""
     if os.environ.get("MAMMO_RAY_TEST_PG_URI"):
         return os.environ["MAMMO_RAY_TEST_PG_URI"]
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "start_postgres.sh")], capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "start_postgres.sh")], capture_output=True, text=True, timeout=900
+    )
     if proc.returncode != 0:
-        pytest.fail("PostgreSQL for the MLflow server tests could not be installed or started "
-                    f"(scripts/start_postgres.sh exited {proc.returncode}); set MAMMO_RAY_TEST_PG_URI or fix "
-                    f"the script:\n{proc.stderr[-3000:]}", pytrace=False)
+        pytest.fail(
+            "PostgreSQL for the MLflow server tests could not be installed or started "
+            f"(scripts/start_postgres.sh exited {proc.returncode}); set MAMMO_RAY_TEST_PG_URI or fix "
+            f"the script:\n{proc.stderr[-3000:]}",
+            pytrace=False,
+        )
     return Path(proc.stdout.strip().splitlines()[-1]).read_text().strip()
 
 
@@ -62,8 +65,9 @@ class Server:
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, log: Path, workers: int = 2,
-                  timeout_s: float = 300) -> Iterator[Server]:
+def mlflow_server(
+    backend_uri: str, artifacts: Path, log: Path, workers: int = 2, timeout_s: float = 300
+) -> Iterator[Server]:
     """``mlflow server`` on 127.0.0.1 with proxied artifacts (``--artifacts-destination``): clients upload
     through the server, so they need no access to the store. As docs/walkthrough.md runs it: the backend
     URI in ``MLFLOW_BACKEND_STORE_URI`` without its password, which libpq reads from ``PGPASSWORD``; neither
@@ -71,13 +75,32 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path, workers: int = 2
     port = free_port()
     parts = urlsplit(backend_uri)
     bare = parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}").geturl()
-    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": bare, "PGPASSWORD": parts.password or "",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {
+        **os.environ,
+        "MLFLOW_BACKEND_STORE_URI": bare,
+        "PGPASSWORD": parts.password or "",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     with log.open("w") as out:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--artifacts-destination", str(artifacts),
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--artifacts-destination",
+                str(artifacts),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server = Server(f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + timeout_s

@@ -20,17 +20,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 # The jobs' data and training, shrunk for 2 cores: levynet on 32-px crops of 40 synthetic patients.
-SHRINK = ["data.synth_patients=40", "data.synth_size=[384, 240]", "data.cache_px=40", "data.input_px=32",
-          "train.epochs=2", "train.eval_bootstrap=50"]
+SHRINK = [
+    "data.synth_patients=40",
+    "data.synth_size=[384, 240]",
+    "data.cache_px=40",
+    "data.input_px=32",
+    "train.epochs=2",
+    "train.eval_bootstrap=50",
+]
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -58,8 +64,9 @@ def _own_leftovers(marker: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if (marker in (entry / "cmdline").read_bytes().decode(errors="replace")
-                        or os.readlink(entry / "cwd").startswith(marker)):
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace") or os.readlink(
+                    entry / "cwd"
+                ).startswith(marker):
                     pids.append(int(entry.name))
             except OSError:
                 continue
@@ -71,23 +78,50 @@ def ray_head(num_cpus: int = 2, timeout_s: float = 180.0) -> Iterator[Head]:
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-head-", dir="/tmp"))  # short: Unix socket paths are limited
     dashboard = free_port()
     # Nothing of the caller's Ray or MLflow: each job names its tracking URI in its runtime_env.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env.update({"PATH": f"{BIN}{os.pathsep}{env['PATH']}", "RAY_AUTH_MODE": "token",
-                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"})
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
+    }
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}",
+        }
+    )
     # A SIGTERM'd head first drains for 30 s (for Kubernetes pod deletion); here nothing is left to drain.
     head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     # The token: ~/.ray/auth_token, made only when missing (`ray start` does not make one).
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=60, check=True)
+    subprocess.run(
+        [RAY, "get-auth-token", "--generate"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+        check=True,
+    )
     log = temp_dir / "ray-start.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-             f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-            env=head_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                RAY,
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={free_port()}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
+                f"--num-cpus={num_cpus}",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+            ],
+            env=head_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     head = Head(env, env["RAY_API_SERVER_ADDRESS"], temp_dir, log)
     try:
         deadline = time.monotonic() + timeout_s
@@ -116,13 +150,25 @@ def ray_head(num_cpus: int = 2, timeout_s: float = 180.0) -> Iterator[Head]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(head: Head, submission_id: str, entrypoint: list[str], env_vars: dict[str, str],
-           timeout_s: float = 540) -> str:
+def submit(
+    head: Head, submission_id: str, entrypoint: list[str], env_vars: dict[str, str], timeout_s: float = 540
+) -> str:
     """``ray job submit --working-dir . --runtime-env-json ... -- ENTRYPOINT`` from the repository root;
     returns what the client printed (the job's output), asserting that the job succeeded."""
     runtime_env = json.dumps({"env_vars": env_vars})
-    command = [RAY, "job", "submit", "--submission-id", submission_id, "--working-dir", ".",
-               "--runtime-env-json", runtime_env, "--", *entrypoint]
+    command = [
+        RAY,
+        "job",
+        "submit",
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        runtime_env,
+        "--",
+        *entrypoint,
+    ]
     proc = subprocess.run(command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout_s)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and f"Job '{submission_id}' succeeded" in log, log[-6000:]
@@ -131,8 +177,9 @@ def submit(head: Head, submission_id: str, entrypoint: list[str], env_vars: dict
 
 def job_logs(head: Head, submission_id: str) -> str:
     """``ray job logs SUBMISSION_ID``: the job's whole output, read back from the cluster."""
-    proc = subprocess.run([RAY, "job", "logs", submission_id], env=head.env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [RAY, "job", "logs", submission_id], env=head.env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 

@@ -47,9 +47,26 @@ def test_pipeline_through_the_cli(tmp_path, capsys, monkeypatch):
     assert index["rows"] == synth["abnormalities"] == index["resolved"] and index["unresolved"] == []
     split = run_json(capsys, ["split", "--manifest", manifest, "--out", splits, "--seed", "3"])
     assert split["splits"].endswith("s.json")
-    prep = run_json(capsys, ["prepare", "--manifest", manifest, "--splits", splits, "--crop", "fixed",
-                             "--out", cache, "--set", "data.cache_px=64", "--set", "data.input_px=56",
-                             "--set", "data.num_workers=1"])
+    prep = run_json(
+        capsys,
+        [
+            "prepare",
+            "--manifest",
+            manifest,
+            "--splits",
+            splits,
+            "--crop",
+            "fixed",
+            "--out",
+            cache,
+            "--set",
+            "data.cache_px=64",
+            "--set",
+            "data.input_px=56",
+            "--set",
+            "data.num_workers=1",
+        ],
+    )
     assert prep["entries"] > 0 and prep["crop"] == "fixed"
     assert (tmp_path / "c" / "config.yaml").is_file() and (tmp_path / "c" / "index.parquet").is_file()
     # nothing was written outside the given paths and the default workdir
@@ -57,8 +74,7 @@ def test_pipeline_through_the_cli(tmp_path, capsys, monkeypatch):
 
 
 def test_errors_name_the_input(tmp_path, capsys):
-    assert main(["split", "--manifest", str(tmp_path / "missing.parquet"), "--json",
-                 "--workdir", str(tmp_path)]) == 2
+    assert main(["split", "--manifest", str(tmp_path / "missing.parquet"), "--json", "--workdir", str(tmp_path)]) == 2
     captured = capsys.readouterr()
     assert json.loads(captured.out)["error"].startswith(str(tmp_path / "missing.parquet"))
     assert "missing.parquet" in captured.err

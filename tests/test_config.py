@@ -24,16 +24,19 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.model.name == "alexnet"
 
 
-@pytest.mark.parametrize("text, overrides, needle", [
-    ("data:\n  cropp: fixed\n", [], "unknown key 'data.cropp'"),
-    ("nonsense:\n  a: 1\n", [], "unknown key 'nonsense'"),
-    ("", ["data.cache_px=big"], "data.cache_px"),
-    ("", ["data.crop=round"], "data.crop"),
-    ("", ["train.epochs=0"], "train.epochs"),
-    ("", ["data.split_fractions=[0.5, 0.1, 0.1]"], "sum to 1"),
-    ("", ["data.input_px=512"], "must not exceed data.cache_px"),
-    ("", ["data"], "expected section.key=value"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        ("data:\n  cropp: fixed\n", [], "unknown key 'data.cropp'"),
+        ("nonsense:\n  a: 1\n", [], "unknown key 'nonsense'"),
+        ("", ["data.cache_px=big"], "data.cache_px"),
+        ("", ["data.crop=round"], "data.crop"),
+        ("", ["train.epochs=0"], "train.epochs"),
+        ("", ["data.split_fractions=[0.5, 0.1, 0.1]"], "sum to 1"),
+        ("", ["data.input_px=512"], "must not exceed data.cache_px"),
+        ("", ["data"], "expected section.key=value"),
+    ],
+)
 def test_errors_name_the_key(tmp_path, text, overrides, needle):
     path = tmp_path / "c.yaml"
     path.write_text(text)

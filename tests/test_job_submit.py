@@ -15,15 +15,20 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
-
-from ray_head import REPO, RAY, SHRINK, field, free_port, job_logs, ray_head, sets, submit
+from ray_head import RAY, REPO, SHRINK, field, free_port, job_logs, ray_head, sets, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SERVE = str(Path(RAY).parent / "serve")
 # The smoke search cut to one cell of one trial of one epoch, without the texture baseline.
-SEARCH = [*SHRINK, "train.epochs=1", "tune.backbones=[levynet]", "tune.view_modes=[single]", "tune.num_samples=1",
-          "tune.baseline=false"]
+SEARCH = [
+    *SHRINK,
+    "train.epochs=1",
+    "tune.backbones=[levynet]",
+    "tune.view_modes=[single]",
+    "tune.num_samples=1",
+    "tune.baseline=false",
+]
 
 
 def job_id(kind: str) -> str:
@@ -48,8 +53,12 @@ def store(workdir: Path) -> MlflowClient:
 
 def test_job_submit_trains_and_tracks(cluster, tmp_path):
     workdir = tmp_path / "work"
-    log = submit(cluster, job_id("train"), ["mammo-ray", "train", "--config", "tune_configs/smoke.yaml",
-                                            *sets(SHRINK)], {"MAMMO_RAY_WORKDIR": str(workdir)})
+    log = submit(
+        cluster,
+        job_id("train"),
+        ["mammo-ray", "train", "--config", "tune_configs/smoke.yaml", *sets(SHRINK)],
+        {"MAMMO_RAY_WORKDIR": str(workdir)},
+    )
     (tmp_path / "train.log").write_text(log)
     assert "MLflow run" in log
     client = store(workdir)
@@ -64,8 +73,12 @@ def test_job_submit_trains_and_tracks(cluster, tmp_path):
 @pytest.fixture(scope="module")
 def searched(cluster, workdir):
     submission = job_id("tune")
-    log = submit(cluster, submission, ["mammo-ray", "tune", "--config", "tune_configs/search_smoke.yaml",
-                                       *sets(SEARCH)], {"MAMMO_RAY_WORKDIR": str(workdir)})
+    log = submit(
+        cluster,
+        submission,
+        ["mammo-ray", "tune", "--config", "tune_configs/search_smoke.yaml", *sets(SEARCH)],
+        {"MAMMO_RAY_WORKDIR": str(workdir)},
+    )
     (workdir.parent / "tune.log").write_text(log)
     return submission, log
 
@@ -90,9 +103,21 @@ def test_job_submit_tune_and_job_logs(cluster, workdir, searched):
 def ensembled(cluster, workdir, searched):
     parent = field(searched[1], "parent run")
     submission = job_id("ensemble")
-    submit(cluster, submission, ["mammo-ray", "ensemble", "--config", "tune_configs/ensemble_smoke.yaml",
-                                 "--from-search", parent, "--set", "ensemble.members=2"],
-           {"MAMMO_RAY_WORKDIR": str(workdir)})
+    submit(
+        cluster,
+        submission,
+        [
+            "mammo-ray",
+            "ensemble",
+            "--config",
+            "tune_configs/ensemble_smoke.yaml",
+            "--from-search",
+            parent,
+            "--set",
+            "ensemble.members=2",
+        ],
+        {"MAMMO_RAY_WORKDIR": str(workdir)},
+    )
     log = job_logs(cluster, submission)
     (workdir.parent / "ensemble.log").write_text(log)
     return log
@@ -118,8 +143,9 @@ def _test_lesion(ensemble_log: str) -> tuple[Path, str]:
 
     prepared = read_plan(field(ensemble_log, "folder")).cells["member"]["prepared"]
     manifest = pd.read_parquet(prepared["manifest"])
-    row = manifest[(Splits.load(prepared["splits"]).assign(manifest) == "test")
-                   & (manifest["roi_mask_path"] != "")].iloc[0]
+    row = manifest[
+        (Splits.load(prepared["splits"]).assign(manifest) == "test") & (manifest["roi_mask_path"] != "")
+    ].iloc[0]
     box = ",".join(map(str, mask_bbox(read_dicom(row["roi_mask_path"], flip=False)[0] > 0)))
     return Path(row["image_path"]), box
 
@@ -132,34 +158,71 @@ def test_serve_deploy_of_the_registered_ensemble(cluster, workdir, ensembled, tm
     # serve/config.yaml as committed (`serve.app:build_app`), on the registered ensemble and this job's store.
     # `serve deploy` sends the config to the cluster, so a working_dir must already be there: a
     # `local://` directory every node has (here the one node; on a cluster, shared storage) or a zip URI.
-    subprocess.run([sys.executable, "scripts/serve_config.py", "--model", field(ensembled, "registered model"),
-                    "--arg", f"tracking_uri=sqlite:///{workdir / 'mlflow' / 'mlflow.db'}",
-                    "--arg", f"workdir={workdir}", "--arg", "num_cpus=0.5", "--arg", "max_batch_size=4",
-                    "--arg", "execution=loop",
-                    "--port", str(port), "--working-dir", f"local://{REPO}", "--out", str(path)],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/serve_config.py",
+            "--model",
+            field(ensembled, "registered model"),
+            "--arg",
+            f"tracking_uri=sqlite:///{workdir / 'mlflow' / 'mlflow.db'}",
+            "--arg",
+            f"workdir={workdir}",
+            "--arg",
+            "num_cpus=0.5",
+            "--arg",
+            "max_batch_size=4",
+            "--arg",
+            "execution=loop",
+            "--port",
+            str(port),
+            "--working-dir",
+            f"local://{REPO}",
+            "--out",
+            str(path),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     deployed = yaml.safe_load(path.read_text())
     assert deployed["applications"][0]["import_path"] == "serve.app:build_app"
 
-    deploy = subprocess.run([SERVE, "deploy", str(path), "--address", cluster.address], env=cluster.env,
-                            capture_output=True, text=True, timeout=120)
+    deploy = subprocess.run(
+        [SERVE, "deploy", str(path), "--address", cluster.address],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     url = f"http://127.0.0.1:{port}"
     try:
         health = wait_ready(url, timeout_s=300)
         assert health["status"] == "ready", health
         image, box = _test_lesion(ensembled)
-        curl = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-F", f"file=@{image}", "-F", f"box={box}",
-                               f"{url}/v1/predict"], capture_output=True, text=True, timeout=120)
+        curl = subprocess.run(
+            ["curl", "-s", "-w", "\n%{http_code}", "-F", f"file=@{image}", "-F", f"box={box}", f"{url}/v1/predict"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         body, _, code = curl.stdout.rpartition("\n")
         assert code == "200", curl.stdout + curl.stderr
         reply = json.loads(body)
         assert 0 <= reply["probability"] <= 1 and reply["label"] in ("benign", "malignant"), reply
         (tmp_path / "predict.json").write_text(json.dumps(reply))
-        status_out = subprocess.run([SERVE, "status", "--address", cluster.address], env=cluster.env,
-                                    capture_output=True, text=True, timeout=60)
+        status_out = subprocess.run(
+            [SERVE, "status", "--address", cluster.address], env=cluster.env, capture_output=True, text=True, timeout=60
+        )
         assert "RUNNING" in status_out.stdout, status_out.stdout + status_out.stderr
     finally:
-        shutdown = subprocess.run([SERVE, "shutdown", "-y", "--address", cluster.address], env=cluster.env,
-                                  capture_output=True, text=True, timeout=120)
+        shutdown = subprocess.run(
+            [SERVE, "shutdown", "-y", "--address", cluster.address],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr

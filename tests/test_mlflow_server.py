@@ -14,7 +14,6 @@ import uuid
 from typing import Any
 
 import pytest
-
 from mlflow_postgres import fresh_database, mlflow_server, postgres_uri
 from ray_head import SHRINK, field, job_logs, last_json, ray_head, sets, submit
 
@@ -30,8 +29,10 @@ CLIENT_TROUBLE = re.compile(r"database is locked|MlflowException|Retrying \(Retr
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("mlflow-server")
-    with fresh_database(postgres_uri()) as database, \
-            mlflow_server(database, base / "artifacts", base / "server.log") as running:
+    with (
+        fresh_database(postgres_uri()) as database,
+        mlflow_server(database, base / "artifacts", base / "server.log") as running,
+    ):
         yield running
 
 
@@ -53,14 +54,17 @@ def rest(server, endpoint: str, body: dict | None = None, **query: Any) -> dict:
 
 
 def history(server, run_id: str, key: str) -> list[int]:
-    return sorted(int(m.get("step", 0)) for m in rest(server, "metrics/get-history", run_id=run_id,
-                                                       metric_key=key)["metrics"])
+    return sorted(
+        int(m.get("step", 0)) for m in rest(server, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+    )
 
 
 def most_at_once(runs: list[dict]) -> int:
     """The most runs that were open at the same moment (from their start and end times)."""
-    edges = sorted([(int(r["info"]["start_time"]), 1) for r in runs] + [(int(r["info"]["end_time"]), -1) for r in runs],
-                   key=lambda e: (e[0], e[1]))
+    edges = sorted(
+        [(int(r["info"]["start_time"]), 1) for r in runs] + [(int(r["info"]["end_time"]), -1) for r in runs],
+        key=lambda e: (e[0], e[1]),
+    )
     open_, best = 0, 0
     for _, step in edges:
         open_ += step
@@ -70,15 +74,34 @@ def most_at_once(runs: list[dict]) -> int:
 
 def test_parallel_trials_lose_nothing(server, cluster, tmp_path):
     submission = f"mlflow-load-{uuid.uuid4().hex[:8]}"
-    log = submit(cluster, submission, ["python", "scripts/mlflow_parallel_trials.py", "--trials", str(TRIALS),
-                                       "--concurrent", str(CONCURRENT), "--steps", str(STEPS)],
-                 {"MLFLOW_TRACKING_URI": server.url})
+    log = submit(
+        cluster,
+        submission,
+        [
+            "python",
+            "scripts/mlflow_parallel_trials.py",
+            "--trials",
+            str(TRIALS),
+            "--concurrent",
+            str(CONCURRENT),
+            "--steps",
+            str(STEPS),
+        ],
+        {"MLFLOW_TRACKING_URI": server.url},
+    )
     (tmp_path / "job.log").write_text(log)
     summary = last_json(job_logs(cluster, submission))
     assert summary["errored"] == 0 and len(summary["runs"]) == TRIALS, summary
 
-    found = rest(server, "runs/search", {"experiment_ids": [summary["experiment_id"]], "max_results": 1000,
-                                         "filter": f"tags.load_batch = '{summary['batch']}'"})["runs"]
+    found = rest(
+        server,
+        "runs/search",
+        {
+            "experiment_ids": [summary["experiment_id"]],
+            "max_results": 1000,
+            "filter": f"tags.load_batch = '{summary['batch']}'",
+        },
+    )["runs"]
     assert sorted(r["info"]["run_id"] for r in found) == summary["runs"]
     indices = set()
     for run in found:
@@ -91,12 +114,16 @@ def test_parallel_trials_lose_nothing(server, cluster, tmp_path):
         assert params == {f"param_{k}": str(index * 100 + k) for k in range(10)}
         latest = {m["key"]: m for m in data["metrics"]}
         assert set(latest) == {"loss", "accuracy"} and int(latest["loss"].get("step", 0)) == STEPS - 1
-        assert history(server, info["run_id"], "loss") == history(server, info["run_id"], "accuracy") \
-            == list(range(STEPS))
+        assert (
+            history(server, info["run_id"], "loss") == history(server, info["run_id"], "accuracy") == list(range(STEPS))
+        )
         files = rest(server, "artifacts/list", run_id=info["run_id"], path="notes").get("files", [])
         assert [f["path"] for f in files] == ["notes/trial.json"]
-        with urllib.request.urlopen(f"{server.url}/get-artifact?" + urllib.parse.urlencode(
-                {"run_id": info["run_id"], "path": "notes/trial.json"}), timeout=60) as reply:
+        with urllib.request.urlopen(
+            f"{server.url}/get-artifact?"
+            + urllib.parse.urlencode({"run_id": info["run_id"], "path": "notes/trial.json"}),
+            timeout=60,
+        ) as reply:
             assert json.loads(reply.read()) == {"index": index, "run_id": info["run_id"]}
     assert indices == set(range(TRIALS))
     assert most_at_once(found) >= 4, "the trials did not overlap: no concurrency was tested"
@@ -106,9 +133,12 @@ def test_parallel_trials_lose_nothing(server, cluster, tmp_path):
 
 def test_job_submit_train_logs_to_the_server(server, cluster, tmp_path):
     workdir = tmp_path / "work"
-    log = submit(cluster, f"mammo-ray-train-{uuid.uuid4().hex[:8]}",
-                 ["mammo-ray", "train", "--config", "tune_configs/smoke.yaml", *sets(SHRINK)],
-                 {"MAMMO_RAY_WORKDIR": str(workdir), "MLFLOW_TRACKING_URI": server.url})
+    log = submit(
+        cluster,
+        f"mammo-ray-train-{uuid.uuid4().hex[:8]}",
+        ["mammo-ray", "train", "--config", "tune_configs/smoke.yaml", *sets(SHRINK)],
+        {"MAMMO_RAY_WORKDIR": str(workdir), "MLFLOW_TRACKING_URI": server.url},
+    )
     (tmp_path / "train.log").write_text(log)
     assert field(log, "tracking URI") == server.url
     run_id = field(log, "MLflow run")

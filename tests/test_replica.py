@@ -32,8 +32,12 @@ FAST = ["train.epochs=1", "train.batch_size=64", "train.eval_bootstrap=50", "dat
 CONFLICT_PATIENTS = ("P_00419", "P_01623")
 # Split seeds and where they put (P_00419, P_01623): each lands in val once and in test once.
 SPLIT_SEEDS = {22: ("val", "test"), 2: ("test", "train"), 1: ("train", "val")}
-REAL_QUIRKS = {"view_label_conflicts": 3, "shared_films": 71, "multi_roi_images": 334,
-               "official_split_overlap_patients": 31}
+REAL_QUIRKS = {
+    "view_label_conflicts": 3,
+    "shared_films": 71,
+    "multi_roi_images": 334,
+    "official_split_overlap_patients": 31,
+}
 
 
 def config(*overrides: str):
@@ -86,9 +90,19 @@ def test_both_split_modes(indexed):
 @pytest.mark.parametrize("crop", CROP_MODES)
 def test_prepare_every_crop_mode(workdir, indexed, crop):
     manifest, _ = indexed
-    extra = ["data.task=mass_presence", "data.patch_px=32", "data.cache_px=32", "data.input_px=32",
-             "model.view_mode=single"] \
-        if crop == "patch" else ["data.whole_size=[128, 80]"] if crop == "whole" else []
+    extra = (
+        [
+            "data.task=mass_presence",
+            "data.patch_px=32",
+            "data.cache_px=32",
+            "data.input_px=32",
+            "model.view_mode=single",
+        ]
+        if crop == "patch"
+        else ["data.whole_size=[128, 80]"]
+        if crop == "whole"
+        else []
+    )
     cfg = config("data.abnormality=all", f"data.crop={crop}", *extra)
     prepared = ensure_prepared(cfg, workdir, progress=False)
     summary = json.loads((Path(prepared.cache_dir) / "cache.json").read_text())["summary"]
@@ -142,12 +156,13 @@ def _train_and_evaluate(workdir: Path, out: Path, *overrides: str) -> tuple[dict
 @pytest.mark.parametrize("view_mode", ["parallel", "multimodal"])
 def test_paper000_trains_and_evaluates_with_the_conflicts_in_val_and_test(workdir, tmp_path, indexed, seed, view_mode):
     manifest, _ = indexed
-    result, predictions = _train_and_evaluate(workdir, tmp_path, f"data.split_seed={seed}",
-                                              f"model.view_mode={view_mode}")
+    result, predictions = _train_and_evaluate(
+        workdir, tmp_path, f"data.split_seed={seed}", f"model.view_mode={view_mode}"
+    )
     exam = result["exam"]
     assert exam["n"] > 50 and 0.0 <= exam["auc"] <= 1.0 and math.isfinite(exam["log_loss"])
     assert exam["auc_ci_low"] <= exam["auc"] <= exam["auc_ci_high"]
-    places = dict(zip(CONFLICT_PATIENTS, SPLIT_SEEDS[seed]))
+    places = dict(zip(CONFLICT_PATIENTS, SPLIT_SEEDS[seed], strict=True))
     in_test = [p for p, where in places.items() if where == "test"]
     keys = set(predictions["exam_key"])
     for patient in in_test:  # the conflicting views are exams of their own, not a crash
@@ -173,16 +188,46 @@ def test_froc_of_a_mass_patch_model(workdir, tmp_path, indexed):
     from mammo_ray.cli import main
 
     manifest, _ = indexed
-    patch = ["data.abnormality=all", "data.crop=patch", "data.task=mass_presence", "data.patch_px=32",
-             "data.cache_px=32", "data.input_px=32", "data.normalization=global", "data.negatives_per_image=2",
-             "model.view_mode=single", "model.in_chans=3", "data.channels=3", "train.epochs=1",
-             "train.monitor=val_auc"]
+    patch = [
+        "data.abnormality=all",
+        "data.crop=patch",
+        "data.task=mass_presence",
+        "data.patch_px=32",
+        "data.cache_px=32",
+        "data.input_px=32",
+        "data.normalization=global",
+        "data.negatives_per_image=2",
+        "model.view_mode=single",
+        "model.in_chans=3",
+        "data.channels=3",
+        "train.epochs=1",
+        "train.monitor=val_auc",
+    ]
     result, _ = _train_and_evaluate(workdir, tmp_path / "model", *patch)
     prepared = ensure_prepared(config(*patch), workdir, progress=False)
     out = tmp_path / "froc"
-    assert main(["froc", "--model", str(tmp_path / "model" / "checkpoint.pt"), "--manifest", prepared.manifest,
-                 "--splits", prepared.splits, "--split", "test", "--out", str(out), "--tile", "0",
-                 "--workdir", str(workdir)]) == 0
+    assert (
+        main(
+            [
+                "froc",
+                "--model",
+                str(tmp_path / "model" / "checkpoint.pt"),
+                "--manifest",
+                prepared.manifest,
+                "--splits",
+                prepared.splits,
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--tile",
+                "0",
+                "--workdir",
+                str(workdir),
+            ]
+        )
+        == 0
+    )
     froc = json.loads((out / "froc.json").read_text())
     splits = Splits.load(prepared.splits)
     test_rows = manifest[manifest["patient_id"].isin(set(splits.test))]

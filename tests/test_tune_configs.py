@@ -13,15 +13,29 @@ from mammo_ray.search.cells import make_cells
 from mammo_ray.train.loop import build_training, train_one_epoch
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
-SHRINK = ["data.synth_patients=24", "data.synth_size=[384, 240]", "data.cache_px=80", "data.input_px=76",
-          "data.num_workers=0", "data.offline_aug=false", "model.pretrained=null", "train.use_gpu=false",
-          "train.batch_size=4"]
+SHRINK = [
+    "data.synth_patients=24",
+    "data.synth_size=[384, 240]",
+    "data.cache_px=80",
+    "data.input_px=76",
+    "data.num_workers=0",
+    "data.offline_aug=false",
+    "model.pretrained=null",
+    "train.use_gpu=false",
+    "train.batch_size=4",
+]
 
 
 def test_the_paper_configs_are_there():
     names = {path.stem for path in CONFIGS}
-    assert {"smoke", "paper000_googlenet_parallel_dog", "paper001_googlenet_deeper", "paper001_alexnet_context",
-            "paper001_levynet", "paper004_resnet50_calc_vs_mass"} <= names
+    assert {
+        "smoke",
+        "paper000_googlenet_parallel_dog",
+        "paper001_googlenet_deeper",
+        "paper001_alexnet_context",
+        "paper001_levynet",
+        "paper004_resnet50_calc_vs_mass",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

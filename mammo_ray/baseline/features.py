@@ -36,10 +36,21 @@ PERCENTILES = (10, 25, 50, 75, 90)
 FEATURE_NAMES: list[str] = [
     *(f"glcm_{prop.lower()}_d{d}" for prop in GLCM_PROPS for d in GLCM_DISTANCES),
     *(f"glrlm_{name}" for name in GLRLM_NAMES),
-    "int_mean", "int_std", "int_skewness", "int_kurtosis", *(f"int_p{q}" for q in PERCENTILES),
-    "int_ring_contrast", "int_margin_sharpness",
-    "shape_area", "shape_perimeter", "shape_eccentricity", "shape_solidity", "shape_compactness",
-    "shape_extent", "shape_radial_cv", "shape_radial_peaks",
+    "int_mean",
+    "int_std",
+    "int_skewness",
+    "int_kurtosis",
+    *(f"int_p{q}" for q in PERCENTILES),
+    "int_ring_contrast",
+    "int_margin_sharpness",
+    "shape_area",
+    "shape_perimeter",
+    "shape_eccentricity",
+    "shape_solidity",
+    "shape_compactness",
+    "shape_extent",
+    "shape_radial_cv",
+    "shape_radial_peaks",
 ]
 
 
@@ -150,13 +161,15 @@ def glrlm_features(q: np.ndarray, levels: int) -> np.ndarray:
         p = run_length_matrix(q, levels, angle_index).astype(np.float64)
         j = np.arange(1, p.shape[1] + 1, dtype=np.float64)
         n_runs = p.sum()
-        per_direction.append([
-            (p / j**2).sum() / n_runs,
-            (p * j**2).sum() / n_runs,
-            (p.sum(axis=1) ** 2).sum() / n_runs,
-            (p.sum(axis=0) ** 2).sum() / n_runs,
-            n_runs / n_pixels,
-        ])
+        per_direction.append(
+            [
+                (p / j**2).sum() / n_runs,
+                (p * j**2).sum() / n_runs,
+                (p.sum(axis=1) ** 2).sum() / n_runs,
+                (p.sum(axis=0) ** 2).sum() / n_runs,
+                n_runs / n_pixels,
+            ]
+        )
     return np.asarray(per_direction).mean(axis=0)
 
 
@@ -183,8 +196,7 @@ def intensity_features(image: np.ndarray, lesion: np.ndarray, any_lesion: np.nda
         moments += [stats.skew(inside), stats.kurtosis(inside)]
     else:  # a flat lesion: skewness and kurtosis are undefined, call them 0
         moments += [0.0, 0.0]
-    return np.asarray([*moments, *np.percentile(inside, PERCENTILES), ring_contrast,
-                       float(gradient[boundary].mean())])
+    return np.asarray([*moments, *np.percentile(inside, PERCENTILES), ring_contrast, float(gradient[boundary].mean())])
 
 
 def radial_profile(lesion: np.ndarray) -> np.ndarray:
@@ -218,8 +230,19 @@ def shape_features(lesion: np.ndarray) -> np.ndarray:
     area, perimeter = float(props.area), float(props.perimeter)
     compactness = perimeter**2 / (4 * np.pi * area) if perimeter > 0 else 1.0  # one pixel: call it round
     radial_cv, peaks = spiculation(radial_profile(lesion))
-    return np.asarray([area / lesion.size, perimeter / side, props.eccentricity, props.solidity,
-                       compactness, props.extent, radial_cv, peaks], dtype=np.float64)
+    return np.asarray(
+        [
+            area / lesion.size,
+            perimeter / side,
+            props.eccentricity,
+            props.solidity,
+            compactness,
+            props.extent,
+            radial_cv,
+            peaks,
+        ],
+        dtype=np.float64,
+    )
 
 
 def lesion_features(image: np.ndarray, mask: np.ndarray, *, levels: int = 32) -> np.ndarray:
@@ -243,9 +266,15 @@ def lesion_features(image: np.ndarray, mask: np.ndarray, *, levels: int = 32) ->
     rows, cols = np.flatnonzero(lesion.any(axis=1)), np.flatnonzero(lesion.any(axis=0))
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # texture: the lesion's bounding box
     q = quantize(image[box], lesion[box], levels)
-    vector = np.concatenate([glcm_features(q, levels), glrlm_features(q, levels),
-                             intensity_features(image, lesion, lesion), shape_features(lesion)])
+    vector = np.concatenate(
+        [
+            glcm_features(q, levels),
+            glrlm_features(q, levels),
+            intensity_features(image, lesion, lesion),
+            shape_features(lesion),
+        ]
+    )
     if not np.all(np.isfinite(vector)):
-        bad = [name for name, v in zip(FEATURE_NAMES, vector) if not np.isfinite(v)]
+        bad = [name for name, v in zip(FEATURE_NAMES, vector, strict=True) if not np.isfinite(v)]
         raise ValueError(f"non-finite lesion features {bad}")
     return vector

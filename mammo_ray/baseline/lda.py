@@ -34,8 +34,9 @@ SPLITS = ("train", "val", "test")
 FRAME_COLUMNS = ["exam_key", "view", "patient_id"]  # the id columns of loop.evaluate's frame
 
 
-def split_features(cache: CropCache, frame: pd.DataFrame, split: str, *, levels: int = 32,
-                   progress: bool = False) -> tuple[np.ndarray, pd.DataFrame, list[int]]:
+def split_features(
+    cache: CropCache, frame: pd.DataFrame, split: str, *, levels: int = 32, progress: bool = False
+) -> tuple[np.ndarray, pd.DataFrame, list[int]]:
     """Features of every entry of ``frame`` (a ``task_frame``) in ``split``.
 
     Each entry's stored mask is its own lesion's ROI (not its film's other lesions), so the
@@ -48,8 +49,7 @@ def split_features(cache: CropCache, frame: pd.DataFrame, split: str, *, levels:
     """
     rows = frame[frame["split"] == split]
     vectors, kept, skipped = [], [], []
-    for position, entry in enumerate(tqdm(rows["entry"], desc=f"features {split}", unit="crop",
-                                          disable=not progress)):
+    for position, entry in enumerate(tqdm(rows["entry"], desc=f"features {split}", unit="crop", disable=not progress)):
         mask = cache.mask(int(entry))
         if not mask.any():
             skipped.append(int(entry))
@@ -64,8 +64,9 @@ def fit_lda(features: np.ndarray, labels: np.ndarray) -> Pipeline:
     """Standardise, then shrinkage LDA (lsqr solver, Ledoit-Wolf shrinkage); deterministic."""
     classes = np.unique(labels)
     if classes.size != 2:
-        raise ValueError(f"LDA needs both classes in the train split; it has label(s) {classes.tolist()} "
-                         f"in {labels.size} lesions")
+        raise ValueError(
+            f"LDA needs both classes in the train split; it has label(s) {classes.tolist()} in {labels.size} lesions"
+        )
     model = make_pipeline(StandardScaler(), LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"))
     return model.fit(features, labels)
 
@@ -98,8 +99,15 @@ def write_coefficients(model: Pipeline, path: Path, *, task: Task, n_train: int)
     return path
 
 
-def run_baseline(config: Config, cache_dir: str | Path, out_dir: str | Path, *, n_boot: int = 1000,
-                 levels: int = 32, progress: bool = False) -> dict[str, Any]:
+def run_baseline(
+    config: Config,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    n_boot: int = 1000,
+    levels: int = 32,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Fit the feature + LDA baseline on the train split and report it on val and test.
 
     Args:
@@ -120,8 +128,10 @@ def run_baseline(config: Config, cache_dir: str | Path, out_dir: str | Path, *, 
     """
     task = Task.parse(config.data.task)
     if task is Task.MASS_PRESENCE:
-        raise ValueError("the LDA baseline cannot run task mass_presence: its non-mass patches have no "
-                         "lesion mask to take features from; use task pathology or abnormality")
+        raise ValueError(
+            "the LDA baseline cannot run task mass_presence: its non-mass patches have no "
+            "lesion mask to take features from; use task pathology or abnormality"
+        )
     cache = CropCache(cache_dir)
     frame = task_frame(cache.index, task)
     out_dir = Path(out_dir)
@@ -131,20 +141,27 @@ def run_baseline(config: Config, cache_dir: str | Path, out_dir: str | Path, *, 
     for split in SPLITS:
         features, rows, skipped[split] = split_features(cache, frame, split, levels=levels, progress=progress)
         if rows.empty:
-            raise ValueError(f"{cache.cache_dir}: no {task.value.lower()} lesions with a mask in split {split!r} "
-                             f"({len(skipped[split])} skipped for an empty mask)")
+            raise ValueError(
+                f"{cache.cache_dir}: no {task.value.lower()} lesions with a mask in split {split!r} "
+                f"({len(skipped[split])} skipped for an empty mask)"
+            )
         data[split] = (features, rows)
 
     train_x, train_rows = data["train"]
     model = fit_lda(train_x, train_rows["label"].to_numpy())
-    result: dict[str, Any] = {"features": list(FEATURE_NAMES), "n_train": len(train_rows),
-                              "skipped": {split: len(entries) for split, entries in skipped.items()},
-                              "skipped_entries": skipped}
+    result: dict[str, Any] = {
+        "features": list(FEATURE_NAMES),
+        "n_train": len(train_rows),
+        "skipped": {split: len(entries) for split, entries in skipped.items()},
+        "skipped_entries": skipped,
+    }
     for split in ("val", "test"):
         x, rows = data[split]
         probs = model.predict_proba(x)[:, list(model.classes_).index(1)]
-        result[split] = report_predictions(prediction_frame(rows, probs), "single", split, out_dir,
-                                           n_boot=n_boot, task=task.value.lower())
-    result["coefficients"] = str(write_coefficients(model, out_dir / "lda_coefficients.json", task=task,
-                                                    n_train=len(train_rows)))
+        result[split] = report_predictions(
+            prediction_frame(rows, probs), "single", split, out_dir, n_boot=n_boot, task=task.value.lower()
+        )
+    result["coefficients"] = str(
+        write_coefficients(model, out_dir / "lda_coefficients.json", task=task, n_train=len(train_rows))
+    )
     return result

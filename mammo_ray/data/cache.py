@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import multiprocessing as mp
 
 import numpy as np
 import pandas as pd
@@ -100,9 +99,13 @@ def _shards(rows: pd.DataFrame, per_shard: int) -> list[list[dict[str, Any]]]:
     groups = dict(tuple(rows.groupby("image_id", sort=False)))
     shards = []
     for start in range(0, len(films), per_shard):
-        chunk = films[start:start + per_shard]
-        shards.append([{"image_id": f, "image_path": groups[f]["image_path"].iloc[0],
-                        "rows": groups[f].to_dict("records")} for f in chunk])
+        chunk = films[start : start + per_shard]
+        shards.append(
+            [
+                {"image_id": f, "image_path": groups[f]["image_path"].iloc[0], "rows": groups[f].to_dict("records")}
+                for f in chunk
+            ]
+        )
     return shards
 
 
@@ -123,13 +126,13 @@ def _training_statistics(cache_dir: Path, index: pd.DataFrame) -> dict[str, floa
         images = np.load(cache_dir / "shards" / f"shard-{shard:05d}.images.npy", mmap_mode="r")
         block = images[group["offset"].to_numpy()].astype(np.float64)
         total = block.sum(axis=0) if total is None else total + block.sum(axis=0)
-        sq += float((block ** 2).sum())
+        sq += float((block**2).sum())
         count += block.shape[0]
     mean_image = (total / count).astype(np.float32)
     buf = _npy_bytes(mean_image)
     _atomic_write_bytes(cache_dir / "mean_image.npy", buf)
     mean = float(mean_image.mean())
-    std = float(np.sqrt(max(sq / (count * mean_image.size) - mean ** 2, 0.0)))
+    std = float(np.sqrt(max(sq / (count * mean_image.size) - mean**2, 0.0)))
     return {"train_mean": mean, "train_std": std}
 
 
@@ -141,8 +144,9 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, out_dir: str | Path,
-                  *, progress: bool = True) -> CacheSummary:
+def prepare_cache(
+    manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, out_dir: str | Path, *, progress: bool = True
+) -> CacheSummary:
     """Build (or finish) the crop cache for the rows of ``manifest`` that have a split.
 
     Args:
@@ -163,8 +167,10 @@ def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, 
         old = json.loads(meta_path.read_text())
         if old.get("fingerprint") != fingerprint:
             changed = sorted(k for k in params if old.get("params", {}).get(k) != params[k]) or ["manifest rows"]
-            raise CacheError(f"{cache_dir}: holds a cache built from other inputs (differs in {changed}); "
-                             "choose another --out or delete it")
+            raise CacheError(
+                f"{cache_dir}: holds a cache built from other inputs (differs in {changed}); "
+                "choose another --out or delete it"
+            )
     else:
         # Written first so a resumed run can tell the shards on disk belong to these inputs.
         _atomic_write_bytes(meta_path, json.dumps({"fingerprint": fingerprint, "params": params}).encode())
@@ -173,8 +179,13 @@ def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, 
         stray.unlink()  # half-written files of an interrupted run; their shards are redone below
     shards = _shards(rows, cfg.shard_images)
     todo = [i for i in range(len(shards)) if not _shard_done(cache_dir / "shards", i)]
-    bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"prepare {cfg.crop}",
-               unit="shard", disable=not progress)
+    bar = tqdm(
+        total=len(shards),
+        initial=len(shards) - len(todo),
+        desc=f"prepare {cfg.crop}",
+        unit="shard",
+        disable=not progress,
+    )
     decoded = 0
     if todo:
         workers = max(1, min(cfg.num_workers, len(todo)))
@@ -189,8 +200,11 @@ def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, 
     parts = [pd.read_parquet(cache_dir / "shards" / f"shard-{i:05d}.parquet") for i in range(len(shards))]
     index = pd.concat(parts, ignore_index=True)[ENTRY_COLUMNS]
     index.insert(0, "entry", np.arange(len(index)))
-    skipped = [item for i in range(len(shards))
-               for item in json.loads((cache_dir / "shards" / f"shard-{i:05d}.skipped.json").read_text())]
+    skipped = [
+        item
+        for i in range(len(shards))
+        for item in json.loads((cache_dir / "shards" / f"shard-{i:05d}.skipped.json").read_text())
+    ]
     counts = dict.fromkeys(STAT_KEYS, 0)
     for i in range(len(shards)):
         for key, value in json.loads((cache_dir / "shards" / f"shard-{i:05d}.stats.json").read_text()).items():
@@ -201,13 +215,23 @@ def prepare_cache(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig, 
     stats = _training_statistics(cache_dir, index)
 
     seconds = time.perf_counter() - start
-    by_split = {s: {str(k): int(v) for k, v in g["malignant"].value_counts().sort_index().items()}
-                for s, g in index.groupby("split")}
+    by_split = {
+        s: {str(k): int(v) for k, v in g["malignant"].value_counts().sort_index().items()}
+        for s, g in index.groupby("split")
+    }
     summary = CacheSummary(
-        cache_dir=str(cache_dir), crop=cfg.crop, entries=len(index), images_decoded=decoded,
-        shards_total=len(shards), shards_reused=len(shards) - len(todo), seconds=round(seconds, 3),
+        cache_dir=str(cache_dir),
+        crop=cfg.crop,
+        entries=len(index),
+        images_decoded=decoded,
+        shards_total=len(shards),
+        shards_reused=len(shards) - len(todo),
+        seconds=round(seconds, 3),
         images_per_second=round(decoded / seconds, 3) if decoded else 0.0,
-        by_split=by_split, skipped=skipped, **counts)
+        by_split=by_split,
+        skipped=skipped,
+        **counts,
+    )
     meta = {"fingerprint": fingerprint, "params": params, **stats, "summary": summary.to_dict()}
     _atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
     return summary

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from mammo_ray.constants import AbnormalityType, Pathology, Side, View
 from mammo_ray.data.dicom import DicomReadError, read_dicom, read_dicom_header
 from mammo_ray.data.manifest import MANIFEST_COLUMNS, build_index_report, conform, read_generic_csv
-from mammo_ray.data.quirks import mark_quirks
 from mammo_ray.data.masks import mask_fit, mask_fit_reason, scale_box
+from mammo_ray.data.quirks import mark_quirks
 
 CSV_FILES: dict[str, tuple[AbnormalityType, str]] = {
     "mass_case_description_train_set.csv": (AbnormalityType.MASS, "train"),
@@ -42,12 +42,24 @@ CSV_FILES: dict[str, tuple[AbnormalityType, str]] = {
     "calc_case_description_test_set.csv": (AbnormalityType.CALCIFICATION, "test"),
 }
 # CSV header (lower-case, "_" → " ") → our column; both density spellings map to one.
-_COLUMNS = {"patient id": "patient_id", "breast density": "breast_density", "left or right breast": "side",
-            "image view": "view", "abnormality id": "abnormality_id", "abnormality type": "abnormality_type",
-            "mass shape": "mass_shape", "mass margins": "mass_margins", "calc type": "calc_type",
-            "calc distribution": "calc_distribution", "assessment": "assessment", "pathology": "pathology",
-            "subtlety": "subtlety", "image file path": "csv_image_path",
-            "cropped image file path": "csv_crop_path", "roi mask file path": "csv_mask_path"}
+_COLUMNS = {
+    "patient id": "patient_id",
+    "breast density": "breast_density",
+    "left or right breast": "side",
+    "image view": "view",
+    "abnormality id": "abnormality_id",
+    "abnormality type": "abnormality_type",
+    "mass shape": "mass_shape",
+    "mass margins": "mass_margins",
+    "calc type": "calc_type",
+    "calc distribution": "calc_distribution",
+    "assessment": "assessment",
+    "pathology": "pathology",
+    "subtlety": "subtlety",
+    "image file path": "csv_image_path",
+    "cropped image file path": "csv_crop_path",
+    "roi mask file path": "csv_mask_path",
+}
 _REQUIRED = ("patient_id", "side", "view", "abnormality_id", "abnormality_type", "pathology", "csv_image_path")
 _ENUMS = {"side": Side, "view": View, "abnormality_type": AbnormalityType, "pathology": Pathology}
 
@@ -92,15 +104,22 @@ def read_cbis_csvs(csv_dir: str | Path) -> pd.DataFrame:
     frame, invalid = parse_cbis_csvs(csv_dir)
     if invalid:
         bad = invalid[0]
-        raise CbisCsvError(f"{bad['source_file']}: row {bad['source_row']}: field {bad['field']!r}: "
-                           f"{bad['reason']} ({len(invalid)} invalid rows in all)")
+        raise CbisCsvError(
+            f"{bad['source_file']}: row {bad['source_row']}: field {bad['field']!r}: "
+            f"{bad['reason']} ({len(invalid)} invalid rows in all)"
+        )
     return frame
 
 
 def _parse_row(rec: dict, name: str, number: int) -> tuple[dict, dict | None]:
     def bad(field: str, reason: str) -> tuple[dict, dict]:
-        return {}, {"source_file": name, "source_row": number, "field": field,
-                    "value": rec.get(field, ""), "reason": reason}
+        return {}, {
+            "source_file": name,
+            "source_row": number,
+            "field": field,
+            "value": rec.get(field, ""),
+            "reason": reason,
+        }
 
     if not rec["patient_id"]:
         return bad("patient_id", "missing patient id")
@@ -120,8 +139,9 @@ def _parse_row(rec: dict, name: str, number: int) -> tuple[dict, dict | None]:
     row["label"] = Pathology(row["pathology"]).label
     row["source"], row["source_split"] = "cbis-ddsm", CSV_FILES[name][1]
     row["source_file"], row["source_row"] = name, number
-    row["lesion_id"] = "_".join([row["patient_id"], row["side"], row["view"], row["abnormality_type"],
-                                 str(row["abnormality_id"])])
+    row["lesion_id"] = "_".join(
+        [row["patient_id"], row["side"], row["view"], row["abnormality_type"], str(row["abnormality_id"])]
+    )
     row["exam_key"] = "_".join([row["patient_id"], row["side"], row["abnormality_type"], str(row["abnormality_id"])])
     return row, None
 
@@ -238,13 +258,23 @@ class _Resolver:
             folder = self.case_dir(rel)
             (folders if folder is not None else missing).append(folder or rel)
         found = {f for d in folders for f in self.files(d)}
-        exact = {self.case_dir(r.split("/")[0]).joinpath(*r.split("/")[1:])
-                 for r in (crop_rel, mask_rel) if r and self.case_dir(r.split("/")[0])} & found
+        exact = {
+            self.case_dir(r.split("/")[0]).joinpath(*r.split("/")[1:])
+            for r in (crop_rel, mask_rel)
+            if r and self.case_dir(r.split("/")[0])
+        } & found
         pool = sorted(exact) if len(exact) == 2 else sorted(found)
         where = ", ".join(str(d) for d in folders)
         if not pool:
-            return None, None, (f"ROI folder not found: {missing[0]} under {self.root}" if missing
-                                else f"ROI mask not found: no DICOM under {where}")
+            return (
+                None,
+                None,
+                (
+                    f"ROI folder not found: {missing[0]} under {self.root}"
+                    if missing
+                    else f"ROI mask not found: no DICOM under {where}"
+                ),
+            )
         readable = [p for p in pool if self.header(p) is not None]
         sized = [p for p in readable if (self.header(p).rows, self.header(p).columns) == shape]
         if len(sized) == 1 and len(readable) >= 2:
@@ -265,8 +295,13 @@ class _Resolver:
         meta = self.header(image)
         if meta is None:
             return {"resolved": False, "unresolved_reason": f"image unreadable: {image}: {self.unreadable[str(image)]}"}
-        out = {"image_path": str(image), "roi_mask_path": str(mask or ""), "crop_path": str(crop or ""),
-               "resolved": True, "unresolved_reason": ""}
+        out = {
+            "image_path": str(image),
+            "roi_mask_path": str(mask or ""),
+            "crop_path": str(crop or ""),
+            "resolved": True,
+            "unresolved_reason": "",
+        }
         if mask is None or not self.with_boxes or not np.isnan(row.get("bbox_x0", np.nan)):
             return out
         mask_meta = self.header(mask)
@@ -274,8 +309,10 @@ class _Resolver:
             return out | {"resolved": False, "unresolved_reason": f"ROI mask unreadable: {mask}"}
         binary, box = self.mask_info(mask)
         if binary is None or not binary:
-            return out | {"resolved": False,
-                          "unresolved_reason": f"ROI mask {'unreadable' if binary is None else 'not binary'}: {mask}"}
+            return out | {
+                "resolved": False,
+                "unresolved_reason": f"ROI mask {'unreadable' if binary is None else 'not binary'}: {mask}",
+            }
         mask_shape, image_shape = (mask_meta.rows, mask_meta.columns), (meta.rows, meta.columns)
         fit = mask_fit(mask_shape, image_shape)
         if fit == "drop":
@@ -283,8 +320,9 @@ class _Resolver:
             self.warnings.append({"lesion_id": row.get("lesion_id", ""), "path": str(mask), "reason": reason})
             return out | {"mask_dropped": True}
         if box is None:
-            self.warnings.append({"lesion_id": row.get("lesion_id", ""), "path": str(mask),
-                                  "reason": "ROI mask is empty"})
+            self.warnings.append(
+                {"lesion_id": row.get("lesion_id", ""), "path": str(mask), "reason": "ROI mask is empty"}
+            )
             return out | {"mask_resampled": fit == "resample"}
         x0, y0, x1, y1 = box if fit == "same" else scale_box(box, mask_shape, image_shape)
         out.update(bbox_x0=x0, bbox_y0=y0, bbox_x1=x1, bbox_y1=y1, mask_resampled=fit == "resample")
@@ -297,8 +335,9 @@ def _progress(items, total: int, progress: bool | None, what: str):
     return tqdm(items, total=total, desc=what, unit="row", disable=not (total >= 200 if progress is None else progress))
 
 
-def resolve_paths(frame: pd.DataFrame, root: str | Path, *, with_boxes: bool = True,
-                  progress: bool | None = None) -> pd.DataFrame:
+def resolve_paths(
+    frame: pd.DataFrame, root: str | Path, *, with_boxes: bool = True, progress: bool | None = None
+) -> pd.DataFrame:
     """Fill image/roi_mask/crop paths (absolute), boxes, ``resolved`` and ``unresolved_reason``.
 
     ``frame`` comes from ``parse_cbis_csvs``. Unreadable DICOMs ({path, reason}) and warnings
@@ -343,9 +382,13 @@ def verify_generic(frame: pd.DataFrame, *, with_boxes: bool = True, progress: bo
     return _apply(frame, updates, resolver)
 
 
-def index_dataset(root: str | Path | None = None, csv_dir: str | Path | None = None,
-                  generic_csv: str | Path | None = None, with_boxes: bool = True,
-                  progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
+def index_dataset(
+    root: str | Path | None = None,
+    csv_dir: str | Path | None = None,
+    generic_csv: str | Path | None = None,
+    with_boxes: bool = True,
+    progress: bool | None = None,
+) -> tuple[pd.DataFrame, dict]:
     """Build the manifest and a JSON-able report (see ``manifest.build_index_report``).
 
     ``csv_dir`` defaults to ``root`` (or ``root/CBIS-DDSM``) when neither it nor ``generic_csv``

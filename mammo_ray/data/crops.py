@@ -57,8 +57,16 @@ def squarify(box: Box) -> Box:
     return centred_box(*box_centre(box), side, side)
 
 
-def lesion_box(mode: str, bbox: Box, *, seed_px: int = 750, pad_px: int = 50,
-               factor: float = 2.0, patch_px: int = 256, square: bool = True) -> Box:
+def lesion_box(
+    mode: str,
+    bbox: Box,
+    *,
+    seed_px: int = 750,
+    pad_px: int = 50,
+    factor: float = 2.0,
+    patch_px: int = 256,
+    square: bool = True,
+) -> Box:
     """The crop box of one lesion for a crop mode, from its ROI bounding box."""
     cx, cy = box_centre(bbox)
     width, height = bbox[2] - bbox[0], bbox[3] - bbox[1]
@@ -84,7 +92,7 @@ def crop_padded(image: np.ndarray, box: Box, fill: float = 0.0) -> np.ndarray:
     h, w = image.shape
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if sx1 > sx0 and sy1 > sy0:
-        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
     return out
 
 
@@ -157,7 +165,7 @@ def letterbox(image: np.ndarray, size: tuple[int, int], fill: float = 0.0) -> tu
     nh, nw = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
     out = np.full((h, w), fill, dtype=np.float32)
     oy, ox = (h - nh) // 2, (w - nw) // 2
-    out[oy:oy + nh, ox:ox + nw] = resize(image, (nh, nw))
+    out[oy : oy + nh, ox : ox + nw] = resize(image, (nh, nw))
     return out, scale, (ox, oy)
 
 
@@ -196,8 +204,9 @@ def breast_interior(breast: np.ndarray, min_dist: float) -> np.ndarray:
     return depth == depth.max()
 
 
-def negative_boxes(breast: np.ndarray, lesions: np.ndarray, count: int, side: int,
-                   rng: np.random.Generator, max_tries: int = 200) -> list[Box]:
+def negative_boxes(
+    breast: np.ndarray, lesions: np.ndarray, count: int, side: int, rng: np.random.Generator, max_tries: int = 200
+) -> list[Box]:
     """Up to ``count`` ``side``-px boxes centred in the breast interior that touch no lesion pixel.
 
     Paper 003: patches outside every ROI are "non-mass". Their centres come from the breast

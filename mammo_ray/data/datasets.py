@@ -10,8 +10,9 @@ Labels depend on the task (``mammo_ray.constants.Task``):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,8 +21,13 @@ from torch.utils.data import Dataset
 
 from mammo_ray.config import DataConfig
 from mammo_ray.constants import Task
-from mammo_ray.data.transforms import (OFFLINE_CROPS, OFFLINE_ROTATIONS, TransformSpec, build_offline_transform,
-                                       offline_variant_params)
+from mammo_ray.data.transforms import (
+    OFFLINE_CROPS,
+    OFFLINE_ROTATIONS,
+    TransformSpec,
+    build_offline_transform,
+    offline_variant_params,
+)
 
 
 class CropCache:
@@ -59,8 +65,12 @@ class CropCache:
         mean_image = None
         if cfg.normalization == "mean_image":
             mean_image = np.load(self.cache_dir / "mean_image.npy")
-        return TransformSpec.from_config(cfg, train_mean=self.meta.get("train_mean", 0.0),
-                                         train_std=self.meta.get("train_std", 1.0), mean_image=mean_image)
+        return TransformSpec.from_config(
+            cfg,
+            train_mean=self.meta.get("train_mean", 0.0),
+            train_std=self.meta.get("train_std", 1.0),
+            mean_image=mean_image,
+        )
 
 
 def task_frame(index: pd.DataFrame, task: str | Task) -> pd.DataFrame:
@@ -91,9 +101,14 @@ class SingleViewDataset(Dataset):
             instead of using ``transform``.
     """
 
-    def __init__(self, cache: CropCache, split: str, task: str | Task,
-                 transform: Callable[[np.ndarray], torch.Tensor] | None = None,
-                 offline: tuple[TransformSpec, int] | None = None):
+    def __init__(
+        self,
+        cache: CropCache,
+        split: str,
+        task: str | Task,
+        transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+        offline: tuple[TransformSpec, int] | None = None,
+    ):
         self.cache = cache
         frame = task_frame(cache.index, task)
         self.frame = frame[frame["split"] == split].reset_index(drop=True)
@@ -135,8 +150,13 @@ class PairedViewDataset(Dataset):
     where they do not is rejected with the exam key, never paired under the first row's label.
     """
 
-    def __init__(self, cache: CropCache, split: str, task: str | Task,
-                 transform: Callable[[np.ndarray], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        cache: CropCache,
+        split: str,
+        task: str | Task,
+        transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+    ):
         self.cache = cache
         self.transform = transform
         frame = task_frame(cache.index, task)
@@ -145,14 +165,23 @@ class PairedViewDataset(Dataset):
         for key, group in frame.groupby("exam_key", sort=True):
             for column in ("label", "patient_id"):
                 if group[column].nunique(dropna=False) > 1:
-                    raise ValueError(f"{cache.cache_dir}: exam {key!r} in split {split!r} has views with different "
-                                     f"{column!r} values {sorted(group[column].astype(str).unique())}; re-index "
-                                     "with this version (`mammo-ray index`, then `mammo-ray prepare`): its pairing "
-                                     "rule gives views that disagree exam keys of their own")
-            views = dict(zip(group["view"], group["entry"]))
+                    raise ValueError(
+                        f"{cache.cache_dir}: exam {key!r} in split {split!r} has views with different "
+                        f"{column!r} values {sorted(group[column].astype(str).unique())}; re-index "
+                        "with this version (`mammo-ray index`, then `mammo-ray prepare`): its pairing "
+                        "rule gives views that disagree exam keys of their own"
+                    )
+            views = dict(zip(group["view"], group["entry"], strict=True))
             if "CC" in views and "MLO" in views:
-                pairs.append((key, str(group["patient_id"].iloc[0]), int(views["CC"]), int(views["MLO"]),
-                              int(group["label"].iloc[0])))
+                pairs.append(
+                    (
+                        key,
+                        str(group["patient_id"].iloc[0]),
+                        int(views["CC"]),
+                        int(views["MLO"]),
+                        int(group["label"].iloc[0]),
+                    )
+                )
             else:
                 unpaired.append(key)
         self.pairs = pd.DataFrame(pairs, columns=["exam_key", "patient_id", "cc_entry", "mlo_entry", "label"])

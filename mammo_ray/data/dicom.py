@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -60,7 +60,7 @@ _SIDE_VIEW_TOKEN = re.compile(r"^([LR])(CC|MLO)$")  # original DDSM style: "LEFT
 UPLOAD_NAME = "<upload>"  # the name of an in-memory source when the caller gives none
 
 # A path, the file's bytes, or a binary file object (seekable, e.g. io.BytesIO).
-DicomSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+DicomSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 
 class DicomReadError(Exception):
@@ -86,23 +86,24 @@ class DicomUnsupportedError(DicomReadError):
 @dataclass(frozen=True)
 class DicomMeta:
     path: str
-    patient_id: str                              # "" if absent
-    side: Side | None                            # None if neither header nor path says
+    patient_id: str  # "" if absent
+    side: Side | None  # None if neither header nor path says
     view: View | None
-    rows: int                                    # as stored, before any flip
+    rows: int  # as stored, before any flip
     columns: int
-    pixel_spacing: tuple[float, float] | None    # (row, col) mm, PixelSpacing or ImagerPixelSpacing
-    photometric: str                             # PhotometricInterpretation as stored
+    pixel_spacing: tuple[float, float] | None  # (row, col) mm, PixelSpacing or ImagerPixelSpacing
+    photometric: str  # PhotometricInterpretation as stored
     bits_allocated: int
     bits_stored: int
-    transfer_syntax: str                         # UID name, e.g. "Explicit VR Little Endian"
-    flipped: bool                                # the returned array was mirrored left-right
-    orientation_source: str = ""                 # "header", "content", "caller" (flip given); "" unread
-    content_disagrees: bool = False              # header decided, and the content check said otherwise
+    transfer_syntax: str  # UID name, e.g. "Explicit VR Little Endian"
+    flipped: bool  # the returned array was mirrored left-right
+    orientation_source: str = ""  # "header", "content", "caller" (flip given); "" unread
+    content_disagrees: bool = False  # header decided, and the content check said otherwise
 
 
-def read_dicom_header(path: DicomSource, *, max_rows: int = DEFAULT_MAX_DIM,
-                      max_cols: int = DEFAULT_MAX_DIM, name: str | None = None) -> DicomMeta:
+def read_dicom_header(
+    path: DicomSource, *, max_rows: int = DEFAULT_MAX_DIM, max_cols: int = DEFAULT_MAX_DIM, name: str | None = None
+) -> DicomMeta:
     """Read and check the header only (pixel data stays on disk); ``flipped`` is False.
 
     Decoder availability is checked by ``read_dicom`` only: a header can be indexed on a
@@ -112,9 +113,15 @@ def read_dicom_header(path: DicomSource, *, max_rows: int = DEFAULT_MAX_DIM,
     return _check_header(name, ds, size, max_rows, max_cols)
 
 
-def read_dicom(path: DicomSource, *, flip: bool | None = None, apply_voi: bool = True,
-               max_rows: int = DEFAULT_MAX_DIM, max_cols: int = DEFAULT_MAX_DIM,
-               name: str | None = None) -> tuple[np.ndarray, DicomMeta]:
+def read_dicom(
+    path: DicomSource,
+    *,
+    flip: bool | None = None,
+    apply_voi: bool = True,
+    max_rows: int = DEFAULT_MAX_DIM,
+    max_cols: int = DEFAULT_MAX_DIM,
+    name: str | None = None,
+) -> tuple[np.ndarray, DicomMeta]:
     """Return ``(image, meta)``: a float32 2-D array in canonical orientation and its header.
 
     Args:
@@ -135,8 +142,9 @@ def read_dicom(path: DicomSource, *, flip: bool | None = None, apply_voi: bool =
     meta = _check_header(name, ds, size, max_rows, max_cols)
     stored = _decode(name, ds)
     if stored.shape != (meta.rows, meta.columns):
-        raise DicomReadError(name, f"decoded shape {stored.shape} differs from Rows x Columns "
-                                   f"({meta.rows}, {meta.columns})")
+        raise DicomReadError(
+            name, f"decoded shape {stored.shape} differs from Rows x Columns ({meta.rows}, {meta.columns})"
+        )
     try:
         image = _to_canonical_intensity(stored, ds, apply_voi)
     except Exception as exc:
@@ -215,7 +223,7 @@ def _open(path: DicomSource, name: str | None) -> tuple[str, Dataset, int]:
         if not isinstance(source, str):
             source.seek(start)
         ds = pydicom.dcmread(source, defer_size=_DEFER_SIZE, force=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure here means "not DICOM", reported just below
         ds = None
     if ds is None or not (ds.file_meta or "SOPClassUID" in ds):
         raise DicomReadError(name, f"not a DICOM file ({not_dicom})") from not_dicom
@@ -237,8 +245,9 @@ def _resolve(path: DicomSource, name: str | None) -> tuple[str | BinaryIO, int, 
     try:
         fs_path = os.fsdecode(os.fspath(path))  # a PathLike may give bytes
     except TypeError as exc:
-        raise DicomReadError(name or repr(path), "path must be a str or os.PathLike, bytes or a "
-                                                 "binary file object") from exc
+        raise DicomReadError(
+            name or repr(path), "path must be a str or os.PathLike, bytes or a binary file object"
+        ) from exc
     name = name or fs_path
     if not os.path.exists(fs_path):
         raise DicomReadError(name, "file not found")
@@ -278,8 +287,7 @@ def _checked_meta(name: str, ds: Dataset, size: int, max_rows: int, max_cols: in
     if rows <= 0 or cols <= 0:
         raise fail(f"zero image dimensions (Rows={rows}, Columns={cols})")
     if rows > max_rows or cols > max_cols:
-        raise DicomTooLargeError(name, f"image dimensions {rows}x{cols} exceed the limit "
-                                       f"{max_rows}x{max_cols}")
+        raise DicomTooLargeError(name, f"image dimensions {rows}x{cols} exceed the limit {max_rows}x{max_cols}")
 
     if "BitsAllocated" not in ds or "BitsStored" not in ds:
         raise fail("missing BitsAllocated or BitsStored")
@@ -289,8 +297,7 @@ def _checked_meta(name: str, ds: Dataset, size: int, max_rows: int, max_cols: in
     if not 1 <= stored <= allocated:
         raise fail(f"BitsStored {stored} is inconsistent with BitsAllocated {allocated}")
     if "HighBit" in ds and int(ds.HighBit) != stored - 1:
-        raise fail(f"HighBit {int(ds.HighBit)} is inconsistent with BitsStored {stored} "
-                   f"(expected {stored - 1})")
+        raise fail(f"HighBit {int(ds.HighBit)} is inconsistent with BitsStored {stored} (expected {stored - 1})")
 
     syntax = _transfer_syntax(ds)
     try:
@@ -303,10 +310,19 @@ def _checked_meta(name: str, ds: Dataset, size: int, max_rows: int, max_cols: in
     side, view = _side_view_from_header(ds)
     path_side, path_view = parse_side_view_from_path(name)
     return DicomMeta(
-        path=name, patient_id=str(ds.get("PatientID", "") or ""),
-        side=side or path_side, view=view or path_view, rows=rows, columns=cols,
-        pixel_spacing=_pixel_spacing(ds), photometric=photometric,
-        bits_allocated=allocated, bits_stored=stored, transfer_syntax=syntax.name, flipped=False)
+        path=name,
+        patient_id=str(ds.get("PatientID", "") or ""),
+        side=side or path_side,
+        view=view or path_view,
+        rows=rows,
+        columns=cols,
+        pixel_spacing=_pixel_spacing(ds),
+        photometric=photometric,
+        bits_allocated=allocated,
+        bits_stored=stored,
+        transfer_syntax=syntax.name,
+        flipped=False,
+    )
 
 
 def _transfer_syntax(ds: Dataset) -> dcm_uid.UID:
@@ -314,8 +330,13 @@ def _transfer_syntax(ds: Dataset) -> dcm_uid.UID:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is None:
         implicit, little = ds.original_encoding
-        syntax = (dcm_uid.ImplicitVRLittleEndian if implicit else
-                  dcm_uid.ExplicitVRLittleEndian if little else dcm_uid.ExplicitVRBigEndian)
+        syntax = (
+            dcm_uid.ImplicitVRLittleEndian
+            if implicit
+            else dcm_uid.ExplicitVRLittleEndian
+            if little
+            else dcm_uid.ExplicitVRBigEndian
+        )
         ds.file_meta.TransferSyntaxUID = syntax  # the decoder reads it from here
     return dcm_uid.UID(syntax)
 
@@ -327,8 +348,11 @@ def _check_native_length(name: str, ds: Dataset, syntax: dcm_uid.UID, expected: 
     if length is None or length == 0xFFFFFFFF:
         raise DicomReadError(name, "uncompressed PixelData has an undefined length")
     if length < expected:
-        raise DicomReadError(name, f"pixel data is {length} bytes, expected {expected} for "
-                                   f"Rows x Columns x BitsAllocated/8 (truncated or wrong header)")
+        raise DicomReadError(
+            name,
+            f"pixel data is {length} bytes, expected {expected} for "
+            f"Rows x Columns x BitsAllocated/8 (truncated or wrong header)",
+        )
     # A cut file still declares the full length; compare with what is on disk (or in the
     # buffer). Offsets in a deflated file refer to the inflated stream, so they cannot be compared.
     end = getattr(elem, "value_tell", 0) + expected
@@ -342,8 +366,11 @@ def _decode(name: str, ds: Dataset) -> np.ndarray:
     if not decoder.is_available:
         package = _PLUGIN_PACKAGE.get(syntax, "pylibjpeg-libjpeg or pylibjpeg-openjpeg")
         found = "; ".join(decoder.missing_dependencies) or "no plugins"
-        raise DicomUnsupportedError(name, f"no decoder available for {syntax.name} ({syntax}): install "
-                                          f"pylibjpeg and {package} (pydicom plugins: {found})")
+        raise DicomUnsupportedError(
+            name,
+            f"no decoder available for {syntax.name} ({syntax}): install "
+            f"pylibjpeg and {package} (pydicom plugins: {found})",
+        )
     try:
         # pydicom masks bits above BitsStored (sign-extending signed data) for us.
         return ds.pixel_array

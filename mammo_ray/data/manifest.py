@@ -120,8 +120,14 @@ MANIFEST_COLUMNS: dict[str, str] = {
 }
 MANIFEST_FORMAT = "m2"  # m2: quirk flags, image_id, the exam pairing rule
 # Quirk flags (see ``mark_quirks``): computed, so a manifest written before they existed still reads.
-QUIRK_FLAGS = ("shared_film", "multi_roi_image", "view_label_conflict", "mask_resampled", "mask_dropped",
-               "in_both_source_splits")
+QUIRK_FLAGS = (
+    "shared_film",
+    "multi_roi_image",
+    "view_label_conflict",
+    "mask_resampled",
+    "mask_dropped",
+    "in_both_source_splits",
+)
 
 
 class ManifestError(ValueError):
@@ -192,9 +198,24 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 _GENERIC_REQUIRED = ("patient_id", "image_path", "side", "view", "label")
-_GENERIC_OPTIONAL = ("pathology", "roi_mask_path", "crop_path", "bbox", "bbox_x0", "bbox_y0", "bbox_x1",
-                     "bbox_y1", "seed_x", "seed_y", "abnormality_type", "abnormality_id",
-                     "breast_density", "assessment", "subtlety", "split")
+_GENERIC_OPTIONAL = (
+    "pathology",
+    "roi_mask_path",
+    "crop_path",
+    "bbox",
+    "bbox_x0",
+    "bbox_y0",
+    "bbox_x1",
+    "bbox_y1",
+    "seed_x",
+    "seed_y",
+    "abnormality_type",
+    "abnormality_id",
+    "breast_density",
+    "assessment",
+    "subtlety",
+    "split",
+)
 _BOX = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
 
 
@@ -213,8 +234,10 @@ def read_generic_csv(path: str | Path, root: str | Path | None = None) -> pd.Dat
     missing = [c for c in _GENERIC_REQUIRED if c not in raw.columns]
     unknown = [c for c in raw.columns if c not in _GENERIC_REQUIRED + _GENERIC_OPTIONAL]
     if missing or unknown:
-        raise ManifestError(f"{path}: missing columns {missing}, unknown columns {unknown} "
-                            f"(allowed: {list(_GENERIC_REQUIRED + _GENERIC_OPTIONAL)})")
+        raise ManifestError(
+            f"{path}: missing columns {missing}, unknown columns {unknown} "
+            f"(allowed: {list(_GENERIC_REQUIRED + _GENERIC_OPTIONAL)})"
+        )
     base = Path(root) if root is not None else path.parent
     errors: list[str] = []
     rows: list[dict] = []
@@ -232,8 +255,10 @@ def read_generic_csv(path: str | Path, root: str | Path | None = None) -> pd.Dat
     for row in rows:
         first = seen.setdefault(row["lesion_id"], row["source_row"])
         if first != row["source_row"]:
-            errors.append(f"{path}: row {row['source_row']}: field 'abnormality_id': lesion "
-                          f"{row['lesion_id']} repeats row {first} (give distinct abnormality_id)")
+            errors.append(
+                f"{path}: row {row['source_row']}: field 'abnormality_id': lesion "
+                f"{row['lesion_id']} repeats row {first} (give distinct abnormality_id)"
+            )
     if errors:
         shown = "\n  ".join(errors[:20])
         raise ManifestError(f"{path}: {len(errors)} invalid row(s):\n  {shown}")
@@ -267,8 +292,12 @@ def _generic_row(rec: dict, base: Path, per_image: Counter) -> dict:
         raise _FieldError("patient_id", "empty")
     if not rec["image_path"]:
         raise _FieldError("image_path", "empty")
-    row = {"patient_id": rec["patient_id"], "side": enum("side", Side), "view": enum("view", View),
-           "abnormality_type": enum("abnormality_type", AbnormalityType, "MASS")}
+    row = {
+        "patient_id": rec["patient_id"],
+        "side": enum("side", Side),
+        "view": enum("view", View),
+        "abnormality_type": enum("abnormality_type", AbnormalityType, "MASS"),
+    }
     label_text = rec["label"]
     if label_text in ("0", "1"):
         row["label"] = int(label_text)
@@ -279,8 +308,9 @@ def _generic_row(rec: dict, base: Path, per_image: Counter) -> dict:
         pathology = enum("label", Pathology)
         row["label"] = Pathology(pathology).label
     row["pathology"] = pathology
-    paths = {f: str((base / rec[f]).absolute()) if rec.get(f) else "" for f in ("image_path", "roi_mask_path",
-                                                                                 "crop_path")}
+    paths = {
+        f: str((base / rec[f]).absolute()) if rec.get(f) else "" for f in ("image_path", "roi_mask_path", "crop_path")
+    }
     row.update(paths)
     image_key = paths["image_path"]
     per_image[image_key] += 1
@@ -293,16 +323,17 @@ def _generic_row(rec: dict, base: Path, per_image: Counter) -> dict:
     for field in ("breast_density", "assessment", "subtlety", "seed_x", "seed_y"):
         row[field] = number(field)
     box = _generic_box(rec, number)
-    row.update(zip(_BOX, box))
+    row.update(zip(_BOX, box, strict=True))
     if math.isnan(row["seed_x"]) != math.isnan(row["seed_y"]):
         raise _FieldError("seed_x" if math.isnan(row["seed_x"]) else "seed_y", "give both seed_x and seed_y")
     if math.isnan(row["seed_x"]) and not math.isnan(box[0]):
         row["seed_x"], row["seed_y"] = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     row["source_split"] = rec.get("split", "").lower()
-    row["lesion_id"] = "_".join([row["patient_id"], row["side"], row["view"], row["abnormality_type"],
-                                 str(row["abnormality_id"])])
+    row["lesion_id"] = "_".join(
+        [row["patient_id"], row["side"], row["view"], row["abnormality_type"], str(row["abnormality_id"])]
+    )
     row["exam_key"] = "_".join([row["patient_id"], row["side"], row["abnormality_type"], str(row["abnormality_id"])])
-    reason = ("" if os.path.isfile(paths["image_path"]) else f"image not found: {paths['image_path']}")
+    reason = "" if os.path.isfile(paths["image_path"]) else f"image not found: {paths['image_path']}"
     if not reason and paths["roi_mask_path"] and not os.path.isfile(paths["roi_mask_path"]):
         reason = f"ROI mask not found: {paths['roi_mask_path']}"
     row.update(resolved=not reason, unresolved_reason=reason)
@@ -342,13 +373,20 @@ def build_index_report(manifest: pd.DataFrame, *, invalid=(), unreadable=(), war
     (``quirk_counts``), and counts
     by_type, by_pathology, by_label, by_source_split, resolved_by_type.
     """
+
     def counts(series: pd.Series) -> dict:
         return {str(k): int(v) for k, v in series.value_counts().sort_index().items()}
 
     bad = manifest[~manifest["resolved"]]
-    unresolved = [{"lesion_id": str(r.lesion_id), "source_file": str(r.source_file),
-                   "source_row": int(r.source_row), "reason": str(r.unresolved_reason)}
-                  for r in bad.itertuples(index=False)]
+    unresolved = [
+        {
+            "lesion_id": str(r.lesion_id),
+            "source_file": str(r.source_file),
+            "source_row": int(r.source_row),
+            "reason": str(r.unresolved_reason),
+        }
+        for r in bad.itertuples(index=False)
+    ]
     splits_per_patient = manifest[manifest["source_split"] != ""].groupby("patient_id")["source_split"].nunique()
     return {
         "rows": int(len(manifest)),

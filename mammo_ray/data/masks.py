@@ -22,8 +22,7 @@ ASPECT_TOLERANCE = 0.02  # relative difference of H/W ratios still taken as "the
 MaskFit = Literal["same", "resample", "drop"]
 
 
-def mask_fit(mask_shape: tuple[int, int], image_shape: tuple[int, int],
-             tolerance: float = ASPECT_TOLERANCE) -> MaskFit:
+def mask_fit(mask_shape: tuple[int, int], image_shape: tuple[int, int], tolerance: float = ASPECT_TOLERANCE) -> MaskFit:
     """How a mask of ``mask_shape`` (H, W) maps onto an image of ``image_shape``."""
     mh, mw = (int(v) for v in mask_shape)
     ih, iw = (int(v) for v in image_shape)
@@ -37,8 +36,10 @@ def mask_fit(mask_shape: tuple[int, int], image_shape: tuple[int, int],
 
 def mask_fit_reason(mask_shape: tuple[int, int], image_shape: tuple[int, int]) -> str:
     """The sentence the index and the cache report for a dropped mask."""
-    return (f"ROI mask {mask_shape[0]}x{mask_shape[1]} has another aspect ratio than its image "
-            f"{image_shape[0]}x{image_shape[1]}: cannot be placed, dropped")
+    return (
+        f"ROI mask {mask_shape[0]}x{mask_shape[1]} has another aspect ratio than its image "
+        f"{image_shape[0]}x{image_shape[1]}: cannot be placed, dropped"
+    )
 
 
 def resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -54,10 +55,15 @@ def resample_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
-def scale_box(box: tuple[int, int, int, int], mask_shape: tuple[int, int],
-              image_shape: tuple[int, int]) -> tuple[int, int, int, int]:
+def scale_box(
+    box: tuple[int, int, int, int], mask_shape: tuple[int, int], image_shape: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """A box (x0, y0, x1, y1; x1, y1 exclusive) in mask pixels, in image pixels (outward-rounded)."""
     sy, sx = image_shape[0] / mask_shape[0], image_shape[1] / mask_shape[1]
     x0, y0, x1, y1 = box
-    return (int(np.floor(x0 * sx)), int(np.floor(y0 * sy)),
-            min(int(np.ceil(x1 * sx)), int(image_shape[1])), min(int(np.ceil(y1 * sy)), int(image_shape[0])))
+    return (
+        int(np.floor(x0 * sx)),
+        int(np.floor(y0 * sy)),
+        min(int(np.ceil(x1 * sx)), int(image_shape[1])),
+        min(int(np.ceil(y1 * sy)), int(image_shape[0])),
+    )

@@ -61,8 +61,15 @@ def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> 
     out = workdir / "datasets" / dataset_key(cfg)
     if not (out / "synth.json").is_file():
         from_csv = csv_source(cfg.synth_from_csv) if cfg.synth_from_csv is not None else None
-        summary = synthesize(out, patients=cfg.synth_patients, seed=cfg.seed, size=tuple(cfg.synth_size),
-                             layout=cfg.synth_layout, from_csv=from_csv, progress=progress)
+        summary = synthesize(
+            out,
+            patients=cfg.synth_patients,
+            seed=cfg.seed,
+            size=tuple(cfg.synth_size),
+            layout=cfg.synth_layout,
+            from_csv=from_csv,
+            progress=progress,
+        )
         (out / "synth.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return out
 
@@ -96,24 +103,37 @@ def ensure_splits(cfg: DataConfig, manifest_path: Path, workdir: Path) -> Path:
     (``froc --classifier`` never scores one model on the other's training images).
     """
     seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    params = {"fractions": list(cfg.split_fractions), "seed": seed, "balance_eval": cfg.balance_eval,
-              "folds": cfg.folds, "mode": cfg.split}
+    params = {
+        "fractions": list(cfg.split_fractions),
+        "seed": seed,
+        "balance_eval": cfg.balance_eval,
+        "folds": cfg.folds,
+        "mode": cfg.split,
+    }
     path = workdir / "splits" / f"{dataset_key(cfg)}-{_short_hash(params)}.json"
     if not path.is_file():
         rows = read_manifest(manifest_path)
         if rows_for(cfg, rows).empty:
             raise ValueError(f"{manifest_path}: no {cfg.abnormality} rows to split (data.abnormality)")
-        splits = make_splits(rows, fractions=tuple(cfg.split_fractions), seed=seed,
-                             balance_eval=cfg.balance_eval, folds=cfg.folds, mode=cfg.split)
+        splits = make_splits(
+            rows,
+            fractions=tuple(cfg.split_fractions),
+            seed=seed,
+            balance_eval=cfg.balance_eval,
+            folds=cfg.folds,
+            mode=cfg.split,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         splits.save(path)
     return path
 
 
 def cache_dir_for(cfg: DataConfig, splits_path: Path, workdir: Path) -> Path:
-    params = {name: getattr(cfg, name) for name in CROP_FIELDS} | {"abnormality": cfg.abnormality,
-                                                                    "splits": splits_path.name,
-                                                                    "cache_format": CACHE_FORMAT}
+    params = {name: getattr(cfg, name) for name in CROP_FIELDS} | {
+        "abnormality": cfg.abnormality,
+        "splits": splits_path.name,
+        "cache_format": CACHE_FORMAT,
+    }
     return workdir / "cache" / f"{dataset_key(cfg)}-{cfg.crop}-{_short_hash(params)}"
 
 
@@ -131,6 +151,13 @@ def ensure_prepared(config: Config, workdir: str | Path, *, progress: bool = Tru
         prepare_cache(manifest, splits.assign(manifest), cfg, cache_dir, progress=progress)
         save_config(config, cache_dir)
     entries = len(pd.read_parquet(cache_dir / "index.parquet", columns=["shard"]))
-    return PreparedData(dataset_dir=str(root), manifest=str(manifest_path), index_report=str(report_path),
-                        splits=str(splits_path), cache_dir=str(cache_dir), rows=len(manifest),
-                        resolved=int(manifest["resolved"].sum()), entries=entries)
+    return PreparedData(
+        dataset_dir=str(root),
+        manifest=str(manifest_path),
+        index_report=str(report_path),
+        splits=str(splits_path),
+        cache_dir=str(cache_dir),
+        rows=len(manifest),
+        resolved=int(manifest["resolved"].sum()),
+        entries=entries,
+    )

@@ -24,8 +24,15 @@ def film_ids(rows: pd.DataFrame) -> pd.Series:
 
 def exam_base_key(frame: pd.DataFrame) -> pd.Series:
     """(patient, side, abnormality type, abnormality id): the key CBIS-DDSM numbers abnormalities by."""
-    return (frame["patient_id"] + "_" + frame["side"] + "_" + frame["abnormality_type"] + "_"
-            + frame["abnormality_id"].astype("int64").astype(str)).astype("string")
+    return (
+        frame["patient_id"]
+        + "_"
+        + frame["side"]
+        + "_"
+        + frame["abnormality_type"]
+        + "_"
+        + frame["abnormality_id"].astype("int64").astype(str)
+    ).astype("string")
 
 
 def mark_quirks(frame: pd.DataFrame) -> pd.DataFrame:

@@ -18,8 +18,7 @@ from typing import Literal
 import numpy as np
 
 from mammo_ray.config import DataConfig
-from mammo_ray.data.crops import (Box, centred_box, crop_resized, lesion_box, letterbox, source_value_map,
-                                  store_uint16)
+from mammo_ray.data.crops import Box, centred_box, crop_resized, lesion_box, letterbox, source_value_map, store_uint16
 
 RoiDefault = Literal["whole", "center"]
 
@@ -29,9 +28,15 @@ def mirror_box(box: Box, width: int) -> Box:
     return width - box[2], box[1], width - box[0], box[3]
 
 
-def roi_box(cfg: DataConfig, shape: tuple[int, int], *, box: Box | None = None,
-            seed: tuple[float, float] | None = None, flipped: bool = False,
-            default: RoiDefault = "whole") -> Box:
+def roi_box(
+    cfg: DataConfig,
+    shape: tuple[int, int],
+    *,
+    box: Box | None = None,
+    seed: tuple[float, float] | None = None,
+    flipped: bool = False,
+    default: RoiDefault = "whole",
+) -> Box:
     """The crop box, in the canonical (``read_dicom``, possibly mirrored) frame.
 
     Args:
@@ -55,12 +60,26 @@ def roi_box(cfg: DataConfig, shape: tuple[int, int], *, box: Box | None = None,
     if flipped:
         box = mirror_box(box, w)
     mode = cfg.crop if cfg.crop != "whole" else "proportional"
-    return lesion_box(mode, box, seed_px=cfg.seed_crop_px, pad_px=cfg.fixed_pad_px, factor=cfg.proportional_factor,
-                      patch_px=cfg.patch_px, square=cfg.square_boxes)
+    return lesion_box(
+        mode,
+        box,
+        seed_px=cfg.seed_crop_px,
+        pad_px=cfg.fixed_pad_px,
+        factor=cfg.proportional_factor,
+        patch_px=cfg.patch_px,
+        square=cfg.square_boxes,
+    )
 
 
-def roi_crop(image: np.ndarray, cfg: DataConfig, *, box: Box | None = None, seed: tuple[float, float] | None = None,
-             flipped: bool = False, default: RoiDefault = "whole") -> np.ndarray:
+def roi_crop(
+    image: np.ndarray,
+    cfg: DataConfig,
+    *,
+    box: Box | None = None,
+    seed: tuple[float, float] | None = None,
+    flipped: bool = False,
+    default: RoiDefault = "whole",
+) -> np.ndarray:
     """The stored-crop equivalent (uint16, ``cache_px`` square) of one ROI of a canonical image.
 
     Models of ``data.crop=whole`` see the whole image letterboxed to ``whole_size``, ROI or not.

@@ -22,8 +22,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mammo_ray.data.crops import (ValueMap, breast_region, crop_padded, crop_resized, lesion_box, letterbox,
-                                  mask_bbox, negative_boxes, resize, source_value_map, store_uint16)
+from mammo_ray.data.crops import (
+    ValueMap,
+    breast_region,
+    crop_padded,
+    crop_resized,
+    lesion_box,
+    letterbox,
+    mask_bbox,
+    negative_boxes,
+    resize,
+    source_value_map,
+    store_uint16,
+)
 from mammo_ray.data.dicom import DicomMeta, DicomReadError, read_dicom, read_dicom_header
 from mammo_ray.data.masks import mask_fit, mask_fit_reason, resample_mask
 
@@ -32,13 +43,49 @@ from mammo_ray.data.masks import mask_fit, mask_fit_reason, resample_mask
 CACHE_FORMAT = 2
 
 # The data-config fields that decide a cache's contents (its fingerprint).
-CROP_FIELDS = ("crop", "seed_crop_px", "fixed_pad_px", "proportional_factor", "square_boxes", "patch_px",
-               "negatives_per_image", "whole_size", "cache_px", "max_dim", "seed")
+CROP_FIELDS = (
+    "crop",
+    "seed_crop_px",
+    "fixed_pad_px",
+    "proportional_factor",
+    "square_boxes",
+    "patch_px",
+    "negatives_per_image",
+    "whole_size",
+    "cache_px",
+    "max_dim",
+    "seed",
+)
 
-ENTRY_COLUMNS = ["shard", "offset", "kind", "lesion_id", "exam_key", "patient_id", "side", "view",
-                 "abnormality_type", "malignant", "mass", "split", "image_path", "flipped",
-                 "image_h", "image_w", "box_x0", "box_y0", "box_x1", "box_y1", "scale",
-                 "offset_x", "offset_y", "value_scale", "value_offset", "image_id", "mask_resampled"]
+ENTRY_COLUMNS = [
+    "shard",
+    "offset",
+    "kind",
+    "lesion_id",
+    "exam_key",
+    "patient_id",
+    "side",
+    "view",
+    "abnormality_type",
+    "malignant",
+    "mass",
+    "split",
+    "image_path",
+    "flipped",
+    "image_h",
+    "image_w",
+    "box_x0",
+    "box_y0",
+    "box_x1",
+    "box_y1",
+    "scale",
+    "offset_x",
+    "offset_y",
+    "value_scale",
+    "value_offset",
+    "image_id",
+    "mask_resampled",
+]
 
 # Per-shard counts (``shard-*.stats.json``), summed into the prepare report.
 STAT_KEYS = ("resampled_masks", "orientation_from_content", "orientation_disagreements")
@@ -48,8 +95,9 @@ def _skip(lesion_id: str, path: str, reason: str) -> dict[str, str]:
     return {"lesion_id": lesion_id, "path": path, "reason": reason}
 
 
-def _row_box(row: dict[str, Any], mask: np.ndarray | None, width: int,
-             flipped: bool) -> tuple[int, int, int, int] | None:
+def _row_box(
+    row: dict[str, Any], mask: np.ndarray | None, width: int, flipped: bool
+) -> tuple[int, int, int, int] | None:
     """The ROI box in canonical (possibly mirrored) coordinates: from the mask, else the manifest."""
     if mask is not None and (box := mask_bbox(mask)) is not None:
         return box
@@ -67,15 +115,31 @@ def _row_box(row: dict[str, Any], mask: np.ndarray | None, width: int,
 def _entry(row: dict[str, Any], kind: str, box, flipped: bool, shape, value_map: ValueMap, **extra) -> dict[str, Any]:
     is_calc = str(row["abnormality_type"]).upper().startswith("CALC")
     entry = {
-        "kind": kind, "lesion_id": row["lesion_id"], "exam_key": row["exam_key"],
-        "patient_id": row["patient_id"], "side": row["side"], "view": row["view"],
-        "abnormality_type": row["abnormality_type"], "malignant": int(row["label"]),
-        "mass": int(not is_calc), "split": row["split"], "image_path": row["image_path"],
-        "flipped": bool(flipped), "image_h": int(shape[0]), "image_w": int(shape[1]),
-        "box_x0": box[0], "box_y0": box[1], "box_x1": box[2], "box_y1": box[3],
-        "scale": 1.0, "offset_x": 0, "offset_y": 0,
-        "value_scale": float(value_map.scale), "value_offset": float(value_map.offset),
-        "image_id": row["image_id"], "mask_resampled": bool(row.get("mask_resampled_here", False)),
+        "kind": kind,
+        "lesion_id": row["lesion_id"],
+        "exam_key": row["exam_key"],
+        "patient_id": row["patient_id"],
+        "side": row["side"],
+        "view": row["view"],
+        "abnormality_type": row["abnormality_type"],
+        "malignant": int(row["label"]),
+        "mass": int(not is_calc),
+        "split": row["split"],
+        "image_path": row["image_path"],
+        "flipped": bool(flipped),
+        "image_h": int(shape[0]),
+        "image_w": int(shape[1]),
+        "box_x0": box[0],
+        "box_y0": box[1],
+        "box_x1": box[2],
+        "box_y1": box[3],
+        "scale": 1.0,
+        "offset_x": 0,
+        "offset_y": 0,
+        "value_scale": float(value_map.scale),
+        "value_offset": float(value_map.offset),
+        "image_id": row["image_id"],
+        "mask_resampled": bool(row.get("mask_resampled_here", False)),
     }
     entry.update(extra)
     return entry
@@ -88,8 +152,9 @@ def _cut(image: np.ndarray, mask: np.ndarray, box, px: int, value_map: ValueMap)
     return crop, cmask.astype(np.uint8)
 
 
-def _same_film(item: dict[str, Any], meta: DicomMeta, p: dict[str, Any],
-               skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
+def _same_film(
+    item: dict[str, Any], meta: DicomMeta, p: dict[str, Any], skipped: list[dict[str, str]]
+) -> list[dict[str, Any]]:
     """The film's rows whose own image file is a copy of the decoded one (same Rows x Columns).
 
     Copies are trusted to hold the same pixels (CBIS-DDSM's Mass/Calc duplicates do) and are not
@@ -102,9 +167,14 @@ def _same_film(item: dict[str, Any], meta: DicomMeta, p: dict[str, Any],
         if path != item["image_path"] and path not in reasons:
             try:
                 other = read_dicom_header(path, max_rows=p["max_dim"], max_cols=p["max_dim"])
-                reasons[path] = "" if (other.rows, other.columns) == (meta.rows, meta.columns) else (
-                    f"film {item['image_id']} is decoded from {item['image_path']} ({meta.rows}x{meta.columns}), "
-                    f"but this copy is {other.rows}x{other.columns}: another image under the same image_id")
+                reasons[path] = (
+                    ""
+                    if (other.rows, other.columns) == (meta.rows, meta.columns)
+                    else (
+                        f"film {item['image_id']} is decoded from {item['image_path']} ({meta.rows}x{meta.columns}), "
+                        f"but this copy is {other.rows}x{other.columns}: another image under the same image_id"
+                    )
+                )
             except DicomReadError as exc:
                 reasons[path] = exc.reason
         if reasons.get(path):
@@ -115,14 +185,21 @@ def _same_film(item: dict[str, Any], meta: DicomMeta, p: dict[str, Any],
     return rows
 
 
-def _read_mask(row: dict[str, Any], shape: tuple[int, int], meta: DicomMeta, p: dict[str, Any],
-               skipped: list[dict[str, str]], stats: dict[str, int]) -> np.ndarray | None:
+def _read_mask(
+    row: dict[str, Any],
+    shape: tuple[int, int],
+    meta: DicomMeta,
+    p: dict[str, Any],
+    skipped: list[dict[str, str]],
+    stats: dict[str, int],
+) -> np.ndarray | None:
     """The row's ROI mask on the film's pixel grid, or None (no mask, unreadable, or unplaceable)."""
     if not row["roi_mask_path"]:
         return None
     try:  # the mask follows its film's mirror decision
-        mask, _ = read_dicom(row["roi_mask_path"], flip=meta.flipped, apply_voi=False,
-                             max_rows=p["max_dim"], max_cols=p["max_dim"])
+        mask, _ = read_dicom(
+            row["roi_mask_path"], flip=meta.flipped, apply_voi=False, max_rows=p["max_dim"], max_cols=p["max_dim"]
+        )
     except DicomReadError as exc:
         skipped.append(_skip(row["lesion_id"], exc.path, exc.reason))
         row["keep"] = False
@@ -144,7 +221,7 @@ def _own_mask(mask: np.ndarray | None, box, shape: tuple[int, int]) -> np.ndarra
     if mask is not None and mask.any():
         return mask
     own = np.zeros(shape, dtype=bool)
-    own[max(box[1], 0):max(box[3], 0), max(box[0], 0):max(box[2], 0)] = True
+    own[max(box[1], 0) : max(box[3], 0), max(box[0], 0) : max(box[2], 0)] = True
     return own
 
 
@@ -161,8 +238,14 @@ def _negatives(item, image, rows, boxes, lesions, kept, meta, p, value_map, rng,
     wanted = p["negatives_per_image"]
     unplaced = [r["lesion_id"] for r in rows if boxes[r["lesion_id"]] is None]
     if unplaced and wanted:
-        skipped.append(_skip("", item["image_path"], f"no non-mass patches from film {item['image_id']}: "
-                             f"lesion(s) {unplaced} have no usable mask, bbox or seed point to keep them off"))
+        skipped.append(
+            _skip(
+                "",
+                item["image_path"],
+                f"no non-mass patches from film {item['image_id']}: "
+                f"lesion(s) {unplaced} have no usable mask, bbox or seed point to keep them off",
+            )
+        )
         return []
     negs = negative_boxes(breast_region(image), lesions, wanted, p["patch_px"], rng)
     if len(negs) < wanted:
@@ -170,14 +253,24 @@ def _negatives(item, image, rows, boxes, lesions, kept, meta, p, value_map, rng,
     out, head = [], kept[0]
     for k, box in enumerate(negs):
         crop, cmask = _cut(image, lesions, box, p["cache_px"], value_map)
-        neg = dict(head, lesion_id=f"{head['patient_id']}_{head['side']}_{head['view']}_neg{k}", exam_key="",
-                   label=-1, mask_resampled_here=False)
+        neg = dict(
+            head,
+            lesion_id=f"{head['patient_id']}_{head['side']}_{head['view']}_neg{k}",
+            exam_key="",
+            label=-1,
+            mask_resampled_here=False,
+        )
         out.append((crop, cmask, _entry(neg, "negative", box, meta.flipped, image.shape, value_map, mass=0)))
     return out
 
 
-def _process_image(item: dict[str, Any], p: dict[str, Any], rng: np.random.Generator,
-                   skipped: list[dict[str, str]], stats: dict[str, int]) -> tuple[list[tuple], int]:
+def _process_image(
+    item: dict[str, Any],
+    p: dict[str, Any],
+    rng: np.random.Generator,
+    skipped: list[dict[str, str]],
+    stats: dict[str, int],
+) -> tuple[list[tuple], int]:
     """All crops of one film as (stored crop, mask, entry) triples, and the number of decodes (1)."""
     image, meta = read_dicom(item["image_path"], max_rows=p["max_dim"], max_cols=p["max_dim"])
     stats["orientation_from_content"] += int(meta.orientation_source == "content")
@@ -193,22 +286,41 @@ def _process_image(item: dict[str, Any], p: dict[str, Any], rng: np.random.Gener
             return out, 1
         canvas, scale, (ox, oy) = letterbox(image, tuple(p["whole_size"]), fill=value_map.offset)
         lmask, _, _ = letterbox(_union(kept, masks, boxes, image.shape).astype(np.float32), tuple(p["whole_size"]))
-        head = dict(kept[0], lesion_id=f"{kept[0]['patient_id']}_{kept[0]['side']}_{kept[0]['view']}_whole",
-                    label=max(int(r["label"]) for r in kept),
-                    mask_resampled_here=any(r.get("mask_resampled_here", False) for r in kept))
+        head = dict(
+            kept[0],
+            lesion_id=f"{kept[0]['patient_id']}_{kept[0]['side']}_{kept[0]['view']}_whole",
+            label=max(int(r["label"]) for r in kept),
+            mask_resampled_here=any(r.get("mask_resampled_here", False) for r in kept),
+        )
         full = (0, 0, image.shape[1], image.shape[0])
-        out.append((store_uint16(canvas, value_map), (lmask > 0.5).astype(np.uint8),
-                    _entry(head, "whole", full, meta.flipped, image.shape, value_map,
-                           scale=scale, offset_x=ox, offset_y=oy)))
+        out.append(
+            (
+                store_uint16(canvas, value_map),
+                (lmask > 0.5).astype(np.uint8),
+                _entry(
+                    head, "whole", full, meta.flipped, image.shape, value_map, scale=scale, offset_x=ox, offset_y=oy
+                ),
+            )
+        )
         return out, 1
     for row in kept:
         box = boxes[row["lesion_id"]]
         if box is None:
-            skipped.append(_skip(row["lesion_id"], row["image_path"],
-                                 "no ROI: mask empty and no bbox or seed point in the manifest"))
+            skipped.append(
+                _skip(
+                    row["lesion_id"], row["image_path"], "no ROI: mask empty and no bbox or seed point in the manifest"
+                )
+            )
             continue
-        crop_box = lesion_box(p["crop"], box, seed_px=p["seed_crop_px"], pad_px=p["fixed_pad_px"],
-                              factor=p["proportional_factor"], patch_px=p["patch_px"], square=p["square_boxes"])
+        crop_box = lesion_box(
+            p["crop"],
+            box,
+            seed_px=p["seed_crop_px"],
+            pad_px=p["fixed_pad_px"],
+            factor=p["proportional_factor"],
+            patch_px=p["patch_px"],
+            square=p["square_boxes"],
+        )
         own = _own_mask(masks[row["lesion_id"]], box, image.shape)  # this lesion only, not its neighbours
         crop, cmask = _cut(image, own, crop_box, p["cache_px"], value_map)
         out.append((crop, cmask, _entry(row, "lesion", crop_box, meta.flipped, image.shape, value_map)))
@@ -218,8 +330,7 @@ def _process_image(item: dict[str, Any], p: dict[str, Any], rng: np.random.Gener
     return out, 1
 
 
-def process_shard(shard: int, images: list[dict[str, Any]], params: dict[str, Any], cache_dir: str,
-                  seed: int) -> int:
+def process_shard(shard: int, images: list[dict[str, Any]], params: dict[str, Any], cache_dir: str, seed: int) -> int:
     """Write shard ``shard`` of the cache; return how many films were decoded."""
     folder = Path(cache_dir) / "shards"
     # One generator per shard, seeded by (seed, shard): a resumed run draws the same patches.
@@ -240,8 +351,10 @@ def process_shard(shard: int, images: list[dict[str, Any]], params: dict[str, An
             entries.append(entry)
     stem = f"shard-{shard:05d}"
     shape = tuple(params["whole_size"]) if params["crop"] == "whole" else (params["cache_px"],) * 2
-    arrays = {"images": np.stack(crops) if crops else np.zeros((0, *shape), np.uint16),
-              "masks": np.stack(masks) if masks else np.zeros((0, *shape), np.uint8)}
+    arrays = {
+        "images": np.stack(crops) if crops else np.zeros((0, *shape), np.uint16),
+        "masks": np.stack(masks) if masks else np.zeros((0, *shape), np.uint8),
+    }
     for name, array in arrays.items():
         tmp = folder / f"{stem}.{name}.tmp{os.getpid()}.npy"
         np.save(tmp, array)

@@ -52,8 +52,9 @@ class SplitLeakError(ValueError):
         self.leaks = leaks
         shown = "; ".join(f"{p} in {' and '.join(places)}" for p, places in sorted(leaks.items())[:10])
         more = f" (and {len(leaks) - 10} more)" if len(leaks) > 10 else ""
-        super().__init__(f"{where + ': ' if where else ''}{len(leaks)} patient(s) in more than one split: "
-                         f"{shown}{more}")
+        super().__init__(
+            f"{where + ': ' if where else ''}{len(leaks)} patient(s) in more than one split: {shown}{more}"
+        )
 
 
 @dataclass
@@ -63,17 +64,17 @@ class Splits:
     train: list[str]
     val: list[str]
     test: list[str]
-    folds: list[list[str]] | None = None               # K disjoint patient lists over train + val
+    folds: list[list[str]] | None = None  # K disjoint patient lists over train + val
     seed: int = 0
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test, of patients
     stratify: bool = True
     balance_eval: bool = False
-    label_column: str = "label"                         # what the strata are made of
+    label_column: str = "label"  # what the strata are made of
     excluded_patients: list[str] = field(default_factory=list)  # not split (no resolved row)
-    excluded_rows: int = 0                              # manifest rows of those patients
+    excluded_rows: int = 0  # manifest rows of those patients
     excluded_reason: str = ""
-    mode: str = "patient"                               # "patient" (random) or "official" (the dataset's own)
-    overlap_patients_in_test: int = 0                   # official: patients in both official sets, put in test
+    mode: str = "patient"  # "patient" (random) or "official" (the dataset's own)
+    overlap_patients_in_test: int = 0  # official: patients in both official sets, put in test
 
     def patients(self, split: str | Split) -> list[str]:
         """Patient ids of ``split`` (a Split or its spelling: "train", "VAL", ...)."""
@@ -125,7 +126,7 @@ class Splits:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Splits":
+    def load(cls, path: str | Path) -> Splits:
         """Read a file written by ``save``; unknown keys and leaks are errors naming the file."""
         path = Path(path)
         data = json.loads(path.read_text())
@@ -165,12 +166,15 @@ def composition_strata(manifest: pd.DataFrame, label_column: str = "label") -> p
 
 def _official_test(manifest: pd.DataFrame) -> tuple[set[str], set[str]]:
     """(test patients, overlap patients) of the dataset's own split; a patient in both sets goes to test."""
-    sets: dict[str, set[str]] = {patient: set(values.str.lower()) - {""}
-                                 for patient, values in manifest.groupby("patient_id")["source_split"]}
+    sets: dict[str, set[str]] = {
+        patient: set(values.str.lower()) - {""} for patient, values in manifest.groupby("patient_id")["source_split"]
+    }
     missing = sorted(p for p, s in sets.items() if not s)
     if missing:
-        raise ValueError(f"data.split=official needs the dataset's own train/test split (manifest column "
-                         f"source_split); {len(missing)} patient(s) have none, e.g. {missing[0]!r}")
+        raise ValueError(
+            f"data.split=official needs the dataset's own train/test split (manifest column "
+            f"source_split); {len(missing)} patient(s) have none, e.g. {missing[0]!r}"
+        )
     unknown = sorted(set().union(*sets.values()) - {"train", "test"})
     if unknown:
         raise ValueError(f"data.split=official: source_split values {unknown} are neither 'train' nor 'test'")
@@ -179,9 +183,18 @@ def _official_test(manifest: pd.DataFrame) -> tuple[set[str], set[str]]:
     return test, overlap
 
 
-def make_splits(manifest: pd.DataFrame, *, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                seed: int = 0, stratify: bool = True, balance_eval: bool = False, folds: int | None = None,
-                label_column: str = "label", require_resolved: bool = True, mode: str = "patient") -> Splits:
+def make_splits(
+    manifest: pd.DataFrame,
+    *,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    stratify: bool = True,
+    balance_eval: bool = False,
+    folds: int | None = None,
+    label_column: str = "label",
+    require_resolved: bool = True,
+    mode: str = "patient",
+) -> Splits:
     """Split the manifest's patients into train/val/test (and optional folds); see the module docstring.
 
     ``mode="official"`` keeps the dataset's own test set (``source_split``, CBIS-DDSM's train/test
@@ -196,8 +209,11 @@ def make_splits(manifest: pd.DataFrame, *, fractions: tuple[float, float, float]
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
     if fractions[0] <= 0:
         raise ValueError(f"the train fraction must be positive, got {fractions}")
-    keep = manifest.groupby("patient_id")["resolved"].transform("any") if require_resolved else \
-        pd.Series(True, index=manifest.index)
+    keep = (
+        manifest.groupby("patient_id")["resolved"].transform("any")
+        if require_resolved
+        else pd.Series(True, index=manifest.index)
+    )
     excluded = sorted(manifest.loc[~keep, "patient_id"].unique())
     strata = composition_strata(manifest[keep], label_column) if keep.any() else pd.Series(dtype="object")
     if not stratify:
@@ -208,16 +224,17 @@ def make_splits(manifest: pd.DataFrame, *, fractions: tuple[float, float, float]
     for _, members in sorted(strata.groupby(strata), key=lambda kv: str(kv[0])):
         if mode == "official":
             parts["test"] += sorted(p for p in members.index if p in official_test)
-            order = list(rng.permutation(np.asarray(sorted(p for p in members.index if p not in official_test),
-                                                    dtype=object)))
+            order = list(
+                rng.permutation(np.asarray(sorted(p for p in members.index if p not in official_test), dtype=object))
+            )
             n_test, share = 0, fractions[1] / (fractions[0] + fractions[1])
         else:
             order = list(rng.permutation(np.asarray(sorted(members.index), dtype=object)))
             n_test, share = math.floor(len(order) * fractions[2] + 0.5), fractions[1]
             parts["test"] += order[:n_test]
         n_val = min(math.floor(len(order) * share + 0.5), len(order) - n_test)
-        parts["val"] += order[n_test:n_test + n_val]
-        parts["train"] += order[n_test + n_val:]
+        parts["val"] += order[n_test : n_test + n_val]
+        parts["train"] += order[n_test + n_val :]
     if balance_eval:
         classes = patient_strata(manifest[keep], label_column) if keep.any() else pd.Series(dtype="int64")
         for name in ("val", "test") if mode == "patient" else ("val",):  # the official test set stays whole
@@ -229,12 +246,22 @@ def make_splits(manifest: pd.DataFrame, *, fractions: tuple[float, float, float]
         if not 2 <= folds <= len(pool):
             raise ValueError(f"folds must be between 2 and the {len(pool)} non-test patients, got {folds}")
         fold_lists = _folds(pool, strata, folds, rng)
-    splits = Splits(train=sorted(parts["train"]), val=sorted(parts["val"]), test=sorted(parts["test"]),
-                    folds=fold_lists, seed=seed, fractions=tuple(fractions), stratify=stratify,
-                    balance_eval=balance_eval, label_column=label_column, excluded_patients=excluded,
-                    excluded_rows=int((~keep).sum()),
-                    excluded_reason="patient has no resolved row" if excluded else "", mode=mode,
-                    overlap_patients_in_test=len(overlap))
+    splits = Splits(
+        train=sorted(parts["train"]),
+        val=sorted(parts["val"]),
+        test=sorted(parts["test"]),
+        folds=fold_lists,
+        seed=seed,
+        fractions=tuple(fractions),
+        stratify=stratify,
+        balance_eval=balance_eval,
+        label_column=label_column,
+        excluded_patients=excluded,
+        excluded_rows=int((~keep).sum()),
+        excluded_reason="patient has no resolved row" if excluded else "",
+        mode=mode,
+        overlap_patients_in_test=len(overlap),
+    )
     splits.check_no_leak("make_splits")
     return splits
 

@@ -16,8 +16,9 @@ Normalising first makes the crop's mean 0, so "fill with the mean" is fill 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,14 +48,24 @@ class TransformSpec:
     mean_image: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, *, train_mean: float = 0.0, train_std: float = 1.0,
-                    mean_image: np.ndarray | None = None) -> "TransformSpec":
+    def from_config(
+        cls, cfg: DataConfig, *, train_mean: float = 0.0, train_std: float = 1.0, mean_image: np.ndarray | None = None
+    ) -> TransformSpec:
         if cfg.normalization == "mean_image" and mean_image is None:
             raise ValueError("data.normalization=mean_image needs the cache's mean_image.npy")
-        return cls(normalization=cfg.normalization, cache_px=cfg.cache_px, input_px=cfg.input_px,
-                   channels=cfg.channels, rotation_deg=cfg.rotation_deg, hflip=cfg.hflip, vflip=cfg.vflip,
-                   scale_aug=check_scale_aug(cfg.scale_aug), train_mean=train_mean, train_std=train_std,
-                   mean_image=mean_image)
+        return cls(
+            normalization=cfg.normalization,
+            cache_px=cfg.cache_px,
+            input_px=cfg.input_px,
+            channels=cfg.channels,
+            rotation_deg=cfg.rotation_deg,
+            hflip=cfg.hflip,
+            vflip=cfg.vflip,
+            scale_aug=check_scale_aug(cfg.scale_aug),
+            train_mean=train_mean,
+            train_std=train_std,
+            mean_image=mean_image,
+        )
 
     def to_state(self) -> dict[str, Any]:
         """Plain data + one tensor: loadable with ``torch.load(weights_only=True)``."""
@@ -63,7 +74,7 @@ class TransformSpec:
         return state
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "TransformSpec":
+    def from_state(cls, state: dict[str, Any]) -> TransformSpec:
         state = dict(state)
         if state.get("scale_aug") is not None:  # a checkpoint may hand back a list
             state["scale_aug"] = tuple(float(v) for v in state["scale_aug"])
@@ -176,8 +187,9 @@ def offline_variant_params(seed: int, sample: int, spec: TransformSpec) -> list[
     rng = np.random.default_rng([seed, sample])
     span = spec.cache_px - spec.input_px
     angles = rng.integers(0, 360, OFFLINE_ROTATIONS)
-    return [(int(a), int(t), int(l)) for a in angles
-            for t, l in rng.integers(0, span + 1, (OFFLINE_CROPS, 2))]
+    return [
+        (int(a), int(top), int(left)) for a in angles for top, left in rng.integers(0, span + 1, (OFFLINE_CROPS, 2))
+    ]
 
 
 def build_offline_transform(spec: TransformSpec) -> Callable[[np.ndarray, tuple[int, int, int]], torch.Tensor]:

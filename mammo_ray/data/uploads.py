@@ -26,7 +26,8 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from http import HTTPStatus
 from typing import BinaryIO, Literal
 
@@ -34,8 +35,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mammo_ray.constants import View
-from mammo_ray.data.dicom import (DEFAULT_MAX_DIM, UPLOAD_NAME, DicomMeta, DicomReadError,
-                                  DicomTooLargeError, DicomUnsupportedError, breast_on_right, read_dicom)
+from mammo_ray.data.dicom import (
+    DEFAULT_MAX_DIM,
+    UPLOAD_NAME,
+    DicomMeta,
+    DicomReadError,
+    DicomTooLargeError,
+    DicomUnsupportedError,
+    breast_on_right,
+    read_dicom,
+)
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 2**20
 NOT_AN_IMAGE = "not a DICOM, PNG, TIFF or JPEG image"
@@ -45,13 +54,20 @@ _INTEGRAL = re.compile(r"[+-]?[0-9]+(?:\.0*)?")  # "12", "-3", "12.0"; not "1_00
 # Magic bytes at offset 0 (DICOM's "DICM" sits at 128, after the preamble).
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"II+\x00", "tiff"), (b"MM\x00+", "tiff"),  # + BigTIFF
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),
+    (b"MM\x00+", "tiff"),  # + BigTIFF
     (b"\xff\xd8\xff", "jpeg"),
 )
 # The reply's "error": fixed here, since http.HTTPStatus phrases change between Pythons
 # (413 is "Request Entity Too Large" in 3.11, "Content Too Large" in 3.13).
-_ERROR_NAMES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type",
-                422: "Unprocessable Entity"}
+_ERROR_NAMES = {
+    400: "Bad Request",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Entity",
+}
 _PIL_FORMAT = {"png": "PNG", "tiff": "TIFF", "jpeg": "JPEG"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}  # kept as stored, not cut to 8 bits
 
@@ -72,8 +88,7 @@ class UploadError(ValueError):
     def to_dict(self) -> dict:
         """The JSON body of the reply, e.g. ``{"error": "Payload Too Large", ...}``."""
         error = _ERROR_NAMES.get(self.status) or HTTPStatus(self.status).phrase
-        return {"error": error, "field": self.field, "reason": self.reason,
-                "status": self.status}
+        return {"error": error, "field": self.field, "reason": self.reason, "status": self.status}
 
     def __reduce__(self):  # survives pickling, e.g. out of a Ray Serve replica
         return type(self), (self.status, self.reason, self.field)
@@ -81,11 +96,11 @@ class UploadError(ValueError):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: np.ndarray              # float32 (H, W), canonical: denser is higher, breast on the left
-    flipped: bool                  # mirrored left-right into canonical orientation
-    kind: Kind                     # the format the bytes were sniffed as
-    name: str                      # the upload's file name (or "<upload>")
-    view: View | None              # DICOM header (or file-name tokens, as read_dicom); None otherwise
+    image: np.ndarray  # float32 (H, W), canonical: denser is higher, breast on the left
+    flipped: bool  # mirrored left-right into canonical orientation
+    kind: Kind  # the format the bytes were sniffed as
+    name: str  # the upload's file name (or "<upload>")
+    view: View | None  # DICOM header (or file-name tokens, as read_dicom); None otherwise
     meta: DicomMeta | None = None  # the DICOM header, for side and pixel spacing; None otherwise
     shape: tuple[int, int] = dc_field(init=False)  # (H, W), the same before and after mirroring
 
@@ -93,19 +108,25 @@ class DecodedImage:
         object.__setattr__(self, "shape", (int(self.image.shape[0]), int(self.image.shape[1])))
 
 
-def read_capped(stream: BinaryIO, *, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, field: str,
-                name: str | None = UPLOAD_NAME) -> bytes:
+def read_capped(
+    stream: BinaryIO, *, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, field: str, name: str | None = UPLOAD_NAME
+) -> bytes:
     """Read a file object (e.g. ``UploadFile.file``) but never more than ``max_bytes + 1`` bytes."""
     data = stream.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise UploadError(413, f"{name or UPLOAD_NAME}: upload is over the size limit of {max_bytes} bytes",
-                          field)
+        raise UploadError(413, f"{name or UPLOAD_NAME}: upload is over the size limit of {max_bytes} bytes", field)
     return data
 
 
-def decode_upload(data: bytes, *, name: str | None = UPLOAD_NAME, field: str,
-                  max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_dim: int = DEFAULT_MAX_DIM,
-                  force_dicom: bool = False) -> DecodedImage:
+def decode_upload(
+    data: bytes,
+    *,
+    name: str | None = UPLOAD_NAME,
+    field: str,
+    max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_dim: int = DEFAULT_MAX_DIM,
+    force_dicom: bool = False,
+) -> DecodedImage:
     """Check and decode one uploaded image; every failure is an ``UploadError``.
 
     Args:
@@ -121,16 +142,14 @@ def decode_upload(data: bytes, *, name: str | None = UPLOAD_NAME, field: str,
         raise TypeError(f"decode_upload takes the file's bytes, got {type(data).__name__}")
     name = name or UPLOAD_NAME  # UploadFile.filename may be None
     if len(data) > max_bytes:
-        raise UploadError(413, f"{name}: upload is {len(data)} bytes, over the size limit of "
-                               f"{max_bytes} bytes", field)
+        raise UploadError(413, f"{name}: upload is {len(data)} bytes, over the size limit of {max_bytes} bytes", field)
     if len(data) == 0:
         raise UploadError(400, f"{name}: empty upload (0 bytes): {NOT_AN_IMAGE}", field)
     kind = sniff(data)
     if kind == "dicom" or (kind is None and force_dicom):
         return _decode_dicom(bytes(data), name, field, max_dim)
     if kind is None:
-        raise UploadError(400, f"{name}: {NOT_AN_IMAGE} (unrecognised leading bytes "
-                               f"{bytes(data[:8]).hex(' ')})", field)
+        raise UploadError(400, f"{name}: {NOT_AN_IMAGE} (unrecognised leading bytes {bytes(data[:8]).hex(' ')})", field)
     return _decode_pillow(bytes(data), kind, name, field, max_dim)
 
 
@@ -139,7 +158,7 @@ def sniff(data: bytes) -> Kind | None:
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
     for magic, kind in _MAGIC:
-        if data[:len(magic)] == magic:
+        if data[: len(magic)] == magic:
             return kind
     return None
 
@@ -166,13 +185,15 @@ def _decode_pillow(data: bytes, kind: Kind, name: str, field: str, max_dim: int)
         with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[kind]]) as im:
             width, height = im.size
             if width > max_dim or height > max_dim:
-                raise UploadError(413, f"{name}: image dimensions {height}x{width} (rows x columns) exceed "
-                                       f"the limit {max_dim}x{max_dim}", field)
+                raise UploadError(
+                    413,
+                    f"{name}: image dimensions {height}x{width} (rows x columns) exceed the limit {max_dim}x{max_dim}",
+                    field,
+                )
             if width <= 0 or height <= 0:
                 raise UploadError(400, f"{name}: zero image dimensions ({height}x{width})", field)
             if getattr(im, "n_frames", 1) != 1:
-                raise UploadError(400, f"{name}: {label} has {im.n_frames} frames: expected one "
-                                       f"2-D mammogram", field)
+                raise UploadError(400, f"{name}: {label} has {im.n_frames} frames: expected one 2-D mammogram", field)
             im.load()
             pixels = _grayscale(_upright(im), name, label, field)
     except UploadError:
@@ -182,8 +203,7 @@ def _decode_pillow(data: bytes, kind: Kind, name: str, field: str, max_dim: int)
     except Image.DecompressionBombError as exc:
         raise UploadError(413, f"{name}: {label} is too large to decode ({exc})", field) from exc
     except Exception as exc:  # OSError "truncated", SyntaxError, zlib/struct errors, ...
-        raise UploadError(400, f"{name}: cannot decode the {label} image "
-                               f"({type(exc).__name__}: {exc})", field) from exc
+        raise UploadError(400, f"{name}: cannot decode the {label} image ({type(exc).__name__}: {exc})", field) from exc
     image = np.asarray(pixels, dtype=np.float32)
     if image.ndim != 2:
         raise UploadError(415, f"{name}: {label} decodes to shape {image.shape}, not a 2-D image", field)
@@ -199,7 +219,7 @@ def _upright(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation, as a viewer (and the client placing a box) shows it."""
     try:
         return ImageOps.exif_transpose(im)
-    except Exception:  # a malformed EXIF block is no reason to reject the pixels
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is no reason to reject the pixels
         return im
 
 
@@ -210,11 +230,11 @@ def _grayscale(im: Image.Image, name: str, label: str, field: str) -> np.ndarray
     try:
         return np.asarray(im.convert("L"))  # 1, P, LA, RGB(A), CMYK, YCbCr: luminance
     except (ValueError, OSError) as exc:
-        raise UploadError(415, f"{name}: {label} mode {im.mode!r} cannot be made grayscale ({exc})",
-                          field) from exc
+        raise UploadError(415, f"{name}: {label} mode {im.mode!r} cannot be made grayscale ({exc})", field) from exc
 
 
 # --- form values ----------------------------------------------------------------------------
+
 
 def check_fields(received: Iterable[str], allowed: set[str], required: set[str]) -> None:
     """Raise 422 naming every unknown field (with the closest allowed one) and every missing one."""
@@ -306,8 +326,9 @@ def _parse_ints(text: object, count: int, field: str, form: str) -> tuple[int, .
         try:
             items = json.loads(stripped)
         except ValueError as exc:
-            raise UploadError(422, f"{text!r} is not valid JSON ({exc}); expected {form!r} or a JSON list",
-                              field) from exc
+            raise UploadError(
+                422, f"{text!r} is not valid JSON ({exc}); expected {form!r} or a JSON list", field
+            ) from exc
         if not isinstance(items, list):
             raise UploadError(422, f"{text!r} is not a list; expected {form!r}", field)
     else:

@@ -19,9 +19,9 @@ cases, patients and ``seed``), so the three CIs are consistent and the gain is p
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,8 +29,16 @@ import scipy.stats
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mammo_ray.train.metrics import (CLUSTER, PRIMARY_LEVEL, auc_of_weights, check_predictions, cluster_bootstrap,
-                                     evaluate_predictions, exam_level, summarize_levels)
+from mammo_ray.train.metrics import (
+    CLUSTER,
+    PRIMARY_LEVEL,
+    auc_of_weights,
+    check_predictions,
+    cluster_bootstrap,
+    evaluate_predictions,
+    exam_level,
+    summarize_levels,
+)
 from mammo_ray.train.plots import _save, plot_rocs
 
 __all__ = ["KEY_COLUMNS", "average_members", "ensemble_report"]
@@ -55,8 +63,10 @@ def _member_matrix(frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, np.nda
     probs = []
     for i, frame in enumerate(frames):
         if "prob" not in frame.columns or [c for c in KEY_COLUMNS if c in frame.columns] != keys:
-            raise ValueError(f"average_members: member {i} has columns {list(frame.columns)}; member 0 has "
-                             f"{keys + ['prob']} (every member must be evaluated on the same split)")
+            raise ValueError(
+                f"average_members: member {i} has columns {list(frame.columns)}; member 0 has "
+                f"{keys + ['prob']} (every member must be evaluated on the same split)"
+            )
         if len(frame) != len(first):
             raise ValueError(f"average_members: member {i} has {len(frame)} rows, member 0 has {len(first)}")
         own = frame[keys].reset_index(drop=True)
@@ -65,14 +75,17 @@ def _member_matrix(frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, np.nda
             differs = ~((a == b) | (a.isna() & b.isna())).to_numpy()
             if differs.any():
                 row = int(np.flatnonzero(differs)[0])
-                raise ValueError(f"average_members: member {i} row {row} has {column}={b[row]!r}, member 0 has "
-                                 f"{a[row]!r} ({int(differs.sum())} rows differ; frames must list the same "
-                                 "cases in the same order)")
+                raise ValueError(
+                    f"average_members: member {i} row {row} has {column}={b[row]!r}, member 0 has "
+                    f"{a[row]!r} ({int(differs.sum())} rows differ; frames must list the same "
+                    "cases in the same order)"
+                )
         p = frame["prob"].to_numpy(dtype=np.float64)
         bad = ~np.isfinite(p) | (p < 0) | (p > 1)
         if bad.any():
-            raise ValueError(f"average_members: member {i} row {int(np.flatnonzero(bad)[0])} has prob "
-                             f"{p[bad][0]!r}, not in [0, 1]")
+            raise ValueError(
+                f"average_members: member {i} row {int(np.flatnonzero(bad)[0])} has prob {p[bad][0]!r}, not in [0, 1]"
+            )
         probs.append(p)
     return reference, np.stack(probs, axis=1)
 
@@ -115,6 +128,7 @@ def _gain_statistic(y: np.ndarray, ensemble: np.ndarray, probs: np.ndarray) -> C
     def statistic(weights: np.ndarray) -> np.ndarray:
         mean = sum(auc(weights) for auc in members) / len(members)
         return np.stack([mean, ensemble_auc(weights) - mean], axis=1)
+
     return statistic
 
 
@@ -128,8 +142,9 @@ def _primary_level(keys: pd.DataFrame, probs: np.ndarray, view_mode: str) -> tup
     return exams, np.stack(member_exams, axis=1)
 
 
-def _auc_curve(y: np.ndarray, probs: np.ndarray, ensemble_auc: float, orders: int,
-               rng: np.random.Generator) -> list[dict[str, float]]:
+def _auc_curve(
+    y: np.ndarray, probs: np.ndarray, ensemble_auc: float, orders: int, rng: np.random.Generator
+) -> list[dict[str, float]]:
     """Ensemble AUC of the first k members, k = 1..M, mean and std over ``orders`` random orders.
 
     k = M is the whole ensemble whatever the order: its point is ``ensemble_auc`` with std 0
@@ -141,8 +156,9 @@ def _auc_curve(y: np.ndarray, probs: np.ndarray, ensemble_auc: float, orders: in
     for r in range(aucs.shape[0]):
         order = rng.permutation(n_members)
         aucs[r] = _column_aucs(y, np.cumsum(probs[:, order], axis=1) / counts)
-    curve = [{"k": int(k), "mean": float(aucs[:, k - 1].mean()), "std": float(aucs[:, k - 1].std())}
-             for k in counts[:-1]]
+    curve = [
+        {"k": int(k), "mean": float(aucs[:, k - 1].mean()), "std": float(aucs[:, k - 1].std())} for k in counts[:-1]
+    ]
     return [*curve, {"k": n_members, "mean": float(ensemble_auc), "std": 0.0}]
 
 
@@ -163,15 +179,24 @@ def _plot_curve(curve: list[dict[str, float]], mean_member_auc: float, path: Pat
     return _save(fig, path)
 
 
-def _flat_metrics(keys: pd.DataFrame, probs: np.ndarray, view_mode: str, prefix: str, n_boot: int,
-                  seed: int) -> dict[str, float]:
+def _flat_metrics(
+    keys: pd.DataFrame, probs: np.ndarray, view_mode: str, prefix: str, n_boot: int, seed: int
+) -> dict[str, float]:
     """``loop.summarize_predictions``' keys for the ensemble frame (without importing torch)."""
     levels = evaluate_predictions(keys.assign(prob=probs.mean(axis=1)), n_boot=n_boot, seed=seed)
     return summarize_levels(levels, view_mode, prefix=prefix, with_ci=n_boot > 0)
 
 
-def ensemble_report(frames: Sequence[pd.DataFrame], view_mode: str, out_dir: str | Path, *, split: str = "test",
-                    n_boot: int = 1000, seed: int = 0, curve_orders: int = 20) -> dict[str, Any]:
+def ensemble_report(
+    frames: Sequence[pd.DataFrame],
+    view_mode: str,
+    out_dir: str | Path,
+    *,
+    split: str = "test",
+    n_boot: int = 1000,
+    seed: int = 0,
+    curve_orders: int = 20,
+) -> dict[str, Any]:
     """How the averaged ensemble compares with its members on one split; writes JSON, CSV and PNGs.
 
     Args:
@@ -209,25 +234,39 @@ def ensemble_report(frames: Sequence[pd.DataFrame], view_mode: str, out_dir: str
     member_aucs = _column_aucs(y, probs)
     mean_member_auc = float(member_aucs.mean())
     groups = cases[CLUSTER].to_numpy() if CLUSTER in cases.columns else None
-    mean_boot, gain_boot = cluster_bootstrap(y, _gain_statistic(y, ensemble, probs), groups=groups, n_boot=n_boot,
-                                             ci=0.95, seed=seed, outputs=2)
+    mean_boot, gain_boot = cluster_bootstrap(
+        y, _gain_statistic(y, ensemble, probs), groups=groups, n_boot=n_boot, ci=0.95, seed=seed, outputs=2
+    )
     mean_ci, diff_ci = mean_boot.interval, gain_boot.interval
     curve = _auc_curve(y, probs, ensemble_auc, curve_orders, np.random.default_rng(seed))
-    metrics.update({f"{prefix}mean_member_auc": mean_member_auc, f"{prefix}mean_member_auc_ci_low": mean_ci[0],
-                    f"{prefix}mean_member_auc_ci_high": mean_ci[1], f"{prefix}auc_gain": ensemble_auc - mean_member_auc,
-                    f"{prefix}auc_gain_ci_low": diff_ci[0], f"{prefix}auc_gain_ci_high": diff_ci[1],
-                    f"{prefix}members": float(n_members)})
+    metrics.update(
+        {
+            f"{prefix}mean_member_auc": mean_member_auc,
+            f"{prefix}mean_member_auc_ci_low": mean_ci[0],
+            f"{prefix}mean_member_auc_ci_high": mean_ci[1],
+            f"{prefix}auc_gain": ensemble_auc - mean_member_auc,
+            f"{prefix}auc_gain_ci_low": diff_ci[0],
+            f"{prefix}auc_gain_ci_high": diff_ci[1],
+            f"{prefix}members": float(n_members),
+        }
+    )
 
     level = PRIMARY_LEVEL[view_mode]
     ranked = np.argsort(np.nan_to_num(member_aucs, nan=-1.0), kind="stable")
     best, median = int(ranked[-1]), int(ranked[(n_members - 1) // 2])
-    rocs: dict[str, tuple[Any, ...]] = {f"ensemble of {n_members}": (y, ensemble, ensemble_ci),
-                                        f"best member #{best}": (y, probs[:, best])}
+    rocs: dict[str, tuple[Any, ...]] = {
+        f"ensemble of {n_members}": (y, ensemble, ensemble_ci),
+        f"best member #{best}": (y, probs[:, best]),
+    }
     if median != best:
         rocs[f"median member #{median}"] = (y, probs[:, median])
     plots = [
-        _plot_curve(curve, mean_member_auc, out_dir / f"ensemble_auc_vs_members_{split}.png",
-                    f"Ensemble AUC vs members, {split} split (per {level}, n={y.size})"),
+        _plot_curve(
+            curve,
+            mean_member_auc,
+            out_dir / f"ensemble_auc_vs_members_{split}.png",
+            f"Ensemble AUC vs members, {split} split (per {level}, n={y.size})",
+        ),
         plot_rocs(rocs, out_dir / f"ensemble_roc_{split}.png", title=f"ROC, {split} split ({view_mode}, per {level})"),
     ]
     predictions = out_dir / f"ensemble_predictions_{split}.csv"
@@ -235,12 +274,26 @@ def ensemble_report(frames: Sequence[pd.DataFrame], view_mode: str, out_dir: str
     members = pd.DataFrame(image_probs, columns=[f"member_{m:03d}" for m in range(n_members)])
     pd.concat([table, members], axis=1).to_csv(predictions, index=False)
 
-    result = {"split": split, "view_mode": view_mode, "level": level, "members": n_members, "n": int(y.size),
-              "ensemble_auc": float(ensemble_auc), "ensemble_auc_ci": [float(v) for v in ensemble_ci],
-              "mean_member_auc": mean_member_auc, "mean_member_auc_ci": [float(v) for v in mean_ci],
-              "diff": float(ensemble_auc - mean_member_auc), "diff_ci": [float(v) for v in diff_ci],
-              "member_aucs": [float(v) for v in member_aucs], "curve": curve, "metrics": metrics,
-              "bootstrap_unit": "case" if groups is None else "patient", "clusters": mean_boot.clusters,
-              "boot_dropped": mean_boot.dropped, "plots": [str(p) for p in plots], "predictions": str(predictions)}
+    result = {
+        "split": split,
+        "view_mode": view_mode,
+        "level": level,
+        "members": n_members,
+        "n": int(y.size),
+        "ensemble_auc": float(ensemble_auc),
+        "ensemble_auc_ci": [float(v) for v in ensemble_ci],
+        "mean_member_auc": mean_member_auc,
+        "mean_member_auc_ci": [float(v) for v in mean_ci],
+        "diff": float(ensemble_auc - mean_member_auc),
+        "diff_ci": [float(v) for v in diff_ci],
+        "member_aucs": [float(v) for v in member_aucs],
+        "curve": curve,
+        "metrics": metrics,
+        "bootstrap_unit": "case" if groups is None else "patient",
+        "clusters": mean_boot.clusters,
+        "boot_dropped": mean_boot.dropped,
+        "plots": [str(p) for p in plots],
+        "predictions": str(predictions),
+    }
     (out_dir / f"ensemble_{split}.json").write_text(json.dumps(result, indent=2))
     return result

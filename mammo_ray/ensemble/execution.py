@@ -36,8 +36,15 @@ from torch.func import functional_call, stack_module_state
 
 from mammo_ray.ensemble.model import Ensemble, member_name
 
-__all__ = ["EXECUTION_MODES", "LoopEnsemble", "StackedEnsemble", "StackedExecutionError", "check_stackable",
-           "choose_execution", "measure_execution"]
+__all__ = [
+    "EXECUTION_MODES",
+    "LoopEnsemble",
+    "StackedEnsemble",
+    "StackedExecutionError",
+    "check_stackable",
+    "choose_execution",
+    "measure_execution",
+]
 
 EXECUTION_MODES = ("auto", "loop", "stacked")
 TOLERANCE = 1e-4  # max |loop - stacked| probability for "auto" to accept stacked (measured: ~1e-6)
@@ -55,8 +62,10 @@ def _architecture(model: nn.Module) -> str:
 
 
 def _state_shapes(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...], torch.dtype]]:
-    return {**{k: ("parameter", tuple(v.shape), v.dtype) for k, v in model.named_parameters()},
-            **{k: ("buffer", tuple(v.shape), v.dtype) for k, v in model.named_buffers()}}
+    return {
+        **{k: ("parameter", tuple(v.shape), v.dtype) for k, v in model.named_parameters()},
+        **{k: ("buffer", tuple(v.shape), v.dtype) for k, v in model.named_buffers()},
+    }
 
 
 def _describe(entry: tuple[str, tuple[int, ...], torch.dtype] | None) -> str:
@@ -71,8 +80,11 @@ def _structure(model: nn.Module) -> dict[str, str]:
 
     Dropout is left out: inactive in eval, it may differ between members without changing outputs.
     """
-    return {name: f"{type(m).__name__}({m.extra_repr()})" for name, m in model.named_modules()
-            if not isinstance(m, nn.modules.dropout._DropoutNd)}
+    return {
+        name: f"{type(m).__name__}({m.extra_repr()})"
+        for name, m in model.named_modules()
+        if not isinstance(m, nn.modules.dropout._DropoutNd)
+    }
 
 
 def check_stackable(members: Sequence[nn.Module]) -> None:
@@ -82,20 +94,26 @@ def check_stackable(members: Sequence[nn.Module]) -> None:
     ref_state, ref_modules = _state_shapes(members[0]), _structure(members[0])
     for index, member in enumerate(members[1:], start=1):
         if type(member) is not type(members[0]):
-            raise ValueError(f"{member_name(index)} is a {type(member).__name__}, {member_name(0)} a "
-                             f"{type(members[0]).__name__}: stacked members must share one architecture")
+            raise ValueError(
+                f"{member_name(index)} is a {type(member).__name__}, {member_name(0)} a "
+                f"{type(members[0]).__name__}: stacked members must share one architecture"
+            )
         state = _state_shapes(member)
         for key in [*ref_state, *(k for k in state if k not in ref_state)]:
             ours, theirs = ref_state.get(key), state.get(key)
             if ours != theirs:
-                raise ValueError(f"{member_name(index)} differs from {member_name(0)} in {key!r} "
-                                 f"({_describe(theirs)} vs {_describe(ours)}): stacked members must share one "
-                                 "architecture")
+                raise ValueError(
+                    f"{member_name(index)} differs from {member_name(0)} in {key!r} "
+                    f"({_describe(theirs)} vs {_describe(ours)}): stacked members must share one "
+                    "architecture"
+                )
         modules = _structure(member)
         for key in [*ref_modules, *(k for k in modules if k not in ref_modules)]:
             if ref_modules.get(key) != modules.get(key):
-                raise ValueError(f"{member_name(index)} differs from {member_name(0)} in module {key or '<root>'!r} "
-                                 f"({modules.get(key)} vs {ref_modules.get(key)})")
+                raise ValueError(
+                    f"{member_name(index)} differs from {member_name(0)} in module {key or '<root>'!r} "
+                    f"({modules.get(key)} vs {ref_modules.get(key)})"
+                )
 
 
 class StackedEnsemble(nn.Module):
@@ -114,8 +132,9 @@ class StackedEnsemble(nn.Module):
 
     mode = "stacked"
 
-    def __init__(self, members: Sequence[nn.Module], *, view_mode: str | None = None,
-                 member_chunk: int | None = None) -> None:
+    def __init__(
+        self, members: Sequence[nn.Module], *, view_mode: str | None = None, member_chunk: int | None = None
+    ) -> None:
         super().__init__()
         members = list(members)
         check_stackable(members)
@@ -140,7 +159,7 @@ class StackedEnsemble(nn.Module):
         self.spec = self.config = None  # set by from_ensemble
 
     @classmethod
-    def from_ensemble(cls, ensemble: Ensemble, *, member_chunk: int | None = None) -> "StackedEnsemble":
+    def from_ensemble(cls, ensemble: Ensemble, *, member_chunk: int | None = None) -> StackedEnsemble:
         """Stack an ``Ensemble``'s members; its ``spec`` and ``config`` come along."""
         stacked = cls(list(ensemble.members), view_mode=ensemble.view_mode, member_chunk=member_chunk)
         stacked.spec, stacked.config = ensemble.spec, ensemble.config
@@ -173,8 +192,10 @@ class StackedEnsemble(nn.Module):
                 try:
                     out.append(batched(params, buffers, *inputs))  # (chunk, N)
                 except (RuntimeError, NotImplementedError) as exc:
-                    raise StackedExecutionError(f"{self.architecture}: torch.vmap over {self.num_members} stacked "
-                                                f"members failed: {type(exc).__name__}: {exc}") from exc
+                    raise StackedExecutionError(
+                        f"{self.architecture}: torch.vmap over {self.num_members} stacked "
+                        f"members failed: {type(exc).__name__}: {exc}"
+                    ) from exc
         return torch.cat(out).T
 
 
@@ -224,8 +245,14 @@ def _timed(fn: Callable[[], Tensor], device: torch.device) -> tuple[float, Tenso
     return time.perf_counter() - start, out
 
 
-def _measure(loop: LoopEnsemble, stacked: StackedEnsemble | None, stacked_error: str | None,
-             example: Tensor | Sequence[Tensor], repeats: int, warmup: int) -> dict[str, Any]:
+def _measure(
+    loop: LoopEnsemble,
+    stacked: StackedEnsemble | None,
+    stacked_error: str | None,
+    example: Tensor | Sequence[Tensor],
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     device = _device(loop)
@@ -258,11 +285,17 @@ def _measure(loop: LoopEnsemble, stacked: StackedEnsemble | None, stacked_error:
         "stacked_s": statistics.median(times["stacked"]) if "stacked" in times else None,
         "max_abs_diff": (float((outputs["loop"] - outputs["stacked"]).abs().max()) if "stacked" in outputs else None),
         "stacked_error": stacked_error,
-        "loop_times_s": times["loop"], "stacked_times_s": times.get("stacked"),
-        "device": str(device), "device_name": _device_name(device), "members": loop.num_members,
+        "loop_times_s": times["loop"],
+        "stacked_times_s": times.get("stacked"),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "members": loop.num_members,
         "member_chunk": stacked.member_chunk if stacked is not None else None,
-        "batch_shape": _batch_shape(example), "repeats": repeats, "warmup": warmup,
-        "torch": torch.__version__, "warnings": caught,  # e.g. vmap's "performance drop" fallbacks
+        "batch_shape": _batch_shape(example),
+        "repeats": repeats,
+        "warmup": warmup,
+        "torch": torch.__version__,
+        "warnings": caught,  # e.g. vmap's "performance drop" fallbacks
     }
     if report["stacked_s"] is not None:
         report["ratio_loop_to_stacked"] = report["loop_s"] / report["stacked_s"]
@@ -276,8 +309,14 @@ def _try_stack(ensemble: Ensemble, member_chunk: int | None) -> tuple[StackedEns
         return None, f"cannot stack: {exc}"
 
 
-def measure_execution(ensemble: Ensemble, example: Tensor | Sequence[Tensor], *, repeats: int = 3,
-                      warmup: int = 1, member_chunk: int | None = None) -> dict[str, Any]:
+def measure_execution(
+    ensemble: Ensemble,
+    example: Tensor | Sequence[Tensor],
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    member_chunk: int | None = None,
+) -> dict[str, Any]:
     """Time the loop and the stacked execution of ``ensemble`` on ``example``, on the ensemble's device.
 
     Each of ``warmup + repeats`` rounds runs both, in alternating order; the first ``warmup``
@@ -293,9 +332,17 @@ def measure_execution(ensemble: Ensemble, example: Tensor | Sequence[Tensor], *,
     return _measure(LoopEnsemble(ensemble), stacked, error, example, repeats, warmup)
 
 
-def choose_execution(ensemble: Ensemble, example: Tensor | Sequence[Tensor], *, mode: str = "auto",
-                     repeats: int = 3, warmup: int = 1, member_chunk: int | None = None,
-                     tolerance: float = TOLERANCE, measure: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def choose_execution(
+    ensemble: Ensemble,
+    example: Tensor | Sequence[Tensor],
+    *,
+    mode: str = "auto",
+    repeats: int = 3,
+    warmup: int = 1,
+    member_chunk: int | None = None,
+    tolerance: float = TOLERANCE,
+    measure: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
     """The ensemble as the faster of loop and stacked on its device, and the report of why.
 
     Args:
@@ -325,9 +372,18 @@ def choose_execution(ensemble: Ensemble, example: Tensor | Sequence[Tensor], *, 
         report = _measure(loop, stacked, error, example, repeats, warmup)
     else:
         device = _device(loop)
-        report = {"loop_s": None, "stacked_s": None, "max_abs_diff": None, "stacked_error": error,
-                  "device": str(device), "device_name": _device_name(device), "members": loop.num_members,
-                  "member_chunk": member_chunk, "batch_shape": _batch_shape(example), "torch": torch.__version__}
+        report = {
+            "loop_s": None,
+            "stacked_s": None,
+            "max_abs_diff": None,
+            "stacked_error": error,
+            "device": str(device),
+            "device_name": _device_name(device),
+            "members": loop.num_members,
+            "member_chunk": member_chunk,
+            "batch_shape": _batch_shape(example),
+            "torch": torch.__version__,
+        }
     error = report["stacked_error"]
     if mode == "stacked":
         if error is not None:
@@ -342,7 +398,9 @@ def choose_execution(ensemble: Ensemble, example: Tensor | Sequence[Tensor], *, 
         reason = f"outputs disagree: max |loop - stacked| = {report['max_abs_diff']:.3g} > {tolerance:g}"
     else:
         chosen = "stacked" if report["stacked_s"] < report["loop_s"] else "loop"
-        reason = (f"faster on {report['device_name']}: loop {report['loop_s']:.4g} s, "
-                  f"stacked {report['stacked_s']:.4g} s per batch of {report['batch_shape']}")
+        reason = (
+            f"faster on {report['device_name']}: loop {report['loop_s']:.4g} s, "
+            f"stacked {report['stacked_s']:.4g} s per batch of {report['batch_shape']}"
+        )
     report.update({"mode": mode, "chosen": chosen, "reason": reason, "tolerance": tolerance})
     return (stacked if chosen == "stacked" else loop), report

@@ -47,8 +47,12 @@ def member_name(index: int) -> str:
 def _signature(payload: dict[str, Any]) -> dict[str, Any]:
     """What every member must share: the input and output contract and the eval preprocessing."""
     model = payload["config"]["model"]
-    return {"view_mode": model["view_mode"], "in_chans": model["in_chans"], "num_classes": model["num_classes"],
-            **{f"eval_transform.{k}": v for k, v in payload["eval_transform"].items()}}
+    return {
+        "view_mode": model["view_mode"],
+        "in_chans": model["in_chans"],
+        "num_classes": model["num_classes"],
+        **{f"eval_transform.{k}": v for k, v in payload["eval_transform"].items()},
+    }
 
 
 def _first_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> str | None:
@@ -59,8 +63,11 @@ def _first_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> str | Non
         else:
             same = a == b
         if not same:
-            shown = (f"{a!r} vs {b!r}" if not isinstance(a, Tensor) and not isinstance(b, Tensor)
-                     else "the mean images differ")
+            shown = (
+                f"{a!r} vs {b!r}"
+                if not isinstance(a, Tensor) and not isinstance(b, Tensor)
+                else "the mean images differ"
+            )
             return f"{field} ({shown})"
     return None
 
@@ -70,7 +77,7 @@ def check_members(payloads: Sequence[dict[str, Any]], paths: Sequence[str | Path
     if len(payloads) == 0:
         raise ValueError("an ensemble needs at least one member checkpoint")
     reference = _signature(payloads[0])
-    for payload, path in zip(payloads[1:], paths[1:]):
+    for payload, path in zip(payloads[1:], paths[1:], strict=True):
         field = _first_difference(reference, _signature(payload))
         if field is not None:
             raise ValueError(f"{path}: ensemble member differs from the first member {paths[0]} in {field}")
@@ -94,7 +101,7 @@ class Ensemble(nn.Module):
         self.view_mode: str = config.model.view_mode
 
     @classmethod
-    def from_checkpoints(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu") -> "Ensemble":
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu") -> Ensemble:
         """Restore every member (``restore_model(load_checkpoint(path))``) and check they agree.
 
         Raises:
@@ -122,8 +129,10 @@ class Ensemble(nn.Module):
         """The members' positional inputs: ``(x,)``, or ``(cc, mlo)`` for multimodal members."""
         if self.view_mode != "multimodal":
             if not isinstance(x, Tensor) or x.dim() != 4:
-                raise ValueError(f"{self.view_mode} ensemble takes one (N, C, H, W) tensor, got "
-                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+                raise ValueError(
+                    f"{self.view_mode} ensemble takes one (N, C, H, W) tensor, got "
+                    f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+                )
             return (x,)
         if isinstance(x, Tensor):  # the pyfunc layout: (N, 2, C, H, W), CC then MLO
             if x.dim() != 5 or x.shape[1] != 2:
@@ -165,11 +174,11 @@ class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
 
     # ``model_input`` is left unannotated on purpose: MLflow 3 reads predict's type hints as a schema
     # and warns unless they are list[...], which would make it validate and convert the array.
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:  # noqa: ANN001
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         if self.ensemble is None:
             raise RuntimeError("ensemble pyfunc: predict called before load_context")
         x = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.float32))
-        probs = torch.cat([self.ensemble(x[i:i + PREDICT_BATCH]) for i in range(0, len(x), PREDICT_BATCH)])
+        probs = torch.cat([self.ensemble(x[i : i + PREDICT_BATCH]) for i in range(0, len(x), PREDICT_BATCH)])
         probs_np = probs.numpy().astype(np.float64)
         out = pd.DataFrame({"prob": probs_np.mean(axis=1), "prob_std": probs_np.std(axis=1)})
         members = pd.DataFrame(probs_np, columns=self.names)
@@ -190,8 +199,15 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def register_ensemble(uri: str, run_id: str, checkpoints: Sequence[str | Path], member_run_ids: Sequence[str],
-                      name: str, *, description: str = "") -> dict[str, Any]:
+def register_ensemble(
+    uri: str,
+    run_id: str,
+    checkpoints: Sequence[str | Path],
+    member_run_ids: Sequence[str],
+    name: str,
+    *,
+    description: str = "",
+) -> dict[str, Any]:
     """Save the members as one pyfunc model, log it to run ``run_id`` and register one version.
 
     The members are checked first (``check_members``). Nothing touches MLflow's global tracking
@@ -223,18 +239,31 @@ def register_ensemble(uri: str, run_id: str, checkpoints: Sequence[str | Path], 
     artifacts = {member_name(i): str(path.resolve()) for i, path in enumerate(checkpoints)}
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(str(target), python_model=EnsemblePyfunc(), artifacts=artifacts,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"],
-                                 metadata={"mammo_ray.members": len(checkpoints),
-                                           "mammo_ray.view_mode": payloads[0]["config"]["model"]["view_mode"]})
+        mlflow.pyfunc.save_model(
+            str(target),
+            python_model=EnsemblePyfunc(),
+            artifacts=artifacts,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"],
+            metadata={
+                "mammo_ray.members": len(checkpoints),
+                "mammo_ray.view_mode": payloads[0]["config"]["model"]["view_mode"],
+            },
+        )
         client.log_artifacts(run_id, str(target), "model")
 
     _ensure_registered_model(client, name)
     members = "\n".join(f"- {member_name(i)}: run {rid}" for i, rid in enumerate(member_run_ids))
     text = f"{description}\n\n" if description else ""
     version = client.create_model_version(
-        name, source=f"{run.info.artifact_uri.rstrip('/')}/model", run_id=run_id,
+        name,
+        source=f"{run.info.artifact_uri.rstrip('/')}/model",
+        run_id=run_id,
         tags={"mammo_ray.member_run_ids": ",".join(member_run_ids), "mammo_ray.members": str(len(checkpoints))},
-        description=f"{text}Average of {len(checkpoints)} members (paper 000):\n{members}")
-    return {"model_uri": f"models:/{name}/{version.version}", "name": name, "version": int(version.version),
-            "run_id": run_id}
+        description=f"{text}Average of {len(checkpoints)} members (paper 000):\n{members}",
+    )
+    return {
+        "model_uri": f"models:/{name}/{version.version}",
+        "name": name,
+        "version": int(version.version),
+        "run_id": run_id,
+    }

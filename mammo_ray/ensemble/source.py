@@ -43,9 +43,16 @@ class ModelSource:
     member_run_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "kind": self.kind, "checkpoints": [str(p) for p in self.checkpoints],
-                "run_id": self.run_id, "tracking_uri": self.tracking_uri, "model_uri": self.model_uri,
-                "version": self.version, "member_run_ids": self.member_run_ids}
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "checkpoints": [str(p) for p in self.checkpoints],
+            "run_id": self.run_id,
+            "tracking_uri": self.tracking_uri,
+            "model_uri": self.model_uri,
+            "version": self.version,
+            "member_run_ids": self.member_run_ids,
+        }
 
 
 def _client(uri: str) -> Any:
@@ -61,12 +68,15 @@ def _from_run(spec: str, run_id: str, uri: str) -> ModelSource:
         raise ModelSourceError(f"--model {spec}: no run {run_id} in {uri} ({exc})") from None
     checkpoint = run.data.tags.get("mammo_ray.checkpoint")
     if not checkpoint:
-        raise ModelSourceError(f"--model {spec}: run {run_id} has no mammo_ray.checkpoint tag (did it finish? "
-                               "an ensemble's parent run is used through its models:/ URI)")
+        raise ModelSourceError(
+            f"--model {spec}: run {run_id} has no mammo_ray.checkpoint tag (did it finish? "
+            "an ensemble's parent run is used through its models:/ URI)"
+        )
     if not Path(checkpoint).exists():
         raise ModelSourceError(f"--model {spec}: run {run_id}'s checkpoint {checkpoint} is not on this machine")
-    return ModelSource(spec, "run", [checkpoint_file(checkpoint)], run_id=run_id, tracking_uri=uri,
-                       member_run_ids=[run_id])
+    return ModelSource(
+        spec, "run", [checkpoint_file(checkpoint)], run_id=run_id, tracking_uri=uri, member_run_ids=[run_id]
+    )
 
 
 def _member_files(model_dir: Path) -> list[Path]:
@@ -92,25 +102,36 @@ def _from_registry(spec: str, uri: str, cache_dir: Path) -> ModelSource:
     try:
         mv = client.get_model_version(name, version)
     except Exception as exc:  # noqa: BLE001
-        raise ModelSourceError(f"--model {spec}: no version {version} of registered model {name!r} in {uri} "
-                               f"({exc})") from None
+        raise ModelSourceError(
+            f"--model {spec}: no version {version} of registered model {name!r} in {uri} ({exc})"
+        ) from None
     target = cache_dir / f"{name}-v{version}"
     target.mkdir(parents=True, exist_ok=True)
     try:
         # The version's source (the ensemble run's ``model`` artifact), not "models:/...": that would
         # go through the process-wide registry URI instead of ``uri``.
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(target),
-                                                         tracking_uri=uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(target), tracking_uri=uri)
+        )
     except Exception as exc:  # noqa: BLE001
         raise ModelSourceError(f"--model {spec}: could not download the model's files ({exc})") from None
     members = _member_files(local)
     if not members:
-        raise ModelSourceError(f"--model {spec}: the model holds no member_XXX checkpoints (not a mammo-ray "
-                               f"ensemble?); looked in {local / 'MLmodel'}")
+        raise ModelSourceError(
+            f"--model {spec}: the model holds no member_XXX checkpoints (not a mammo-ray "
+            f"ensemble?); looked in {local / 'MLmodel'}"
+        )
     runs = [r for r in mv.tags.get("mammo_ray.member_run_ids", "").split(",") if r]
-    return ModelSource(spec, "registered", [checkpoint_file(p) for p in members], run_id=mv.run_id,
-                       tracking_uri=uri, model_uri=f"models:/{name}/{version}", version=str(version),
-                       member_run_ids=runs)
+    return ModelSource(
+        spec,
+        "registered",
+        [checkpoint_file(p) for p in members],
+        run_id=mv.run_id,
+        tracking_uri=uri,
+        model_uri=f"models:/{name}/{version}",
+        version=str(version),
+        member_run_ids=runs,
+    )
 
 
 def resolve_model_source(spec: str, workdir: str | Path, *, tracking_uri: str | None = None) -> ModelSource:
@@ -139,8 +160,10 @@ def resolve_model_source(spec: str, workdir: str | Path, *, tracking_uri: str | 
     uri = tracking_uri or default_uri(Config(), workdir)
     if spec.startswith("models:/"):
         return _from_registry(spec, uri, workdir / "models")
-    run_id = spec[len("runs:/"):].split("/")[0] if spec.startswith("runs:/") else spec
+    run_id = spec[len("runs:/") :].split("/")[0] if spec.startswith("runs:/") else spec
     if RUN_ID.fullmatch(run_id):
         return _from_run(spec, run_id, uri)
-    raise ModelSourceError(f"--model {spec}: not a checkpoint file or folder, a run id (runs:/<id>) or a "
-                           "registered model (models:/<name>/<version>)")
+    raise ModelSourceError(
+        f"--model {spec}: not a checkpoint file or folder, a run id (runs:/<id>) or a "
+        "registered model (models:/<name>/<version>)"
+    )

@@ -3,13 +3,29 @@
 Plain torch/numpy (captum for the gradients, matplotlib/Pillow for the pictures), no Ray.
 """
 
-from .dream import DreamConfig, DreamFrame, DreamResult, directed_dream, render_dream_frame, save_dream_frame, \
-    save_dream_gif
+from .dream import (
+    DreamConfig,
+    DreamFrame,
+    DreamResult,
+    directed_dream,
+    render_dream_frame,
+    save_dream_frame,
+    save_dream_gif,
+)
 from .filters import filter_grid, first_layer_filters, save_filter_grid
-from .saliency import save_saliency_png, saliency_map
+from .saliency import saliency_map, save_saliency_png
 
 __all__ = [
-    "DreamConfig", "DreamFrame", "DreamResult", "directed_dream", "filter_grid", "first_layer_filters",
-    "render_dream_frame", "saliency_map", "save_dream_frame", "save_dream_gif", "save_filter_grid",
+    "DreamConfig",
+    "DreamFrame",
+    "DreamResult",
+    "directed_dream",
+    "filter_grid",
+    "first_layer_filters",
+    "render_dream_frame",
+    "saliency_map",
+    "save_dream_frame",
+    "save_dream_gif",
+    "save_filter_grid",
     "save_saliency_png",
 ]

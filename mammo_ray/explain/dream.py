@@ -65,9 +65,16 @@ class DreamConfig:
     seed: int = 0  # seeds the numpy Generator that draws every alteration
 
     def __post_init__(self) -> None:
-        checks = {"target": self.target in TARGET_CLASSES, "steps": self.steps >= 0, "lr": self.lr > 0,
-                  "clip_grad": self.clip_grad > 0, "clip_x": self.clip_x > 0, "max_angle": self.max_angle >= 0,
-                  "boxes": self.boxes >= 0, "box_frac": 0 < self.box_frac <= 1}
+        checks = {
+            "target": self.target in TARGET_CLASSES,
+            "steps": self.steps >= 0,
+            "lr": self.lr > 0,
+            "clip_grad": self.clip_grad > 0,
+            "clip_x": self.clip_x > 0,
+            "max_angle": self.max_angle >= 0,
+            "boxes": self.boxes >= 0,
+            "box_frac": 0 < self.box_frac <= 1,
+        }
         for name, ok in checks.items():
             if not ok:
                 allowed = f"one of {sorted(TARGET_CLASSES)}" if name == "target" else "out of range"
@@ -83,8 +90,11 @@ def _rotate(x: Tensor, degrees: float) -> Tensor:
     a = math.radians(degrees)
     h, w = x.shape[-2:]
     # Normalised grid coordinates scale x by W/2 and y by H/2: correct so pixels rotate rigidly.
-    theta = torch.tensor([[math.cos(a), -math.sin(a) * h / w, 0.0], [math.sin(a) * w / h, math.cos(a), 0.0]],
-                         dtype=x.dtype, device=x.device)
+    theta = torch.tensor(
+        [[math.cos(a), -math.sin(a) * h / w, 0.0], [math.sin(a) * w / h, math.cos(a), 0.0]],
+        dtype=x.dtype,
+        device=x.device,
+    )
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -102,7 +112,7 @@ class Alteration:
         """(H, W) of the altered frame: 0 inside the boxes, 1 elsewhere."""
         keep = torch.ones(x.shape[-2:], dtype=x.dtype, device=x.device)
         for top, left, height, width in self.boxes:
-            keep[top:top + height, left:left + width] = 0
+            keep[top : top + height, left : left + width] = 0
         return keep
 
     def apply(self, x: Tensor) -> Tensor:
@@ -185,13 +195,16 @@ def _check_views(model: nn.Module, views: Tensor | tuple[Tensor, Tensor]) -> lis
     if len(listed) not in (1, 2) or (multimodal and len(listed) != 2):
         want = "a (cc, mlo) pair" if multimodal else "a (B, C, H, W) tensor or a (cc, mlo) pair"
         raise ValueError(f"directed_dream: {type(model).__name__} takes {want}, got {len(listed)} tensors")
-    for name, v in zip(("cc", "mlo") if len(listed) == 2 else ("x",), listed):
+    for name, v in zip(("cc", "mlo") if len(listed) == 2 else ("x",), listed, strict=True):
         if not isinstance(v, Tensor) or v.dim() != 4:
-            raise ValueError(f"directed_dream: {name} must be a (B, C, H, W) tensor, got "
-                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+            raise ValueError(
+                f"directed_dream: {name} must be a (B, C, H, W) tensor, got "
+                f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}"
+            )
     if len(listed) == 2 and listed[0].shape[0] != listed[1].shape[0]:
-        raise ValueError(f"directed_dream: cc and mlo batch sizes differ "
-                         f"({listed[0].shape[0]} vs {listed[1].shape[0]})")
+        raise ValueError(
+            f"directed_dream: cc and mlo batch sizes differ ({listed[0].shape[0]} vs {listed[1].shape[0]})"
+        )
     return [v.detach().float().clone() for v in listed]
 
 
@@ -216,26 +229,34 @@ def directed_dream(model: nn.Module, views: Tensor | tuple[Tensor, Tensor], conf
     was_training = model.training
     model.eval()
     try:
+
         def record(step: int, x: list[Tensor], saliency: list[Tensor]) -> DreamFrame:
             with torch.no_grad():
                 probs = _probabilities(model, x)
             if probs.dim() != 2 or probs.shape[1] != 2:
-                raise ValueError(f"directed_dream: needs a two-class (benign, malignant) model, got outputs of "
-                                 f"shape {tuple(probs.shape)}")
-            return DreamFrame(step, tuple(v.cpu().clone() for v in x), tuple(s.cpu() for s in saliency),
-                              tuple((v - v0).cpu() for v, v0 in zip(x, x0)), probs[:, target].cpu())
+                raise ValueError(
+                    f"directed_dream: needs a two-class (benign, malignant) model, got outputs of "
+                    f"shape {tuple(probs.shape)}"
+                )
+            return DreamFrame(
+                step,
+                tuple(v.cpu().clone() for v in x),
+                tuple(s.cpu() for s in saliency),
+                tuple((v - v0).cpu() for v, v0 in zip(x, x0, strict=True)),
+                probs[:, target].cpu(),
+            )
 
         x = [v.clone() for v in x0]
         frames = [record(0, x, [torch.zeros(v.shape[0], *v.shape[-2:]) for v in x])]
         for step in range(1, config.steps + 1):
             alterations = [draw_alteration(rng, v.shape[-2], v.shape[-1], config) for v in x]
-            altered = [a.apply(v).requires_grad_(True) for a, v in zip(alterations, x)]  # line 4
+            altered = [a.apply(v).requires_grad_(True) for a, v in zip(alterations, x, strict=True)]  # line 4
             y = (_probabilities(model, altered) * direction).sum()  # lines 5-6 (samples independent in eval)
             grads = torch.autograd.grad(y, altered)
             new_x, saliency = [], []
-            for a, v, v_alt, grad in zip(alterations, x, altered, grads):
+            for a, v, v_alt, grad in zip(alterations, x, altered, grads, strict=True):
                 v_alt = v_alt.detach()
-                moved = (v_alt + config.lr * zscore(grad).clamp(-config.clip_grad, config.clip_grad))  # lines 7-8
+                moved = v_alt + config.lr * zscore(grad).clamp(-config.clip_grad, config.clip_grad)  # lines 7-8
                 moved = moved.clamp(-config.clip_x, config.clip_x)  # line 9
                 delta = a.invert_update(moved - v_alt)  # line 10, on the update
                 new_x.append((v + delta).clamp(-config.clip_x, config.clip_x))
@@ -250,5 +271,15 @@ def directed_dream(model: nn.Module, views: Tensor | tuple[Tensor, Tensor], conf
 
 from .dream_render import render_dream_frame, save_dream_frame, save_dream_gif  # noqa: E402  (re-exported)
 
-__all__ = ["Alteration", "DreamConfig", "DreamFrame", "DreamResult", "directed_dream", "draw_alteration",
-           "render_dream_frame", "save_dream_frame", "save_dream_gif", "zscore"]
+__all__ = [
+    "Alteration",
+    "DreamConfig",
+    "DreamFrame",
+    "DreamResult",
+    "directed_dream",
+    "draw_alteration",
+    "render_dream_frame",
+    "save_dream_frame",
+    "save_dream_gif",
+    "zscore",
+]

@@ -81,23 +81,36 @@ def render_dream_frame(result: DreamResult, step: int = -1, *, view: int | str =
             ax = fig.add_axes((col / 3, bottom, 1 / 3, PANEL_INCHES / height_in))
             ax.imshow(array, interpolation="nearest", **style)
             ax.set_axis_off()
-            ax.text(0.02, 0.98, f"{result.view_names[v]} {PANELS[col]}", transform=ax.transAxes, fontsize=6,
-                    va="top", ha="left", color="black", bbox=dict(facecolor="white", alpha=0.7, pad=1, lw=0))
+            ax.text(
+                0.02,
+                0.98,
+                f"{result.view_names[v]} {PANELS[col]}",
+                transform=ax.transAxes,
+                fontsize=6,
+                va="top",
+                ha="left",
+                color="black",
+                bbox=dict(facecolor="white", alpha=0.7, pad=1, lw=0),
+            )
     target = result.config.target
-    fig.suptitle(f"Directed Dream towards {target}: step {frame.step}/{len(result.frames) - 1}, "
-                 f"P({target}) = {float(frame.score[index]):.3f}", fontsize=8, y=1 - 0.05 * TITLE_INCHES / height_in)
+    fig.suptitle(
+        f"Directed Dream towards {target}: step {frame.step}/{len(result.frames) - 1}, "
+        f"P({target}) = {float(frame.score[index]):.3f}",
+        fontsize=8,
+        y=1 - 0.05 * TITLE_INCHES / height_in,
+    )
     fig.text(0.5, 0.02 * FOOTER_INCHES / height_in, DISCLAIMER, ha="center", va="bottom", fontsize=5)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def save_dream_gif(result: DreamResult, path: str | os.PathLike[str], *, view: int | str = "both", index: int = 0,
-                   fps: float = 5.0) -> Path:
+def save_dream_gif(
+    result: DreamResult, path: str | os.PathLike[str], *, view: int | str = "both", index: int = 0, fps: float = 5.0
+) -> Path:
     """Write every frame (``config.steps + 1``) as a looping GIF at ``fps`` frames per second."""
     if fps <= 0:
         raise ValueError(f"save_dream_gif: fps must be > 0, got {fps}")
-    images = [Image.fromarray(render_dream_frame(result, t, view=view, index=index))
-              for t in range(len(result.frames))]
+    images = [Image.fromarray(render_dream_frame(result, t, view=view, index=index)) for t in range(len(result.frames))]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Consecutive frames always differ (the title shows the step), so Pillow keeps every one.
@@ -105,8 +118,9 @@ def save_dream_gif(result: DreamResult, path: str | os.PathLike[str], *, view: i
     return path
 
 
-def save_dream_frame(result: DreamResult, path: str | os.PathLike[str], *, step: int = -1,
-                     view: int | str = "both", index: int = 0) -> Path:
+def save_dream_frame(
+    result: DreamResult, path: str | os.PathLike[str], *, step: int = -1, view: int | str = "both", index: int = 0
+) -> Path:
     """Write one frame (by default the last: the finished dream) as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,7 @@ def first_layer_filters(model: nn.Module, branch: str = "cc") -> Tensor:
         raise ValueError(f"first_layer_filters: {type(net).__name__} has no ModelInfo (.info.first_conv)")
     conv = net.get_submodule(info.first_conv)
     if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"first_layer_filters: {info.name}.{info.first_conv} is a {type(conv).__name__}, "
-                         f"not a Conv2d")
+        raise ValueError(f"first_layer_filters: {info.name}.{info.first_conv} is a {type(conv).__name__}, not a Conv2d")
     return conv.weight.detach().float().cpu().clone()
 
 
@@ -59,8 +58,9 @@ def _normalise_per_filter(weights: Tensor) -> Tensor:
     flat = weights.flatten(1)
     low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
     span = high - low
-    scaled = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny),
-                         torch.full_like(flat, 0.5))
+    scaled = torch.where(
+        span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.full_like(flat, 0.5)
+    )
     return scaled.view_as(weights)
 
 
@@ -88,8 +88,7 @@ def filter_grid(weights: Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy() if in_ch == 3 else image[0].numpy()
 
 
-def save_filter_grid(model: nn.Module, path: str | os.PathLike[str], *, scale: int = 8,
-                     branch: str = "cc") -> Path:
+def save_filter_grid(model: nn.Module, path: str | os.PathLike[str], *, scale: int = 8, branch: str = "cc") -> Path:
     """Write the first-layer filter grid of ``model`` as a PNG, each pixel ``scale`` x ``scale``.
 
     Returns the path; the PNG is ``filter_grid(...)`` upscaled by nearest neighbour, so its size

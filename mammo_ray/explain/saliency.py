@@ -31,8 +31,9 @@ def _check_image_batch(x: object, what: str) -> Tensor:
     return x
 
 
-def saliency_map(model: nn.Module, x: Tensor | Sequence[Tensor],
-                 target_class: int = 1) -> Tensor | tuple[Tensor, Tensor]:
+def saliency_map(
+    model: nn.Module, x: Tensor | Sequence[Tensor], target_class: int = 1
+) -> Tensor | tuple[Tensor, Tensor]:
     """|d score(target_class) / d x|, maximised over channels (paper 001, section 5.5.1).
 
     The model is put in eval mode for the call (no dropout, BatchNorm on running statistics)
@@ -53,8 +54,9 @@ def saliency_map(model: nn.Module, x: Tensor | Sequence[Tensor],
         raise ValueError(f"saliency_map: expected a (B, C, H, W) tensor or a (cc, mlo) pair, got {len(x)} tensors")
     if _is_multimodal(model) and not pair:
         raise ValueError("saliency_map: a multimodal model takes a (cc, mlo) pair of (B, C, H, W) tensors")
-    views = (tuple(_check_image_batch(v, f"view {i}") for i, v in enumerate(x)) if pair
-             else (_check_image_batch(x, "x"),))
+    views = (
+        tuple(_check_image_batch(v, f"view {i}") for i, v in enumerate(x)) if pair else (_check_image_batch(x, "x"),)
+    )
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and not 0 <= target_class < num_classes:
         raise ValueError(f"saliency_map: target_class {target_class} is not a class of a {num_classes}-class model")
@@ -63,11 +65,14 @@ def saliency_map(model: nn.Module, x: Tensor | Sequence[Tensor],
     try:
         if _is_multimodal(model):
             grads = Saliency(lambda cc, mlo: model(cc, mlo)).attribute(
-                tuple(v.detach().clone().requires_grad_(True) for v in views), target=target_class, abs=True)
+                tuple(v.detach().clone().requires_grad_(True) for v in views), target=target_class, abs=True
+            )
         else:
             saliency = Saliency(model)
-            grads = tuple(saliency.attribute(v.detach().clone().requires_grad_(True), target=target_class, abs=True)
-                          for v in views)
+            grads = tuple(
+                saliency.attribute(v.detach().clone().requires_grad_(True), target=target_class, abs=True)
+                for v in views
+            )
     finally:
         model.train(was_training)
     maps = tuple(g.amax(dim=1).detach() for g in grads)
@@ -84,8 +89,14 @@ def _as_2d(array: Tensor | np.ndarray, what: str) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def save_saliency_png(image: Tensor | np.ndarray, saliency: Tensor | np.ndarray, path: str | os.PathLike[str], *,
-                      title: str = "Saliency map", dpi: int = 100) -> Path:
+def save_saliency_png(
+    image: Tensor | np.ndarray,
+    saliency: Tensor | np.ndarray,
+    path: str | os.PathLike[str],
+    *,
+    title: str = "Saliency map",
+    dpi: int = 100,
+) -> Path:
     """Write the image and the saliency overlaid on it side by side, with the disclaimer.
 
     Args:

@@ -49,8 +49,10 @@ def _is_multimodal(model: nn.Module) -> bool:
 
 def _views(model: nn.Module, x: Views) -> tuple[Tensor, Tensor]:
     if isinstance(x, Tensor) or len(x) != 2:
-        raise ValueError(f"{_name(model)} is a multimodal model: pass a (cc, mlo) pair of (B, C, H, W) tensors, "
-                         f"got {type(x).__name__}")
+        raise ValueError(
+            f"{_name(model)} is a multimodal model: pass a (cc, mlo) pair of (B, C, H, W) tensors, "
+            f"got {type(x).__name__}"
+        )
     return x[0], x[1]
 
 
@@ -64,8 +66,10 @@ def _check_target(model: nn.Module, target_class: int) -> None:
 
 def _weighted_sum(model: nn.Module, weight: Tensor, features: Tensor) -> Tensor:
     if weight.shape[0] != features.shape[1]:
-        raise ValueError(f"{_name(model)}: the classifier row has {weight.shape[0]} weights but the feature map "
-                         f"{tuple(features.shape)} has {features.shape[1]} channels")
+        raise ValueError(
+            f"{_name(model)}: the classifier row has {weight.shape[0]} weights but the feature map "
+            f"{tuple(features.shape)} has {features.shape[1]} channels"
+        )
     return torch.einsum("c,bchw->bhw", weight.to(features.dtype), features)
 
 
@@ -87,8 +91,10 @@ def class_activation_map(model: nn.Module, x: Views, target_class: int = 1) -> M
     """
     info = model.info
     if not info.gap_fc:
-        raise ValueError(f"{info.name}: CAM (paper 004, Eq. 1) needs a network ending in global average pooling + "
-                         f"one FC, and {info.name}'s head is not (ModelInfo.gap_fc=False); use grad_cam instead")
+        raise ValueError(
+            f"{info.name}: CAM (paper 004, Eq. 1) needs a network ending in global average pooling + "
+            f"one FC, and {info.name}'s head is not (ModelInfo.gap_fc=False); use grad_cam instead"
+        )
     _check_target(model, target_class)
     weight = model.get_classifier().weight[target_class].detach()
     with torch.no_grad():
@@ -104,12 +110,14 @@ def _target_layer(branch: nn.Module) -> nn.Module:
     try:
         return branch.get_submodule(path)
     except AttributeError as error:
-        raise ValueError(f"{branch.info.name}: ModelInfo.cam_target_layer {path!r} is not a submodule "
-                         f"of the model") from error
+        raise ValueError(
+            f"{branch.info.name}: ModelInfo.cam_target_layer {path!r} is not a submodule of the model"
+        ) from error
 
 
-def _layer_grad_cam(model: nn.Module, forward: nn.Module, branch: nn.Module, inputs: tuple[Tensor, ...],
-                    target_class: int) -> Tensor:
+def _layer_grad_cam(
+    model: nn.Module, forward: nn.Module, branch: nn.Module, inputs: tuple[Tensor, ...], target_class: int
+) -> Tensor:
     """captum LayerGradCam on ``branch``'s CAM layer, checking that layer's output is forward_features."""
     layer = _target_layer(branch)
     seen: dict[str, Tensor] = {}
@@ -117,6 +125,7 @@ def _layer_grad_cam(model: nn.Module, forward: nn.Module, branch: nn.Module, inp
     def keep(key: str):
         def hook(module: nn.Module, args: object, output: Tensor) -> None:
             seen[key] = output.detach()
+
         return hook
 
     hooks = [layer.register_forward_hook(keep("layer"))]
@@ -127,16 +136,20 @@ def _layer_grad_cam(model: nn.Module, forward: nn.Module, branch: nn.Module, inp
     inputs = tuple(t.detach().requires_grad_(True) for t in inputs)
     try:
         with torch.enable_grad():
-            maps = LayerGradCam(forward, layer).attribute(inputs if len(inputs) > 1 else inputs[0],
-                                                          target=target_class, relu_attributions=True)
+            maps = LayerGradCam(forward, layer).attribute(
+                inputs if len(inputs) > 1 else inputs[0], target=target_class, relu_attributions=True
+            )
     finally:
         for handle in hooks:
             handle.remove()
-    if "features" in seen and not (seen["layer"].shape == seen["features"].shape
-                                   and torch.equal(seen["layer"], seen["features"])):
-        raise ValueError(f"{_name(model)}: the output of cam_target_layer {branch.info.cam_target_layer!r} "
-                         f"{tuple(seen['layer'].shape)} is not the forward_features map "
-                         f"{tuple(seen['features'].shape)}; fix ModelInfo.cam_target_layer")
+    if "features" in seen and not (
+        seen["layer"].shape == seen["features"].shape and torch.equal(seen["layer"], seen["features"])
+    ):
+        raise ValueError(
+            f"{_name(model)}: the output of cam_target_layer {branch.info.cam_target_layer!r} "
+            f"{tuple(seen['layer'].shape)} is not the forward_features map "
+            f"{tuple(seen['features'].shape)}; fix ModelInfo.cam_target_layer"
+        )
     return maps.detach()[:, 0]
 
 
@@ -164,8 +177,10 @@ def grad_cam(model: nn.Module, x: Views, target_class: int = 1) -> Maps:
     _check_target(model, target_class)
     if _is_multimodal(model):
         views = _views(model, x)
-        return (_layer_grad_cam(model, model, model.cc, views, target_class),
-                _layer_grad_cam(model, model, model.mlo, views, target_class))
+        return (
+            _layer_grad_cam(model, model, model.cc, views, target_class),
+            _layer_grad_cam(model, model, model.mlo, views, target_class),
+        )
     return _layer_grad_cam(model, model, model, (x,), target_class)
 
 

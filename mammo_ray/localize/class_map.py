@@ -19,8 +19,9 @@ probability. Each member's map is min-max scaled to [0, 1] (``cam.normalize_map`
 members are averaged, and the mean is min-max scaled again: members that look at different places
 average to a low, flat map, and a threshold on it would then find nothing. So the heatmap and the
 box threshold are relative to the ensemble's own peak on this image (0.5: the upper half of it),
-the peak always makes a box, and how much the members disagree is the spread map's to say. The image score is the members' mean P(class 1) for the whole
-image: the output the map explains, not a validated image-level call.
+the peak always makes a box, and how much the members disagree is the spread map's to say. The
+image score is the members' mean P(class 1) for the whole image: the output the map explains, not a
+validated image-level call.
 
 Grid. Member maps come at feature resolution (finer for LevyNet than for ResNet); each is
 resampled bilinearly onto one grid of square cells over the scaled image: the finest member's
@@ -49,8 +50,9 @@ CLASS_MAP_METHODS = ("cam", "gradcam")
 DEFAULT_LONG_SIDE_INPUTS = 4  # fixed/proportional crop models: the image's long side in network inputs
 
 
-def class_map_scale(config: Config, spec: TransformSpec, image_shape: tuple[int, int],
-                    long_side: int | None = None) -> tuple[float, str]:
+def class_map_scale(
+    config: Config, spec: TransformSpec, image_shape: tuple[int, int], long_side: int | None = None
+) -> tuple[float, str]:
     """Network px per original px for the whole image, and a sentence saying how it was chosen."""
     height, width = (int(v) for v in image_shape)
     if long_side is not None:
@@ -65,8 +67,9 @@ def class_map_scale(config: Config, spec: TransformSpec, image_shape: tuple[int,
         wh, ww = config.data.whole_size
         return min(wh / height, ww / width), f"letterboxed to data.whole_size {wh}x{ww}, as in training"
     side = DEFAULT_LONG_SIDE_INPUTS * spec.input_px
-    return side / max(height, width), (f"long side {side} px ({DEFAULT_LONG_SIDE_INPUTS} x input_px: "
-                                       f"data.crop={crop} crops have no fixed scale)")
+    return side / max(height, width), (
+        f"long side {side} px ({DEFAULT_LONG_SIDE_INPUTS} x input_px: data.crop={crop} crops have no fixed scale)"
+    )
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -76,8 +79,9 @@ def _device(model: nn.Module) -> torch.device:
 def _member_map(model: nn.Module, x: torch.Tensor, method: str, target_class: int) -> tuple[torch.Tensor, float]:
     """One member's (h, w) map at feature resolution and its P(target_class) for the image."""
     if getattr(model, "view_mode", "single") == "multimodal":
-        raise ValueError(f"{model.info.name}: a multimodal model classifies CC+MLO pairs; a whole-image "
-                         "class map takes one view")
+        raise ValueError(
+            f"{model.info.name}: a multimodal model classifies CC+MLO pairs; a whole-image class map takes one view"
+        )
     if model.training:
         raise ValueError(f"{model.info.name} is in training mode: call model.eval() before a class map")
     x = x.to(_device(model))
@@ -93,10 +97,20 @@ def _rescale(values: np.ndarray) -> np.ndarray:
     return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
-def localize_class_map(models: Sequence[nn.Module], spec: TransformSpec, config: Config, image: np.ndarray, *,
-                       method: str = "cam", flipped: bool = False, threshold: float = 0.5,
-                       long_side: int | None = None, target_class: int = 1, min_area: int = 1,
-                       max_boxes: int | None = 20) -> Localization:
+def localize_class_map(
+    models: Sequence[nn.Module],
+    spec: TransformSpec,
+    config: Config,
+    image: np.ndarray,
+    *,
+    method: str = "cam",
+    flipped: bool = False,
+    threshold: float = 0.5,
+    long_side: int | None = None,
+    target_class: int = 1,
+    min_area: int = 1,
+    max_boxes: int | None = 20,
+) -> Localization:
     """The members' mean CAM (or Grad-CAM) of one whole mammogram, and boxes of its blobs above ``threshold``.
 
     Args:
@@ -126,14 +140,22 @@ def localize_class_map(models: Sequence[nn.Module], spec: TransformSpec, config:
     scale = max(scale, smallest / min(image.shape))  # upscale a tiny image uniformly, never stretch it
     size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
     x = network_input(image, spec, size)
-    raw, probs = zip(*(_member_map(m, x, method, target_class) for m in models))
+    raw, probs = zip(*(_member_map(m, x, method, target_class) for m in models), strict=True)
     rows = max(int(m.shape[0]) for m in raw)
     cell = size[0] / rows
     cols = max(1, round(size[1] / cell))
     stack = torch.stack([normalize_map(upsample_map(m, (rows, cols))) for m in raw]).numpy()
     dense = DenseMap(_rescale(stack.mean(0)).astype(np.float32), cell, cell, size)  # type: ignore[arg-type]
     geometry = WindowGeometry(scale=scale, window=0, patch_px=0)
-    result = Localization(dense, stack.std(0).astype(np.float32), geometry, tuple(image.shape), flipped, threshold,
-                          method=method, score=float(np.mean(probs)))
+    result = Localization(
+        dense,
+        stack.std(0).astype(np.float32),
+        geometry,
+        tuple(image.shape),
+        flipped,
+        threshold,
+        method=method,
+        score=float(np.mean(probs)),
+    )
     result.boxes = read_boxes(result, min_area=min_area, max_boxes=max_boxes)
     return result

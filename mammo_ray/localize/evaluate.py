@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,8 +75,12 @@ class SplitScan:
     def __post_init__(self) -> None:
         evaluated = sum(s.n_masses for s in self.images)
         unreadable = sum(int(s["n_masses"]) for s in self.skipped)
-        self.roi_counts = {"mass_rows": self.n_mass_rows, "evaluated": evaluated,
-                           "in_unreadable_images": unreadable, "duplicate_rows": self.duplicate_mass_rows}
+        self.roi_counts = {
+            "mass_rows": self.n_mass_rows,
+            "evaluated": evaluated,
+            "in_unreadable_images": unreadable,
+            "duplicate_rows": self.duplicate_mass_rows,
+        }
         if evaluated + unreadable + self.duplicate_mass_rows != self.n_mass_rows:
             raise RuntimeError(f"ROI accounting does not add up: {self.roi_counts}")
 
@@ -108,8 +113,9 @@ def _read_film(film: Film) -> tuple[np.ndarray | None, bool, str, list[str]]:
     return None, False, "", errors or ["no image file"]
 
 
-def scan_split(rows: pd.DataFrame, localize: Localizer, stage1: Localizer | None = None, *,
-               progress: bool = True) -> SplitScan:
+def scan_split(
+    rows: pd.DataFrame, localize: Localizer, stage1: Localizer | None = None, *, progress: bool = True
+) -> SplitScan:
     """Maps of every film of ``rows`` (once per image_id); films none of whose files read are skipped
     and listed with the reason and the mass ROIs they take out of the evaluation."""
     films = group_films(rows)
@@ -117,21 +123,36 @@ def scan_split(rows: pd.DataFrame, localize: Localizer, stage1: Localizer | None
     for film in tqdm(films, desc="dense maps", unit="image", disable=not progress):
         image, flipped, path, errors = _read_film(film)
         if image is None:
-            skipped.append({"image_id": film.image_id, "paths": list(film.paths), "n_masses": film.n_masses,
-                            "reason": "; ".join(errors)})
+            skipped.append(
+                {
+                    "image_id": film.image_id,
+                    "paths": list(film.paths),
+                    "n_masses": film.n_masses,
+                    "reason": "; ".join(errors),
+                }
+            )
             continue
         found = localize(image, flipped)
-        rois, how = roi_grids(film, image.shape, flipped, found.dense.probs.shape, found.map_scale,
-                              found.map_offset)
+        rois, how = roi_grids(film, image.shape, flipped, found.dense.probs.shape, found.map_scale, found.map_offset)
         placed.extend(how)
         score = found.image_score if stage1 is None else stage1(image, flipped).image_score
-        scanned.append(ScannedImage(film.image_id, path, film.patient_id, found.dense.probs, rois,
-                                    tuple(r["lesion_id"] for r in how), score))
+        scanned.append(
+            ScannedImage(
+                film.image_id, path, film.patient_id, found.dense.probs, rois, tuple(r["lesion_id"] for r in how), score
+            )
+        )
     if not scanned:
         raise ValueError(f"no image could be scanned ({len(skipped)} skipped: {skipped[:3]})")
     masses = sum(f.n_masses + f.duplicate_mass_rows for f in films)
-    return SplitScan(scanned, skipped, placed, len(films), masses, sum(f.duplicate_mass_rows for f in films),
-                     sum(len(f.paths) > 1 for f in films))
+    return SplitScan(
+        scanned,
+        skipped,
+        placed,
+        len(films),
+        masses,
+        sum(f.duplicate_mass_rows for f in films),
+        sum(len(f.paths) > 1 for f in films),
+    )
 
 
 def random_maps(scanned: Sequence[ScannedImage], seed: int) -> list[np.ndarray]:
@@ -140,37 +161,60 @@ def random_maps(scanned: Sequence[ScannedImage], seed: int) -> list[np.ndarray]:
     return [rng.random(s.prob_map.shape).astype(np.float32) for s in scanned]
 
 
-def two_stage(scanned: Sequence[ScannedImage], image_threshold: float, box_threshold: float, *,
-              reduce: str = "max", hit: str = "overlap") -> dict[str, Any]:
+def two_stage(
+    scanned: Sequence[ScannedImage],
+    image_threshold: float,
+    box_threshold: float,
+    *,
+    reduce: str = "max",
+    hit: str = "overlap",
+) -> dict[str, Any]:
     """Stage 1 image call, then localisation at ``box_threshold`` on the images it calls positive."""
     calls = np.array([s.stage1_score >= image_threshold for s in scanned])
     labels = np.array([s.n_masses > 0 for s in scanned])
     detected = fps = n_rois = 0
-    for s, call in zip(scanned, calls):
+    for s, call in zip(scanned, calls, strict=True):
         record = evaluate_image(s.prob_map, s.rois, [box_threshold], reduce=reduce, hit=hit)
         n_rois += record.roi_scores.size
         if call:
             detected += int(record.detected[:, 0].sum())
             fps += int(record.false_positives[0])
     tp = int(np.sum(calls & labels))
-    return {"image_threshold": image_threshold, "box_threshold": box_threshold, "reduce": reduce, "hit": hit,
-            "stage1_accuracy": float(np.mean(calls == labels)),
-            "stage1_sensitivity": float(tp / labels.sum()) if labels.any() else None,
-            "stage1_specificity": float(np.sum(~calls & ~labels) / (~labels).sum()) if (~labels).any() else None,
-            "images_called_positive": int(calls.sum()), "n_images": len(scanned), "n_rois": n_rois,
-            "sensitivity": float(detected / n_rois) if n_rois else None,
-            "fp_per_image": float(fps / len(scanned))}
+    return {
+        "image_threshold": image_threshold,
+        "box_threshold": box_threshold,
+        "reduce": reduce,
+        "hit": hit,
+        "stage1_accuracy": float(np.mean(calls == labels)),
+        "stage1_sensitivity": float(tp / labels.sum()) if labels.any() else None,
+        "stage1_specificity": float(np.sum(~calls & ~labels) / (~labels).sum()) if (~labels).any() else None,
+        "images_called_positive": int(calls.sum()),
+        "n_images": len(scanned),
+        "n_rois": n_rois,
+        "sensitivity": float(detected / n_rois) if n_rois else None,
+        "fp_per_image": float(fps / len(scanned)),
+    }
 
 
 def _roi_summary(scan: SplitScan) -> dict[str, Any]:
     """How the evaluated ROIs were placed, and every one not placed by its own mask, with the reason."""
-    return {"counts": scan.roi_counts,
-            "placed_by": dict(Counter(str(p["placed_by"]) for p in scan.placed)),
-            "not_by_own_mask": [p for p in scan.placed if p["placed_by"] not in ("mask", "mask_resampled")]}
+    return {
+        "counts": scan.roi_counts,
+        "placed_by": dict(Counter(str(p["placed_by"]) for p in scan.placed)),
+        "not_by_own_mask": [p for p in scan.placed if p["placed_by"] not in ("mask", "mask_resampled")],
+    }
 
 
-def evaluate_split(scan: SplitScan, out_dir: str | Path, *, reduce: str = "max", image_threshold: float = 0.5,
-                   box_threshold: float = 0.5, seed: int = 0, label: str = "model") -> dict[str, Any]:
+def evaluate_split(
+    scan: SplitScan,
+    out_dir: str | Path,
+    *,
+    reduce: str = "max",
+    image_threshold: float = 0.5,
+    box_threshold: float = 0.5,
+    seed: int = 0,
+    label: str = "model",
+) -> dict[str, Any]:
     """FROC under both hit rules against a random heatmap, the two-stage figures, PNG + JSON + CSV."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,36 +223,52 @@ def evaluate_split(scan: SplitScan, out_dir: str | Path, *, reduce: str = "max",
     chance = random_maps(scanned, seed)
     results: dict[str, dict[str, FROCResult]] = {}
     for hit in ("overlap", "peak"):
-        results[hit] = {"model": froc(maps, masks, reduce=reduce, hit=hit),
-                        "random": froc(chance, masks, reduce=reduce, hit=hit)}
+        results[hit] = {
+            "model": froc(maps, masks, reduce=reduce, hit=hit),
+            "random": froc(chance, masks, reduce=reduce, hit=hit),
+        }
     if results["overlap"]["model"].n_rois == 0:
         raise ValueError("no mass ROI among the scanned images: FROC needs at least one")
     plots = []
     for hit, pair in results.items():
         path = out / f"froc_{hit}.png"
-        plot_froc(pair["model"], path, label=label, compare={"random heatmap": pair["random"]},
-                  title=f"FROC ({reduce} in ROI, {hit} rule)")
+        plot_froc(
+            pair["model"],
+            path,
+            label=label,
+            compare={"random heatmap": pair["random"]},
+            title=f"FROC ({reduce} in ROI, {hit} rule)",
+        )
         plots.append(str(path))
     summary = {
-        "n_images": len(scanned), "n_rois": results["overlap"]["model"].n_rois, "reduce": reduce,
-        "n_films": scan.n_films, "shared_films": scan.shared_films, "skipped": list(scan.skipped),
+        "n_images": len(scanned),
+        "n_rois": results["overlap"]["model"].n_rois,
+        "reduce": reduce,
+        "n_films": scan.n_films,
+        "shared_films": scan.shared_films,
+        "skipped": list(scan.skipped),
         "rois": _roi_summary(scan),
         "sensitivity_at_1fp": {hit: pair["model"].sensitivity_at(1.0) for hit, pair in results.items()},
         "random_sensitivity_at_1fp": {hit: pair["random"].sensitivity_at(1.0) for hit, pair in results.items()},
         "image_auc": results["overlap"]["model"].image_auc,
-        "image_accuracy_at_image_threshold": float(np.mean(
-            [(s.prob_map.max() >= image_threshold) == (s.n_masses > 0) for s in scanned])),
+        "image_accuracy_at_image_threshold": float(
+            np.mean([(s.prob_map.max() >= image_threshold) == (s.n_masses > 0) for s in scanned])
+        ),
         "two_stage": two_stage(scanned, image_threshold, box_threshold, reduce=reduce),
         "two_stage_peak": two_stage(scanned, image_threshold, box_threshold, reduce=reduce, hit="peak"),
         "plots": plots,
         "curves": {hit: {name: r.to_dict() for name, r in pair.items()} for hit, pair in results.items()},
     }
-    per_image = pd.DataFrame({"image_id": [s.image_id for s in scanned],
-                              "image_path": [s.image_path for s in scanned],
-                              "patient_id": [s.patient_id for s in scanned],
-                              "n_masses": [s.n_masses for s in scanned],
-                              "map_max": [float(s.prob_map.max()) for s in scanned],
-                              "stage1_score": [s.stage1_score for s in scanned]})
+    per_image = pd.DataFrame(
+        {
+            "image_id": [s.image_id for s in scanned],
+            "image_path": [s.image_path for s in scanned],
+            "patient_id": [s.patient_id for s in scanned],
+            "n_masses": [s.n_masses for s in scanned],
+            "map_max": [float(s.prob_map.max()) for s in scanned],
+            "stage1_score": [s.stage1_score for s in scanned],
+        }
+    )
     per_image.to_csv(out / "per_image.csv", index=False)
     summary["json"], summary["per_image"] = str(out / "froc.json"), str(out / "per_image.csv")
     summary = json_safe(summary)

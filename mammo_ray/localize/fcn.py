@@ -135,8 +135,10 @@ def trunk_geometry(model: nn.Module, window: int) -> Geometry:
             except (RuntimeError, ValueError) as error:
                 raise ValueError(f"{name}: the conv trunk fails on a {n}x{n} input ({error})") from error
             if out.dim() != 4 or out.shape[-2] != out.shape[-1]:
-                raise ValueError(f"{name}: the trunk is not translation-aligned: a {n}x{n} input gives features "
-                                 f"{tuple(out.shape)}, not a square (1, C, h, h) map")
+                raise ValueError(
+                    f"{name}: the trunk is not translation-aligned: a {n}x{n} input gives features "
+                    f"{tuple(out.shape)}, not a square (1, C, h, h) map"
+                )
             sides[n] = int(out.shape[-1])
         return sides[n]
 
@@ -145,9 +147,11 @@ def trunk_geometry(model: nn.Module, window: int) -> Geometry:
         while side(start + step) <= value:
             lo, step = start + step, step * 2
             if step > _MAX_PROBE_PX:
-                raise ValueError(f"{name}: the trunk is not translation-aligned: its feature map stays {value} "
-                                 f"cells from {start} to {start + step} px (not fully convolutional: an "
-                                 f"adaptive pool or a resize in forward_features?)")
+                raise ValueError(
+                    f"{name}: the trunk is not translation-aligned: its feature map stays {value} "
+                    f"cells from {start} to {start + step} px (not fully convolutional: an "
+                    f"adaptive pool or a resize in forward_features?)"
+                )
         hi = start + step
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -157,15 +161,23 @@ def trunk_geometry(model: nn.Module, window: int) -> Geometry:
     k, n1 = side(window), next_growth(window)
     stride = next_growth(n1) - n1
     if window % stride:
-        raise ValueError(f"{name}: window {window} px is not a multiple of the network stride {stride} px, so the "
-                         f"{k} feature cells the head sees would not span the window; use "
-                         f"{window // stride * stride or stride} or {(window // stride + 1) * stride} px")
-    for n, expected in [(n1, k + 1), (n1 + stride - 1, k + 1), (n1 + stride, k + 2),
-                        *((window + m * stride, k + m) for m in (1, 2, 3))]:
+        raise ValueError(
+            f"{name}: window {window} px is not a multiple of the network stride {stride} px, so the "
+            f"{k} feature cells the head sees would not span the window; use "
+            f"{window // stride * stride or stride} or {(window // stride + 1) * stride} px"
+        )
+    for n, expected in [
+        (n1, k + 1),
+        (n1 + stride - 1, k + 1),
+        (n1 + stride, k + 2),
+        *((window + m * stride, k + m) for m in (1, 2, 3)),
+    ]:
         if side(n) != expected:
-            raise ValueError(f"{name}: the trunk is not translation-aligned at stride {stride}: a {n}-px input "
-                             f"gives {side(n)} feature cells, expected {expected} (a {window}-px window gives "
-                             f"{k}, and every {stride} px more should add exactly one cell)")
+            raise ValueError(
+                f"{name}: the trunk is not translation-aligned at stride {stride}: a {n}-px input "
+                f"gives {side(n)} feature cells, expected {expected} (a {window}-px window gives "
+                f"{k}, and every {stride} px more should add exactly one cell)"
+            )
     cache[window] = Geometry(stride, k)
     return cache[window]
 
@@ -175,23 +187,33 @@ def _check_model(model: nn.Module, target_class: int) -> None:
     if getattr(model, "view_mode", "single") == "multimodal":
         raise ValueError(f"{name}: dense maps run a single-view patch classifier; a multimodal model has none")
     if model.training:
-        raise ValueError(f"{name} is in training mode: call model.eval() before computing a dense map "
-                         f"(dropout and batch-norm batch statistics would make every window different)")
+        raise ValueError(
+            f"{name} is in training mode: call model.eval() before computing a dense map "
+            f"(dropout and batch-norm batch statistics would make every window different)"
+        )
     num_classes = getattr(model, "num_classes", 0)
     if num_classes < 2 or not 0 <= target_class < num_classes:
-        raise ValueError(f"{name}: target_class {target_class} needs a classifier with more than "
-                         f"{target_class} classes (num_classes={num_classes}) for the softmax")
+        raise ValueError(
+            f"{name}: target_class {target_class} needs a classifier with more than "
+            f"{target_class} classes (num_classes={num_classes}) for the softmax"
+        )
 
 
 def _as_batch(model: nn.Module, image: Tensor, window: int) -> Tensor:
-    if not isinstance(image, Tensor) or not image.is_floating_point() or image.dim() not in (3, 4) \
-            or (image.dim() == 4 and image.shape[0] != 1):
+    if (
+        not isinstance(image, Tensor)
+        or not image.is_floating_point()
+        or image.dim() not in (3, 4)
+        or (image.dim() == 4 and image.shape[0] != 1)
+    ):
         shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
         raise ValueError(f"{model.info.name}: the image must be a float (C, H, W) or (1, C, H, W) tensor, got {shape}")
     image = image if image.dim() == 4 else image[None]
     if image.shape[1] != model.expected_input_channels:
-        raise ValueError(f"{model.info.name} (in_chans={model.in_chans}) expects "
-                         f"{model.expected_input_channels}-channel images, got {tuple(image.shape)}")
+        raise ValueError(
+            f"{model.info.name} (in_chans={model.in_chans}) expects "
+            f"{model.expected_input_channels}-channel images, got {tuple(image.shape)}"
+        )
     if min(image.shape[-2:]) < window:
         raise ValueError(f"{model.info.name}: image {tuple(image.shape[-2:])} is smaller than one {window}-px window")
     return image
@@ -214,7 +236,7 @@ def _head_probs(model: nn.Module, features: Tensor, k: int, batch_windows: int, 
     for start in range(0, h * w, batch_windows):
         index = torch.arange(start, min(h * w, start + batch_windows), device=features.device)
         batch = windows[:, index // w, index % w].permute(1, 0, 2, 3)  # (n, C, k, k)
-        out[start:start + len(index)] = model.forward_head(batch).softmax(1)[:, target_class]
+        out[start : start + len(index)] = model.forward_head(batch).softmax(1)[:, target_class]
     return out.view(h, w)
 
 
@@ -225,8 +247,16 @@ def _span(first: int, stop: int, geo: Geometry, window: int, halo: int, limit: i
     return lo, hi, (start - lo) // geo.stride
 
 
-def dense_map(model: nn.Module, image: Tensor, window: int, *, tile: int | None = None, halo: int = 0,
-              batch_windows: int = 256, target_class: int = 1) -> DenseMap:
+def dense_map(
+    model: nn.Module,
+    image: Tensor,
+    window: int,
+    *,
+    tile: int | None = None,
+    halo: int = 0,
+    batch_windows: int = 256,
+    target_class: int = 1,
+) -> DenseMap:
     """The patch classifier applied to every ``window``-px window at the network stride (paper 003).
 
     Args:
@@ -250,8 +280,10 @@ def dense_map(model: nn.Module, image: Tensor, window: int, *, tile: int | None 
     if halo < 0 or halo % s:
         raise ValueError(f"{model.info.name}: halo {halo} px must be a non-negative multiple of the stride {s} px")
     if tile is not None and tile < window or batch_windows < 1:
-        raise ValueError(f"{model.info.name}: tile ({tile} px) must hold one {window}-px window and batch_windows "
-                         f"({batch_windows}) must be >= 1")
+        raise ValueError(
+            f"{model.info.name}: tile ({tile} px) must hold one {window}-px window and batch_windows "
+            f"({batch_windows}) must be >= 1"
+        )
     H, W = image.shape[-2:]
     rows, cols = (H - window) // s + 1, (W - window) // s + 1
     cells = max(rows, cols) if tile is None else (max(window, tile // s * s) - window) // s + 1
@@ -266,17 +298,20 @@ def dense_map(model: nn.Module, image: Tensor, window: int, *, tile: int | None 
                 x0, x1, skip_x = _span(c0, c1, geo, window, halo, W)
                 piece = image[..., y0:y1, x0:x1].to(device, torch.float32).contiguous()
                 features = model.forward_features(piece)
-                features = features[..., skip_y:skip_y + r1 - r0 + k - 1, skip_x:skip_x + c1 - c0 + k - 1]
+                features = features[..., skip_y : skip_y + r1 - r0 + k - 1, skip_x : skip_x + c1 - c0 + k - 1]
                 block = _head_probs(model, features, k, batch_windows, target_class)
                 if block.shape != (r1 - r0, c1 - c0):
-                    raise RuntimeError(f"{model.info.name}: tile rows {y0}:{y1}, cols {x0}:{x1} gave "
-                                       f"{tuple(block.shape)} cells, expected {(r1 - r0, c1 - c0)} (s={s}, k={k})")
+                    raise RuntimeError(
+                        f"{model.info.name}: tile rows {y0}:{y1}, cols {x0}:{x1} gave "
+                        f"{tuple(block.shape)} cells, expected {(r1 - r0, c1 - c0)} (s={s}, k={k})"
+                    )
                 probs[r0:r1, c0:c1] = block.float().cpu().numpy()
     return DenseMap(probs, s, window, (int(H), int(W)))
 
 
-def sliding_window_map(model: nn.Module, image: Tensor, window: int, stride: int, *, batch: int = 64,
-                       target_class: int = 1) -> DenseMap:
+def sliding_window_map(
+    model: nn.Module, image: Tensor, window: int, stride: int, *, batch: int = 64, target_class: int = 1
+) -> DenseMap:
     """The explicit reference: every ``window`` crop at ``stride`` through the full model, ``batch`` at a time."""
     _check_model(model, target_class)
     image = _as_batch(model, image, window)
@@ -291,12 +326,20 @@ def sliding_window_map(model: nn.Module, image: Tensor, window: int, stride: int
         for start in range(0, rows * cols, batch):
             index = torch.arange(start, min(rows * cols, start + batch))
             x = crops[:, index // cols, index % cols].permute(1, 0, 2, 3).to(device, torch.float32)
-            out[start:start + len(index)] = model(x).softmax(1)[:, target_class].float().cpu()
+            out[start : start + len(index)] = model(x).softmax(1)[:, target_class].float().cpu()
     return DenseMap(out.view(rows, cols).numpy().astype(np.float32), stride, window, (int(H), int(W)))
 
 
-def ensemble_dense_map(models: Sequence[nn.Module], image: Tensor, window: int, *, tile: int | None = None,
-                       halo: int = 0, batch_windows: int = 256, target_class: int = 1) -> tuple[DenseMap, np.ndarray]:
+def ensemble_dense_map(
+    models: Sequence[nn.Module],
+    image: Tensor,
+    window: int,
+    *,
+    tile: int | None = None,
+    halo: int = 0,
+    batch_windows: int = 256,
+    target_class: int = 1,
+) -> tuple[DenseMap, np.ndarray]:
     """Mean dense map over ensemble members (paper 000) and the member spread (population std, ddof 0).
 
     Raises:
@@ -308,11 +351,15 @@ def ensemble_dense_map(models: Sequence[nn.Module], image: Tensor, window: int, 
         _check_model(model, target_class)
     strides = [trunk_geometry(model, window).stride for model in models]
     if len(set(strides)) > 1:
-        named = ", ".join(f"#{i} {m.info.name}: {s}" for i, (m, s) in enumerate(zip(models, strides)))
-        raise ValueError(f"ensemble members must share one network stride to share the dense-map grid of "
-                         f"{window}-px windows; strides: {named}")
-    maps = [dense_map(model, image, window, tile=tile, halo=halo, batch_windows=batch_windows,
-                      target_class=target_class) for model in models]
+        named = ", ".join(f"#{i} {m.info.name}: {s}" for i, (m, s) in enumerate(zip(models, strides, strict=True)))
+        raise ValueError(
+            f"ensemble members must share one network stride to share the dense-map grid of "
+            f"{window}-px windows; strides: {named}"
+        )
+    maps = [
+        dense_map(model, image, window, tile=tile, halo=halo, batch_windows=batch_windows, target_class=target_class)
+        for model in models
+    ]
     stack = np.stack([m.probs for m in maps])
     mean = DenseMap(stack.mean(0).astype(np.float32), maps[0].stride, window, maps[0].image_size)
     return mean, stack.std(0).astype(np.float32)

@@ -43,12 +43,12 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 class Finding:
     """One above-threshold blob of a probability map, in original image pixels."""
 
-    x0: int        # left edge (inclusive)
-    y0: int        # top edge (inclusive)
-    x1: int        # right edge (exclusive)
-    y1: int        # bottom edge (exclusive)
-    score: float   # maximum map value inside the blob
-    area: float    # blob size in original pixels: map pixels * scale ** 2 (not the box area)
+    x0: int  # left edge (inclusive)
+    y0: int  # top edge (inclusive)
+    x1: int  # right edge (exclusive)
+    y1: int  # bottom edge (exclusive)
+    score: float  # maximum map value inside the blob
+    area: float  # blob size in original pixels: map pixels * scale ** 2 (not the box area)
 
     @property
     def box(self) -> Box:
@@ -85,9 +85,15 @@ def _check_geometry(scale: float, offset: tuple[float, float]) -> tuple[float, f
     return scale, float(offset[0]), float(offset[1])
 
 
-def find_boxes(prob_map: Any, threshold: float, *, scale: float = 1.0,
-               offset: tuple[float, float] = (0.0, 0.0), min_area: int = 1,
-               max_boxes: int | None = None) -> list[Finding]:
+def find_boxes(
+    prob_map: Any,
+    threshold: float,
+    *,
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+    min_area: int = 1,
+    max_boxes: int | None = None,
+) -> list[Finding]:
     """One box per 8-connected blob of ``prob_map >= threshold`` (paper 003, §III.C).
 
     Args:
@@ -126,17 +132,28 @@ def find_boxes(prob_map: Any, threshold: float, *, scale: float = 1.0,
     for k, (rows, cols) in enumerate(ndimage.find_objects(labels)):
         if sizes[k] < min_area:
             continue
-        findings.append(Finding(
-            x0=math.floor(cols.start * scale + ox), y0=math.floor(rows.start * scale + oy),
-            x1=math.ceil(cols.stop * scale + ox), y1=math.ceil(rows.stop * scale + oy),
-            score=float(peaks[k]), area=float(sizes[k]) * scale * scale))
+        findings.append(
+            Finding(
+                x0=math.floor(cols.start * scale + ox),
+                y0=math.floor(rows.start * scale + oy),
+                x1=math.ceil(cols.stop * scale + ox),
+                y1=math.ceil(rows.stop * scale + oy),
+                score=float(peaks[k]),
+                area=float(sizes[k]) * scale * scale,
+            )
+        )
     findings.sort(key=lambda f: (-f.score, f.y0, f.x0))
-    return findings if max_boxes is None else findings[:int(max_boxes)]
+    return findings if max_boxes is None else findings[: int(max_boxes)]
 
 
-def mask_to_grid(mask: Any, map_shape: tuple[int, int], scale: float = 1.0,
-                 offset: tuple[float, float] = (0.0, 0.0), *,
-                 min_fraction: float | None = None) -> np.ndarray:
+def mask_to_grid(
+    mask: Any,
+    map_shape: tuple[int, int],
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+    *,
+    min_fraction: float | None = None,
+) -> np.ndarray:
     """A full-resolution ground-truth mask brought down onto a probability map's grid.
 
     Map cell ``(i, j)`` covers the original rectangle given in the module docstring; the
@@ -169,8 +186,9 @@ def mask_to_grid(mask: Any, map_shape: tuple[int, int], scale: float = 1.0,
     return (pixels > 0) & (counts >= float(min_fraction) * pixels)
 
 
-def roi_to_grid(mask: Any, map_shape: tuple[int, int], scale: float = 1.0,
-                offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def roi_to_grid(
+    mask: Any, map_shape: tuple[int, int], scale: float = 1.0, offset: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
     """One ground-truth ROI on a map grid, never lost on the way (paper 003's FROC denominator).
 
     The ROI covers every cell it touches (any-pooling, as :func:`mask_to_grid` with
@@ -205,8 +223,9 @@ def roi_to_grid(mask: Any, map_shape: tuple[int, int], scale: float = 1.0,
     j0, j1 = max(0, math.floor((bx0 - ox) / scale) - 1), min(w, math.ceil((bx1 - ox) / scale) + 1)
     i0, i1 = max(0, math.floor((by0 - oy) / scale) - 1), min(h, math.ceil((by1 - oy) / scale) + 1)
     if i1 > i0 and j1 > j0:
-        counts, _ = _cell_counts(lesion[by0:by1, bx0:bx1], np.arange(i0, i1), np.arange(j0, j1), scale,
-                                 (ox, oy), (bx0, by0))
+        counts, _ = _cell_counts(
+            lesion[by0:by1, bx0:bx1], np.arange(i0, i1), np.arange(j0, j1), scale, (ox, oy), (bx0, by0)
+        )
         grid[i0:i1, j0:j1] = counts > 0
     if not grid.any():  # in the margin outside every cell: the cell nearest to its centre
         rows, cols = np.nonzero(lesion)
@@ -216,8 +235,14 @@ def roi_to_grid(mask: Any, map_shape: tuple[int, int], scale: float = 1.0,
     return grid
 
 
-def _cell_counts(lesion: np.ndarray, cell_rows: np.ndarray, cell_cols: np.ndarray, scale: float,
-                 offset: tuple[float, float], origin: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _cell_counts(
+    lesion: np.ndarray,
+    cell_rows: np.ndarray,
+    cell_cols: np.ndarray,
+    scale: float,
+    offset: tuple[float, float],
+    origin: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
     """Lesion pixels and in-image pixels touched by each listed cell, for a mask cut out at ``origin``.
 
     ``lesion`` is the (x, y) = ``origin`` corner of the full mask onwards; the cells are numbered
@@ -235,6 +260,10 @@ def _cell_counts(lesion: np.ndarray, cell_rows: np.ndarray, cell_cols: np.ndarra
     # Summed-area table: any cell's lesion pixel count in four lookups, whatever the scale.
     table = np.zeros((height + 1, width + 1), dtype=np.int64)
     table[1:, 1:] = np.cumsum(np.cumsum(lesion, axis=0), axis=1)
-    counts = (table[y1[:, None], x1[None, :]] - table[y0[:, None], x1[None, :]]
-              - table[y1[:, None], x0[None, :]] + table[y0[:, None], x0[None, :]])
+    counts = (
+        table[y1[:, None], x1[None, :]]
+        - table[y0[:, None], x1[None, :]]
+        - table[y1[:, None], x0[None, :]]
+        + table[y0[:, None], x0[None, :]]
+    )
     return counts, (y1 - y0)[:, None] * (x1 - x0)[None, :]

@@ -82,23 +82,29 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 class ImageRecord:
     """What one image contributes to the evaluation."""
 
-    thresholds: np.ndarray       # (T,) ascending
-    roi_scores: np.ndarray       # (R,) max or mean of the map inside each ground-truth ROI; NaN: empty ROI
-    detected: np.ndarray         # (R, T) bool: ROI r localized at threshold t (hit rule)
+    thresholds: np.ndarray  # (T,) ascending
+    roi_scores: np.ndarray  # (R,) max or mean of the map inside each ground-truth ROI; NaN: empty ROI
+    detected: np.ndarray  # (R, T) bool: ROI r localized at threshold t (hit rule)
     false_positives: np.ndarray  # (T,) int: false-positive blobs of map >= t (hit rule)
-    image_score: float           # map.max(): the image-level mass score
-    reduce: str                  # "max" or "mean": how roi_scores were taken
-    hit: str                     # "overlap" or "peak"
+    image_score: float  # map.max(): the image-level mass score
+    reduce: str  # "max" or "mean": how roi_scores were taken
+    hit: str  # "overlap" or "peak"
 
     @property
     def has_mass(self) -> bool:
         return self.roi_scores.size > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds.tolist(), "roi_scores": [_optional(v) for v in self.roi_scores],
-                "detected": self.detected.tolist(), "false_positives": self.false_positives.tolist(),
-                "image_score": self.image_score, "has_mass": self.has_mass, "reduce": self.reduce,
-                "hit": self.hit}
+        return {
+            "thresholds": self.thresholds.tolist(),
+            "roi_scores": [_optional(v) for v in self.roi_scores],
+            "detected": self.detected.tolist(),
+            "false_positives": self.false_positives.tolist(),
+            "image_score": self.image_score,
+            "has_mass": self.has_mass,
+            "reduce": self.reduce,
+            "hit": self.hit,
+        }
 
 
 def _roi_stack(mask: np.ndarray) -> np.ndarray:
@@ -115,8 +121,7 @@ def _roi_scores(array: np.ndarray, stack: np.ndarray, reduce: str) -> np.ndarray
     return np.array([pick(array[layer]) if layer.any() else np.nan for layer in stack], dtype=np.float64)
 
 
-def _evaluate(array: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, reduce: str,
-              hit: str) -> ImageRecord:
+def _evaluate(array: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, reduce: str, hit: str) -> ImageRecord:
     stack = _roi_stack(mask)
     union = stack.any(axis=0)
     roi_scores = _roi_scores(array, stack, reduce)
@@ -133,23 +138,32 @@ def _evaluate(array: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, reduc
             detected[:, k] &= stack[:, marks[:, 0], marks[:, 1]].any(axis=1)
         else:
             detected[:, k] = False
-    return ImageRecord(thresholds=thresholds, roi_scores=roi_scores, detected=detected,
-                       false_positives=false_positives, image_score=float(array.max()),
-                       reduce=reduce, hit=hit)
+    return ImageRecord(
+        thresholds=thresholds,
+        roi_scores=roi_scores,
+        detected=detected,
+        false_positives=false_positives,
+        image_score=float(array.max()),
+        reduce=reduce,
+        hit=hit,
+    )
 
 
 def _check_pair(prob_map: Any, gt_mask: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     array = check_map(prob_map, f"{where} prob_map")
     mask = np.asarray(gt_mask)
     if mask.ndim not in (2, 3) or mask.shape[-2:] != array.shape:
-        raise ValueError(f"{where}: prob_map shape {array.shape} != gt_mask shape {mask.shape} "
-                         "(expected (h, w) or (n_rois, h, w) on the map grid: bring masks onto it with "
-                         "roi_to_grid or mask_to_grid)")
+        raise ValueError(
+            f"{where}: prob_map shape {array.shape} != gt_mask shape {mask.shape} "
+            "(expected (h, w) or (n_rois, h, w) on the map grid: bring masks onto it with "
+            "roi_to_grid or mask_to_grid)"
+        )
     return array, mask != 0
 
 
-def evaluate_image(prob_map: Any, gt_mask: Any, thresholds: Any = None, *,
-                   reduce: Reduce = "max", hit: Hit = "overlap") -> ImageRecord:
+def evaluate_image(
+    prob_map: Any, gt_mask: Any, thresholds: Any = None, *, reduce: Reduce = "max", hit: Hit = "overlap"
+) -> ImageRecord:
     """Paper 003 (§II.D) evaluation of one map against its ground-truth mask.
 
     Args:
@@ -165,26 +179,31 @@ def evaluate_image(prob_map: Any, gt_mask: Any, thresholds: Any = None, *,
         ValueError: for mismatched shapes, a non-finite map or bad thresholds/reduce/hit.
     """
     array, mask = _check_pair(prob_map, gt_mask, "evaluate_image")
-    return _evaluate(array, mask, _check_thresholds(thresholds), _check_choice("reduce", reduce, REDUCTIONS),
-                     _check_choice("hit", hit, HIT_RULES))
+    return _evaluate(
+        array,
+        mask,
+        _check_thresholds(thresholds),
+        _check_choice("reduce", reduce, REDUCTIONS),
+        _check_choice("hit", hit, HIT_RULES),
+    )
 
 
 @dataclass(frozen=True, eq=False)
 class FROCResult:
     """Sensitivity, false positives per image and image accuracy per threshold (paper 003)."""
 
-    thresholds: np.ndarray      # (T,) ascending
-    sensitivity: np.ndarray     # (T,) localized ROIs / all ROIs; NaN when there is no ROI
-    fp_per_image: np.ndarray    # (T,) false-positive blobs / number of images (all images)
+    thresholds: np.ndarray  # (T,) ascending
+    sensitivity: np.ndarray  # (T,) localized ROIs / all ROIs; NaN when there is no ROI
+    fp_per_image: np.ndarray  # (T,) false-positive blobs / number of images (all images)
     image_accuracy: np.ndarray  # (T,) accuracy of the call "map.max() >= t" vs "has an ROI"
-    image_auc: float            # ROC AUC of map.max() for mass/no-mass; NaN with one class
+    image_auc: float  # ROC AUC of map.max() for mass/no-mass; NaN with one class
     n_images: int
     n_rois: int
-    reduce: str                 # "max" or "mean" inside each ROI
-    hit: str                    # "overlap" or "peak" (module docstring)
-    roi_scores: np.ndarray      # (n_rois,) per ROI, in image order (paper 003 Fig. 11-13); NaN: empty ROI
-    image_scores: np.ndarray    # (n_images,) map.max() per image
-    image_labels: np.ndarray    # (n_images,) 1 where the mask has an ROI
+    reduce: str  # "max" or "mean" inside each ROI
+    hit: str  # "overlap" or "peak" (module docstring)
+    roi_scores: np.ndarray  # (n_rois,) per ROI, in image order (paper 003 Fig. 11-13); NaN: empty ROI
+    image_scores: np.ndarray  # (n_images,) map.max() per image
+    image_labels: np.ndarray  # (n_images,) 1 where the mask has an ROI
 
     def _index_at_fp(self, fp: float) -> int | None:
         """Grid index of the best sensitivity with ``fp_per_image <= fp`` (None if none)."""
@@ -194,8 +213,7 @@ class FROCResult:
         if candidates.size == 0 or self.n_rois == 0:
             return None
         # Highest sensitivity; among equals the fewest FPs, then the highest threshold.
-        return int(max(candidates, key=lambda k: (self.sensitivity[k], -self.fp_per_image[k],
-                                                  self.thresholds[k])))
+        return int(max(candidates, key=lambda k: (self.sensitivity[k], -self.fp_per_image[k], self.thresholds[k])))
 
     def sensitivity_at(self, fp: float = 1.0) -> float:
         """Highest sensitivity over the thresholds with at most ``fp`` FPs per image.
@@ -219,33 +237,42 @@ class FROCResult:
         """
         k = int(np.argmin(np.abs(self.thresholds - threshold)))
         if abs(self.thresholds[k] - threshold) > 1e-6:
-            raise ValueError(f"threshold {threshold} was not evaluated (nearest: {self.thresholds[k]:.6g}); "
-                             "include it in froc(thresholds=...)")
-        return {"threshold": float(self.thresholds[k]), "sensitivity": _optional(self.sensitivity[k]),
-                "fp_per_image": float(self.fp_per_image[k]),
-                "image_accuracy": float(self.image_accuracy[k])}
+            raise ValueError(
+                f"threshold {threshold} was not evaluated (nearest: {self.thresholds[k]:.6g}); "
+                "include it in froc(thresholds=...)"
+            )
+        return {
+            "threshold": float(self.thresholds[k]),
+            "sensitivity": _optional(self.sensitivity[k]),
+            "fp_per_image": float(self.fp_per_image[k]),
+            "image_accuracy": float(self.image_accuracy[k]),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: plain lists, floats and ints; undefined values (NaN) are None."""
         k = self._index_at_fp(1.0)
         return {
-            "reduce": self.reduce, "hit": self.hit, "n_images": self.n_images, "n_rois": self.n_rois,
+            "reduce": self.reduce,
+            "hit": self.hit,
+            "n_images": self.n_images,
+            "n_rois": self.n_rois,
             "thresholds": self.thresholds.tolist(),
             "sensitivity": [_optional(v) for v in self.sensitivity],
-            "sensitivity_note": (None if self.n_rois else
-                                 "undefined (None): no ground-truth ROI in any image"),
+            "sensitivity_note": (None if self.n_rois else "undefined (None): no ground-truth ROI in any image"),
             "fp_per_image": self.fp_per_image.tolist(),
             "image_accuracy": self.image_accuracy.tolist(),
             "image_auc": _optional(self.image_auc),
             "sensitivity_at_1fp": _optional(self.sensitivity_at(1.0)),
             "operating_point_at_1fp": None if k is None else self.operating_point(self.thresholds[k]),
-            "roi_scores": [_optional(v) for v in self.roi_scores], "image_scores": self.image_scores.tolist(),
+            "roi_scores": [_optional(v) for v in self.roi_scores],
+            "image_scores": self.image_scores.tolist(),
             "image_labels": self.image_labels.tolist(),
         }
 
 
-def froc(maps: Sequence[Any], masks: Sequence[Any], thresholds: Any = None, *,
-         reduce: Reduce = "max", hit: Hit = "overlap") -> FROCResult:
+def froc(
+    maps: Sequence[Any], masks: Sequence[Any], thresholds: Any = None, *, reduce: Reduce = "max", hit: Hit = "overlap"
+) -> FROCResult:
     """Paper 003 (§II.D, §III.C) evaluation over a set of images.
 
     Args:
@@ -270,8 +297,10 @@ def froc(maps: Sequence[Any], masks: Sequence[Any], thresholds: Any = None, *,
         raise ValueError(f"froc: {len(maps)} maps but {len(masks)} masks")
     grid = _check_thresholds(thresholds)
     reduce, hit = _check_choice("reduce", reduce, REDUCTIONS), _check_choice("hit", hit, HIT_RULES)
-    records = [_evaluate(*_check_pair(m, g, f"image {i}"), grid, reduce, hit)
-               for i, (m, g) in enumerate(zip(maps, masks))]
+    records = [
+        _evaluate(*_check_pair(m, g, f"image {i}"), grid, reduce, hit)
+        for i, (m, g) in enumerate(zip(maps, masks, strict=True))
+    ]
 
     roi_scores = np.concatenate([r.roi_scores for r in records])
     image_scores = np.array([r.image_score for r in records])
@@ -286,15 +315,31 @@ def froc(maps: Sequence[Any], masks: Sequence[Any], thresholds: Any = None, *,
     image_accuracy = (calls == image_labels[:, None].astype(bool)).mean(axis=0)
     both = 0 < image_labels.sum() < n_images
     image_auc = float(roc_auc_score(image_labels, image_scores)) if both else float("nan")
-    return FROCResult(thresholds=grid, sensitivity=sensitivity, fp_per_image=fp_per_image,
-                      image_accuracy=image_accuracy, image_auc=image_auc, n_images=n_images,
-                      n_rois=n_rois, reduce=reduce, hit=hit, roi_scores=roi_scores,
-                      image_scores=image_scores, image_labels=image_labels)
+    return FROCResult(
+        thresholds=grid,
+        sensitivity=sensitivity,
+        fp_per_image=fp_per_image,
+        image_accuracy=image_accuracy,
+        image_auc=image_auc,
+        n_images=n_images,
+        n_rois=n_rois,
+        reduce=reduce,
+        hit=hit,
+        roi_scores=roi_scores,
+        image_scores=image_scores,
+        image_labels=image_labels,
+    )
 
 
-def plot_froc(result: FROCResult, path: str | Path, *, label: str | None = None,
-              compare: Mapping[str, FROCResult] | None = None, log_x: bool = True,
-              title: str | None = None) -> Path:
+def plot_froc(
+    result: FROCResult,
+    path: str | Path,
+    *,
+    label: str | None = None,
+    compare: Mapping[str, FROCResult] | None = None,
+    log_x: bool = True,
+    title: str | None = None,
+) -> Path:
     """FROC curve: sensitivity vs false positives per image, one point per threshold.
 
     The best operating point within 1 FP/image (:meth:`FROCResult.sensitivity_at`) of
@@ -314,22 +359,37 @@ def plot_froc(result: FROCResult, path: str | Path, *, label: str | None = None,
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     for name, res in curves.items():
-        ax.plot(res.fp_per_image, res.sensitivity, marker=".", ms=3, lw=1.6,
-                label=f"{name} (sensitivity {res.sensitivity_at(1.0):.0%} at <= 1 FP/image)")
+        ax.plot(
+            res.fp_per_image,
+            res.sensitivity,
+            marker=".",
+            ms=3,
+            lw=1.6,
+            label=f"{name} (sensitivity {res.sensitivity_at(1.0):.0%} at <= 1 FP/image)",
+        )
     k = result._index_at_fp(1.0)
     if k is not None:
         fp, sens, t = result.fp_per_image[k], result.sensitivity[k], result.thresholds[k]
         ax.plot([fp], [sens], marker="o", ms=8, mfc="none", mec="crimson", mew=1.8, ls="none")
-        ax.annotate(f"{sens:.0%} at {fp:.2f} FP/image\n(threshold {t:.2f})", (fp, sens),
-                    xytext=(12, -28), textcoords="offset points", fontsize=8, color="crimson",
-                    arrowprops={"arrowstyle": "-", "color": "crimson", "lw": 0.8})
+        ax.annotate(
+            f"{sens:.0%} at {fp:.2f} FP/image\n(threshold {t:.2f})",
+            (fp, sens),
+            xytext=(12, -28),
+            textcoords="offset points",
+            fontsize=8,
+            color="crimson",
+            arrowprops={"arrowstyle": "-", "color": "crimson", "lw": 0.8},
+        )
     ax.axvline(1.0, ls=":", lw=1, color="0.5")
     if log_x:
         ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlim(left=0)
-    ax.set(ylim=(-0.02, 1.02), xlabel="False positives per image",
-           ylabel=f"Sensitivity (ROI {result.reduce} >= threshold, hit: {result.hit})",
-           title=title or f"FROC ({result.n_images} images, {result.n_rois} ROIs)")
+    ax.set(
+        ylim=(-0.02, 1.02),
+        xlabel="False positives per image",
+        ylabel=f"Sensitivity (ROI {result.reduce} >= threshold, hit: {result.hit})",
+        title=title or f"FROC ({result.n_images} images, {result.n_rois} ROIs)",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()

@@ -26,8 +26,7 @@ from mammo_ray.data.transforms import TransformSpec
 from mammo_ray.localize.class_map import localize_class_map
 from mammo_ray.localize.whole_image import Localization, localize_image, window_geometry
 
-__all__ = ["METHODS", "MethodUnavailable", "choose_method", "default_method", "localize", "map_label",
-           "method_reasons"]
+__all__ = ["METHODS", "MethodUnavailable", "choose_method", "default_method", "localize", "map_label", "method_reasons"]
 
 METHODS = ("dense", "cam", "gradcam")
 
@@ -52,8 +51,10 @@ def method_reasons(models: Sequence[nn.Module], config: Config, spec: TransformS
         reasons["dense"] = str(exc)
     not_gap = sorted({m.info.name for m in models if not m.info.gap_fc})
     if not_gap:
-        reasons["cam"] = (f"CAM (paper 004, Eq. 1) needs a network ending in global average pooling + one FC, "
-                          f"and {', '.join(not_gap)} does not (ModelInfo.gap_fc=False); use gradcam")
+        reasons["cam"] = (
+            f"CAM (paper 004, Eq. 1) needs a network ending in global average pooling + one FC, "
+            f"and {', '.join(not_gap)} does not (ModelInfo.gap_fc=False); use gradcam"
+        )
     return reasons
 
 
@@ -65,8 +66,9 @@ def default_method(config: Config, reasons: dict[str, str]) -> str | None:
     return next((m for m in ("cam", "gradcam") if not reasons[m]), None)
 
 
-def choose_method(models: Sequence[nn.Module], config: Config, spec: TransformSpec,
-                  requested: str | None = None) -> str:
+def choose_method(
+    models: Sequence[nn.Module], config: Config, spec: TransformSpec, requested: str | None = None
+) -> str:
     """``requested`` if the model can use it, else its default.
 
     Raises:
@@ -92,9 +94,20 @@ def map_label(method: str, config: Config) -> str:
     return f"{'CAM' if method == 'cam' else 'Grad-CAM'} of '{positive}' (relative)"
 
 
-def localize(models: Sequence[nn.Module], spec: TransformSpec, config: Config, image: np.ndarray, *,
-             method: str | None = None, flipped: bool = False, threshold: float = 0.5, tile: int | None = 1024,
-             long_side: int | None = None, min_area: int = 1, max_boxes: int | None = 20) -> Localization:
+def localize(
+    models: Sequence[nn.Module],
+    spec: TransformSpec,
+    config: Config,
+    image: np.ndarray,
+    *,
+    method: str | None = None,
+    flipped: bool = False,
+    threshold: float = 0.5,
+    tile: int | None = 1024,
+    long_side: int | None = None,
+    min_area: int = 1,
+    max_boxes: int | None = 20,
+) -> Localization:
     """A map of one whole mammogram by ``method`` (None: the model's default) and boxes above ``threshold``.
 
     ``tile`` applies to dense maps, ``long_side`` to class maps; both in network px.
@@ -104,7 +117,26 @@ def localize(models: Sequence[nn.Module], spec: TransformSpec, config: Config, i
     """
     chosen = choose_method(models, config, spec, method)
     if chosen == "dense":
-        return localize_image(models, spec, config, image, flipped=flipped, threshold=threshold, tile=tile,
-                              min_area=min_area, max_boxes=max_boxes)
-    return localize_class_map(models, spec, config, image, method=chosen, flipped=flipped, threshold=threshold,
-                              long_side=long_side, min_area=min_area, max_boxes=max_boxes)
+        return localize_image(
+            models,
+            spec,
+            config,
+            image,
+            flipped=flipped,
+            threshold=threshold,
+            tile=tile,
+            min_area=min_area,
+            max_boxes=max_boxes,
+        )
+    return localize_class_map(
+        models,
+        spec,
+        config,
+        image,
+        method=chosen,
+        flipped=flipped,
+        threshold=threshold,
+        long_side=long_side,
+        min_area=min_area,
+        max_boxes=max_boxes,
+    )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -20,9 +20,16 @@ def _display(image: np.ndarray, heat: np.ndarray, max_side: int) -> tuple[np.nda
     return resize(image, size), resize(heat, size), factor
 
 
-def overlay_figure(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], *, title: str = "",
-                   max_side: int = 1024, alpha: float = 0.45,
-                   label: str = "mass probability"):  # noqa: ANN201 - a matplotlib Figure
+def overlay_figure(
+    image: np.ndarray,
+    heat: np.ndarray,
+    boxes: Sequence[Finding],
+    *,
+    title: str = "",
+    max_side: int = 1024,
+    alpha: float = 0.45,
+    label: str = "mass probability",
+):
     """Grayscale image, the heatmap on top (0..1, jet; ``label`` on the colour bar), and each box with its score."""
     import matplotlib
 
@@ -39,10 +46,25 @@ def overlay_figure(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding]
     ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
     layer = ax.imshow(shown_heat, cmap="jet", vmin=0.0, vmax=1.0, alpha=alpha)
     for box in boxes:
-        ax.add_patch(Rectangle((box.x0 * factor, box.y0 * factor), (box.x1 - box.x0) * factor,
-                               (box.y1 - box.y0) * factor, fill=False, edgecolor="white", linewidth=1.5))
-        ax.text(box.x0 * factor, box.y0 * factor - 2, f"{box.score:.2f}", color="white", fontsize=8,
-                va="bottom", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"})
+        ax.add_patch(
+            Rectangle(
+                (box.x0 * factor, box.y0 * factor),
+                (box.x1 - box.x0) * factor,
+                (box.y1 - box.y0) * factor,
+                fill=False,
+                edgecolor="white",
+                linewidth=1.5,
+            )
+        )
+        ax.text(
+            box.x0 * factor,
+            box.y0 * factor - 2,
+            f"{box.score:.2f}",
+            color="white",
+            fontsize=8,
+            va="bottom",
+            bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"},
+        )
     fig.colorbar(layer, ax=ax, fraction=0.046, pad=0.02, label=label)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
@@ -50,8 +72,16 @@ def overlay_figure(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding]
     return fig
 
 
-def save_overlay(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], path: str | Path, *,
-                 title: str = "", max_side: int = 1024, label: str = "mass probability") -> Path:
+def save_overlay(
+    image: np.ndarray,
+    heat: np.ndarray,
+    boxes: Sequence[Finding],
+    path: str | Path,
+    *,
+    title: str = "",
+    max_side: int = 1024,
+    label: str = "mass probability",
+) -> Path:
     import matplotlib.pyplot as plt
 
     fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side, label=label)
@@ -62,8 +92,15 @@ def save_overlay(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], 
     return path
 
 
-def overlay_base64(image: np.ndarray, heat: np.ndarray, boxes: Sequence[Finding], *, title: str = "",
-                   max_side: int = 768, label: str = "mass probability") -> str:
+def overlay_base64(
+    image: np.ndarray,
+    heat: np.ndarray,
+    boxes: Sequence[Finding],
+    *,
+    title: str = "",
+    max_side: int = 768,
+    label: str = "mass probability",
+) -> str:
     """The overlay as a base64 PNG string (for JSON replies)."""
     import matplotlib.pyplot as plt
 

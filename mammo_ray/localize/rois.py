@@ -63,8 +63,7 @@ def group_films(rows: pd.DataFrame) -> list[Film]:
         masses = group[mass[group.index]]
         key = masses["lesion_id"].astype(str) if "lesion_id" in masses else pd.Series(masses.index, masses.index)
         unique = masses[~key.duplicated()]
-        films.append(Film(str(image_id), str(group["patient_id"].iloc[0]), paths, unique,
-                          len(masses) - len(unique)))
+        films.append(Film(str(image_id), str(group["patient_id"].iloc[0]), paths, unique, len(masses) - len(unique)))
     return films
 
 
@@ -83,7 +82,7 @@ def _box_mask(row: Any, shape: tuple[int, int], flipped: bool) -> tuple[np.ndarr
     if flipped:
         x0, x1 = shape[1] - x1, shape[1] - x0
     mask = np.zeros(shape, dtype=bool)
-    mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+    mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
     if not mask.any():
         return None, f"bbox {tuple(box)} lies outside the {shape[0]}x{shape[1]} image"
     return mask, ""
@@ -143,8 +142,14 @@ def roi_mask(row: Any, shape: tuple[int, int], flipped: bool) -> tuple[np.ndarra
     return None, "", f"{why}; {why_box}; {why_seed}"
 
 
-def roi_grids(film: Film, shape: tuple[int, int], flipped: bool, map_shape: tuple[int, int], scale: float,
-              offset: tuple[float, float]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def roi_grids(
+    film: Film,
+    shape: tuple[int, int],
+    flipped: bool,
+    map_shape: tuple[int, int],
+    scale: float,
+    offset: tuple[float, float],
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The film's mass ROIs on the map grid, one layer each, and how each was placed.
 
     Returns:
@@ -156,10 +161,17 @@ def roi_grids(film: Film, shape: tuple[int, int], flipped: bool, map_shape: tupl
     layers, placed = [], []
     for row in film.masses.itertuples(index=False):
         mask, how, reason = roi_mask(row, shape, flipped)
-        grid = (roi_to_grid(mask, map_shape, scale, offset) if mask is not None
-                else np.zeros(tuple(map_shape), dtype=bool))
+        grid = (
+            roi_to_grid(mask, map_shape, scale, offset) if mask is not None else np.zeros(tuple(map_shape), dtype=bool)
+        )
         layers.append(grid)
-        placed.append({"image_id": film.image_id, "lesion_id": str(getattr(row, "lesion_id", "")),
-                       "placed_by": how or None, "reason": reason})
+        placed.append(
+            {
+                "image_id": film.image_id,
+                "lesion_id": str(getattr(row, "lesion_id", "")),
+                "placed_by": how or None,
+                "reason": reason,
+            }
+        )
     rois = np.stack(layers) if layers else np.zeros((0, *map_shape), dtype=bool)
     return rois, placed

@@ -19,9 +19,10 @@ stored image's coordinates.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +59,10 @@ def window_geometry(config: Config, spec: TransformSpec) -> WindowGeometry:
     elif crop == "seed750":
         side = config.data.seed_crop_px
     else:
-        raise ValueError(f"a dense map needs a patch classifier: data.crop={crop!r} crops vary in size (train with "
-                         "data.crop=patch, paper 003, or seed750)")
+        raise ValueError(
+            f"a dense map needs a patch classifier: data.crop={crop!r} crops vary in size (train with "
+            "data.crop=patch, paper 003, or seed750)"
+        )
     scale = spec.cache_px / side
     return WindowGeometry(scale=scale, window=spec.input_px, patch_px=round(spec.input_px / scale))
 
@@ -101,9 +104,9 @@ def network_input(image: np.ndarray, spec: TransformSpec, size: tuple[int, int])
 MAP_VALUES = {  # what the map's numbers are, per method (reported with every localization)
     "dense": "P(class 1) of the window centred on each cell, mean over members (paper 003)",
     "cam": "class activation map of class 1 (paper 004, Eq. 1), min-max scaled to [0, 1] per member, averaged, "
-           "and the mean scaled to [0, 1] (relative to this image's peak)",
+    "and the mean scaled to [0, 1] (relative to this image's peak)",
     "gradcam": "Grad-CAM of class 1, min-max scaled to [0, 1] per member, averaged, and the mean scaled to [0, 1] "
-               "(relative to this image's peak)",
+    "(relative to this image's peak)",
 }
 IMAGE_SCORE_MEANS = {
     "dense": "the map's maximum (paper 003's image-level score)",
@@ -150,27 +153,44 @@ class Localization:
 
     def heatmap(self, size: tuple[int, int] | None = None, *, spread: bool = False) -> np.ndarray:
         """The map (or the member spread) at ``size`` (default: the original image), stored orientation."""
-        values = DenseMap(self.spread, self.dense.stride, self.dense.window, self.dense.image_size) if spread \
-            else self.dense
+        values = (
+            DenseMap(self.spread, self.dense.stride, self.dense.window, self.dense.image_size) if spread else self.dense
+        )
         out = values.to_image(size or self.image_shape)
         return np.ascontiguousarray(np.fliplr(out)) if self.flipped else out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"boxes": [b.to_dict() for b in self.boxes], "image_score": self.image_score,
-                "threshold": self.threshold, "image_size": list(self.image_shape),
-                "map_shape": list(self.dense.probs.shape), "map_stride_px": self.map_scale,
-                "window_px": self.geometry.patch_px or None, "max_spread": float(self.spread.max(initial=0.0)),
-                "method": self.method, "map_values": MAP_VALUES[self.method],
-                "image_score_means": IMAGE_SCORE_MEANS[self.method]}
+        return {
+            "boxes": [b.to_dict() for b in self.boxes],
+            "image_score": self.image_score,
+            "threshold": self.threshold,
+            "image_size": list(self.image_shape),
+            "map_shape": list(self.dense.probs.shape),
+            "map_stride_px": self.map_scale,
+            "window_px": self.geometry.patch_px or None,
+            "max_spread": float(self.spread.max(initial=0.0)),
+            "method": self.method,
+            "map_values": MAP_VALUES[self.method],
+            "image_score_means": IMAGE_SCORE_MEANS[self.method],
+        }
 
 
 def _mirror(box: Finding, width: int) -> Finding:
     return Finding(width - box.x1, box.y0, width - box.x0, box.y1, box.score, box.area)
 
 
-def localize_image(models: Sequence[nn.Module], spec: TransformSpec, config: Config, image: np.ndarray, *,
-                   flipped: bool = False, threshold: float = 0.5, tile: int | None = 1024, min_area: int = 1,
-                   max_boxes: int | None = 20) -> Localization:
+def localize_image(
+    models: Sequence[nn.Module],
+    spec: TransformSpec,
+    config: Config,
+    image: np.ndarray,
+    *,
+    flipped: bool = False,
+    threshold: float = 0.5,
+    tile: int | None = 1024,
+    min_area: int = 1,
+    max_boxes: int | None = 20,
+) -> Localization:
     """Dense ensemble map of one whole mammogram, and boxes of the blobs above ``threshold``.
 
     Args:
@@ -194,8 +214,14 @@ def localize_image(models: Sequence[nn.Module], spec: TransformSpec, config: Con
 
 def read_boxes(result: Localization, *, min_area: int = 1, max_boxes: int | None = 20) -> list[Finding]:
     """Boxes of the blobs of ``result``'s map at its threshold, in the stored image's original pixels."""
-    boxes = find_boxes(result.dense.probs, result.threshold, scale=result.map_scale, offset=result.map_offset,
-                       min_area=min_area, max_boxes=max_boxes)
+    boxes = find_boxes(
+        result.dense.probs,
+        result.threshold,
+        scale=result.map_scale,
+        offset=result.map_offset,
+        min_area=min_area,
+        max_boxes=max_boxes,
+    )
     width = result.image_shape[1]
     return [_mirror(b, width) for b in boxes] if result.flipped else boxes
 
@@ -217,12 +243,12 @@ def read_mammogram(path: str | Path, *, max_dim: int | None = None) -> tuple[np.
             with Image.open(path) as img:
                 if max(img.size) > limit:
                     raise ValueError(f"{path}: {img.size[0]}x{img.size[1]} exceeds the {limit}-px limit")
-                array = np.asarray(img.convert("I;16") if img.mode in ("I", "I;16") else img.convert("L"),
-                                   dtype=np.float32)
+                array = np.asarray(
+                    img.convert("I;16") if img.mode in ("I", "I;16") else img.convert("L"), dtype=np.float32
+                )
         except OSError as exc:
             raise ValueError(f"{path}: not a readable image ({exc})") from None
         mirrored = breast_on_right(array)
         return (np.ascontiguousarray(np.fliplr(array)) if mirrored else array), mirrored
     image, meta = read_dicom(path, max_rows=limit, max_cols=limit)
     return image, meta.flipped
-

@@ -48,10 +48,21 @@ class Classifier(nn.Module):
     feeds CC and MLO as separate samples, and ``predict_exam`` averages them).
     """
 
-    def __init__(self, info: ModelInfo, features: nn.Module, *, num_features: int, in_chans: int = 3,
-                 num_classes: int = 2, dropout: float = 0.5, from_pretrained: bool = False,
-                 global_pool: nn.Module | None = None, pre_logits: nn.Module | None = None,
-                 head_features: int | None = None, head_init: str = "normal") -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        features: nn.Module,
+        *,
+        num_features: int,
+        in_chans: int = 3,
+        num_classes: int = 2,
+        dropout: float = 0.5,
+        from_pretrained: bool = False,
+        global_pool: nn.Module | None = None,
+        pre_logits: nn.Module | None = None,
+        head_features: int | None = None,
+        head_init: str = "normal",
+    ) -> None:
         super().__init__()
         if in_chans not in IN_CHANS:
             raise ValueError(f"{info.name}: in_chans must be one of {IN_CHANS}, got {in_chans!r}")
@@ -75,8 +86,10 @@ class Classifier(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, expected_input_channels, H, W) -> the last conv feature map (B, num_features, h, w)."""
         if x.dim() != 4 or x.shape[1] != self.expected_input_channels:
-            raise ValueError(f"{self.info.name} (in_chans={self.in_chans}) expects input (B, "
-                             f"{self.expected_input_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.info.name} (in_chans={self.in_chans}) expects input (B, "
+                f"{self.expected_input_channels}, H, W), got {tuple(x.shape)}"
+            )
         return self.features(self.input_layer(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -126,8 +139,15 @@ def _torchvision(arch: str, pretrained: str | os.PathLike[str] | None, **kwargs:
 def _fc67(classifier: nn.Sequential, dropout: float) -> nn.Sequential:
     """fc6 - ReLU - dropout - fc7 - ReLU from a torchvision AlexNet/VGG classifier (weights kept)."""
     linears = [m for m in classifier if isinstance(m, nn.Linear)]
-    return nn.Sequential(OrderedDict(fc6=linears[0], act6=nn.ReLU(inplace=True), drop6=nn.Dropout(dropout),
-                                     fc7=linears[1], act7=nn.ReLU(inplace=True)))
+    return nn.Sequential(
+        OrderedDict(
+            fc6=linears[0],
+            act6=nn.ReLU(inplace=True),
+            drop6=nn.Dropout(dropout),
+            fc7=linears[1],
+            act7=nn.ReLU(inplace=True),
+        )
+    )
 
 
 def _groups(*groups: tuple[str, tuple[str, ...]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -142,94 +162,221 @@ _FC67 = (("fc6", ("pre_logits.fc6",)), ("fc7", ("pre_logits.fc7",)))
 
 
 ALEXNET = ModelInfo(
-    "alexnet", 224, 63, 256, "features", "features.0",
+    "alexnet",
+    224,
+    63,
+    256,
+    "features",
+    "features.0",
     _groups(*((f"conv{i + 1}", _feat(j)) for i, j in enumerate((0, 3, 6, 8, 10))), *_FC67),
-    gap_fc=False, torchvision_weights="AlexNet_Weights.IMAGENET1K_V1", paper="000, 001")
+    gap_fc=False,
+    torchvision_weights="AlexNet_Weights.IMAGENET1K_V1",
+    paper="000, 001",
+)
 
 
 @register_model("alexnet", ALEXNET)
 def alexnet(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs) -> Classifier:
     tv = _torchvision("alexnet", pretrained, **kwargs)
-    return Classifier(ALEXNET, tv.features, num_features=256, head_features=4096, in_chans=in_chans,
-                      num_classes=num_classes, dropout=dropout, from_pretrained=pretrained is not None,
-                      global_pool=nn.Sequential(tv.avgpool, nn.Flatten(1)), pre_logits=_fc67(tv.classifier, dropout))
+    return Classifier(
+        ALEXNET,
+        tv.features,
+        num_features=256,
+        head_features=4096,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dropout=dropout,
+        from_pretrained=pretrained is not None,
+        global_pool=nn.Sequential(tv.avgpool, nn.Flatten(1)),
+        pre_logits=_fc67(tv.classifier, dropout),
+    )
 
 
 _VGG16_BLOCKS = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))  # conv indices in features
 
 
 VGG16 = ModelInfo(
-    "vgg16", 224, 32, 512, "features", "features.0",
+    "vgg16",
+    224,
+    32,
+    512,
+    "features",
+    "features.0",
     _groups(*((f"block{i + 1}", _feat(*idx)) for i, idx in enumerate(_VGG16_BLOCKS)), *_FC67),
-    gap_fc=False, torchvision_weights="VGG16_Weights.IMAGENET1K_V1", paper="000, 001")
+    gap_fc=False,
+    torchvision_weights="VGG16_Weights.IMAGENET1K_V1",
+    paper="000, 001",
+)
 
 
 @register_model("vgg16", VGG16)
 def vgg16(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs) -> Classifier:
     tv = _torchvision("vgg16", pretrained, **kwargs)
-    return Classifier(VGG16, tv.features, num_features=512, head_features=4096, in_chans=in_chans,
-                      num_classes=num_classes, dropout=dropout, from_pretrained=pretrained is not None,
-                      global_pool=nn.Sequential(tv.avgpool, nn.Flatten(1)), pre_logits=_fc67(tv.classifier, dropout))
+    return Classifier(
+        VGG16,
+        tv.features,
+        num_features=512,
+        head_features=4096,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dropout=dropout,
+        from_pretrained=pretrained is not None,
+        global_pool=nn.Sequential(tv.avgpool, nn.Flatten(1)),
+        pre_logits=_fc67(tv.classifier, dropout),
+    )
 
 
-_GOOGLENET = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
-              "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
-              "inception5a", "inception5b"]
+_GOOGLENET = [
+    "conv1",
+    "maxpool1",
+    "conv2",
+    "conv3",
+    "maxpool2",
+    "inception3a",
+    "inception3b",
+    "maxpool3",
+    "inception4a",
+    "inception4b",
+    "inception4c",
+    "inception4d",
+    "inception4e",
+    "maxpool4",
+    "inception5a",
+    "inception5b",
+]
 
 
 GOOGLENET = ModelInfo(
-    "googlenet", 224, 32, 1024, "features.inception5b", "features.conv1.conv",
-    _groups(("stem", _feat("conv1", "conv2", "conv3")), ("inception3", _feat("inception3a", "inception3b")),
-            ("inception4", _feat(*(f"inception4{c}" for c in "abcde"))),
-            ("inception5a", _feat("inception5a")), ("inception5b", _feat("inception5b"))),
-    gap_fc=True, torchvision_weights="GoogLeNet_Weights.IMAGENET1K_V1", mean=(0.5,) * 3, std=(0.5,) * 3,
-    paper="001 (inception_5a/5b fine-tuning)")
+    "googlenet",
+    224,
+    32,
+    1024,
+    "features.inception5b",
+    "features.conv1.conv",
+    _groups(
+        ("stem", _feat("conv1", "conv2", "conv3")),
+        ("inception3", _feat("inception3a", "inception3b")),
+        ("inception4", _feat(*(f"inception4{c}" for c in "abcde"))),
+        ("inception5a", _feat("inception5a")),
+        ("inception5b", _feat("inception5b")),
+    ),
+    gap_fc=True,
+    torchvision_weights="GoogLeNet_Weights.IMAGENET1K_V1",
+    mean=(0.5,) * 3,
+    std=(0.5,) * 3,
+    paper="001 (inception_5a/5b fine-tuning)",
+)
 
 
 @register_model("googlenet", GOOGLENET)
 def googlenet(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs) -> Classifier:
     # The ImageNet file holds the auxiliary classifiers: build them to load it, then leave them out.
     tv = _torchvision("googlenet", pretrained, aux_logits=pretrained is not None, init_weights=True, **kwargs)
-    return Classifier(GOOGLENET, _trunk(tv, _GOOGLENET), num_features=1024, in_chans=in_chans,
-                      num_classes=num_classes, dropout=dropout, from_pretrained=pretrained is not None)
+    return Classifier(
+        GOOGLENET,
+        _trunk(tv, _GOOGLENET),
+        num_features=1024,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dropout=dropout,
+        from_pretrained=pretrained is not None,
+    )
 
 
-_INCEPTION = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-              "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
-              "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+_INCEPTION = [
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "maxpool1",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "maxpool2",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+]
 
 
 INCEPTION_V3 = ModelInfo(
-    "inception_v3", 299, 75, 2048, "features.Mixed_7c", "features.Conv2d_1a_3x3.conv",
-    _groups(("stem", _feat(*(n for n in _INCEPTION[:7] if n.startswith("Conv")))),
-            ("mixed5", _feat(*_INCEPTION[7:10])), ("mixed6", _feat(*_INCEPTION[10:15])),
-            *((name.lower().replace("_", ""), _feat(name)) for name in _INCEPTION[15:])),
-    gap_fc=True, torchvision_weights="Inception_V3_Weights.IMAGENET1K_V1", mean=(0.5,) * 3, std=(0.5,) * 3,
-    paper="000")
+    "inception_v3",
+    299,
+    75,
+    2048,
+    "features.Mixed_7c",
+    "features.Conv2d_1a_3x3.conv",
+    _groups(
+        ("stem", _feat(*(n for n in _INCEPTION[:7] if n.startswith("Conv")))),
+        ("mixed5", _feat(*_INCEPTION[7:10])),
+        ("mixed6", _feat(*_INCEPTION[10:15])),
+        *((name.lower().replace("_", ""), _feat(name)) for name in _INCEPTION[15:]),
+    ),
+    gap_fc=True,
+    torchvision_weights="Inception_V3_Weights.IMAGENET1K_V1",
+    mean=(0.5,) * 3,
+    std=(0.5,) * 3,
+    paper="000",
+)
 
 
 @register_model("inception_v3", INCEPTION_V3)
 def inception_v3(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs) -> Classifier:
     tv = _torchvision("inception_v3", pretrained, aux_logits=pretrained is not None, init_weights=True, **kwargs)
-    return Classifier(INCEPTION_V3, _trunk(tv, _INCEPTION), num_features=2048, in_chans=in_chans,
-                      num_classes=num_classes, dropout=dropout, from_pretrained=pretrained is not None)
+    return Classifier(
+        INCEPTION_V3,
+        _trunk(tv, _INCEPTION),
+        num_features=2048,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dropout=dropout,
+        from_pretrained=pretrained is not None,
+    )
 
 
 _RESNET = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
 
 
 def _resnet_info(name: str, channels: int, weights: str) -> ModelInfo:
-    return ModelInfo(name, 224, 32, channels, "features.layer4", "features.conv1",
-                     _groups(("stem", _feat("conv1", "bn1")),
-                             *((f"layer{i}", _feat(f"layer{i}")) for i in range(1, 5))),
-                     gap_fc=True, torchvision_weights=weights, paper="000, 004 (CAM)")
+    return ModelInfo(
+        name,
+        224,
+        32,
+        channels,
+        "features.layer4",
+        "features.conv1",
+        _groups(("stem", _feat("conv1", "bn1")), *((f"layer{i}", _feat(f"layer{i}")) for i in range(1, 5))),
+        gap_fc=True,
+        torchvision_weights=weights,
+        paper="000, 004 (CAM)",
+    )
 
 
-def _resnet(arch: str, info: ModelInfo, in_chans: int, num_classes: int, dropout: float,
-            pretrained: str | os.PathLike[str] | None, kwargs: dict) -> Classifier:
+def _resnet(
+    arch: str,
+    info: ModelInfo,
+    in_chans: int,
+    num_classes: int,
+    dropout: float,
+    pretrained: str | os.PathLike[str] | None,
+    kwargs: dict,
+) -> Classifier:
     tv = _torchvision(arch, pretrained, **kwargs)
-    return Classifier(info, _trunk(tv, _RESNET), num_features=info.num_features, in_chans=in_chans,
-                      num_classes=num_classes, dropout=dropout, from_pretrained=pretrained is not None)
+    return Classifier(
+        info,
+        _trunk(tv, _RESNET),
+        num_features=info.num_features,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dropout=dropout,
+        from_pretrained=pretrained is not None,
+    )
 
 
 RESNET18 = _resnet_info("resnet18", 512, "ResNet18_Weights.IMAGENET1K_V1")
@@ -248,16 +395,29 @@ def resnet50(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwarg
 
 def _levy_block(in_channels: int, out_channels: int) -> nn.Sequential:
     # "Convolution (3x3) - Batch Norm - ReLU - Max Pooling"; the padding is ours (the paper does not say).
-    return nn.Sequential(OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                                     bn=nn.BatchNorm2d(out_channels), act=nn.ReLU(inplace=True),
-                                     pool=nn.MaxPool2d(2)))
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            bn=nn.BatchNorm2d(out_channels),
+            act=nn.ReLU(inplace=True),
+            pool=nn.MaxPool2d(2),
+        )
+    )
 
 
 LEVYNET = ModelInfo(
-    "levynet", 224, 8, 64, "features.block3", "features.block1.conv",
-    _groups(("block1", _feat("block1")), ("block2", _feat("block2")), ("block3", _feat("block3")),
-            ("mlp", ("pre_logits",))),
-    gap_fc=False, paper="001 section 4.1")
+    "levynet",
+    224,
+    8,
+    64,
+    "features.block3",
+    "features.block1.conv",
+    _groups(
+        ("block1", _feat("block1")), ("block2", _feat("block2")), ("block3", _feat("block3")), ("mlp", ("pre_logits",))
+    ),
+    gap_fc=False,
+    paper="001 section 4.1",
+)
 
 
 @register_model("levynet", LEVYNET)
@@ -270,16 +430,31 @@ def levynet(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, pool_siz
     """
     if pretrained is not None:
         raise PretrainedWeightsError("levynet has no ImageNet weights (paper 001 trains it from scratch)")
-    features = nn.Sequential(OrderedDict(block1=_levy_block(3, 32), block2=_levy_block(32, 32),
-                                         block3=_levy_block(32, 64)))
-    mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(64 * pool_size ** 2, 128), act1=nn.ReLU(inplace=True),
-                                    fc2=nn.Linear(128, 64), act2=nn.ReLU(inplace=True)))
+    features = nn.Sequential(
+        OrderedDict(block1=_levy_block(3, 32), block2=_levy_block(32, 32), block3=_levy_block(32, 64))
+    )
+    mlp = nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(64 * pool_size**2, 128),
+            act1=nn.ReLU(inplace=True),
+            fc2=nn.Linear(128, 64),
+            act2=nn.ReLU(inplace=True),
+        )
+    )
     for module in [*features.modules(), *mlp.modules()]:
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-    return Classifier(LEVYNET, features, num_features=64, head_features=64, in_chans=in_chans,
-                      num_classes=num_classes, dropout=dropout, head_init="xavier",
-                      global_pool=nn.Sequential(nn.AdaptiveAvgPool2d(pool_size), nn.Flatten(1)), pre_logits=mlp)
-
+    return Classifier(
+        LEVYNET,
+        features,
+        num_features=64,
+        head_features=64,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        dropout=dropout,
+        head_init="xavier",
+        global_pool=nn.Sequential(nn.AdaptiveAvgPool2d(pool_size), nn.Flatten(1)),
+        pre_logits=mlp,
+    )

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SQRT2 = math.sqrt(2.0)
-DOG_SIGMAS = tuple(SQRT2 ** k for k in range(1, 9))  # sqrt2, 2, 2sqrt2, 4, 4sqrt2, 8, 8sqrt2, 16 (paper 000)
+DOG_SIGMAS = tuple(SQRT2**k for k in range(1, 9))  # sqrt2, 2, 2sqrt2, 4, 4sqrt2, 8, 8sqrt2, 16 (paper 000)
 
 
 def gaussian_radius(sigma: float, truncate: float = 3.0) -> int:
@@ -78,7 +78,7 @@ class DoGBank(nn.Module):
         kernels = torch.zeros(len(blur_sigmas), 2 * self.radius + 1, dtype=torch.float64)
         for row, sigma in enumerate(blur_sigmas):
             r = gaussian_radius(sigma, truncate)
-            kernels[row, self.radius - r:self.radius + r + 1] = gaussian_kernel1d(sigma, r)
+            kernels[row, self.radius - r : self.radius + r + 1] = gaussian_kernel1d(sigma, r)
         self.register_buffer("kernels", kernels.float(), persistent=False)
 
     @property

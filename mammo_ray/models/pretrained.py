@@ -57,7 +57,8 @@ def resolve_weights(name: str, pretrained: str | os.PathLike[str]) -> Path:
                 f"ImageNet weights for {name} not found at {path}. Nothing is downloaded here: fetch "
                 f"{weights_url(name)} on a connected machine and put it at {path} (the torch hub cache, "
                 f"$TORCH_HOME/hub/checkpoints; TORCH_HOME={os.environ.get('TORCH_HOME', '<unset>')}), "
-                f"or pass the file's path as model.pretrained")
+                f"or pass the file's path as model.pretrained"
+            )
         return path
     path = Path(pretrained).expanduser()
     if not path.is_file():
@@ -84,8 +85,9 @@ def load_torchvision_weights(model: nn.Module, name: str, pretrained: str | os.P
         "wrong shape": [k for k in expected if k in state and state[k].shape != expected[k].shape],
     }
     if any(problems.values()):  # a file for another architecture: say which keys, briefly
-        detail = "; ".join(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
-                           for what, keys in problems.items() if keys)
+        detail = "; ".join(
+            f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in problems.items() if keys
+        )
         raise PretrainedWeightsError(f"{path} does not match torchvision's {name}: {detail}")
     model.load_state_dict(state)
     return path
@@ -114,8 +116,16 @@ def adapt_input_conv(conv: nn.Conv2d, in_chans: int, from_pretrained: bool) -> n
         new_weight = torch.cat([rgb_sum, extra], dim=1)
     else:
         new_weight = weight[:, [c % 3 for c in range(in_chans)]] * math.sqrt(3 / in_chans)
-    new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    new = nn.Conv2d(
+        in_chans,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
     with torch.no_grad():
         new.weight.copy_(new_weight)
         if conv.bias is not None:
@@ -178,8 +188,9 @@ def param_groups(
     """
     multipliers = dict(multipliers or {})
     if HEAD_GROUP in multipliers:
-        raise ValueError(f"param_groups: set the head's LR with head_weight_mult / head_bias_mult, "
-                         f"not multipliers[{HEAD_GROUP!r}]")
+        raise ValueError(
+            f"param_groups: set the head's LR with head_weight_mult / head_bias_mult, not multipliers[{HEAD_GROUP!r}]"
+        )
     _check_groups(model, multipliers, "param_groups")
     groups = _groups(model)
     buckets: dict[str, list[nn.Parameter]] = {}

@@ -10,8 +10,9 @@ group, and ``serve/`` what input the model expects, without hard-coding ``"layer
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import nn
@@ -72,8 +73,9 @@ def register_model(name: str, info: ModelInfo) -> Callable[[Builder], Builder]:
     if info.name != name:
         raise ValueError(f"register_model({name!r}): info.name is {info.name!r}")
     if not info.layer_groups or info.layer_groups[-1] != (HEAD_GROUP, (info.classifier,)):
-        raise ValueError(f"register_model({name!r}): the last layer group must be ({HEAD_GROUP!r}, "
-                         f"({info.classifier!r},))")
+        raise ValueError(
+            f"register_model({name!r}): the last layer group must be ({HEAD_GROUP!r}, ({info.classifier!r},))"
+        )
 
     def decorator(builder: Builder) -> Builder:
         if name in _MODELS:
@@ -104,7 +106,7 @@ def create_model(
     dropout: float | None = None,
     pretrained: str | os.PathLike[str] | None = None,
     **kwargs: object,
-) -> "nn.Module":
+) -> nn.Module:
     """Build a registered model as a ``Classifier`` (see ``backbones.Classifier``).
 
     Arguments left at None are not passed on, so the builder's defaults apply:

@@ -102,8 +102,11 @@ class MultiViewClassifier(nn.Module):
 
     def layer_groups(self) -> list[tuple[str, list[str]]]:
         """The branch groups, each naming both branches' modules; the joint FC is the head."""
-        groups = [(group, [f"{branch}.{p}" for branch in ("cc", "mlo") for p in prefixes])
-                  for group, prefixes in self.cc.layer_groups() if group != HEAD_GROUP]
+        groups = [
+            (group, [f"{branch}.{p}" for branch in ("cc", "mlo") for p in prefixes])
+            for group, prefixes in self.cc.layer_groups()
+            if group != HEAD_GROUP
+        ]
         return [*groups, (HEAD_GROUP, ["fc"])]
 
 
@@ -143,5 +146,11 @@ class _ModelSettings(Protocol):  # what build_view_model reads; config.ModelConf
 
 def build_view_model(cfg: _ModelSettings) -> nn.Module:
     """The model a ``ModelConfig`` describes."""
-    return create_view_model(cfg.name, cfg.view_mode, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-                             dropout=cfg.dropout, pretrained=cfg.pretrained)
+    return create_view_model(
+        cfg.name,
+        cfg.view_mode,
+        in_chans=cfg.in_chans,
+        num_classes=cfg.num_classes,
+        dropout=cfg.dropout,
+        pretrained=cfg.pretrained,
+    )

@@ -56,16 +56,22 @@ def make_cells(config: Config) -> list[tuple[Cell, Config]]:
         raise ConfigError(f"tune.backbone_overrides: {missing} not in tune.backbones {backbones}")
     view_modes = t.view_modes or [config.model.view_mode]
     augments = t.augment or [AS_CONFIGURED]
-    if len(set(backbones)) != len(backbones) or len(set(view_modes)) != len(view_modes) \
-            or len(set(augments)) != len(augments):
+    if (
+        len(set(backbones)) != len(backbones)
+        or len(set(view_modes)) != len(view_modes)
+        or len(set(augments)) != len(augments)
+    ):
         raise ConfigError("tune.backbones, tune.view_modes and tune.augment must not repeat a value")
     cells = []
     for backbone in backbones:
         for view_mode in view_modes:
             for augment in augments:
                 cell = Cell(backbone, view_mode, augment)
-                values: dict[str, Any] = {"model.name": backbone, "model.view_mode": view_mode,
-                                          "train.monitor": t.metric}  # the kept checkpoints are the ones ranked
+                values: dict[str, Any] = {
+                    "model.name": backbone,
+                    "model.view_mode": view_mode,
+                    "train.monitor": t.metric,
+                }  # the kept checkpoints are the ones ranked
                 if augment != AS_CONFIGURED:
                     values.update(t.augment_on if augment == "on" else t.augment_off)
                 values.update(t.backbone_overrides.get(backbone, {}))

@@ -11,14 +11,30 @@ and measure) and ``leaderboard_long.csv`` (one row per cell, every number, for a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
-LONG_COLUMNS = ["backbone", "column", "view_mode", "augment", "status", "test_acc", "test_auc", "test_auc_ci_low",
-                "test_auc_ci_high", "test_loss", "test_n", "val_metric", "val_exam_loss", "trial_id", "run_id",
-                "trials"]
+LONG_COLUMNS = [
+    "backbone",
+    "column",
+    "view_mode",
+    "augment",
+    "status",
+    "test_acc",
+    "test_auc",
+    "test_auc_ci_low",
+    "test_auc_ci_high",
+    "test_loss",
+    "test_n",
+    "val_metric",
+    "val_exam_loss",
+    "trial_id",
+    "run_id",
+    "trials",
+]
 MEASURES = ("acc", "auc", "auc_ci_low", "auc_ci_high", "loss")
 
 
@@ -39,8 +55,10 @@ def cell_text(row: pd.Series) -> str:
     """``0.78 / 0.84 (0.71-0.95) / 0.52``: accuracy / AUC (CI) / loss, or why there is none."""
     if row["status"] != "ok":
         return str(row["status"])
-    return (f"{_fmt(row['test_acc'])} / {_fmt(row['test_auc'])} ({_fmt(row['test_auc_ci_low'])}-"
-            f"{_fmt(row['test_auc_ci_high'])}) / {_fmt(row['test_loss'])}")
+    return (
+        f"{_fmt(row['test_acc'])} / {_fmt(row['test_auc'])} ({_fmt(row['test_auc_ci_low'])}-"
+        f"{_fmt(row['test_auc_ci_high'])}) / {_fmt(row['test_loss'])}"
+    )
 
 
 def _ordered(values: pd.Series) -> list[str]:
@@ -62,16 +80,20 @@ def to_markdown(table: pd.DataFrame, title: str, selection: str = "") -> str:
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, row in table.iterrows():
         lines.append("| " + " | ".join([str(method), *(str(v) for v in row)]) + " |")
-    lines += ["", "Each cell: test accuracy / ROC AUC (95% CI, bootstrap over patients) / log loss of the cell's "
-              "best trial by validation metric."]
+    lines += [
+        "",
+        "Each cell: test accuracy / ROC AUC (95% CI, bootstrap over patients) / log loss of the cell's "
+        "best trial by validation metric.",
+    ]
     if selection:
         lines += ["", selection]
     lines += ["", "For research use only. Not for use in diagnostic procedures."]
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str,
-                      selection: str = "") -> dict[str, Any]:
+def write_leaderboard(
+    rows: Sequence[dict[str, Any]], out_dir: str | Path, *, title: str, selection: str = ""
+) -> dict[str, Any]:
     """Write ``leaderboard.{md,csv}`` and ``leaderboard_long.csv``; return their paths and the Markdown.
 
     ``selection`` (``search.selection_text``) says under the table which metric, at which level,
@@ -89,5 +111,9 @@ def write_leaderboard(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, ti
     wide.to_csv(out_dir / "leaderboard.csv")
     markdown = to_markdown(wide_table(long), title, selection)
     (out_dir / "leaderboard.md").write_text(markdown)
-    return {"csv": str(out_dir / "leaderboard.csv"), "long_csv": str(out_dir / "leaderboard_long.csv"),
-            "markdown": str(out_dir / "leaderboard.md"), "text": markdown}
+    return {
+        "csv": str(out_dir / "leaderboard.csv"),
+        "long_csv": str(out_dir / "leaderboard_long.csv"),
+        "markdown": str(out_dir / "leaderboard.md"),
+        "text": markdown,
+    }

@@ -34,8 +34,17 @@ from mammo_ray.train.run import check_resources, storage_path_for
 from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
 # What an ensemble config decides even when the members' config comes from a search.
-RUNTIME_FIELDS = ("train.use_gpu", "train.num_workers", "train.cpus_per_worker", "train.gpus_per_worker",
-                  "train.amp", "train.storage_path", "train.mlflow_uri", "train.experiment", "train.max_failures")
+RUNTIME_FIELDS = (
+    "train.use_gpu",
+    "train.num_workers",
+    "train.cpus_per_worker",
+    "train.gpus_per_worker",
+    "train.amp",
+    "train.storage_path",
+    "train.mlflow_uri",
+    "train.experiment",
+    "train.max_failures",
+)
 
 
 def config_from_search(config: Config, parent_run_id: str, workdir: Path) -> Config:
@@ -51,8 +60,9 @@ def config_from_search(config: Config, parent_run_id: str, workdir: Path) -> Con
     try:
         local = client.download_artifacts(parent_run_id, "best/best_config.yaml")
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"--from-search {parent_run_id}: the search logged no best config (did it finish? {exc})") \
-            from None
+        raise ValueError(
+            f"--from-search {parent_run_id}: the search logged no best config (did it finish? {exc})"
+        ) from None
     best = Config.model_validate(yaml.safe_load(Path(local).read_text()))
     dumped = config.model_dump(mode="json")
     values = {key: dumped[key.split(".")[0]][key.split(".")[1]] for key in RUNTIME_FIELDS}
@@ -69,8 +79,12 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> Any:
         trainable(plan),
         param_space={"cell": "member", "train.seed": tune.grid_search(seeds)},
         tune_config=tune.TuneConfig(max_concurrent_trials=e.max_concurrent_trials),
-        run_config=tune.RunConfig(name=plan.name, storage_path=str(Path(plan.experiment_dir).parent),
-                                  callbacks=[CloseTrialRuns(plan)], verbose=1 if progress else 0),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=str(Path(plan.experiment_dir).parent),
+            callbacks=[CloseTrialRuns(plan)],
+            verbose=1 if progress else 0,
+        ),
     )
 
 
@@ -82,8 +96,12 @@ def collect_members(plan: Plan, results: Any) -> tuple[list[dict[str, Any]], lis
         seed = int((result.config or {}).get("train.seed", -1))
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path or "").name
         checkpoint = Path(plan.workdir) / "runs" / run_name(plan, trial_id) / CHECKPOINT_FILE
-        member = {"seed": seed, "trial_id": trial_id, "run_id": find_trial_run(client, plan, trial_id),
-                  "checkpoint": str(checkpoint)}
+        member = {
+            "seed": seed,
+            "trial_id": trial_id,
+            "run_id": find_trial_run(client, plan, trial_id),
+            "checkpoint": str(checkpoint),
+        }
         if result.error is not None or not checkpoint.is_file():
             failed.append({**member, "error": repr(result.error) if result.error else "no checkpoint written"})
         else:
@@ -91,8 +109,14 @@ def collect_members(plan: Plan, results: Any) -> tuple[list[dict[str, Any]], lis
     return sorted(done, key=lambda m: m["seed"]), failed
 
 
-def run_ensemble(config: Config | None, workdir: str | Path, *, from_search: str | None = None,
-                 resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def run_ensemble(
+    config: Config | None,
+    workdir: str | Path,
+    *,
+    from_search: str | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train (or resume) the members, evaluate and register the ensemble; Ray must be initialised."""
     from ray import tune
 
@@ -112,20 +136,40 @@ def run_ensemble(config: Config | None, workdir: str | Path, *, from_search: str
         prepared = ensure_prepared(config, workdir, progress=progress)
         name = f"ensemble-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         cell = Cell(config.model.name, config.model.view_mode, AS_CONFIGURED)
-        plan = Plan(kind="ensemble", name=name, workdir=str(workdir),
-                    experiment_dir=str(storage_path_for(config, workdir) / name),
-                    tracking_uri=tracking_uri(config, workdir), experiment=config.train.experiment,
-                    parent_run_id="", metric=config.train.monitor,
-                    mode=metric_mode(config.train.monitor),
-                    cells={"member": {"cell": cell.to_dict(), "config": config.model_dump(mode="json"),
-                                      "prepared": prepared.to_dict()}})
-    tags = {"mammo_ray.kind": "ensemble", "mammo_ray.experiment_dir": plan.experiment_dir,
-            "mammo_ray.members": str(config.ensemble.members)}
+        plan = Plan(
+            kind="ensemble",
+            name=name,
+            workdir=str(workdir),
+            experiment_dir=str(storage_path_for(config, workdir) / name),
+            tracking_uri=tracking_uri(config, workdir),
+            experiment=config.train.experiment,
+            parent_run_id="",
+            metric=config.train.monitor,
+            mode=metric_mode(config.train.monitor),
+            cells={
+                "member": {
+                    "cell": cell.to_dict(),
+                    "config": config.model_dump(mode="json"),
+                    "prepared": prepared.to_dict(),
+                }
+            },
+        )
+    tags = {
+        "mammo_ray.kind": "ensemble",
+        "mammo_ray.experiment_dir": plan.experiment_dir,
+        "mammo_ray.members": str(config.ensemble.members),
+    }
     if from_search:
         tags["mammo_ray.from_search"] = from_search
-    with TrackedRun(plan.tracking_uri, plan.experiment, plan.name, config=None if resume else config, tags=tags,
-                    artifact_location=artifact_root(plan.tracking_uri, workdir),
-                    run_id=plan.parent_run_id or None) as parent:
+    with TrackedRun(
+        plan.tracking_uri,
+        plan.experiment,
+        plan.name,
+        config=None if resume else config,
+        tags=tags,
+        artifact_location=artifact_root(plan.tracking_uri, workdir),
+        run_id=plan.parent_run_id or None,
+    ) as parent:
         if resume is None:
             plan.parent_run_id = parent.run_id
             write_plan(plan)
@@ -135,31 +179,58 @@ def run_ensemble(config: Config | None, workdir: str | Path, *, from_search: str
             tuner = tune.Tuner.restore(plan.experiment_dir, trainable=trainable(plan), resume_errored=True)
         members, failed = collect_members(plan, tuner.fit())
         if not members:
-            raise RuntimeError(f"ensemble {plan.name}: no member finished ({len(failed)} failed); "
-                               f"see {plan.experiment_dir}")
+            raise RuntimeError(
+                f"ensemble {plan.name}: no member finished ({len(failed)} failed); see {plan.experiment_dir}"
+            )
         split = config.ensemble.split
         prepared = plan.cells["member"]["prepared"]
-        frames = [predict_checkpoint(m["checkpoint"], split, workdir, cache_dir=prepared["cache_dir"],
-                                     splits_path=prepared["splits"])["frame"] for m in members]
+        frames = [
+            predict_checkpoint(
+                m["checkpoint"], split, workdir, cache_dir=prepared["cache_dir"], splits_path=prepared["splits"]
+            )["frame"]
+            for m in members
+        ]
         out = Path(plan.experiment_dir) / "evaluation"
-        report = ensemble_report(frames, config.model.view_mode, out, split=split,
-                                 n_boot=config.train.eval_bootstrap, seed=config.train.seed)
+        report = ensemble_report(
+            frames, config.model.view_mode, out, split=split, n_boot=config.train.eval_bootstrap, seed=config.train.seed
+        )
         parent.log_metrics({k: v for k, v in report["metrics"].items()})
-        parent.log_metrics({"ensemble_auc": report["ensemble_auc"], "mean_member_auc": report["mean_member_auc"],
-                            "members_finished": len(members), "members_failed": len(failed)})
+        parent.log_metrics(
+            {
+                "ensemble_auc": report["ensemble_auc"],
+                "mean_member_auc": report["mean_member_auc"],
+                "members_finished": len(members),
+                "members_failed": len(failed),
+            }
+        )
         parent.log_artifacts([*report["plots"], report["predictions"]], "evaluation")
-        registered = register_ensemble(plan.tracking_uri, parent.run_id, [m["checkpoint"] for m in members],
-                                       [m["run_id"] or "" for m in members], config.ensemble.registered_model,
-                                       description=f"{len(members)}-member ensemble of {config.model.name} "
-                                                   f"({config.model.view_mode}), members differ only in seed")
-        summary = {"experiment_dir": plan.experiment_dir, "parent_run_id": parent.run_id,
-                   "tracking_uri": plan.tracking_uri, "members": len(members), "members_failed": failed,
-                   "member_runs": members, "split": split, "ensemble_auc": report["ensemble_auc"],
-                   "ensemble_auc_ci": report["ensemble_auc_ci"], "mean_member_auc": report["mean_member_auc"],
-                   "mean_member_auc_ci": report["mean_member_auc_ci"], "diff": report["diff"],
-                   "diff_ci": report["diff_ci"], "plots": report["plots"], "model_uri": registered["model_uri"],
-                   "registered_model": registered}
+        registered = register_ensemble(
+            plan.tracking_uri,
+            parent.run_id,
+            [m["checkpoint"] for m in members],
+            [m["run_id"] or "" for m in members],
+            config.ensemble.registered_model,
+            description=f"{len(members)}-member ensemble of {config.model.name} "
+            f"({config.model.view_mode}), members differ only in seed",
+        )
+        summary = {
+            "experiment_dir": plan.experiment_dir,
+            "parent_run_id": parent.run_id,
+            "tracking_uri": plan.tracking_uri,
+            "members": len(members),
+            "members_failed": failed,
+            "member_runs": members,
+            "split": split,
+            "ensemble_auc": report["ensemble_auc"],
+            "ensemble_auc_ci": report["ensemble_auc_ci"],
+            "mean_member_auc": report["mean_member_auc"],
+            "mean_member_auc_ci": report["mean_member_auc_ci"],
+            "diff": report["diff"],
+            "diff_ci": report["diff_ci"],
+            "plots": report["plots"],
+            "model_uri": registered["model_uri"],
+            "registered_model": registered,
+        }
         (Path(plan.experiment_dir) / "ensemble_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         parent.log_artifact(Path(plan.experiment_dir) / "ensemble_summary.json")
     return summary
-

@@ -43,11 +43,11 @@ TRIAL_CPU = 0.01  # the trial only drives its TorchTrainer; the Train workers ho
 SELECTION_METRIC = "val_exam_loss"  # picks the best configuration overall: one level for every view mode
 METRIC_LEVELS = {
     "val_exam_loss": "validation log loss per exam (the CC and MLO probabilities of a lesion averaged) in every "
-                     "view mode",
+    "view mode",
     "val_loss": "validation log loss at the view mode's primary level: per image for single, per exam for "
-                "parallel and multimodal",
+    "parallel and multimodal",
     "val_auc": "validation ROC AUC at the view mode's primary level: per image for single, per exam for "
-               "parallel and multimodal",
+    "parallel and multimodal",
 }
 
 
@@ -73,8 +73,9 @@ def select_best(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | Non
     whatever its level; across cells only an exam-level metric does, which ``SELECTION_METRIC`` is
     for every view mode. None when no cell winner has it.
     """
-    winners = [row for _, cell in trials.groupby("cell", sort=False)
-               if (row := best_row(cell, metric, mode)) is not None]
+    winners = [
+        row for _, cell in trials.groupby("cell", sort=False) if (row := best_row(cell, metric, mode)) is not None
+    ]
     return best_row(pd.DataFrame(winners), SELECTION_METRIC, "min") if winners else None
 
 
@@ -84,8 +85,10 @@ def selection_text(metric: str, best: pd.Series | None) -> str:
     overall = describe_metric(SELECTION_METRIC).replace("lowest", "the lowest", 1)
     if best is None:
         return f"{text} Best configuration overall: none (no cell's best trial reported {SELECTION_METRIC})."
-    return (f"{text} Best configuration overall: the cell winner with {overall}: {best['cell']} trial "
-            f"{best['trial_id']} ({SELECTION_METRIC} {float(best[SELECTION_METRIC]):.4f}).")
+    return (
+        f"{text} Best configuration overall: the cell winner with {overall}: {best['cell']} trial "
+        f"{best['trial_id']} ({SELECTION_METRIC} {float(best[SELECTION_METRIC]):.4f})."
+    )
 
 
 def prepare_cells(cells: list[tuple[Any, Config]], workdir: Path, progress: bool) -> dict[str, PreparedData]:
@@ -118,9 +121,11 @@ def check_state_api(config: Config) -> None:
     try:
         list_actors(address=ray.get_runtime_context().gcs_address, limit=1, raise_on_missing_output=False)
     except Exception as exc:  # noqa: BLE001 - any failure means no state API
-        raise RuntimeError("tune.scheduler=asha needs Ray's state API (the dashboard) so the resources of "
-                           "stopped trials are freed; start Ray with its dashboard (mammo-ray does when it starts "
-                           f"Ray itself) or set tune.scheduler=fifo ({type(exc).__name__}: {exc})") from None
+        raise RuntimeError(
+            "tune.scheduler=asha needs Ray's state API (the dashboard) so the resources of "
+            "stopped trials are freed; start Ray with its dashboard (mammo-ray does when it starts "
+            f"Ray itself) or set tune.scheduler=fifo ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def build_tuner(plan: Plan, config: Config, *, progress: bool) -> Any:
@@ -131,11 +136,18 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> Any:
     scheduler = CellScheduler(t, metric=plan.metric, mode=plan.mode, max_epochs=config.train.epochs)
     return tune.Tuner(
         trainable(plan),
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=len(plan.cells) * t.num_samples,
-                                    max_concurrent_trials=t.max_concurrent_trials),
-        run_config=tune.RunConfig(name=plan.name, storage_path=str(Path(plan.experiment_dir).parent),
-                                  callbacks=[CloseTrialRuns(plan)], verbose=1 if progress else 0),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=len(plan.cells) * t.num_samples,
+            max_concurrent_trials=t.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=str(Path(plan.experiment_dir).parent),
+            callbacks=[CloseTrialRuns(plan)],
+            verbose=1 if progress else 0,
+        ),
     )
 
 
@@ -146,20 +158,31 @@ def trial_table(results: Any, plan: Plan) -> pd.DataFrame:
     for result in results:
         config = result.config or {}
         history = result.metrics_dataframe
-        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or Path(result.path or "").name,
-                               "cell": config.get("cell"), **{k: v for k, v in config.items() if k != "cell"},
-                               "error": None if result.error is None else type(result.error).__name__,
-                               "epochs": 0, "best_epoch": math.nan, plan.metric: math.nan, SELECTION_METRIC: math.nan,
-                               "checkpoint": None}
+        row: dict[str, Any] = {
+            "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path or "").name,
+            "cell": config.get("cell"),
+            **{k: v for k, v in config.items() if k != "cell"},
+            "error": None if result.error is None else type(result.error).__name__,
+            "epochs": 0,
+            "best_epoch": math.nan,
+            plan.metric: math.nan,
+            SELECTION_METRIC: math.nan,
+            "checkpoint": None,
+        }
         if history is not None and len(history) and plan.metric in history:
             row["epochs"] = int(history[TIME_ATTR].max()) if TIME_ATTR in history else len(history)
             best = best_row(history, plan.metric, plan.mode)
             if best is not None:
-                row.update({"best_epoch": int(best[TIME_ATTR]), plan.metric: float(best[plan.metric]),
-                            "val_auc": float(best.get("val_auc", math.nan)),
-                            "val_loss": float(best.get("val_loss", math.nan)),
-                            SELECTION_METRIC: float(best.get(SELECTION_METRIC, math.nan)),
-                            "checkpoint": best.get("checkpoint_path")})
+                row.update(
+                    {
+                        "best_epoch": int(best[TIME_ATTR]),
+                        plan.metric: float(best[plan.metric]),
+                        "val_auc": float(best.get("val_auc", math.nan)),
+                        "val_loss": float(best.get("val_loss", math.nan)),
+                        SELECTION_METRIC: float(best.get(SELECTION_METRIC, math.nan)),
+                        "checkpoint": best.get("checkpoint_path"),
+                    }
+                )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -175,58 +198,96 @@ def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[s
     rows = []
     for key, cell in plan.cells.items():
         info = cell["cell"]
-        row: dict[str, Any] = {"cell": key, "backbone": info["backbone"], "column": Cell(**info).column,
-                               "view_mode": info["view_mode"],
-                               "augment": info["augment"], "trials": int((trials["cell"] == key).sum())}
+        row: dict[str, Any] = {
+            "cell": key,
+            "backbone": info["backbone"],
+            "column": Cell(**info).column,
+            "view_mode": info["view_mode"],
+            "augment": info["augment"],
+            "trials": int((trials["cell"] == key).sum()),
+        }
         best = best_row(trials[(trials["cell"] == key) & trials["checkpoint"].notna()], plan.metric, plan.mode)
         if best is None:
             rows.append({**row, "status": "no finished trial"})
             continue
         prepared = PreparedData(**cell["prepared"])
         out_dir = Path(plan.experiment_dir) / "cells" / key
-        result = evaluate_checkpoint(best["checkpoint"], "test", plan.workdir, out_dir, n_boot=n_boot,
-                                     cache_dir=prepared.cache_dir, splits_path=prepared.splits)
+        result = evaluate_checkpoint(
+            best["checkpoint"],
+            "test",
+            plan.workdir,
+            out_dir,
+            n_boot=n_boot,
+            cache_dir=prepared.cache_dir,
+            splits_path=prepared.splits,
+        )
         metrics = result["metrics"]
         run_id = find_trial_run(client, plan, best["trial_id"])
         if run_id:
             log_metrics(plan.tracking_uri, run_id, metrics, step=int(best["best_epoch"]))
             client.set_tag(run_id, "mammo_ray.cell_best", "true")
-        rows.append({**row, "status": "ok", "trial_id": best["trial_id"], "run_id": run_id,
-                     "val_metric": float(best[plan.metric]), "checkpoint": best["checkpoint"],
-                     SELECTION_METRIC: float(best.get(SELECTION_METRIC, math.nan)),
-                     **{k: metrics.get(k, math.nan) for k in ("test_acc", "test_auc", "test_auc_ci_low",
-                                                              "test_auc_ci_high", "test_loss", "test_n")},
-                     "plots": result["plots"]})
+        rows.append(
+            {
+                **row,
+                "status": "ok",
+                "trial_id": best["trial_id"],
+                "run_id": run_id,
+                "val_metric": float(best[plan.metric]),
+                "checkpoint": best["checkpoint"],
+                SELECTION_METRIC: float(best.get(SELECTION_METRIC, math.nan)),
+                **{
+                    k: metrics.get(k, math.nan)
+                    for k in ("test_acc", "test_auc", "test_auc_ci_low", "test_auc_ci_high", "test_loss", "test_n")
+                },
+                "plots": result["plots"],
+            }
+        )
     return rows
 
 
-def baseline_rows(config: Config, prepared: PreparedData, columns: list[tuple[str, str, str]], out_dir: Path,
-                  n_boot: int) -> list[dict[str, Any]]:
+def baseline_rows(
+    config: Config, prepared: PreparedData, columns: list[tuple[str, str, str]], out_dir: Path, n_boot: int
+) -> list[dict[str, Any]]:
     """The texture + LDA rows of paper 000 (§2.4), on the same split: per image under the single
     view columns, per exam (CC and MLO averaged, as the parallel mode evaluates) under the
     parallel ones. Multi-modal needs a network; those columns stay empty."""
     from mammo_ray.baseline.lda import run_baseline
 
     name = "texture + LDA (non-deep)"
-    targets = [(column, view, aug) for column, view, aug in columns if view in ("single", "parallel")
-               and aug != "on"] or [("single", "single", "off")]
+    targets = [
+        (column, view, aug) for column, view, aug in columns if view in ("single", "parallel") and aug != "on"
+    ] or [("single", "single", "off")]
     try:
         result = run_baseline(config, prepared.cache_dir, out_dir, n_boot=n_boot)
     except ValueError as exc:
-        return [{"backbone": name, "column": column, "view_mode": view, "augment": aug,
-                 "status": f"not run: {exc}"} for column, view, aug in targets]
+        return [
+            {"backbone": name, "column": column, "view_mode": view, "augment": aug, "status": f"not run: {exc}"}
+            for column, view, aug in targets
+        ]
     rows = []
     for column, view, aug in targets:
         level = result["test"]["image" if view == "single" else "exam"]
-        rows.append({"backbone": name, "column": column, "view_mode": view, "augment": aug, "status": "ok",
-                     "test_acc": level["accuracy"], "test_auc": level["auc"], "test_auc_ci_low": level["auc_ci_low"],
-                     "test_auc_ci_high": level["auc_ci_high"], "test_loss": level["log_loss"],
-                     "test_n": level["n"]})
+        rows.append(
+            {
+                "backbone": name,
+                "column": column,
+                "view_mode": view,
+                "augment": aug,
+                "status": "ok",
+                "test_acc": level["accuracy"],
+                "test_auc": level["auc"],
+                "test_auc_ci_low": level["auc_ci_low"],
+                "test_auc_ci_high": level["auc_ci_high"],
+                "test_loss": level["log_loss"],
+                "test_n": level["n"],
+            }
+        )
     return rows
 
 
-def run_search(config: Config, workdir: str | Path, *, resume: str | Path | None = None,
-               progress: bool = True) -> dict[str, Any]:
+def run_search(
+    config: Config, workdir: str | Path, *, resume: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Run (or resume) a search; Ray must be initialised. Returns the ``--json`` summary."""
     import ray.tune
 
@@ -241,16 +302,34 @@ def run_search(config: Config, workdir: str | Path, *, resume: str | Path | None
         prepared = prepare_cells(cells, workdir, progress)
         name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         uri = tracking_uri(config, workdir)
-        plan = Plan(kind="search", name=name, workdir=str(workdir),
-                    experiment_dir=str(storage_path_for(config, workdir) / name), tracking_uri=uri,
-                    experiment=config.train.experiment, parent_run_id="", metric=config.tune.metric,
-                    mode=metric_mode(config.tune.metric),
-                    cells={cell.key: {"cell": cell.to_dict(), "config": c.model_dump(mode="json"),
-                                      "prepared": prepared[cell.key].to_dict()} for cell, c in cells})
-    parent = TrackedRun(plan.tracking_uri, plan.experiment, plan.name, config=None if resume else config,
-                        tags={"mammo_ray.kind": "search", "mammo_ray.experiment_dir": plan.experiment_dir},
-                        artifact_location=artifact_root(plan.tracking_uri, workdir),
-                        run_id=plan.parent_run_id or None)
+        plan = Plan(
+            kind="search",
+            name=name,
+            workdir=str(workdir),
+            experiment_dir=str(storage_path_for(config, workdir) / name),
+            tracking_uri=uri,
+            experiment=config.train.experiment,
+            parent_run_id="",
+            metric=config.tune.metric,
+            mode=metric_mode(config.tune.metric),
+            cells={
+                cell.key: {
+                    "cell": cell.to_dict(),
+                    "config": c.model_dump(mode="json"),
+                    "prepared": prepared[cell.key].to_dict(),
+                }
+                for cell, c in cells
+            },
+        )
+    parent = TrackedRun(
+        plan.tracking_uri,
+        plan.experiment,
+        plan.name,
+        config=None if resume else config,
+        tags={"mammo_ray.kind": "search", "mammo_ray.experiment_dir": plan.experiment_dir},
+        artifact_location=artifact_root(plan.tracking_uri, workdir),
+        run_id=plan.parent_run_id or None,
+    )
     with parent:
         if not resume:
             plan.parent_run_id = parent.run_id
@@ -273,37 +352,69 @@ def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> d
     if config.tune.baseline:
         first = next(iter(plan.cells.values()))
         columns = list(dict.fromkeys((r["column"], r["view_mode"], r["augment"]) for r in rows))
-        rows += baseline_rows(plan.cell_config(next(iter(plan.cells))), PreparedData(**first["prepared"]), columns,
-                              out / "baseline", config.train.eval_bootstrap)
+        rows += baseline_rows(
+            plan.cell_config(next(iter(plan.cells))),
+            PreparedData(**first["prepared"]),
+            columns,
+            out / "baseline",
+            config.train.eval_bootstrap,
+        )
     best = select_best(trials, plan.metric, plan.mode)
-    board = write_leaderboard(rows, out, title=f"Search {plan.name}: {config.data.task} on {config.data.source} data",
-                              selection=selection_text(plan.metric, best))
+    board = write_leaderboard(
+        rows,
+        out,
+        title=f"Search {plan.name}: {config.data.task} on {config.data.source} data",
+        selection=selection_text(plan.metric, best),
+    )
     parent.log_artifacts([board["csv"], board["long_csv"], board["markdown"], out / "trials.csv"], "leaderboard")
     for row in rows:
         if row.get("plots"):
             parent.log_artifacts(row["plots"], f"cells/{row['cell']}")
-    summary: dict[str, Any] = {"experiment_dir": plan.experiment_dir, "parent_run_id": plan.parent_run_id,
-                               "tracking_uri": plan.tracking_uri, "leaderboard": board["csv"],
-                               "leaderboard_markdown": board["markdown"], "trials_csv": str(out / "trials.csv"),
-                               "trials": int(len(trials)), "errored": int(trials["error"].notna().sum()),
-                               "cells": len(plan.cells), "best": None}
+    summary: dict[str, Any] = {
+        "experiment_dir": plan.experiment_dir,
+        "parent_run_id": plan.parent_run_id,
+        "tracking_uri": plan.tracking_uri,
+        "leaderboard": board["csv"],
+        "leaderboard_markdown": board["markdown"],
+        "trials_csv": str(out / "trials.csv"),
+        "trials": int(len(trials)),
+        "errored": int(trials["error"].notna().sum()),
+        "cells": len(plan.cells),
+        "best": None,
+    }
     if best is not None:
         params = {k: best[k] for k in ("model.dropout", "optim.lr", "optim.weight_decay") if k in best}
-        best_config = trial_config(plan.cell_config(best["cell"]), {k: float(v) for k, v in params.items()},
-                                   best["trial_id"])
+        best_config = trial_config(
+            plan.cell_config(best["cell"]), {k: float(v) for k, v in params.items()}, best["trial_id"]
+        )
         path = save_config(best_config, out, "best_config.yaml")
         parent.log_artifact(path, "best")
-        metrics = {plan.metric: float(best[plan.metric]), SELECTION_METRIC: float(best[SELECTION_METRIC]),
-                   "val_auc": float(best["val_auc"]), "val_loss": float(best["val_loss"]),
-                   "best_epoch": int(best["best_epoch"])}
+        metrics = {
+            plan.metric: float(best[plan.metric]),
+            SELECTION_METRIC: float(best[SELECTION_METRIC]),
+            "val_auc": float(best["val_auc"]),
+            "val_loss": float(best["val_loss"]),
+            "best_epoch": int(best["best_epoch"]),
+        }
         parent.log_metrics({f"best_{k}": v for k, v in metrics.items()})
-        parent.set_tags({"mammo_ray.best_trial": best["trial_id"], "mammo_ray.best_cell": best["cell"],
-                         "mammo_ray.best_config": path})
-        summary["best"] = {"trial_id": best["trial_id"], "cell": best["cell"], "params": params,
-                           "metrics": metrics, "selected_by": SELECTION_METRIC,
-                           "selection": selection_text(plan.metric, best), "config_path": str(path),
-                           "checkpoint": best["checkpoint"],
-                           "config": best_config.model_dump(mode="json")}
+        parent.set_tags(
+            {
+                "mammo_ray.best_trial": best["trial_id"],
+                "mammo_ray.best_cell": best["cell"],
+                "mammo_ray.best_config": path,
+            }
+        )
+        summary["best"] = {
+            "trial_id": best["trial_id"],
+            "cell": best["cell"],
+            "params": params,
+            "metrics": metrics,
+            "selected_by": SELECTION_METRIC,
+            "selection": selection_text(plan.metric, best),
+            "config_path": str(path),
+            "checkpoint": best["checkpoint"],
+            "config": best_config.model_dump(mode="json"),
+        }
     (out / "search_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary["leaderboard_text"] = board["text"]
     return summary

@@ -29,9 +29,11 @@ TIME_ATTR = "epochs_done"  # reported by every Train epoch; survives a trial res
 
 def optuna_space(t: TuneConfig) -> dict[str, optuna.distributions.BaseDistribution]:
     """Dropout uniform, learning rate and L2 log-uniform (the ranges of ``tune``)."""
-    return {"model.dropout": optuna.distributions.FloatDistribution(*t.dropout),
-            "optim.lr": optuna.distributions.FloatDistribution(*t.lr, log=True),
-            "optim.weight_decay": optuna.distributions.FloatDistribution(*t.weight_decay, log=True)}
+    return {
+        "model.dropout": optuna.distributions.FloatDistribution(*t.dropout),
+        "optim.lr": optuna.distributions.FloatDistribution(*t.lr, log=True),
+        "optim.weight_decay": optuna.distributions.FloatDistribution(*t.weight_decay, log=True),
+    }
 
 
 def _sampler(t: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
@@ -48,9 +50,10 @@ class CellSearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.cells = list(cells)
         self.budget = t.num_samples
-        self.inner = {cell: OptunaSearch(space=optuna_space(t), metric=metric, mode=mode,
-                                         sampler=_sampler(t, t.seed + i))
-                      for i, cell in enumerate(self.cells)}
+        self.inner = {
+            cell: OptunaSearch(space=optuna_space(t), metric=metric, mode=mode, sampler=_sampler(t, t.seed + i))
+            for i, cell in enumerate(self.cells)
+        }
         self.issued = {cell: 0 for cell in self.cells}
         self.trial_cell: dict[str, str] = {}
 
@@ -90,9 +93,15 @@ class CellScheduler(FIFOScheduler):
         super().__init__()
         self._metric, self._mode = metric, mode
         self.asha = t.scheduler == "asha"
-        self.options = dict(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=max_epochs,
-                            grace_period=min(t.grace_period, max_epochs), reduction_factor=t.reduction_factor,
-                            stop_last_trials=False)
+        self.options = dict(
+            time_attr=TIME_ATTR,
+            metric=metric,
+            mode=mode,
+            max_t=max_epochs,
+            grace_period=min(t.grace_period, max_epochs),
+            reduction_factor=t.reduction_factor,
+            stop_last_trials=False,
+        )
         self.max_epochs = max_epochs
         self.by_cell: dict[str, AsyncHyperBandScheduler] = {}
         self.stopped: set[str] = set()

@@ -63,9 +63,11 @@ def find_trial_run(client: MlflowClient, plan: Plan, trial_id: str) -> str | Non
     experiment = client.get_experiment_by_name(plan.experiment)
     if experiment is None:
         return None
-    runs = client.search_runs([experiment.experiment_id], max_results=1,
-                              filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}' "
-                                            f"and tags.`{TRIAL_TAG}` = '{trial_id}'")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        max_results=1,
+        filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -80,8 +82,12 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     cell = plan_.cells[params["cell"]]
     config = trial_config(plan_.cell_config(params["cell"]), params, trial_id)
-    tags = {TRIAL_TAG: trial_id, "mammo_ray.kind": f"{plan_.kind}-trial", "mammo_ray.cell": params["cell"],
-            "mammo_ray.search": plan_.name}
+    tags = {
+        TRIAL_TAG: trial_id,
+        "mammo_ray.kind": f"{plan_.kind}-trial",
+        "mammo_ray.cell": params["cell"],
+        "mammo_ray.search": plan_.name,
+    }
     client = MlflowClient(plan_.tracking_uri)
     previous = find_trial_run(client, plan_, trial_id)
     if previous is not None:
@@ -91,9 +97,17 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
             # state every few seconds): report the finished run's final metrics, do not train again.
             tune.report({**{k: float(v) for k, v in done.data.metrics.items()}, "mammo_ray_restored": 1.0})
             return
-    run_training(config, plan_.workdir, prepared=PreparedData(**cell["prepared"]),
-                 parent_run_id=plan_.parent_run_id, run_name=run_name(plan_, trial_id), progress=False,
-                 callbacks=[TuneReportCallback()], tags=tags, resume_run_id=previous)
+    run_training(
+        config,
+        plan_.workdir,
+        prepared=PreparedData(**cell["prepared"]),
+        parent_run_id=plan_.parent_run_id,
+        run_name=run_name(plan_, trial_id),
+        progress=False,
+        callbacks=[TuneReportCallback()],
+        tags=tags,
+        resume_run_id=previous,
+    )
 
 
 class CloseTrialRuns(Callback):

@@ -32,8 +32,9 @@ FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the
 
 class Backend(Protocol):
     async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError: ...
-    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str,
-                       method: str | None) -> dict[str, Any]: ...
+    async def localize(
+        self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None
+    ) -> dict[str, Any]: ...
     async def status(self) -> dict[str, Any]: ...
     async def info(self) -> dict[str, Any]: ...
 
@@ -99,8 +100,16 @@ class ErrorReply(BaseModel):
 def _error(status: int, reason: str, field: str | None = None, error: str | None = None) -> JSONResponse:
     from http import HTTPStatus
 
-    return JSONResponse(status_code=status, content={"error": error or HTTPStatus(status).phrase, "field": field,
-                                                      "reason": reason, "status": status, "disclaimer": DISCLAIMER})
+    return JSONResponse(
+        status_code=status,
+        content={
+            "error": error or HTTPStatus(status).phrase,
+            "field": field,
+            "reason": reason,
+            "status": status,
+            "disclaimer": DISCLAIMER,
+        },
+    )
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -116,22 +125,28 @@ def _is_backpressure(exc: BaseException) -> bool:
 
 
 async def _read(upload: UploadFile, field: str, max_bytes: int) -> tuple[str, bytes]:
-    return upload.filename or "<upload>", read_capped(upload.file, max_bytes=max_bytes, field=field,
-                                                      name=upload.filename or "<upload>")
+    return upload.filename or "<upload>", read_capped(
+        upload.file, max_bytes=max_bytes, field=field, name=upload.filename or "<upload>"
+    )
 
 
 def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
     """The FastAPI app over ``backend``; ``settings`` gives the upload cap."""
-    app = FastAPI(title="mammo-ray", version="0.1.0",
-                  description="Mammogram lesion classification and mass localization by a CNN ensemble. "
-                              f"**{DISCLAIMER}**")
+    app = FastAPI(
+        title="mammo-ray",
+        version="0.1.0",
+        description=f"Mammogram lesion classification and mass localization by a CNN ensemble. **{DISCLAIMER}**",
+    )
 
     @app.middleware("http")
-    async def cap_body(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's signature
+    async def cap_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > settings.max_bytes + FORM_OVERHEAD:
-            return _error(413, f"request body of {int(length)} bytes exceeds the upload cap of "
-                               f"{settings.max_bytes} bytes ({settings.max_upload_mb:g} MB)")
+            return _error(
+                413,
+                f"request body of {int(length)} bytes exceeds the upload cap of "
+                f"{settings.max_bytes} bytes ({settings.max_upload_mb:g} MB)",
+            )
         return await call_next(request)
 
     @app.exception_handler(UploadError)
@@ -149,7 +164,7 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
             return await coro
         except UploadError:
             raise
-        except Exception as exc:  # noqa: BLE001 - map every backend failure to a JSON reply
+        except Exception as exc:
             inner = _unwrap(exc)
             if isinstance(inner, UploadError):
                 raise inner from None
@@ -158,18 +173,30 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
             log.exception("backend call failed")
             return _error(500, f"{type(inner).__name__}: {inner}", error="Internal Server Error")
 
-    @app.post("/v1/predict", response_model=PredictReply, responses={400: {"model": ErrorReply},
-              413: {"model": ErrorReply}, 415: {"model": ErrorReply}, 422: {"model": ErrorReply},
-              503: {"model": ErrorReply}},
-              summary="Malignancy probability of one image, or of a CC+MLO pair")
-    async def predict(request: Request,
-                      file: UploadFile | None = File(None, description="one DICOM, PNG or TIFF"),
-                      cc: UploadFile | None = File(None, description="the CC view of a pair"),
-                      mlo: UploadFile | None = File(None, description="the MLO view of a pair"),
-                      box: str | None = Form(None, description="ROI x0,y0,x1,y1 in pixels of `file`"),
-                      seed: str | None = Form(None, description="ROI seed point x,y in pixels of `file`"),
-                      cc_box: str | None = Form(None), cc_seed: str | None = Form(None),
-                      mlo_box: str | None = Form(None), mlo_seed: str | None = Form(None)) -> Any:
+    @app.post(
+        "/v1/predict",
+        response_model=PredictReply,
+        responses={
+            400: {"model": ErrorReply},
+            413: {"model": ErrorReply},
+            415: {"model": ErrorReply},
+            422: {"model": ErrorReply},
+            503: {"model": ErrorReply},
+        },
+        summary="Malignancy probability of one image, or of a CC+MLO pair",
+    )
+    async def predict(
+        request: Request,
+        file: UploadFile | None = File(None, description="one DICOM, PNG or TIFF"),
+        cc: UploadFile | None = File(None, description="the CC view of a pair"),
+        mlo: UploadFile | None = File(None, description="the MLO view of a pair"),
+        box: str | None = Form(None, description="ROI x0,y0,x1,y1 in pixels of `file`"),
+        seed: str | None = Form(None, description="ROI seed point x,y in pixels of `file`"),
+        cc_box: str | None = Form(None),
+        cc_seed: str | None = Form(None),
+        mlo_box: str | None = Form(None),
+        mlo_seed: str | None = Form(None),
+    ) -> Any:
         form = await request.form()
         given = list(form.keys())
         check_fields(given, PREDICT_FILES | PREDICT_ROIS, set())
@@ -177,29 +204,51 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
             raise UploadError(422, "send either 'file' or the pair 'cc' and 'mlo', not both", "file")
         if file is None and (cc is None or mlo is None):
             missing = "file" if cc is None and mlo is None else ("mlo" if mlo is None else "cc")
-            raise UploadError(422, f"missing required form field {missing!r} (send 'file', or 'cc' and 'mlo')",
-                              missing)
+            raise UploadError(422, f"missing required form field {missing!r} (send 'file', or 'cc' and 'mlo')", missing)
         uploads = {"file": file} if file is not None else {"cc": cc, "mlo": mlo}
         files = {name: await _read(up, name, settings.max_bytes) for name, up in uploads.items()}
-        rois = {k: v for k, v in {"box": box, "seed": seed, "cc_box": cc_box, "cc_seed": cc_seed,
-                                  "mlo_box": mlo_box, "mlo_seed": mlo_seed}.items() if v}
+        rois = {
+            k: v
+            for k, v in {
+                "box": box,
+                "seed": seed,
+                "cc_box": cc_box,
+                "cc_seed": cc_seed,
+                "mlo_box": mlo_box,
+                "mlo_seed": mlo_seed,
+            }.items()
+            if v
+        }
         result = await _call(backend.predict(PredictItem(files=files, rois=rois)))
         if isinstance(result, UploadError):
             raise result
         return result
 
-    @app.post("/v1/localize", response_model=LocalizeReply, response_model_exclude_unset=True,
-              responses={400: {"model": ErrorReply}, 413: {"model": ErrorReply}, 422: {"model": ErrorReply},
-                         503: {"model": ErrorReply}},
-              summary="Heatmap and boxes of a whole mammogram (original pixel coordinates): the dense map of a "
-                      "patch classifier, or the CAM / Grad-CAM of a crop classifier")
-    async def localize(request: Request, file: UploadFile = File(..., description="a whole mammogram"),
-                       threshold: float | None = Form(None, ge=0, le=1, description="box threshold"),
-                       heatmap: Literal["png", "array", "both", "none"] = Form("png"),
-                       method: Literal["dense", "cam", "gradcam"] | None = Form(
-                           None, description="dense (patch classifiers), cam (GAP+FC backbones) or gradcam (any); "
-                                             "default: dense for patch classifiers, else cam, else gradcam. "
-                                             "One the model cannot do answers 422 with the reason")) -> Any:
+    @app.post(
+        "/v1/localize",
+        response_model=LocalizeReply,
+        response_model_exclude_unset=True,
+        responses={
+            400: {"model": ErrorReply},
+            413: {"model": ErrorReply},
+            422: {"model": ErrorReply},
+            503: {"model": ErrorReply},
+        },
+        summary="Heatmap and boxes of a whole mammogram (original pixel coordinates): the dense map of a "
+        "patch classifier, or the CAM / Grad-CAM of a crop classifier",
+    )
+    async def localize(
+        request: Request,
+        file: UploadFile = File(..., description="a whole mammogram"),
+        threshold: float | None = Form(None, ge=0, le=1, description="box threshold"),
+        heatmap: Literal["png", "array", "both", "none"] = Form("png"),
+        method: Literal["dense", "cam", "gradcam"] | None = Form(
+            None,
+            description="dense (patch classifiers), cam (GAP+FC backbones) or gradcam (any); "
+            "default: dense for patch classifiers, else cam, else gradcam. "
+            "One the model cannot do answers 422 with the reason",
+        ),
+    ) -> Any:
         form = await request.form()
         check_fields(list(form.keys()), LOCALIZE_FIELDS, {"file"})
         name, data = await _read(file, "file", settings.max_bytes)
@@ -210,8 +259,9 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
         try:
             status = await asyncio.wait_for(backend.status(), timeout=5.0)
         except Exception as exc:  # noqa: BLE001 - not up yet (or gone): not ready
-            return JSONResponse(status_code=503, content={"status": "loading", "reason": type(exc).__name__,
-                                                          "disclaimer": DISCLAIMER})
+            return JSONResponse(
+                status_code=503, content={"status": "loading", "reason": type(exc).__name__, "disclaimer": DISCLAIMER}
+            )
         ready = status.get("status") == "ready"
         return JSONResponse(status_code=200 if ready else 503, content={**status, "disclaimer": DISCLAIMER})
 
@@ -237,7 +287,7 @@ class RuntimeBackend:
 
         try:
             self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
-        except Exception as exc:  # noqa: BLE001 - reported by status()
+        except Exception as exc:
             self.error = exc
             raise
 
@@ -249,15 +299,16 @@ class RuntimeBackend:
     async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError:
         return (await asyncio.to_thread(self._ready().predict_items, [item]))[0]
 
-    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str,
-                       method: str | None = None) -> dict[str, Any]:
-        return await asyncio.to_thread(self._ready().localize, name, data, threshold=threshold, heatmap=heatmap,
-                                       method=method)
+    async def localize(
+        self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None = None
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(
+            self._ready().localize, name, data, threshold=threshold, heatmap=heatmap, method=method
+        )
 
     async def status(self) -> dict[str, Any]:
         if self.runtime is None:
-            return {"status": "failed" if self.error else "loading",
-                    "reason": repr(self.error) if self.error else None}
+            return {"status": "failed" if self.error else "loading", "reason": repr(self.error) if self.error else None}
         return self.runtime.status()
 
     async def info(self) -> dict[str, Any]:

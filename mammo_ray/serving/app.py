@@ -41,10 +41,12 @@ class EnsembleModel:
     async def predict(self, items: list[PredictItem]) -> list[dict[str, Any] | UploadError]:
         return await asyncio.to_thread(self.runtime.predict_items, items)
 
-    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str,
-                       method: str | None = None) -> dict[str, Any]:
-        return await asyncio.to_thread(self.runtime.localize, name, data, threshold=threshold, heatmap=heatmap,
-                                       method=method)
+    async def localize(
+        self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None = None
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(
+            self.runtime.localize, name, data, threshold=threshold, heatmap=heatmap, method=method
+        )
 
     def status(self) -> dict[str, Any]:
         return self.runtime.status()
@@ -66,8 +68,9 @@ class HandleBackend:
     async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError:
         return await self.handle.predict.remote(item)
 
-    async def localize(self, name: str, data: bytes, threshold: float | None, heatmap: str,
-                       method: str | None = None) -> dict[str, Any]:
+    async def localize(
+        self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None = None
+    ) -> dict[str, Any]:
         return await self.handle.localize.remote(name, data, threshold, heatmap, method)
 
     async def status(self) -> dict[str, Any]:
@@ -103,7 +106,9 @@ def build_app(args: dict[str, Any]) -> Any:
     else:
         model_options["num_replicas"] = settings.num_replicas
     model = EnsembleModel.options(**model_options).bind(data)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1},
-                              max_ongoing_requests=4 * settings.max_ongoing_requests,
-                              max_queued_requests=settings.max_queued_requests)
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=4 * settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+    )
     return ingress.bind(model, data)

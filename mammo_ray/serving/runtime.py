@@ -13,17 +13,23 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mammo_ray.constants import CLASS_NAMES, DISCLAIMER, Task
-from mammo_ray.data.uploads import (DEFAULT_MAX_UPLOAD_BYTES, UploadError, check_in_bounds, decode_upload,
-                                    parse_box, parse_point)
+from mammo_ray.data.uploads import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    UploadError,
+    check_in_bounds,
+    decode_upload,
+    parse_box,
+    parse_point,
+)
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -159,9 +165,11 @@ class ModelRuntime:
     def localize_note(self) -> str:
         if self.localize_method is None:
             return self.localize_reasons["dense"]
-        notes = {"dense": "dense map of the patch classifier (paper 003)",
-                 "cam": "class activation map of the whole image (paper 004)",
-                 "gradcam": "Grad-CAM of the whole image (CAM is not defined for this head)"}
+        notes = {
+            "dense": "dense map of the patch classifier (paper 003)",
+            "cam": "class activation map of the whole image (paper 004)",
+            "gradcam": "Grad-CAM of the whole image (CAM is not defined for this head)",
+        }
         return f"default method {self.localize_method}: {notes[self.localize_method]}"
 
     # ------------------------------------------------------------------ predict
@@ -170,14 +178,21 @@ class ModelRuntime:
         from mammo_ray.data.roi import roi_crop
 
         field = prefix.rstrip("_") or "file"
-        decoded = decode_upload(data, name=name, field=field, max_bytes=self.settings.max_bytes,
-                                max_dim=self.settings.max_dim)
+        decoded = decode_upload(
+            data, name=name, field=field, max_bytes=self.settings.max_bytes, max_dim=self.settings.max_dim
+        )
         box = parse_box(rois.get(f"{prefix}box"), f"{prefix}box")
         seed = parse_point(rois.get(f"{prefix}seed"), f"{prefix}seed")
         check_in_bounds(box, decoded.shape, f"{prefix}box")
         check_in_bounds(seed, decoded.shape, f"{prefix}seed")
-        crop = roi_crop(decoded.image, self.config.data, box=box, seed=seed, flipped=decoded.flipped,
-                        default=self.settings.roi_default)
+        crop = roi_crop(
+            decoded.image,
+            self.config.data,
+            box=box,
+            seed=seed,
+            flipped=decoded.flipped,
+            default=self.settings.roi_default,
+        )
         view = decoded.view.value if decoded.view is not None else field.upper()
         return self.transform(crop), view
 
@@ -186,8 +201,7 @@ class ModelRuntime:
             name, data = item.files["file"]
             x, view = self._view_tensor(name, data, item.rois, "")
             if self.view_mode == "multimodal":
-                raise UploadError(422, "this multimodal model needs a CC+MLO pair: send fields 'cc' and 'mlo'",
-                                  "file")
+                raise UploadError(422, "this multimodal model needs a CC+MLO pair: send fields 'cc' and 'mlo'", "file")
             return [x], [view if view in ("CC", "MLO") else "image"]
         tensors, views = [], []
         for prefix in ("cc", "mlo"):
@@ -229,7 +243,7 @@ class ModelRuntime:
             probs = self.module(flat).float().cpu().numpy()  # (total views, M)
         out, k = [], 0
         for tensors, _ in good:
-            out.append(probs[k:k + len(tensors)])
+            out.append(probs[k : k + len(tensors)])
             k += len(tensors)
         return out
 
@@ -239,16 +253,34 @@ class ModelRuntime:
         by_view = {}
         if self.view_mode != "multimodal":
             by_view = {view: float(probs[i].mean()) for i, view in enumerate(views)}
-        return {"probability": p, "label": self.class_names[int(p >= self.settings.threshold)],
-                "threshold": self.settings.threshold, "task": self.config.data.task,
-                "members": {"count": int(members.size), "mean": p, "std": float(members.std()),
-                            "quantiles": {f"q{round(q * 100):02d}": float(np.quantile(members, q)) for q in QUANTILES}},
-                "views": by_view, "model_version": self.version, "disclaimer": DISCLAIMER}
+        return {
+            "probability": p,
+            "label": self.class_names[int(p >= self.settings.threshold)],
+            "threshold": self.settings.threshold,
+            "task": self.config.data.task,
+            "members": {
+                "count": int(members.size),
+                "mean": p,
+                "std": float(members.std()),
+                "quantiles": {f"q{round(q * 100):02d}": float(np.quantile(members, q)) for q in QUANTILES},
+            },
+            "views": by_view,
+            "model_version": self.version,
+            "disclaimer": DISCLAIMER,
+        }
 
     # ------------------------------------------------------------------ localize
 
-    def localize(self, name: str, data: bytes, *, threshold: float | None = None, heatmap: str = "png",
-                 method: str | None = None, max_side: int = 768) -> dict[str, Any]:
+    def localize(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        threshold: float | None = None,
+        heatmap: str = "png",
+        method: str | None = None,
+        max_side: int = 768,
+    ) -> dict[str, Any]:
         """A map of one whole mammogram by ``method`` (None: the model's default), its boxes and heatmap.
 
         Raises:
@@ -262,25 +294,41 @@ class ModelRuntime:
             raise UploadError(422, f"this model cannot localize: {self.localize_note}", "file")
         chosen = method or self.localize_method
         if chosen not in self.localize_reasons:
-            raise UploadError(422, f"unknown method {chosen!r}: expected one of {sorted(self.localize_reasons)}",
-                              "method")
+            raise UploadError(
+                422, f"unknown method {chosen!r}: expected one of {sorted(self.localize_reasons)}", "method"
+            )
         if self.localize_reasons[chosen]:
-            raise UploadError(422, f"method {chosen!r} is not available for this model: "
-                                   f"{self.localize_reasons[chosen]}", "method")
-        decoded = decode_upload(data, name=name, field="file", max_bytes=self.settings.max_bytes,
-                                max_dim=self.settings.max_dim)
+            raise UploadError(
+                422, f"method {chosen!r} is not available for this model: {self.localize_reasons[chosen]}", "method"
+            )
+        decoded = decode_upload(
+            data, name=name, field="file", max_bytes=self.settings.max_bytes, max_dim=self.settings.max_dim
+        )
         t = self.settings.localize_threshold if threshold is None else threshold
         with self.guard.exclusive() if chosen == "gradcam" else self.guard.shared():
-            found = localize(self.members, self.spec, self.config, decoded.image, method=chosen,
-                             flipped=decoded.flipped, threshold=t, tile=self.settings.localize_tile or None,
-                             long_side=self.settings.localize_long_side)
+            found = localize(
+                self.members,
+                self.spec,
+                self.config,
+                decoded.image,
+                method=chosen,
+                flipped=decoded.flipped,
+                threshold=t,
+                tile=self.settings.localize_tile or None,
+                long_side=self.settings.localize_long_side,
+            )
         result = {**found.to_dict(), "model_version": self.version, "disclaimer": DISCLAIMER}
         if heatmap in ("png", "both"):
             stored = np.fliplr(decoded.image) if decoded.flipped else decoded.image
             label = map_label(found.method, self.config)
-            result["heatmap_png_base64"] = overlay_base64(stored, found.heatmap(), found.boxes, label=label,
-                                                          title=f"{name}: {label} ({found.method})",
-                                                          max_side=max_side)
+            result["heatmap_png_base64"] = overlay_base64(
+                stored,
+                found.heatmap(),
+                found.boxes,
+                label=label,
+                title=f"{name}: {label} ({found.method})",
+                max_side=max_side,
+            )
         if heatmap in ("array", "both"):  # the map grid, stored orientation, rounded for size
             grid = np.fliplr(found.dense.probs) if decoded.flipped else found.dense.probs
             result["heatmap_array"] = np.round(grid, 4).tolist()
@@ -300,8 +348,9 @@ class ModelRuntime:
         from mammo_ray.train.checkpoint import load_checkpoint
 
         history = load_checkpoint(self.source.checkpoints[0]).get("history") or [{}]
-        out: dict[str, Any] = {"member_0_last_epoch": {k: v for k, v in history[-1].items()
-                                                       if isinstance(v, (int, float))}}
+        out: dict[str, Any] = {
+            "member_0_last_epoch": {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        }
         if self.source.run_id and self.source.tracking_uri:
             try:
                 from mlflow import MlflowClient
@@ -314,16 +363,33 @@ class ModelRuntime:
     def info(self) -> dict[str, Any]:
         if not hasattr(self, "_info_metrics"):
             self._info_metrics = self._metrics()
-        return {"version": self.version, "source": self.source.to_dict(), "members": len(self.members),
-                "member_run_ids": self.source.member_run_ids, "view_mode": self.view_mode,
-                "model": self.config.model.name, "task": self.config.data.task,
-                "config": self.config.model_dump(mode="json"), "metrics": self._info_metrics,
-                "execution": self.execution, "device": str(self.device), "load_seconds": self.load_seconds,
-                "localize": {"available": self.localizable, "note": self.localize_note,
-                             "default_method": self.localize_method,
-                             "methods": {m: reason or "available" for m, reason in self.localize_reasons.items()}},
-                "settings": self.settings.model_dump(mode="json"), "disclaimer": DISCLAIMER}
+        return {
+            "version": self.version,
+            "source": self.source.to_dict(),
+            "members": len(self.members),
+            "member_run_ids": self.source.member_run_ids,
+            "view_mode": self.view_mode,
+            "model": self.config.model.name,
+            "task": self.config.data.task,
+            "config": self.config.model_dump(mode="json"),
+            "metrics": self._info_metrics,
+            "execution": self.execution,
+            "device": str(self.device),
+            "load_seconds": self.load_seconds,
+            "localize": {
+                "available": self.localizable,
+                "note": self.localize_note,
+                "default_method": self.localize_method,
+                "methods": {m: reason or "available" for m, reason in self.localize_reasons.items()},
+            },
+            "settings": self.settings.model_dump(mode="json"),
+            "disclaimer": DISCLAIMER,
+        }
 
     def status(self) -> dict[str, Any]:
-        return {"status": "ready" if self.ready else "loading", "members": len(self.members),
-                "execution": self.execution.get("chosen"), "device": str(self.device)}
+        return {
+            "status": "ready" if self.ready else "loading",
+            "members": len(self.members),
+            "execution": self.execution.get("chosen"),
+            "device": str(self.device),
+        }

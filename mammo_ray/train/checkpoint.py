@@ -28,10 +28,18 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable or not a mammo-ray checkpoint."""
 
 
-def checkpoint_payload(*, model: nn.Module, config: Config, spec: TransformSpec, epoch: int,
-                       optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                       scaler: Any = None, history: list[dict[str, float]] | None = None,
-                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def checkpoint_payload(
+    *,
+    model: nn.Module,
+    config: Config,
+    spec: TransformSpec,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    history: list[dict[str, float]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Everything needed to resume training (``epoch`` = the last finished one) or to serve."""
     model = model.module if hasattr(model, "module") else model
     return {
@@ -73,7 +81,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{file}: checkpoint not found")
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file; name the file
+    except Exception as exc:
         raise CheckpointError(f"{file}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a mammo-ray checkpoint (expected format {FORMAT!r})")
@@ -84,8 +92,9 @@ def checkpoint_config(payload: dict[str, Any]) -> Config:
     return Config.model_validate(payload["config"])
 
 
-def restore_model(payload: dict[str, Any], device: str | torch.device = "cpu") -> tuple[nn.Module, TransformSpec,
-                                                                                         Config]:
+def restore_model(
+    payload: dict[str, Any], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, TransformSpec, Config]:
     """The trained model (in eval mode), its evaluation preprocessing and its config.
 
     The model is rebuilt from the config without the pretrained file: the weights come

@@ -26,9 +26,16 @@ from mammo_ray.train.metrics import CLUSTER, PRIMARY_LEVEL, evaluate_predictions
 from mammo_ray.train.plots import plot_confusion, plot_rocs, plot_training_curves
 
 
-def predict_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path, *,
-                       cache_dir: str | Path | None = None, fold: int | None = None,
-                       splits_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+def predict_checkpoint(
+    checkpoint: str | Path,
+    split: str,
+    workdir: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    fold: int | None = None,
+    splits_path: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The prediction table of ``checkpoint`` on ``split`` (columns as ``loop.evaluate`` makes them).
 
     Returns:
@@ -49,13 +56,26 @@ def predict_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path, 
         dataset = SingleViewDataset(cache, split, config.data.task, transform=transform)
     loader = DataLoader(dataset, batch_size=config.train.batch_size, shuffle=False)
     device = next(model.parameters()).device
-    return {"frame": evaluate(model, loader, device=device), "config": config, "history": payload["history"],
-            "unpaired": getattr(dataset, "unpaired", 0)}
+    return {
+        "frame": evaluate(model, loader, device=device),
+        "config": config,
+        "history": payload["history"],
+        "unpaired": getattr(dataset, "unpaired", 0),
+    }
 
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path, out_dir: str | Path, *,
-                        n_boot: int = 1000, cache_dir: str | Path | None = None, fold: int | None = None,
-                        splits_path: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    split: str,
+    workdir: str | Path,
+    out_dir: str | Path,
+    *,
+    n_boot: int = 1000,
+    cache_dir: str | Path | None = None,
+    fold: int | None = None,
+    splits_path: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``split`` and write predictions, metrics and plots to ``out_dir``.
 
     Returns:
@@ -63,16 +83,33 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str, workdir: str | Path,
         "predictions": path, "n": ...}``. The flat ``metrics`` use the view mode's primary level
         (see ``loop.summarize_predictions``); ``image`` and ``exam`` hold every SPEC §5 metric.
     """
-    predicted = predict_checkpoint(checkpoint, split, workdir, cache_dir=cache_dir, fold=fold,
-                                   splits_path=splits_path, progress=progress)
+    predicted = predict_checkpoint(
+        checkpoint, split, workdir, cache_dir=cache_dir, fold=fold, splits_path=splits_path, progress=progress
+    )
     config = predicted["config"]
-    return report_predictions(predicted["frame"], config.model.view_mode, split, out_dir, n_boot=n_boot,
-                              task=config.data.task, history=predicted["history"], unpaired=predicted["unpaired"])
+    return report_predictions(
+        predicted["frame"],
+        config.model.view_mode,
+        split,
+        out_dir,
+        n_boot=n_boot,
+        task=config.data.task,
+        history=predicted["history"],
+        unpaired=predicted["unpaired"],
+    )
 
 
-def report_predictions(frame: pd.DataFrame, view_mode: str, split: str, out_dir: str | Path, *, n_boot: int = 1000,
-                       task: str = "pathology", history: list[dict] | None = None,
-                       unpaired: int = 0) -> dict[str, Any]:
+def report_predictions(
+    frame: pd.DataFrame,
+    view_mode: str,
+    split: str,
+    out_dir: str | Path,
+    *,
+    n_boot: int = 1000,
+    task: str = "pathology",
+    history: list[dict] | None = None,
+    unpaired: int = 0,
+) -> dict[str, Any]:
     """Metrics and PNG plots of one prediction table (see ``evaluate_checkpoint``).
 
     The CIs resample patients when the frame has ``patient_id`` (``bootstrap_unit`` says which)."""
@@ -84,19 +121,40 @@ def report_predictions(frame: pd.DataFrame, view_mode: str, split: str, out_dir:
     predictions = out_dir / f"predictions_{split}.csv"
     frame.to_csv(predictions, index=False)
     plots = [
-        plot_rocs({f"per image (n={levels['image'].n})": (frame["label"], frame["prob"], levels["image"].auc_ci),
-                   f"per exam (n={levels['exam'].n})": _exam_curve(frame, levels["exam"].auc_ci)},
-                  out_dir / f"roc_{split}.png", title=f"ROC, {split} split ({view_mode})"),
-        plot_confusion(primary, out_dir / f"confusion_{split}.png", CLASS_NAMES[Task.parse(task)],
-                       title=f"Confusion matrix, {split} split"),
+        plot_rocs(
+            {
+                f"per image (n={levels['image'].n})": (frame["label"], frame["prob"], levels["image"].auc_ci),
+                f"per exam (n={levels['exam'].n})": _exam_curve(frame, levels["exam"].auc_ci),
+            },
+            out_dir / f"roc_{split}.png",
+            title=f"ROC, {split} split ({view_mode})",
+        ),
+        plot_confusion(
+            primary,
+            out_dir / f"confusion_{split}.png",
+            CLASS_NAMES[Task.parse(task)],
+            title=f"Confusion matrix, {split} split",
+        ),
     ]
     if history:
-        plots.append(plot_training_curves(history, out_dir / "training_curves.png",
-                                          metrics=("train_loss", "val_loss", "val_auc", "val_acc", "train_acc")))
-    result = {"split": split, "view_mode": view_mode, "n": int(len(frame)), "unpaired": int(unpaired),
-              "bootstrap_unit": "patient" if CLUSTER in frame.columns else "case",
-              "metrics": flat, **{level: {**m.to_dict(), "confusion": m.confusion} for level, m in levels.items()},
-              "predictions": str(predictions), "plots": [str(p) for p in plots]}
+        plots.append(
+            plot_training_curves(
+                history,
+                out_dir / "training_curves.png",
+                metrics=("train_loss", "val_loss", "val_auc", "val_acc", "train_acc"),
+            )
+        )
+    result = {
+        "split": split,
+        "view_mode": view_mode,
+        "n": int(len(frame)),
+        "unpaired": int(unpaired),
+        "bootstrap_unit": "patient" if CLUSTER in frame.columns else "case",
+        "metrics": flat,
+        **{level: {**m.to_dict(), "confusion": m.confusion} for level, m in levels.items()},
+        "predictions": str(predictions),
+        "plots": [str(p) for p in plots],
+    }
     (out_dir / f"metrics_{split}.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 

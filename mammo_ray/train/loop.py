@@ -15,9 +15,10 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,8 +49,16 @@ class EpochSampler(Sampler[int]):
     is padded by wrapping so each rank gets the same number of batches (DDP needs that).
     """
 
-    def __init__(self, labels: np.ndarray, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 shuffle: bool = True, balanced: bool = False):
+    def __init__(
+        self,
+        labels: np.ndarray,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        balanced: bool = False,
+    ):
         self.labels = np.asarray(labels)
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle, self.balanced = shuffle, balanced
@@ -74,7 +83,7 @@ class EpochSampler(Sampler[int]):
             order = np.arange(n)
         total = len(self) * self.world
         order = np.resize(order, total)  # wrap-around padding
-        return iter(order[self.rank::self.world].tolist())
+        return iter(order[self.rank :: self.world].tolist())
 
 
 @dataclass
@@ -113,8 +122,7 @@ def build_dataset(cache: CropCache, config: Config, split: str, *, train: bool) 
     if config.model.view_mode == "multimodal":
         return PairedViewDataset(cache, split, config.data.task, transform=transform)
     offline = (spec, config.data.seed) if train and config.data.offline_aug else None
-    return SingleViewDataset(cache, split, config.data.task, transform=None if offline else transform,
-                             offline=offline)
+    return SingleViewDataset(cache, split, config.data.task, transform=None if offline else transform, offline=offline)
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
@@ -127,8 +135,9 @@ def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
         if frozen:  # paper 004: a frozen trunk
             freeze(model, frozen)
             multipliers = {group: mult for group, mult in multipliers.items() if mult > 0}
-    groups = param_groups(model, o.lr, o.weight_decay, multipliers, head_weight_mult=m.head_lr_mult,
-                          head_bias_mult=m.head_bias_lr_mult)
+    groups = param_groups(
+        model, o.lr, o.weight_decay, multipliers, head_weight_mult=m.head_lr_mult, head_bias_mult=m.head_bias_lr_mult
+    )
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -144,15 +153,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.o
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def build_training(config: Config, cache_dir: str | Path, *, device: torch.device | str = "cpu", rank: int = 0,
-                   world: int = 1, fold: int | None = None, splits_path: str | Path | None = None) -> Training:
+def build_training(
+    config: Config,
+    cache_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    fold: int | None = None,
+    splits_path: str | Path | None = None,
+) -> Training:
     """Datasets, loaders, model, optimizer and schedule for one worker of a run."""
     device = torch.device(device)
     seed_everything(config.train.seed)  # same initial weights on every rank
     info = get_model_info(config.model.name)
     if config.data.input_px < info.min_input_size:
-        raise ValueError(f"data.input_px ({config.data.input_px}) is below the smallest input "
-                         f"{config.model.name} accepts ({info.min_input_size})")
+        raise ValueError(
+            f"data.input_px ({config.data.input_px}) is below the smallest input "
+            f"{config.model.name} accepts ({info.min_input_size})"
+        )
     cache = CropCache(cache_dir)
     if fold is not None:
         if splits_path is None:
@@ -161,8 +180,12 @@ def build_training(config: Config, cache_dir: str | Path, *, device: torch.devic
     train_set = build_dataset(cache, config, "train", train=True)
     val_set = build_dataset(cache, config, "val", train=False)
     t = config.train
-    loader_args = dict(batch_size=t.batch_size, num_workers=config.data.num_workers,
-                       persistent_workers=config.data.num_workers > 0, pin_memory=device.type == "cuda")
+    loader_args = dict(
+        batch_size=t.batch_size,
+        num_workers=config.data.num_workers,
+        persistent_workers=config.data.num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     sampler = EpochSampler(train_set.labels, rank=rank, world=world, seed=t.seed, balanced=t.balanced_sampling)
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=False, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
@@ -173,9 +196,20 @@ def build_training(config: Config, cache_dir: str | Path, *, device: torch.devic
     optimizer = build_optimizer(model, config)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
-    return Training(config=config, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, config),
-                    train_loader=train_loader, val_loader=val_loader, spec=cache.transform_spec(config.data),
-                    device=device, rank=rank, world=world, scaler=scaler, amp_dtype=amp_dtype)
+    return Training(
+        config=config,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        spec=cache.transform_spec(config.data),
+        device=device,
+        rank=rank,
+        world=world,
+        scaler=scaler,
+        amp_dtype=amp_dtype,
+    )
 
 
 def _to_device(x: Any, device: torch.device, channels_last: bool) -> Any:
@@ -198,10 +232,17 @@ def _all_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, *,
-                    device: torch.device, amp_dtype: torch.dtype | None = None,
-                    scaler: torch.amp.GradScaler | None = None, channels_last: bool = False,
-                    acc_window: int = 50) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    acc_window: int = 50,
+) -> dict[str, float]:
     """One pass over this rank's share of the training set. Returns loss, accuracy, images/s
     and ``window_acc``, the mean accuracy of the last ``acc_window`` batches (paper 004's stop rule)."""
     model.train()
@@ -228,10 +269,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         seen += len(y)
         window.append(float(hits.mean()))
     seconds = time.perf_counter() - start
-    loss, acc, window_acc = _all_mean([total_loss / max(seen, 1), correct / max(seen, 1),
-                                       float(np.mean(window)) if window else 0.0], device)
-    return {"train_loss": loss, "train_acc": acc, "train_window_acc": window_acc,
-            "train_images_per_s": seen * max(1, _world()) / seconds if seconds > 0 else 0.0}
+    loss, acc, window_acc = _all_mean(
+        [total_loss / max(seen, 1), correct / max(seen, 1), float(np.mean(window)) if window else 0.0], device
+    )
+    return {
+        "train_loss": loss,
+        "train_acc": acc,
+        "train_window_acc": window_acc,
+        "train_images_per_s": seen * max(1, _world()) / seconds if seconds > 0 else 0.0,
+    }
 
 
 def _world() -> int:
@@ -244,8 +290,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> pd.DataFrame:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> pd.DataFrame:
     """Malignancy (positive-class) probabilities of every sample, in dataset order.
 
     Returns a frame with ``prob``, ``label``, ``exam_key``, ``patient_id`` (the bootstrap's
@@ -261,15 +313,23 @@ def evaluate(model: nn.Module, loader: DataLoader, *, device: torch.device, amp_
         probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
         labels.append(y)
     dataset = loader.dataset
-    frame = (dataset.pairs[["exam_key", "patient_id"]] if isinstance(dataset, PairedViewDataset)
-             else dataset.frame[["exam_key", "view", "patient_id"]]).reset_index(drop=True).copy()
+    frame = (
+        (
+            dataset.pairs[["exam_key", "patient_id"]]
+            if isinstance(dataset, PairedViewDataset)
+            else dataset.frame[["exam_key", "view", "patient_id"]]
+        )
+        .reset_index(drop=True)
+        .copy()
+    )
     frame["prob"] = torch.cat(probs).numpy().astype(np.float64)
     frame["label"] = torch.cat(labels).numpy().astype(np.int64)
     return frame
 
 
-def summarize_predictions(frame: pd.DataFrame, view_mode: str, *, prefix: str = "val_",
-                          n_boot: int = 0, seed: int = 0) -> dict[str, float]:
+def summarize_predictions(
+    frame: pd.DataFrame, view_mode: str, *, prefix: str = "val_", n_boot: int = 0, seed: int = 0
+) -> dict[str, float]:
     """Flat metrics of one evaluation (``metrics.summarize_levels``). ``<prefix>auc`` / ``loss`` /
     ``acc`` are the view mode's primary level: per image for ``single``, per exam for ``parallel``
     and ``multimodal``; ``<prefix>exam_loss`` is per exam for every view mode, so it compares
@@ -306,8 +366,14 @@ class EarlyStopping:
 EpochCallback = Callable[[int, dict[str, float], bool], None]
 
 
-def fit(training: Training, *, start_epoch: int = 0, stopper: EarlyStopping | None = None,
-        on_epoch: EpochCallback | None = None, before_epoch: Callable[[int], None] | None = None) -> list[dict]:
+def fit(
+    training: Training,
+    *,
+    start_epoch: int = 0,
+    stopper: EarlyStopping | None = None,
+    on_epoch: EpochCallback | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+) -> list[dict]:
     """Train from ``start_epoch`` to the end (or an early stop); ``on_epoch(epoch, metrics, last)``
     runs after each epoch's scheduler step, where checkpoints are written and metrics reported."""
     t = training.config.train
@@ -318,11 +384,23 @@ def fit(training: Training, *, start_epoch: int = 0, stopper: EarlyStopping | No
             before_epoch(epoch)
         training.train_loader.sampler.set_epoch(epoch)
         lr = training.optimizer.param_groups[0]["lr"] / training.optimizer.param_groups[0].get("lr_mult", 1.0)
-        metrics = train_one_epoch(training.model, training.train_loader, training.optimizer,
-                                  device=training.device, amp_dtype=training.amp_dtype, scaler=training.scaler,
-                                  channels_last=t.channels_last, acc_window=t.stop_train_window)
-        frame = evaluate(training.model, training.val_loader, device=training.device, amp_dtype=training.amp_dtype,
-                         channels_last=t.channels_last)
+        metrics = train_one_epoch(
+            training.model,
+            training.train_loader,
+            training.optimizer,
+            device=training.device,
+            amp_dtype=training.amp_dtype,
+            scaler=training.scaler,
+            channels_last=t.channels_last,
+            acc_window=t.stop_train_window,
+        )
+        frame = evaluate(
+            training.model,
+            training.val_loader,
+            device=training.device,
+            amp_dtype=training.amp_dtype,
+            channels_last=t.channels_last,
+        )
         metrics.update(summarize_predictions(frame, view_mode))
         metrics.update(epoch=float(epoch), lr=lr)
         training.scheduler.step()

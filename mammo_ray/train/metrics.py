@@ -31,17 +31,28 @@ precision with no positive predictions, recall without positives, specificity wi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, confusion_matrix, log_loss, precision_score,
-                             recall_score, roc_auc_score)
+from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_score, recall_score, roc_auc_score
 
-__all__ = ["BinaryMetrics", "BootstrapCI", "PRIMARY_LEVEL", "auc_of_weights", "binary_metrics", "bootstrap_auc_ci",
-           "check_predictions", "cluster_bootstrap", "compare_auc", "exam_level", "evaluate_predictions",
-           "summarize_levels"]
+__all__ = [
+    "BinaryMetrics",
+    "BootstrapCI",
+    "PRIMARY_LEVEL",
+    "auc_of_weights",
+    "binary_metrics",
+    "bootstrap_auc_ci",
+    "check_predictions",
+    "cluster_bootstrap",
+    "compare_auc",
+    "exam_level",
+    "evaluate_predictions",
+    "summarize_levels",
+]
 
 NAN = float("nan")
 PROB_EPS = 1e-7  # log loss clips probs to [eps, 1 - eps]: one confident mistake must not be inf
@@ -49,8 +60,10 @@ _BOOT_CELLS = 2_000_000  # resamples x cases weighted at once (bounds bootstrap 
 MAX_DRAWS = 4  # at most MAX_DRAWS x n_boot resamples are drawn to find n_boot with both classes
 CLUSTER = "patient_id"  # the column whose values are the bootstrap's clusters
 PRIMARY_LEVEL = {"single": "image", "parallel": "exam", "multimodal": "exam"}  # a view mode's primary level
-REINDEX_HINT = ("re-index with this version (`mammo-ray index`, then `mammo-ray prepare`): its pairing rule gives "
-                "the CC and MLO rows of a lesion whose labels disagree an exam key of their own")
+REINDEX_HINT = (
+    "re-index with this version (`mammo-ray index`, then `mammo-ray prepare`): its pairing rule gives "
+    "the CC and MLO rows of a lesion whose labels disagree an exam key of their own"
+)
 
 Statistic = Callable[[np.ndarray], np.ndarray]  # (resamples, cases) weights -> (resamples,) or (resamples, k)
 
@@ -62,8 +75,8 @@ class BootstrapCI:
     low: float
     high: float
     resamples: int  # resamples with both classes, the interval's sample
-    dropped: int    # resamples drawn without one of the classes, left out and drawn again
-    clusters: int   # independent units resampled: patients, or cases without groups
+    dropped: int  # resamples drawn without one of the classes, left out and drawn again
+    clusters: int  # independent units resampled: patients, or cases without groups
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -74,29 +87,42 @@ class BootstrapCI:
 class BinaryMetrics:
     """Metrics of one set of binary predictions; see ``binary_metrics``."""
 
-    n: int                        # cases (images or exams)
-    positives: int                # malignant cases
+    n: int  # cases (images or exams)
+    positives: int  # malignant cases
     accuracy: float
-    auc: float                    # ROC AUC; nan when only one class is present
-    auc_ci: tuple[float, float]   # bootstrap CI of the AUC; (nan, nan) when undefined or n_boot=0
+    auc: float  # ROC AUC; nan when only one class is present
+    auc_ci: tuple[float, float]  # bootstrap CI of the AUC; (nan, nan) when undefined or n_boot=0
     log_loss: float
-    precision: float              # PPV; nan when nothing is predicted malignant
-    recall: float                 # sensitivity; nan without positives
-    specificity: float            # true-negative rate; nan without negatives
-    confusion: list[list[int]]    # [[tn, fp], [fn, tp]]
-    threshold: float              # predicted malignant when prob >= threshold
-    clusters: int = 0             # bootstrap units: patients (cluster bootstrap), or n without groups
-    boot_dropped: int = 0         # resamples dropped for lacking a class (see the module docstring)
+    precision: float  # PPV; nan when nothing is predicted malignant
+    recall: float  # sensitivity; nan without positives
+    specificity: float  # true-negative rate; nan without negatives
+    confusion: list[list[int]]  # [[tn, fp], [fn, tp]]
+    threshold: float  # predicted malignant when prob >= threshold
+    clusters: int = 0  # bootstrap units: patients (cluster bootstrap), or n without groups
+    boot_dropped: int = 0  # resamples dropped for lacking a class (see the module docstring)
 
     def to_dict(self, prefix: str = "") -> dict[str, float]:
         """Flat scalars for MLflow / Ray ``report``: ``{prefix}accuracy``, ``{prefix}tp``, ..."""
         (tn, fp), (fn, tp) = self.confusion
-        values = {"n": self.n, "positives": self.positives, "accuracy": self.accuracy,
-                  "auc": self.auc, "auc_ci_low": self.auc_ci[0], "auc_ci_high": self.auc_ci[1],
-                  "log_loss": self.log_loss, "precision": self.precision, "recall": self.recall,
-                  "specificity": self.specificity, "threshold": self.threshold,
-                  "tn": tn, "fp": fp, "fn": fn, "tp": tp, "clusters": self.clusters,
-                  "boot_dropped": self.boot_dropped}
+        values = {
+            "n": self.n,
+            "positives": self.positives,
+            "accuracy": self.accuracy,
+            "auc": self.auc,
+            "auc_ci_low": self.auc_ci[0],
+            "auc_ci_high": self.auc_ci[1],
+            "log_loss": self.log_loss,
+            "precision": self.precision,
+            "recall": self.recall,
+            "specificity": self.specificity,
+            "threshold": self.threshold,
+            "tn": tn,
+            "fp": fp,
+            "fn": fn,
+            "tp": tp,
+            "clusters": self.clusters,
+            "boot_dropped": self.boot_dropped,
+        }
         return {f"{prefix}{name}": float(value) for name, value in values.items()}
 
 
@@ -124,8 +150,9 @@ def check_predictions(labels: Any, *probs: Any) -> tuple[np.ndarray, ...]:
             raise ValueError(f"probs have shape {p.shape} but labels have shape {y.shape}")
         bad = ~np.isfinite(p) | (p < 0) | (p > 1)
         if bad.any():
-            raise ValueError(f"probs must lie in [0, 1]; found {p[bad][0].item()!r} at index "
-                             f"{int(np.flatnonzero(bad)[0])}")
+            raise ValueError(
+                f"probs must lie in [0, 1]; found {p[bad][0].item()!r} at index {int(np.flatnonzero(bad)[0])}"
+            )
         out.append(p)
     return tuple(out)
 
@@ -140,8 +167,10 @@ def cluster_codes(groups: Any, n: int) -> np.ndarray:
         raise ValueError(f"groups (patient ids) have {len(values)} entries but labels have {n}")
     missing = (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
     if missing.any():
-        raise ValueError(f"groups (patient ids) must name every case's patient; missing at index "
-                         f"{int(np.flatnonzero(missing)[0])} ({int(missing.sum())} case(s) without one)")
+        raise ValueError(
+            f"groups (patient ids) must name every case's patient; missing at index "
+            f"{int(np.flatnonzero(missing)[0])} ({int(missing.sum())} case(s) without one)"
+        )
     return pd.factorize(values)[0]
 
 
@@ -167,11 +196,13 @@ def auc_of_weights(labels: np.ndarray, scores: np.ndarray) -> Statistic:
         pairs = pos.sum(axis=1) * neg.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, NAN)
+
     return auc
 
 
-def _resampled_weights(y: np.ndarray, clusters: np.ndarray, n_boot: int,
-                       rng: np.random.Generator) -> Iterator[tuple[np.ndarray, int]]:
+def _resampled_weights(
+    y: np.ndarray, clusters: np.ndarray, n_boot: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, int]]:
     """Batches of ``(case weights (b, n) of resamples with both classes, resamples drawn)``.
 
     Patients are drawn with replacement within their class (max label over their cases); a
@@ -199,8 +230,16 @@ def _resampled_weights(y: np.ndarray, clusters: np.ndarray, n_boot: int,
         yield weights[both], size
 
 
-def cluster_bootstrap(labels: Any, statistic: Statistic, *, groups: Any = None, n_boot: int = 1000,
-                      ci: float = 0.95, seed: int = 0, outputs: int = 1) -> list[BootstrapCI]:
+def cluster_bootstrap(
+    labels: Any,
+    statistic: Statistic,
+    *,
+    groups: Any = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    outputs: int = 1,
+) -> list[BootstrapCI]:
     """Percentile CIs of ``statistic`` over patient-clustered, class-stratified resamples.
 
     Args:
@@ -233,12 +272,15 @@ def cluster_bootstrap(labels: Any, statistic: Statistic, *, groups: Any = None, 
     stacked = np.concatenate(values)
     alpha = (1 - ci) / 2
     low, high = np.quantile(stacked, [alpha, 1 - alpha], axis=0)
-    return [BootstrapCI(float(lo), float(hi), len(stacked), drawn - len(stacked), n_clusters)
-            for lo, hi in zip(low, high)]
+    return [
+        BootstrapCI(float(lo), float(hi), len(stacked), drawn - len(stacked), n_clusters)
+        for lo, hi in zip(low, high, strict=True)
+    ]
 
 
-def bootstrap_auc_ci(labels: Any, probs: Any, *, groups: Any = None, n_boot: int = 1000, ci: float = 0.95,
-                     seed: int = 0) -> tuple[float, float]:
+def bootstrap_auc_ci(
+    labels: Any, probs: Any, *, groups: Any = None, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Patient-clustered, class-stratified percentile bootstrap CI of the ROC AUC.
 
     Args:
@@ -256,8 +298,16 @@ def bootstrap_auc_ci(labels: Any, probs: Any, *, groups: Any = None, n_boot: int
     return cluster_bootstrap(y, auc_of_weights(y, p), groups=groups, n_boot=n_boot, ci=ci, seed=seed)[0].interval
 
 
-def binary_metrics(labels: Any, probs: Any, *, groups: Any = None, threshold: float = 0.5, n_boot: int = 1000,
-                   ci: float = 0.95, seed: int = 0) -> BinaryMetrics:
+def binary_metrics(
+    labels: Any,
+    probs: Any,
+    *,
+    groups: Any = None,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> BinaryMetrics:
     """All SPEC §5 metrics of one set of predictions.
 
     A case is predicted malignant when ``prob >= threshold``. With a single class present the
@@ -273,7 +323,8 @@ def binary_metrics(labels: Any, probs: Any, *, groups: Any = None, threshold: fl
     clipped = np.clip(p, PROB_EPS, 1 - PROB_EPS)
     boot = cluster_bootstrap(y, auc_of_weights(y, p), groups=groups, n_boot=n_boot, ci=ci, seed=seed)[0]
     return BinaryMetrics(
-        n=int(y.size), positives=positives,
+        n=int(y.size),
+        positives=positives,
         accuracy=float(accuracy_score(y, pred)),
         auc=float(roc_auc_score(y, p)) if both_classes else NAN,
         auc_ci=boot.interval,
@@ -282,12 +333,15 @@ def binary_metrics(labels: Any, probs: Any, *, groups: Any = None, threshold: fl
         recall=float(recall_score(y, pred, labels=[0, 1], pos_label=1, zero_division=np.nan)),
         specificity=float(recall_score(y, pred, labels=[0, 1], pos_label=0, zero_division=np.nan)),
         confusion=confusion_matrix(y, pred, labels=[0, 1]).tolist(),
-        threshold=float(threshold), clusters=boot.clusters, boot_dropped=boot.dropped,
+        threshold=float(threshold),
+        clusters=boot.clusters,
+        boot_dropped=boot.dropped,
     )
 
 
-def compare_auc(labels: Any, probs_a: Any, probs_b: Any, *, groups: Any = None, n_boot: int = 1000,
-                ci: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def compare_auc(
+    labels: Any, probs_a: Any, probs_b: Any, *, groups: Any = None, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
     """Paired bootstrap of ``AUC(a) - AUC(b)`` on the same cases (e.g. ensemble vs one member).
 
     Each resample draws the same patients (``groups``; None: cases) for both predictors, so the
@@ -303,12 +357,19 @@ def compare_auc(labels: Any, probs_a: Any, probs_b: Any, *, groups: Any = None, 
     if not 0 < y.sum() < y.size:
         return {"auc_a": NAN, "auc_b": NAN, "diff": NAN, "ci": (NAN, NAN), "clusters": boot.clusters, "dropped": 0}
     point_a, point_b = float(roc_auc_score(y, pa)), float(roc_auc_score(y, pb))
-    return {"auc_a": point_a, "auc_b": point_b, "diff": point_a - point_b, "ci": boot.interval,
-            "clusters": boot.clusters, "dropped": boot.dropped}
+    return {
+        "auc_a": point_a,
+        "auc_b": point_b,
+        "diff": point_a - point_b,
+        "ci": boot.interval,
+        "clusters": boot.clusters,
+        "dropped": boot.dropped,
+    }
 
 
-def exam_level(frame: pd.DataFrame, *, key: str = "exam_key", prob: str = "prob", label: str = "label",
-               cluster: str = CLUSTER) -> pd.DataFrame:
+def exam_level(
+    frame: pd.DataFrame, *, key: str = "exam_key", prob: str = "prob", label: str = "label", cluster: str = CLUSTER
+) -> pd.DataFrame:
     """Average the image probabilities of each exam (CC + MLO of one lesion, paper 000).
 
     Rows whose key is empty (``""`` or missing) are exams of their own. Every exam must carry
@@ -335,19 +396,36 @@ def exam_level(frame: pd.DataFrame, *, key: str = "exam_key", prob: str = "prob"
         counts = groups[column].nunique(dropna=False)
         inconsistent = counts.index[counts > 1].tolist()
         if inconsistent:
-            raise ValueError(f"exam_level: images of exam {key} {inconsistent[0]!r} have {what} {column!r} "
-                             f"values ({len(inconsistent)} exam(s) inconsistent: {inconsistent[:5]}); "
-                             f"{REINDEX_HINT}")
-    exams = groups.agg(**{prob: (prob, "mean"), label: (label, "first"), "n_images": (prob, "size"),
-                          **{c: (c, "first") for c in extra}}).reset_index()
+            raise ValueError(
+                f"exam_level: images of exam {key} {inconsistent[0]!r} have {what} {column!r} "
+                f"values ({len(inconsistent)} exam(s) inconsistent: {inconsistent[:5]}); "
+                f"{REINDEX_HINT}"
+            )
+    exams = groups.agg(
+        **{
+            prob: (prob, "mean"),
+            label: (label, "first"),
+            "n_images": (prob, "size"),
+            **{c: (c, "first") for c in extra},
+        }
+    ).reset_index()
     single = frame.loc[empty, [key, prob, label, *extra]].assign(**{key: "", "n_images": 1})
     out = pd.concat([exams, single[exams.columns]], ignore_index=True) if len(single) else exams
     return out.astype({key: object, prob: np.float64, "n_images": np.int64})
 
 
-def evaluate_predictions(frame: pd.DataFrame, *, key: str = "exam_key", prob: str = "prob",
-                         label: str = "label", cluster: str = CLUSTER, threshold: float = 0.5, n_boot: int = 1000,
-                         ci: float = 0.95, seed: int = 0) -> dict[str, BinaryMetrics]:
+def evaluate_predictions(
+    frame: pd.DataFrame,
+    *,
+    key: str = "exam_key",
+    prob: str = "prob",
+    label: str = "label",
+    cluster: str = CLUSTER,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, BinaryMetrics]:
     """Metrics per image and per exam (``exam_level``) of one prediction table.
 
     The CIs resample the frame's ``cluster`` column (patients) when it has one, and single
@@ -358,13 +436,20 @@ def evaluate_predictions(frame: pd.DataFrame, *, key: str = "exam_key", prob: st
     """
     options = dict(threshold=threshold, n_boot=n_boot, ci=ci, seed=seed)
     exams = exam_level(frame, key=key, prob=prob, label=label, cluster=cluster)
-    return {level: binary_metrics(rows[label].to_numpy(), rows[prob].to_numpy(),
-                                  groups=rows[cluster].to_numpy() if cluster in rows.columns else None, **options)
-            for level, rows in (("image", frame), ("exam", exams))}
+    return {
+        level: binary_metrics(
+            rows[label].to_numpy(),
+            rows[prob].to_numpy(),
+            groups=rows[cluster].to_numpy() if cluster in rows.columns else None,
+            **options,
+        )
+        for level, rows in (("image", frame), ("exam", exams))
+    }
 
 
-def summarize_levels(levels: dict[str, BinaryMetrics], view_mode: str, *, prefix: str = "val_",
-                     with_ci: bool = False) -> dict[str, float]:
+def summarize_levels(
+    levels: dict[str, BinaryMetrics], view_mode: str, *, prefix: str = "val_", with_ci: bool = False
+) -> dict[str, float]:
     """Flat metrics of ``evaluate_predictions``' two levels for one view mode.
 
     ``<prefix>auc`` / ``loss`` / ``acc`` / ... are the view mode's primary level (``PRIMARY_LEVEL``:
@@ -377,10 +462,19 @@ def summarize_levels(levels: dict[str, BinaryMetrics], view_mode: str, *, prefix
         raise ValueError(f"unknown view_mode {view_mode!r}; expected one of {list(PRIMARY_LEVEL)}")
     image, exam = levels["image"], levels["exam"]
     m = levels[PRIMARY_LEVEL[view_mode]]
-    out = {"loss": m.log_loss, "auc": m.auc, "acc": m.accuracy, "recall": m.recall, "specificity": m.specificity,
-           "precision": m.precision, "image_auc": image.auc, "exam_auc": exam.auc, "image_loss": image.log_loss,
-           "exam_loss": exam.log_loss, "n": m.n}
+    out = {
+        "loss": m.log_loss,
+        "auc": m.auc,
+        "acc": m.accuracy,
+        "recall": m.recall,
+        "specificity": m.specificity,
+        "precision": m.precision,
+        "image_auc": image.auc,
+        "exam_auc": exam.auc,
+        "image_loss": image.log_loss,
+        "exam_loss": exam.log_loss,
+        "n": m.n,
+    }
     if with_ci:
-        out.update(auc_ci_low=m.auc_ci[0], auc_ci_high=m.auc_ci[1], clusters=m.clusters,
-                   boot_dropped=m.boot_dropped)
+        out.update(auc_ci_low=m.auc_ci[0], auc_ci_high=m.auc_ci[1], clusters=m.clusters, boot_dropped=m.boot_dropped)
     return {f"{prefix}{name}": float(value) for name, value in out.items()}

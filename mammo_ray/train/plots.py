@@ -66,23 +66,40 @@ def plot_rocs(curves: Mapping[str, Sequence[Any]], path: str | Path, *, title: s
         auc = float(roc_auc_score(y, p)) if 0 < y.sum() < y.size else float("nan")
         ax.plot(fpr, tpr, lw=1.8, label=_auc_label(name, auc, ci))
     ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.5", label="chance")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title=title,
-           xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        title=title,
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_roc(labels: Any, probs: Any, path: str | Path, *, label: str | None = None,
-             ci: tuple[float, float] | None = None, title: str = "ROC curve") -> Path:
+def plot_roc(
+    labels: Any,
+    probs: Any,
+    path: str | Path,
+    *,
+    label: str | None = None,
+    ci: tuple[float, float] | None = None,
+    title: str = "ROC curve",
+) -> Path:
     """One ROC curve with its AUC (and ``ci``, e.g. ``BinaryMetrics.auc_ci``) in the legend."""
     return plot_rocs({label: (labels, probs, ci)}, path, title=title)
 
 
-def plot_confusion(confusion: Any, path: str | Path,
-                   class_names: Sequence[str] = ("benign", "malignant"), *,
-                   title: str = "Confusion matrix") -> Path:
+def plot_confusion(
+    confusion: Any,
+    path: str | Path,
+    class_names: Sequence[str] = ("benign", "malignant"),
+    *,
+    title: str = "Confusion matrix",
+) -> Path:
     """Confusion matrix ``[[tn, fp], [fn, tp]]`` (or a ``BinaryMetrics``) with counts and row %.
 
     Row percentages are the per-class recall: specificity on the benign row, sensitivity on
@@ -90,8 +107,10 @@ def plot_confusion(confusion: Any, path: str | Path,
     """
     matrix = np.asarray(getattr(confusion, "confusion", confusion), dtype=np.int64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != len(class_names):
-        raise ValueError(f"plot_confusion: matrix of shape {matrix.shape} does not match "
-                         f"{len(class_names)} class names {tuple(class_names)}")
+        raise ValueError(
+            f"plot_confusion: matrix of shape {matrix.shape} does not match "
+            f"{len(class_names)} class names {tuple(class_names)}"
+        )
     row_totals = matrix.sum(axis=1, keepdims=True)
     fractions = np.divide(matrix, row_totals, out=np.zeros(matrix.shape), where=row_totals > 0)
     fig = Figure(figsize=(4.8, 4.2))
@@ -99,18 +118,35 @@ def plot_confusion(confusion: Any, path: str | Path,
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="fraction of true class")
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, f"{count}\n({fractions[i, j]:.0%})", ha="center", va="center",
-                color="white" if fractions[i, j] > 0.5 else "black")
+        ax.text(
+            j,
+            i,
+            f"{count}\n({fractions[i, j]:.0%})",
+            ha="center",
+            va="center",
+            color="white" if fractions[i, j] > 0.5 else "black",
+        )
     ticks = np.arange(len(class_names))
-    ax.set(xticks=ticks, yticks=ticks, xticklabels=class_names, yticklabels=class_names,
-           xlabel="Predicted", ylabel="True", title=title)
+    ax.set(
+        xticks=ticks,
+        yticks=ticks,
+        xticklabels=class_names,
+        yticklabels=class_names,
+        xlabel="Predicted",
+        ylabel="True",
+        title=title,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
 
-def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
-                         metrics: Sequence[str] = ("train_loss", "val_loss", "val_auc", "val_accuracy"),
-                         *, title: str = "Training curves") -> Path:
+def plot_training_curves(
+    history: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    metrics: Sequence[str] = ("train_loss", "val_loss", "val_auc", "val_accuracy"),
+    *,
+    title: str = "Training curves",
+) -> Path:
     """Per-epoch curves of whichever ``metrics`` the history holds.
 
     Losses go on the left panel, other metrics (AUC, accuracy, ...) on the right; a panel with
@@ -126,18 +162,17 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
     """
     series: dict[str, tuple[list[float], list[float]]] = {}
     for name in metrics:
-        points = [(float(row.get("epoch", i)), float(row[name])) for i, row in enumerate(history)
-                  if row.get(name) is not None]
+        points = [
+            (float(row.get("epoch", i)), float(row[name])) for i, row in enumerate(history) if row.get(name) is not None
+        ]
         if points:
-            series[name] = tuple(map(list, zip(*points)))  # type: ignore[assignment]
+            series[name] = tuple(map(list, zip(*points, strict=True)))  # type: ignore[assignment]
     if not series:
-        raise ValueError(f"plot_training_curves: none of {list(metrics)} in the history "
-                         f"({len(history)} epochs)")
-    panels = [group for group in ([n for n in series if "loss" in n], [n for n in series if "loss" not in n])
-              if group]
+        raise ValueError(f"plot_training_curves: none of {list(metrics)} in the history ({len(history)} epochs)")
+    panels = [group for group in ([n for n in series if "loss" in n], [n for n in series if "loss" not in n]) if group]
     fig = Figure(figsize=(5 * len(panels), 4))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, names in zip(axes, panels):
+    for ax, names in zip(axes, panels, strict=True):
         for name in names:
             epochs, values = series[name]
             ax.plot(epochs, values, marker="o", ms=3, label=name)

@@ -26,13 +26,26 @@ from mammo_ray.train.loop import EarlyStopping, build_training, fit
 from mammo_ray.train.tracking import log_metrics
 
 
-def loop_config(config: Config, cache_dir: str | Path, *, mlflow_uri: str | None = None, run_id: str | None = None,
-                fold: int | None = None, splits_path: str | Path | None = None,
-                fault: dict[str, Any] | None = None) -> dict[str, Any]:
+def loop_config(
+    config: Config,
+    cache_dir: str | Path,
+    *,
+    mlflow_uri: str | None = None,
+    run_id: str | None = None,
+    fold: int | None = None,
+    splits_path: str | Path | None = None,
+    fault: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The plain-data ``train_loop_config`` handed to every worker."""
-    return {"config": config.model_dump(mode="json"), "cache_dir": str(cache_dir), "mlflow_uri": mlflow_uri,
-            "run_id": run_id, "fold": fold, "splits_path": str(splits_path) if splits_path else None,
-            "fault": fault}
+    return {
+        "config": config.model_dump(mode="json"),
+        "cache_dir": str(cache_dir),
+        "mlflow_uri": mlflow_uri,
+        "run_id": run_id,
+        "fold": fold,
+        "splits_path": str(splits_path) if splits_path else None,
+        "fault": fault,
+    }
 
 
 def _maybe_inject_fault(fault: dict[str, Any] | None, rank: int, epoch: int) -> None:
@@ -63,8 +76,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # one worker per CPU: more threads would fight over the cores
         torch.set_num_threads(max(1, int(config.train.cpus_per_worker)))
-    training = build_training(config, cfg["cache_dir"], device=device, rank=rank, world=world, fold=cfg["fold"],
-                              splits_path=cfg["splits_path"])
+    training = build_training(
+        config,
+        cfg["cache_dir"],
+        device=device,
+        rank=rank,
+        world=world,
+        fold=cfg["fold"],
+        splits_path=cfg["splits_path"],
+    )
     stopper = EarlyStopping(config.train.monitor, config.train.early_stop_patience)
     start_epoch, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -81,36 +101,63 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         start_epoch = resumed_from = payload["epoch"] + 1
 
     training.model = ray.train.torch.prepare_model(training.model)  # Ray 1/3: DDP (and device placement)
-    training.train_loader = ray.train.torch.prepare_data_loader(training.train_loader,  # Ray 2/3: device
-                                                                add_dist_sampler=False)  # EpochSampler shards
+    training.train_loader = ray.train.torch.prepare_data_loader(
+        training.train_loader,  # Ray 2/3: device
+        add_dist_sampler=False,
+    )  # EpochSampler shards
     training.val_loader = ray.train.torch.prepare_data_loader(training.val_loader, add_dist_sampler=False)
 
     def on_epoch(epoch: int, metrics: dict[str, float], last: bool) -> None:
-        metrics = {**metrics, "epochs_done": float(epoch + 1),
-                   "resumed_from_epoch": float(-1 if resumed_from is None else resumed_from)}
+        metrics = {
+            **metrics,
+            "epochs_done": float(epoch + 1),
+            "resumed_from_epoch": float(-1 if resumed_from is None else resumed_from),
+        }
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)  # Ray 3/3: every rank reports (a barrier)
             return
-        print(f"[{config.model.name}] epoch {epoch + 1}/{config.train.epochs}: "
-              f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.3f} | val loss {metrics['val_loss']:.4f} "
-              f"AUC {metrics['val_auc']:.3f} acc {metrics['val_acc']:.3f} | "
-              f"{metrics['train_images_per_s']:.0f} images/s", flush=True)
+        print(
+            f"[{config.model.name}] epoch {epoch + 1}/{config.train.epochs}: "
+            f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.3f} | "
+            f"val loss {metrics['val_loss']:.4f} "
+            f"AUC {metrics['val_auc']:.3f} acc {metrics['val_acc']:.3f} | "
+            f"{metrics['train_images_per_s']:.0f} images/s",
+            flush=True,
+        )
         if cfg["run_id"]:
             log_metrics(cfg["mlflow_uri"], cfg["run_id"], metrics, step=epoch)
-        payload = checkpoint_payload(model=training.model, config=config, spec=training.spec, epoch=epoch,
-                                     optimizer=training.optimizer, scheduler=training.scheduler,
-                                     scaler=training.scaler, history=training.history,
-                                     extra={"stopper": stopper.state_dict(), "rank0_pid": os.getpid()})
+        payload = checkpoint_payload(
+            model=training.model,
+            config=config,
+            spec=training.spec,
+            epoch=epoch,
+            optimizer=training.optimizer,
+            scheduler=training.scheduler,
+            scaler=training.scaler,
+            history=training.history,
+            extra={"stopper": stopper.state_dict(), "rank0_pid": os.getpid()},
+        )
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(payload, directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    fit(training, start_epoch=start_epoch, stopper=stopper, on_epoch=on_epoch,
-        before_epoch=lambda epoch: _maybe_inject_fault(cfg["fault"], rank, epoch))
+    fit(
+        training,
+        start_epoch=start_epoch,
+        stopper=stopper,
+        on_epoch=on_epoch,
+        before_epoch=lambda epoch: _maybe_inject_fault(cfg["fault"], rank, epoch),
+    )
 
 
-def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: str, storage_path: str | Path,
-                  callbacks: list[Any] | None = None):
+def build_trainer(
+    config: Config,
+    train_loop_config: dict[str, Any],
+    *,
+    name: str,
+    storage_path: str | Path,
+    callbacks: list[Any] | None = None,
+):
     """A ``TorchTrainer`` whose scaling, failure and checkpoint policies come from the config.
 
     ``callbacks`` go to the ``RunConfig`` (a Tune trial passes ``TuneReportCallback``)."""
@@ -129,10 +176,15 @@ def build_trainer(config: Config, train_loop_config: dict[str, Any], *, name: st
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=str(storage), callbacks=callbacks,
+            name=name,
+            storage_path=str(storage),
+            callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),  # progress: one line per epoch from rank 0
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=t.monitor,
-                                               checkpoint_score_order=metric_mode(t.monitor)),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                checkpoint_score_attribute=t.monitor,
+                checkpoint_score_order=metric_mode(t.monitor),
+            ),
         ),
     )

@@ -67,13 +67,18 @@ def checkpoint_rule(config: Config, fold: int | None) -> tuple[Config, Checkpoin
     """
     t = config.train
     if fold is None:
-        return config, CheckpointRule(last=False, selection=f"best epoch by train.monitor={t.monitor} on the val "
-                                                            "split, which the reported val metrics also score")
+        return config, CheckpointRule(
+            last=False,
+            selection=f"best epoch by train.monitor={t.monitor} on the val "
+            "split, which the reported val metrics also score",
+        )
     fixed = with_values(config, {"train.early_stop_patience": None}, f"fold {fold}")
     selection = f"fixed epochs (train.epochs={t.epochs}): the fold is not used to pick the checkpoint"
     if t.stop_train_acc is not None:
-        selection += (f"; training stops earlier once train accuracy reaches train.stop_train_acc={t.stop_train_acc:g}"
-                      " (training batches only)")
+        selection += (
+            f"; training stops earlier once train accuracy reaches train.stop_train_acc={t.stop_train_acc:g}"
+            " (training batches only)"
+        )
     return fixed, CheckpointRule(last=True, selection=selection)
 
 
@@ -95,8 +100,12 @@ def log_model(run: TrackedRun, checkpoint: Path) -> None:
     model, _, _ = restore_model(load_checkpoint(checkpoint))
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "model"
-        mlflow.pytorch.save_model(model, str(target), serialization_format="pickle",
-                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"])
+        mlflow.pytorch.save_model(
+            model,
+            str(target),
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"],
+        )
         run.client.log_artifacts(run.run_id, str(target), "model")
 
 
@@ -106,23 +115,38 @@ def check_resources(config: Config, fold: int | None = None) -> None:
 
     t = config.train
     if fold is None and config.data.split_fractions[1] == 0:
-        raise ValueError("data.split_fractions leaves no validation patients: train with --folds K "
-                         "(paper 004) or give val a share")
+        raise ValueError(
+            "data.split_fractions leaves no validation patients: train with --folds K (paper 004) or give val a share"
+        )
     if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # a cluster may autoscale: let Ray wait
         available = ray.cluster_resources()
         if t.use_gpu and available.get("GPU", 0) < t.gpus_per_worker:
-            raise ValueError(f"train.use_gpu=true but the Ray cluster has {available.get('GPU', 0):g} GPUs; "
-                             "run on a GPU cluster or --set train.use_gpu=false")
+            raise ValueError(
+                f"train.use_gpu=true but the Ray cluster has {available.get('GPU', 0):g} GPUs; "
+                "run on a GPU cluster or --set train.use_gpu=false"
+            )
         cpus = available.get("CPU", 0)
         if not t.use_gpu and t.num_workers * t.cpus_per_worker > cpus:
-            raise ValueError(f"train.num_workers x train.cpus_per_worker = {t.num_workers * t.cpus_per_worker:g} "
-                             f"CPUs, but the Ray cluster has {cpus:g}")
+            raise ValueError(
+                f"train.num_workers x train.cpus_per_worker = {t.num_workers * t.cpus_per_worker:g} "
+                f"CPUs, but the Ray cluster has {cpus:g}"
+            )
 
 
-def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData | None = None,
-                 parent_run_id: str | None = None, fold: int | None = None, run_name: str | None = None,
-                 progress: bool = True, fault: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
-                 tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> TrainOutcome:
+def run_training(
+    config: Config,
+    workdir: str | Path,
+    *,
+    prepared: PreparedData | None = None,
+    parent_run_id: str | None = None,
+    fold: int | None = None,
+    run_name: str | None = None,
+    progress: bool = True,
+    fault: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
+) -> TrainOutcome:
     """Train one model with Ray Train and track it in MLflow (Ray must be initialised).
 
     Args:
@@ -143,23 +167,50 @@ def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData 
     name = run_name or run_name_for(config, fold)
     out_dir = workdir / "runs" / name
     config_path = save_config(config, out_dir)
-    tags = {"mammo_ray.cache_dir": prepared.cache_dir, "mammo_ray.splits": prepared.splits,
-            "mammo_ray.output_dir": str(out_dir), "mammo_ray.kind": "fold" if fold is not None else "train",
-            **(tags or {})}
+    tags = {
+        "mammo_ray.cache_dir": prepared.cache_dir,
+        "mammo_ray.splits": prepared.splits,
+        "mammo_ray.output_dir": str(out_dir),
+        "mammo_ray.kind": "fold" if fold is not None else "train",
+        **(tags or {}),
+    }
     if fold is not None:
         tags["mammo_ray.fold"] = str(fold)
-    with TrackedRun(uri, config.train.experiment, name, config=config, tags=tags, parent_run_id=parent_run_id,
-                    artifact_location=artifact_root(uri, workdir), run_id=resume_run_id) as run:
+    with TrackedRun(
+        uri,
+        config.train.experiment,
+        name,
+        config=config,
+        tags=tags,
+        parent_run_id=parent_run_id,
+        artifact_location=artifact_root(uri, workdir),
+        run_id=resume_run_id,
+    ) as run:
         run.log_artifact(config_path)
-        trainer = build_trainer(config, loop_config(config, prepared.cache_dir, mlflow_uri=uri, run_id=run.run_id,
-                                                    fold=fold, splits_path=prepared.splits, fault=fault),
-                                name=name, storage_path=storage_path_for(config, workdir), callbacks=callbacks)
+        trainer = build_trainer(
+            config,
+            loop_config(
+                config,
+                prepared.cache_dir,
+                mlflow_uri=uri,
+                run_id=run.run_id,
+                fold=fold,
+                splits_path=prepared.splits,
+                fault=fault,
+            ),
+            name=name,
+            storage_path=storage_path_for(config, workdir),
+            callbacks=callbacks,
+        )
         result = trainer.fit()
         if result.error is not None:
             raise result.error
         monitor = config.train.monitor
-        best = result.checkpoint if rule.last else (result.get_best_checkpoint(monitor, metric_mode(monitor))
-                                                    or result.checkpoint)
+        best = (
+            result.checkpoint
+            if rule.last
+            else (result.get_best_checkpoint(monitor, metric_mode(monitor)) or result.checkpoint)
+        )
         if best is None:
             raise RuntimeError(f"run {name}: training reported no checkpoint")
         checkpoint = out_dir / CHECKPOINT_FILE
@@ -167,26 +218,55 @@ def run_training(config: Config, workdir: str | Path, *, prepared: PreparedData 
             shutil.copy2(Path(directory) / CHECKPOINT_FILE, checkpoint)
         payload = load_checkpoint(checkpoint)
         epochs_run = int(result.metrics["epoch"]) + 1 if result.metrics else len(payload["history"])
-        evaluation = evaluate_checkpoint(checkpoint, "val", workdir, out_dir, n_boot=config.train.eval_bootstrap,
-                                         cache_dir=prepared.cache_dir, fold=fold, splits_path=prepared.splits)
+        evaluation = evaluate_checkpoint(
+            checkpoint,
+            "val",
+            workdir,
+            out_dir,
+            n_boot=config.train.eval_bootstrap,
+            cache_dir=prepared.cache_dir,
+            fold=fold,
+            splits_path=prepared.splits,
+        )
         metrics = evaluation["metrics"]
         run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=payload["epoch"])
-        run.set_tags({"mammo_ray.best_epoch": payload["epoch"], "mammo_ray.checkpoint": checkpoint,
-                      "mammo_ray.selection": rule.selection})
+        run.set_tags(
+            {
+                "mammo_ray.best_epoch": payload["epoch"],
+                "mammo_ray.checkpoint": checkpoint,
+                "mammo_ray.selection": rule.selection,
+            }
+        )
         run.log_artifacts(evaluation["plots"], "plots")
         run.log_artifacts([evaluation["predictions"], out_dir / "metrics_val.json"], "evaluation")
         run.log_artifact(checkpoint, "checkpoint")
         log_model(run, checkpoint)
-    return TrainOutcome(run_id=run.run_id, run_name=name, tracking_uri=uri, checkpoint=str(checkpoint),
-                        output_dir=str(out_dir), metrics=metrics, best_epoch=int(payload["epoch"]),
-                        epochs_run=epochs_run, status=run.status or "", selection=rule.selection)
+    return TrainOutcome(
+        run_id=run.run_id,
+        run_name=name,
+        tracking_uri=uri,
+        checkpoint=str(checkpoint),
+        output_dir=str(out_dir),
+        metrics=metrics,
+        best_epoch=int(payload["epoch"]),
+        epochs_run=epochs_run,
+        status=run.status or "",
+        selection=rule.selection,
+    )
 
 
-def _fold_task(config_dict: dict[str, Any], workdir: str, prepared: dict[str, Any], parent_run_id: str,
-               fold: int) -> dict[str, Any]:
+def _fold_task(
+    config_dict: dict[str, Any], workdir: str, prepared: dict[str, Any], parent_run_id: str, fold: int
+) -> dict[str, Any]:
     """One fold, run as a Ray task that drives its own TorchTrainer."""
-    outcome = run_training(Config.model_validate(config_dict), workdir, prepared=PreparedData(**prepared),
-                           parent_run_id=parent_run_id, fold=fold, progress=False)
+    outcome = run_training(
+        Config.model_validate(config_dict),
+        workdir,
+        prepared=PreparedData(**prepared),
+        parent_run_id=parent_run_id,
+        fold=fold,
+        progress=False,
+    )
     return outcome.to_dict()
 
 
@@ -208,20 +288,39 @@ def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool
     selection = checkpoint_rule(config, 0)[1].selection  # the same for every fold
     # The task only drives a trainer: a sliver of CPU, so the Train workers get the cores.
     task = ray.remote(num_cpus=0.01)(_fold_task)
-    with TrackedRun(uri, config.train.experiment, name, config=config,
-                    tags={"mammo_ray.kind": "cv", "mammo_ray.folds": str(folds), "mammo_ray.selection": selection},
-                    artifact_location=artifact_root(uri, workdir)) as parent:
-        refs = [task.remote(config.model_dump(mode="json"), str(workdir), prepared.to_dict(), parent.run_id, k)
-                for k in range(folds)]
+    with TrackedRun(
+        uri,
+        config.train.experiment,
+        name,
+        config=config,
+        tags={"mammo_ray.kind": "cv", "mammo_ray.folds": str(folds), "mammo_ray.selection": selection},
+        artifact_location=artifact_root(uri, workdir),
+    ) as parent:
+        refs = [
+            task.remote(config.model_dump(mode="json"), str(workdir), prepared.to_dict(), parent.run_id, k)
+            for k in range(folds)
+        ]
         outcomes = ray.get(refs)
         keys = sorted(set.intersection(*(set(o["metrics"]) for o in outcomes)))
         summary = {}
         for key in keys:
             values = np.array([o["metrics"][key] for o in outcomes], dtype=float)
-            summary[key] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)),
-                            "values": values.tolist()}
-        parent.log_metrics({f"{k}_mean": v["mean"] for k, v in summary.items()}
-                           | {f"{k}_std": v["std"] for k, v in summary.items()})
-    return {"run_id": parent.run_id, "run_name": name, "tracking_uri": uri, "folds": folds,
-            "selection": selection, "output_dir": str(out_dir), "summary": summary, "fold_runs": outcomes,
-            "metrics": {k: v["mean"] for k, v in summary.items()}}
+            summary[key] = {
+                "mean": float(np.nanmean(values)),
+                "std": float(np.nanstd(values)),
+                "values": values.tolist(),
+            }
+        parent.log_metrics(
+            {f"{k}_mean": v["mean"] for k, v in summary.items()} | {f"{k}_std": v["std"] for k, v in summary.items()}
+        )
+    return {
+        "run_id": parent.run_id,
+        "run_name": name,
+        "tracking_uri": uri,
+        "folds": folds,
+        "selection": selection,
+        "output_dir": str(out_dir),
+        "summary": summary,
+        "fold_runs": outcomes,
+        "metrics": {k: v["mean"] for k, v in summary.items()},
+    }

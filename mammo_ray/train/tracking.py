@@ -16,9 +16,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterable
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
@@ -53,7 +54,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         return experiment.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:  # noqa: BLE001 - another process created it first
+    except Exception:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
@@ -71,8 +72,11 @@ def config_params(config: Config) -> list[Param]:
 def metric_batch(metrics: dict[str, Any], step: int) -> list[Metric]:
     """Finite numeric metrics as MLflow ``Metric`` rows at ``step``."""
     now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, step) for key, value in metrics.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))]
+    return [
+        Metric(key, float(value), now, step)
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    ]
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, Any], step: int) -> None:
@@ -101,9 +105,18 @@ class TrackedRun:
             driver died): it is set RUNNING again and ends with the status of this attempt.
     """
 
-    def __init__(self, uri: str, experiment: str, run_name: str, *, config: Config | None = None,
-                 tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                 artifact_location: str | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        *,
+        config: Config | None = None,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+        artifact_location: str | None = None,
+        run_id: str | None = None,
+    ):
         self.uri = uri
         self.client = MlflowClient(uri)
         self.experiment_id = ensure_experiment(self.client, experiment, artifact_location)
@@ -142,7 +155,7 @@ class TrackedRun:
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         raise RunKilled(f"signal {signum}")
 
-    def __enter__(self) -> "TrackedRun":
+    def __enter__(self) -> TrackedRun:
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self

@@ -5,8 +5,16 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mammo_ray.baseline.features import (ANGLES, FEATURE_NAMES, glrlm_features, largest_component, lesion_features,
-                                         quantize, run_length_matrix, run_lengths)
+from mammo_ray.baseline.features import (
+    ANGLES,
+    FEATURE_NAMES,
+    glrlm_features,
+    largest_component,
+    lesion_features,
+    quantize,
+    run_length_matrix,
+    run_lengths,
+)
 
 SIZE = 64
 
@@ -81,10 +89,7 @@ def test_bright_lesion_has_positive_ring_contrast_and_sharp_margin():
 
 
 # Hand example: every maximal run of equal levels, per direction.
-HAND_Q = np.array([[0, 0, 1, 1],
-                   [1, 1, 1, 0],
-                   [2, 2, 2, 2],
-                   [0, 1, 0, 1]])
+HAND_Q = np.array([[0, 0, 1, 1], [1, 1, 1, 0], [2, 2, 2, 2], [0, 1, 0, 1]])
 HAND_RUNS = {  # angle index -> Counter of (level, length)
     0: Counter({(0, 2): 1, (1, 2): 1, (1, 3): 1, (0, 1): 3, (2, 4): 1, (1, 1): 2}),
     # 45 deg lines (r + c constant): 0 | 0 1 | 1 1 2 | 1 1 2 0 | 0 2 1 | 2 0 | 1
@@ -106,7 +111,7 @@ HAND_GLRLM = [
 @pytest.mark.parametrize("angle_index", range(len(ANGLES)))
 def test_run_lengths_match_hand_count(angle_index):
     levels, lengths = run_lengths(HAND_Q, angle_index)
-    assert Counter(zip(levels.tolist(), lengths.tolist())) == HAND_RUNS[angle_index]
+    assert Counter(zip(levels.tolist(), lengths.tolist(), strict=True)) == HAND_RUNS[angle_index]
     matrix = run_length_matrix(HAND_Q, 3, angle_index)
     assert matrix.shape == (3, 4) and matrix.sum() == sum(HAND_RUNS[angle_index].values())
     for (level, length), count in HAND_RUNS[angle_index].items():
@@ -159,8 +164,9 @@ def test_shape_mismatch_is_an_error():
         lesion_features(np.ones((8, 8), np.uint16), np.ones((8, 9), np.uint8))
 
 
-@pytest.mark.parametrize("mask", [np.pad(np.ones((1, 1), np.uint8), 3), np.ones((7, 7), np.uint8)],
-                         ids=["one_pixel", "whole_crop"])
+@pytest.mark.parametrize(
+    "mask", [np.pad(np.ones((1, 1), np.uint8), 3), np.ones((7, 7), np.uint8)], ids=["one_pixel", "whole_crop"]
+)
 def test_degenerate_lesions_give_finite_features(mask):
     image = np.random.default_rng(6).integers(0, 4_000, mask.shape).astype(np.uint16)
     vector = lesion_features(image, mask)

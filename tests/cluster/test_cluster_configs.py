@@ -39,10 +39,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import ray
 import yaml
 from packaging.requirements import Requirement
-
-import ray
 from ray.autoscaler._private.commands import _bootstrap_config
 from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -54,8 +53,11 @@ CLOUDS = ["aws", "gcp"]
 RAY_MANIFESTS = ["raycluster", "rayjob-tune", "rayjob-ensemble", "rayservice"]
 SHARED_CRDS = REPO.parent / "shared" / "data" / "kuberay-crds"
 VENDORED_CRDS = REPO / "tests" / "fixtures" / "kuberay-crds" / "kuberay-v1-schemas.json.gz"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
@@ -66,8 +68,14 @@ WORKDIR = "/shared/mammo-ray"
 IMAGE_REPO_DIR = "/home/ray/mammo-ray"  # where cluster/Dockerfile puts the repository
 
 # (vCPUs, GPUs) of the instance types the launcher profiles use, as the clouds publish them.
-SHAPES = {"m5.2xlarge": (8, 0), "g5.xlarge": (4, 1), "p4d.24xlarge": (96, 8),
-          "n2-standard-8": (8, 0), "g2-standard-8": (8, 1), "a2-highgpu-1g": (12, 1)}
+SHAPES = {
+    "m5.2xlarge": (8, 0),
+    "g5.xlarge": (4, 1),
+    "p4d.24xlarge": (96, 8),
+    "n2-standard-8": (8, 0),
+    "g2-standard-8": (8, 1),
+    "a2-highgpu-1g": (12, 1),
+}
 GPU_TYPES = {"aws": {"g5.xlarge", "p4d.24xlarge"}, "gcp": {"g2-standard-8", "a2-highgpu-1g"}}
 GPU_CONFIGS = ["search", "ensemble"]  # the GPU-sized configs the clusters are for
 
@@ -88,8 +96,11 @@ def _manifest(name: str) -> dict:
 
 def _cluster_spec(doc: dict) -> dict:
     """The RayCluster spec inside any of the three kinds."""
-    return {"RayCluster": lambda d: d["spec"], "RayJob": lambda d: d["spec"]["rayClusterSpec"],
-            "RayService": lambda d: d["spec"]["rayClusterConfig"]}[doc["kind"]](doc)
+    return {
+        "RayCluster": lambda d: d["spec"],
+        "RayJob": lambda d: d["spec"]["rayClusterSpec"],
+        "RayService": lambda d: d["spec"]["rayClusterConfig"],
+    }[doc["kind"]](doc)
 
 
 def _groups(spec: dict) -> list[tuple[str, dict]]:
@@ -137,11 +148,16 @@ def _without_descriptions(schema: dict) -> dict:
 def _strict(schema: dict) -> dict:
     """Unknown fields become errors, as with ``kubectl apply --validate=strict`` (the API server
     would otherwise drop them silently, so a misspelt field would just not take effect)."""
+
     def close(node):
-        if "properties" in node and "additionalProperties" not in node \
-                and not node.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             return {**node, "additionalProperties": False}
         return node
+
     return _map_schema(schema, close)
 
 
@@ -172,10 +188,12 @@ def _vendored() -> dict:
 
 def vendor_crds() -> None:
     """Rewrite the vendored schemas from ../shared (deterministic bytes: sorted keys, gzip mtime 0)."""
-    payload = {"source": "KubeRay CRDs from ../shared/data/kuberay-crds (see README.md beside this file): "
-                         "spec.versions[v1].schema.openAPIV3Schema, descriptions removed",
-               "sha256": _sha256s(SHARED_CRDS),
-               "schemas": _schemas_from_crds(SHARED_CRDS)}
+    payload = {
+        "source": "KubeRay CRDs from ../shared/data/kuberay-crds (see README.md beside this file): "
+        "spec.versions[v1].schema.openAPIV3Schema, descriptions removed",
+        "sha256": _sha256s(SHARED_CRDS),
+        "schemas": _schemas_from_crds(SHARED_CRDS),
+    }
     VENDORED_CRDS.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     with open(VENDORED_CRDS, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
@@ -188,8 +206,7 @@ def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
 
 
 def _schema_errors(validator: jsonschema.Draft7Validator, doc: dict) -> list[str]:
-    return sorted(f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-                  for e in validator.iter_errors(doc))
+    return sorted(f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc))
 
 
 # ---------------------------------------------------------------- launcher profiles
@@ -280,8 +297,13 @@ def test_launcher_installs_the_mounted_sources(name):
     mounts = {remote: local for remote, local in config["file_mounts"].items() if not local.startswith("~")}
     # Exactly what `pip install -e` needs, each a path of this repository; never the root (Ray
     # hashes every mounted file on each `ray up`, and the root holds .venv/ and work/).
-    assert {Path(local).as_posix() for local in mounts.values()} == \
-        {"pyproject.toml", "README.md", "mammo_ray", "tune_configs", "serve"}
+    assert {Path(local).as_posix() for local in mounts.values()} == {
+        "pyproject.toml",
+        "README.md",
+        "mammo_ray",
+        "tune_configs",
+        "serve",
+    }
     for remote, local in mounts.items():
         assert (REPO / local).exists(), local
         assert remote == f"~/mammo-ray/{Path(local).as_posix()}", remote
@@ -328,8 +350,9 @@ def test_the_strict_schema_check_catches_typos_and_wrong_types(crd_validators):
     bad_mode = copy.deepcopy(doc)
     bad_mode["spec"]["authOptions"]["mode"] = "tokens"
     validator = crd_validators["RayCluster"]
-    assert "Additional properties are not allowed ('rayStartParam' was unexpected)" in \
-        " ".join(_schema_errors(validator, typo))
+    assert "Additional properties are not allowed ('rayStartParam' was unexpected)" in " ".join(
+        _schema_errors(validator, typo)
+    )
     assert any("minReplicas" in e and "is not of type 'integer'" in e for e in _schema_errors(validator, wrong_type))
     assert any("'groupName' is a required property" in e for e in _schema_errors(validator, missing))
     assert any("authOptions/mode" in e for e in _schema_errors(validator, bad_mode))
@@ -338,8 +361,9 @@ def test_the_strict_schema_check_catches_typos_and_wrong_types(crd_validators):
 def test_vendored_crd_schemas_were_made_from_the_shared_crds():
     if not _shared_crds_present():
         pytest.skip(f"{SHARED_CRDS} is absent: nothing to compare the vendored schemas with")
-    assert _vendored()["sha256"] == _sha256s(SHARED_CRDS), \
+    assert _vendored()["sha256"] == _sha256s(SHARED_CRDS), (
         "the CRDs changed; regenerate with: python tests/cluster/test_cluster_configs.py --vendor"
+    )
 
 
 def test_one_image_and_one_ray_version_everywhere():
@@ -357,12 +381,18 @@ def test_one_image_and_one_ray_version_everywhere():
     assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu$", dockerfile, re.M)
     assert f"WORKDIR {IMAGE_REPO_DIR}" in dockerfile and f"ENV PYTHONPATH={IMAGE_REPO_DIR}" in dockerfile
     assert f"-t {IMAGE} ." in dockerfile  # the build command in its header names the manifests' image
-    assert Requirement(next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray["))) \
-        .specifier.contains(ray.__version__)
+    assert Requirement(
+        next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray["))
+    ).specifier.contains(ray.__version__)
 
 
-@pytest.mark.parametrize("name,command,config", [("rayjob-tune", "tune", "tune_configs/search.yaml"),
-                                                 ("rayjob-ensemble", "ensemble", "tune_configs/ensemble.yaml")])
+@pytest.mark.parametrize(
+    "name,command,config",
+    [
+        ("rayjob-tune", "tune", "tune_configs/search.yaml"),
+        ("rayjob-ensemble", "ensemble", "tune_configs/ensemble.yaml"),
+    ],
+)
 def test_rayjob_entrypoints_parse_and_name_shipped_configs(name, command, config):
     from mammo_ray.cli import build_parser
 
@@ -380,8 +410,10 @@ def test_embedded_clusters_are_the_raycluster():
     serving = _manifest("rayservice")["spec"]["rayClusterConfig"]
     for key in ("rayVersion", "authOptions", "enableInTreeAutoscaling", "autoscalerOptions"):
         assert serving[key] == base[key], key
-    for (_, got), (_, want) in zip(_groups(serving), _groups(base)):
-        got, want = copy.deepcopy(got), copy.deepcopy(want)
+    groups = dict(_groups(base))
+    assert {name for name, _ in _groups(serving)} <= set(groups)  # Serve uses a subset: head and gpu-1
+    for name, got in _groups(serving):
+        got, want = copy.deepcopy(got), copy.deepcopy(groups[name])
         for group in (got, want):
             for key in ("replicas", "minReplicas", "maxReplicas"):
                 group.pop(key, None)
@@ -399,8 +431,9 @@ def test_gpu_workers_request_gpus_and_the_head_none(name):
     for group in spec["workerGroupSpecs"]:
         limits = _ray_container(group)["resources"]["limits"]
         assert isinstance(limits["nvidia.com/gpu"], int) and limits["nvidia.com/gpu"] >= 1, group["groupName"]
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
-            group["template"]["spec"]["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group["template"]["spec"][
+            "tolerations"
+        ]
         assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
 
 
@@ -421,13 +454,20 @@ def test_every_gpu_trial_fits_a_worker_of_every_cluster():
     capacities = {}
     for name in CLOUDS:
         config = _launcher(name)
-        capacities[name] = [(t["resources"]["CPU"], t["resources"]["GPU"])
-                            for key, t in config["available_node_types"].items() if key != config["head_node_type"]]
+        capacities[name] = [
+            (t["resources"]["CPU"], t["resources"]["GPU"])
+            for key, t in config["available_node_types"].items()
+            if key != config["head_node_type"]
+        ]
     for name in ("raycluster", "rayjob-tune", "rayjob-ensemble"):
         spec = _cluster_spec(_manifest(name))
-        capacities[name] = [(_cpus(_ray_container(g)["resources"]["limits"]["cpu"]),
-                             _ray_container(g)["resources"]["limits"]["nvidia.com/gpu"])
-                            for g in spec["workerGroupSpecs"]]
+        capacities[name] = [
+            (
+                _cpus(_ray_container(g)["resources"]["limits"]["cpu"]),
+                _ray_container(g)["resources"]["limits"]["nvidia.com/gpu"],
+            )
+            for g in spec["workerGroupSpecs"]
+        ]
     for stem, (cpus, gpus) in _bundles().items():
         for cluster, nodes in capacities.items():
             assert any(cpus <= c and gpus <= g for c, g in nodes), (stem, cluster, nodes)
@@ -452,8 +492,9 @@ def test_every_pod_mounts_the_shared_volume_and_takes_mlflow_from_a_secret(name)
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
     for group_name, group in _groups(_cluster_spec(_manifest(name))):
         pod = group["template"]["spec"]
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
-                  if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+        }
         container = _ray_container(group)
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert claims[mounts["/shared"]] == SHARED_CLAIM, group_name
@@ -476,8 +517,10 @@ def test_rayservice_serves_the_app_builder_with_a_valid_serve_config():
     # Inside a pod Serve listens on the pod IP (KubeRay's Serve Service reaches it there); on a
     # machine serve/config.yaml keeps it on 127.0.0.1.
     assert schema.http_options.host == "0.0.0.0" and schema.http_options.port == 8000
-    head_ports = {p["name"]: p["containerPort"]
-                  for p in _ray_container(_manifest("rayservice")["spec"]["rayClusterConfig"]["headGroupSpec"])["ports"]}
+    head_ports = {
+        p["name"]: p["containerPort"]
+        for p in _ray_container(_manifest("rayservice")["spec"]["rayClusterConfig"]["headGroupSpec"])["ports"]
+    }
     assert head_ports["serve"] == 8000
 
 
@@ -506,7 +549,8 @@ SECRET_PATTERNS = {
     "credentials in a URL": re.compile(r"\b[a-z][a-z0-9+.\-]*://[^/\s:@'\"]+:[^/\s@'\"]+@"),
     "literal secret value": re.compile(
         r"(?i)(?<![a-z0-9])(?:password|passwd|secret|token|api[_-]?key|access[_-]?key|auth_token)"
-        rf"\s*[:=]\s*['\"]?{_NOT_A_VALUE}[^\s'\"{{}}()]+"),
+        rf"\s*[:=]\s*['\"]?{_NOT_A_VALUE}[^\s'\"{{}}()]+"
+    ),
 }
 
 
@@ -515,15 +559,30 @@ def _secrets_in(text: str) -> list[str]:
 
 
 def test_the_secret_scan_finds_planted_secrets_and_passes_references():
-    planted = ["AKIA" + "Q" * 16, "-----BEGIN RSA " + "PRIVATE KEY-----", "AIza" + "x" * 35, "ghp_" + "a" * 36,
-               "https://alice:" + "hunter2@mlflow.example.org", "password: " + "hunter2",
-               "token: " + "3f9c2a", "RAY_AUTH_TOKEN=" + "3f9c2a", "--from-literal=auth_token=" + "3f9c2a"]
+    planted = [
+        "AKIA" + "Q" * 16,
+        "-----BEGIN RSA " + "PRIVATE KEY-----",
+        "AIza" + "x" * 35,
+        "ghp_" + "a" * 36,
+        "https://alice:" + "hunter2@mlflow.example.org",
+        "password: " + "hunter2",
+        "token: " + "3f9c2a",
+        "RAY_AUTH_TOKEN=" + "3f9c2a",
+        "--from-literal=auth_token=" + "3f9c2a",
+    ]
     for text in planted:
         assert _secrets_in(text), text
-    references = ["secretName: mammo-ray-auth-token", "secretKeyRef:", "RAY_AUTH_MODE=token",
-                  'auth_token="$(openssl rand -hex 32)"', "~/.ray/auth_token: ~/.ray/auth_token",
-                  "RAY_AUTH_TOKEN=$(kubectl get secret mammo-ray-auth-token)", "token: ${RAY_AUTH_TOKEN}",
-                  "project_id: REPLACE_WITH_GCP_PROJECT_ID", "password: <from your secrets manager>"]
+    references = [
+        "secretName: mammo-ray-auth-token",
+        "secretKeyRef:",
+        "RAY_AUTH_MODE=token",
+        'auth_token="$(openssl rand -hex 32)"',
+        "~/.ray/auth_token: ~/.ray/auth_token",
+        "RAY_AUTH_TOKEN=$(kubectl get secret mammo-ray-auth-token)",
+        "token: ${RAY_AUTH_TOKEN}",
+        "project_id: REPLACE_WITH_GCP_PROJECT_ID",
+        "password: <from your secrets manager>",
+    ]
     for text in references:
         assert not _secrets_in(text), text
 

@@ -21,8 +21,17 @@ from mammo_ray.data.datasets import CropCache
 
 
 def cfg(**kw) -> DataConfig:
-    base = dict(cache_px=64, input_px=48, num_workers=1, shard_images=4, seed_crop_px=120, patch_px=64,
-                whole_size=(192, 120), negatives_per_image=2, abnormality="all")
+    base = dict(
+        cache_px=64,
+        input_px=48,
+        num_workers=1,
+        shard_images=4,
+        seed_crop_px=120,
+        patch_px=64,
+        whole_size=(192, 120),
+        negatives_per_image=2,
+        abnormality="all",
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -136,9 +145,18 @@ def test_sigkill_mid_prepare_resumes_to_the_same_cache(tmp_path, small_index):
     split_of.rename("split").to_frame().to_parquet(tmp_path / "s.parquet")
     (tmp_path / "c.json").write_text(c.model_dump_json())
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "m.parquet"),
-                             str(tmp_path / "s.parquet"), str(tmp_path / "c.json"), str(out)],
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILL_SCRIPT,
+            str(tmp_path / "m.parquet"),
+            str(tmp_path / "s.parquet"),
+            str(tmp_path / "c.json"),
+            str(out),
+        ],
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "shards").glob("*.parquet"))) < 2:
         time.sleep(0.05)

@@ -63,21 +63,56 @@ def save_mask(path: Path, mask: np.ndarray) -> str:
     return write_dicom(path, np.where(mask, 255, 0).astype(np.uint8), laterality=None)
 
 
-def manifest_row(image_path: str, mask_path: str, kind: str = "MASS", abn: int = 1, side: str = "LEFT",
-                 view: str = "CC", patient: str = "P_00001", label: int = 1) -> dict:
-    return {"lesion_id": f"{patient}_{side}_{view}_{kind}_{abn}", "exam_key": f"{patient}_{side}_{kind}_{abn}",
-            "patient_id": patient, "side": side, "view": view, "abnormality_id": abn, "abnormality_type": kind,
-            "pathology": "MALIGNANT" if label else "BENIGN", "label": label, "source": "cbis-ddsm",
-            "source_split": "train", "source_file": "x.csv", "source_row": abn, "resolved": True,
-            "image_path": image_path, "roi_mask_path": mask_path}
+def manifest_row(
+    image_path: str,
+    mask_path: str,
+    kind: str = "MASS",
+    abn: int = 1,
+    side: str = "LEFT",
+    view: str = "CC",
+    patient: str = "P_00001",
+    label: int = 1,
+) -> dict:
+    return {
+        "lesion_id": f"{patient}_{side}_{view}_{kind}_{abn}",
+        "exam_key": f"{patient}_{side}_{kind}_{abn}",
+        "patient_id": patient,
+        "side": side,
+        "view": view,
+        "abnormality_id": abn,
+        "abnormality_type": kind,
+        "pathology": "MALIGNANT" if label else "BENIGN",
+        "label": label,
+        "source": "cbis-ddsm",
+        "source_split": "train",
+        "source_file": "x.csv",
+        "source_row": abn,
+        "resolved": True,
+        "image_path": image_path,
+        "roi_mask_path": mask_path,
+    }
 
 
 def prepare(tmp_path: Path, rows: list[dict], name: str = "cache", **kw):
     manifest = conform(pd.DataFrame(rows))
-    base = dict(cache_px=32, input_px=32, num_workers=1, shard_images=4, patch_px=32, negatives_per_image=0,
-                abnormality="all", crop="fixed", fixed_pad_px=10)
-    summary = prepare_cache(manifest, pd.Series("train", index=manifest.index), DataConfig(**{**base, **kw}),
-                            tmp_path / name, progress=False)
+    base = dict(
+        cache_px=32,
+        input_px=32,
+        num_workers=1,
+        shard_images=4,
+        patch_px=32,
+        negatives_per_image=0,
+        abnormality="all",
+        crop="fixed",
+        fixed_pad_px=10,
+    )
+    summary = prepare_cache(
+        manifest,
+        pd.Series("train", index=manifest.index),
+        DataConfig(**{**base, **kw}),
+        tmp_path / name,
+        progress=False,
+    )
     return summary, CropCache(tmp_path / name)
 
 
@@ -94,6 +129,7 @@ def overlaps(mask: np.ndarray, entry: pd.Series) -> bool:
 
 # --- 1. a film stored twice ------------------------------------------------------------------
 
+
 @pytest.fixture
 def shared_film(tmp_path):
     """One film written at a Mass and a Calc path (same pixels): a large mass, and a calcification."""
@@ -101,8 +137,10 @@ def shared_film(tmp_path):
     mass, calc = rect(60, 100, 20, 60), rect(140, 150, 20, 30)
     mass_path = write_dicom(tmp_path / "Mass-Training_P_00001_LEFT_CC" / "1-1.dcm", pixels)
     calc_path = write_dicom(tmp_path / "Calc-Training_P_00001_LEFT_CC" / "1-1.dcm", pixels)
-    rows = [manifest_row(mass_path, save_mask(tmp_path / "m_mass.dcm", mass), "MASS"),
-            manifest_row(calc_path, save_mask(tmp_path / "m_calc.dcm", calc), "CALCIFICATION")]
+    rows = [
+        manifest_row(mass_path, save_mask(tmp_path / "m_mass.dcm", mass), "MASS"),
+        manifest_row(calc_path, save_mask(tmp_path / "m_calc.dcm", calc), "CALCIFICATION"),
+    ]
     return rows, mass, calc_path
 
 
@@ -126,12 +164,15 @@ def test_shared_film_is_decoded_once_and_its_negatives_avoid_the_other_folders_l
 
 # --- 2. several ROIs in one film ---------------------------------------------------------------
 
+
 def test_each_lesion_stores_its_own_mask_not_its_neighbours(tmp_path):
     pixels = breast()
     big, small = rect(70, 100, 20, 50), rect(104, 114, 30, 40)  # 4 px apart: each crop shows the other
     path = write_dicom(tmp_path / "film.dcm", pixels)
-    rows = [manifest_row(path, save_mask(tmp_path / "m1.dcm", big), abn=1),
-            manifest_row(path, save_mask(tmp_path / "m2.dcm", small), abn=2, label=0)]
+    rows = [
+        manifest_row(path, save_mask(tmp_path / "m1.dcm", big), abn=1),
+        manifest_row(path, save_mask(tmp_path / "m2.dcm", small), abn=2, label=0),
+    ]
     summary, cache = prepare(tmp_path, rows)
     index = cache.index.set_index("lesion_id")
     assert summary.images_decoded == 1 and len(index) == 2
@@ -150,14 +191,17 @@ def test_each_lesion_stores_its_own_mask_not_its_neighbours(tmp_path):
 
 # --- 3. masks stored at another size ----------------------------------------------------------
 
+
 def test_masks_of_another_size_are_resampled_or_dropped(tmp_path):
     # A RIGHT film in standard display (breast on the right): the masks follow the film's mirror.
     pixels = np.ascontiguousarray(breast()[:, ::-1])
     lesion = rect(60, 100, 60, 100)  # stored (unmirrored) coordinates
     half = lesion[::2, ::2]  # the same outline stored at 100 x 60: same aspect ratio
     path = write_dicom(tmp_path / "film.dcm", pixels, laterality="R")
-    rows = [manifest_row(path, save_mask(tmp_path / "half.dcm", half), side="RIGHT", abn=1),
-            manifest_row(path, save_mask(tmp_path / "square.dcm", np.ones((100, 100), bool)), side="RIGHT", abn=2)]
+    rows = [
+        manifest_row(path, save_mask(tmp_path / "half.dcm", half), side="RIGHT", abn=1),
+        manifest_row(path, save_mask(tmp_path / "square.dcm", np.ones((100, 100), bool)), side="RIGHT", abn=2),
+    ]
     summary, cache = prepare(tmp_path, rows, crop="patch", negatives_per_image=3)
     index = cache.index
     assert summary.resampled_masks == 1
@@ -175,6 +219,7 @@ def test_masks_of_another_size_are_resampled_or_dropped(tmp_path):
 
 # --- 6. orientation: laterality header first ----------------------------------------------------
 
+
 def test_laterality_header_decides_and_disagreements_are_counted(tmp_path):
     pixels, lesion = breast(), rect(80, 110, 20, 50)
     # film 1 says RIGHT but shows its breast on the left: mirrored anyway, and counted
@@ -185,7 +230,7 @@ def test_laterality_header_decides_and_disagreements_are_counted(tmp_path):
     rows = [manifest_row(right, mask, side="RIGHT"), manifest_row(unnamed, mask, side="RIGHT", patient="P_00002")]
     summary, cache = prepare(tmp_path, rows)
     assert (summary.orientation_disagreements, summary.orientation_from_content) == (1, 1)
-    flipped = dict(zip(cache.index["patient_id"], cache.index["flipped"]))
+    flipped = dict(zip(cache.index["patient_id"], cache.index["flipped"], strict=True))
     assert flipped == {"P_00001": True, "P_00002": False}
     for i in range(2):  # either way the mask followed its film
         assert cache.mask(i)[12:20, 12:20].all()
@@ -193,13 +238,16 @@ def test_laterality_header_decides_and_disagreements_are_counted(tmp_path):
 
 # --- 5. 8-bit sources --------------------------------------------------------------------------
 
+
 def test_crops_of_an_eight_bit_film_keep_their_relative_intensity(tmp_path):
     pixels = breast(np.uint8, tissue=30)
     pixels[120:170, 10:60] = np.where(pixels[120:170, 10:60] > 0, 200, 0)  # a bright region of the same film
     dark, bright = rect(40, 60, 20, 40), rect(135, 155, 25, 45)
     path = write_dicom(tmp_path / "film8.dcm", pixels)
-    rows = [manifest_row(path, save_mask(tmp_path / "d.dcm", dark), abn=1),
-            manifest_row(path, save_mask(tmp_path / "b.dcm", bright), abn=2)]
+    rows = [
+        manifest_row(path, save_mask(tmp_path / "d.dcm", dark), abn=1),
+        manifest_row(path, save_mask(tmp_path / "b.dcm", bright), abn=2),
+    ]
     _, cache = prepare(tmp_path, rows, fixed_pad_px=4)
     index = cache.index.set_index("lesion_id")
     d, b = (int(index.loc[f"P_00001_LEFT_CC_MASS_{k}", "entry"]) for k in (1, 2))

@@ -12,14 +12,26 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mammo_ray.data.cbis_ddsm import (CbisCsvError, index_dataset, parse_cbis_csvs, read_cbis_csvs,
-                                      resolve_paths)
+from mammo_ray.data.cbis_ddsm import CbisCsvError, index_dataset, parse_cbis_csvs, read_cbis_csvs, resolve_paths
 from mammo_ray.data.synthetic import REAL_CBIS_CSVS
 
 REAL = REAL_CBIS_CSVS  # the real CSVs
-HEADER = ["patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
-          "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
-          "image file path", "cropped image file path", "ROI mask file path"]
+HEADER = [
+    "patient_id",
+    "breast_density",
+    "left or right breast",
+    "image view",
+    "abnormality id",
+    "abnormality type",
+    "mass shape",
+    "mass margins",
+    "assessment",
+    "pathology",
+    "subtlety",
+    "image file path",
+    "cropped image file path",
+    "ROI mask file path",
+]
 MASS_TRAIN = "mass_case_description_train_set.csv"
 FULL, CROP = (64, 48), (10, 12)
 BOX = (10, 20, 22, 30)  # x0, y0, x1, y1 of the default mask
@@ -60,16 +72,28 @@ def uid(n: int) -> str:
     return f"1.3.6.1.4.1.9590.100.1.2.{n:040d}"
 
 
-def case_row(patient: str, side: str = "LEFT", view: str = "CC", abn: int = 1, pathology: str = "MALIGNANT",
-             n: int = 1) -> dict:
+def case_row(
+    patient: str, side: str = "LEFT", view: str = "CC", abn: int = 1, pathology: str = "MALIGNANT", n: int = 1
+) -> dict:
     """A CSV row with CBIS-style paths: image uid n/n+1, crop and mask in series n+2/n+3."""
     case = f"Mass-Training_{patient}_{side}_{view}"
     roi = f"{case}_{abn}/{uid(n + 2)}/{uid(n + 3)}"
-    return {"patient_id": patient, "breast_density": "3", "left or right breast": side, "image view": view,
-            "abnormality id": str(abn), "abnormality type": "mass", "mass shape": "OVAL",
-            "mass margins": "CIRCUMSCRIBED", "assessment": "4", "pathology": pathology, "subtlety": "4",
-            "image file path": f"{case}/{uid(n)}/{uid(n + 1)}/000000.dcm",
-            "cropped image file path": f"{roi}/000000.dcm", "ROI mask file path": f"{roi}/000001.dcm\n"}
+    return {
+        "patient_id": patient,
+        "breast_density": "3",
+        "left or right breast": side,
+        "image view": view,
+        "abnormality id": str(abn),
+        "abnormality type": "mass",
+        "mass shape": "OVAL",
+        "mass margins": "CIRCUMSCRIBED",
+        "assessment": "4",
+        "pathology": pathology,
+        "subtlety": "4",
+        "image file path": f"{case}/{uid(n)}/{uid(n + 1)}/000000.dcm",
+        "cropped image file path": f"{roi}/000000.dcm",
+        "ROI mask file path": f"{roi}/000001.dcm\n",
+    }
 
 
 def write_csv(folder: Path, rows: list[dict], name: str = MASS_TRAIN) -> Path:
@@ -83,6 +107,7 @@ def write_csv(folder: Path, rows: list[dict], name: str = MASS_TRAIN) -> Path:
 
 # ---------------------------------------------------------------------------- the real CSVs
 
+
 @pytest.fixture(scope="module")
 def real() -> pd.DataFrame:
     frame, invalid = parse_cbis_csvs(REAL)
@@ -92,8 +117,12 @@ def real() -> pd.DataFrame:
 
 def test_real_csvs_parse_with_exact_row_counts(real):
     counts = real.groupby("source_file").size().to_dict()
-    assert counts == {"mass_case_description_train_set.csv": 1318, "mass_case_description_test_set.csv": 378,
-                      "calc_case_description_train_set.csv": 1546, "calc_case_description_test_set.csv": 326}
+    assert counts == {
+        "mass_case_description_train_set.csv": 1318,
+        "mass_case_description_test_set.csv": 378,
+        "calc_case_description_train_set.csv": 1546,
+        "calc_case_description_test_set.csv": 326,
+    }
     assert real["lesion_id"].is_unique
     for column in ("csv_image_path", "csv_crop_path", "csv_mask_path"):
         assert not real[column].str.contains(r"\s$", regex=True).any(), column
@@ -116,15 +145,17 @@ def _one(frame, **where) -> pd.Series:
 def test_real_known_rows(real):
     row = _one(real, patient_id="P_00001", side="LEFT", view="CC", abnormality_type="MASS")
     assert (row.pathology, row.label, row.source_split, row.source_row) == ("MALIGNANT", 1, "train", 1)
-    assert (row.breast_density, row.mass_shape, row.mass_margins) == (3.0, "IRREGULAR-ARCHITECTURAL_DISTORTION",
-                                                                      "SPICULATED")
+    assert (row.breast_density, row.mass_shape, row.mass_margins) == (
+        3.0,
+        "IRREGULAR-ARCHITECTURAL_DISTORTION",
+        "SPICULATED",
+    )
     assert row.lesion_id == "P_00001_LEFT_CC_MASS_1" and row.exam_key == "P_00001_LEFT_MASS_1"
     assert row.csv_mask_path.endswith("/000001.dcm")
     row = _one(real, patient_id="P_00038", side="LEFT", view="CC", abnormality_type="CALCIFICATION")
     assert (row.pathology, row.label, row.source_split, row.breast_density) == ("BENIGN", 0, "test", 2.0)
     assert (row.calc_type, row.calc_distribution) == ("PUNCTATE-PLEOMORPHIC", "CLUSTERED")
-    row = _one(real, patient_id="P_00038", side="RIGHT", view="CC", abnormality_type="CALCIFICATION",
-               abnormality_id=1)
+    row = _one(real, patient_id="P_00038", side="RIGHT", view="CC", abnormality_type="CALCIFICATION", abnormality_id=1)
     assert (row.pathology, row.label) == ("BENIGN_WITHOUT_CALLBACK", 0)
     assert row.source_file == "calc_case_description_test_set.csv"
 
@@ -142,8 +173,12 @@ def test_parse_only_index_reports_every_row_unresolved():
 
 
 def test_bad_rows_are_reported_with_file_row_and_field(tmp_path):
-    rows = [case_row("P_00001"), case_row("P_00002", side="MIDDLE"), case_row("", n=10),
-            case_row("P_00004", pathology="UNSURE", n=20)]
+    rows = [
+        case_row("P_00001"),
+        case_row("P_00002", side="MIDDLE"),
+        case_row("", n=10),
+        case_row("P_00004", pathology="UNSURE", n=20),
+    ]
     write_csv(tmp_path, rows)
     frame, invalid = parse_cbis_csvs(tmp_path)
     assert list(frame["patient_id"]) == ["P_00001"]
@@ -160,16 +195,21 @@ def test_bad_rows_are_reported_with_file_row_and_field(tmp_path):
 
 # ---------------------------------------------------------------------------- CSV layout
 
-def _place(root: Path, row: dict, *, crop_name=None, mask_name=None, mask_dir=None, img=None,
-           mask_array=None, crop_array=None) -> None:
+
+def _place(
+    root: Path, row: dict, *, crop_name=None, mask_name=None, mask_dir=None, img=None, mask_array=None, crop_array=None
+) -> None:
     """Write the image, crop and mask of ``row`` under root (optionally renamed/moved)."""
     write_dcm(root / row["image file path"], image(1) if img is None else img)
     crop_rel = Path(row["cropped image file path"].strip())
     mask_rel = Path(row["ROI mask file path"].strip())
-    write_dcm(root / crop_rel.parent / (crop_name or crop_rel.name),
-              image(2, CROP) if crop_array is None else crop_array)
-    write_dcm(root / (mask_dir or mask_rel.parent) / (mask_name or mask_rel.name),
-              mask() if mask_array is None else mask_array)
+    write_dcm(
+        root / crop_rel.parent / (crop_name or crop_rel.name), image(2, CROP) if crop_array is None else crop_array
+    )
+    write_dcm(
+        root / (mask_dir or mask_rel.parent) / (mask_name or mask_rel.name),
+        mask() if mask_array is None else mask_array,
+    )
 
 
 @pytest.fixture()
@@ -193,8 +233,10 @@ def csv_tree(tmp_path):
         rows[name]["ROI mask file path"] = rows[name]["cropped image file path"][:-10] + "000001.dcm\n"
         _place(root, rows[name], mask_array=mask((5 * abn, 5 * abn, 5 * abn + 4, 5 * abn + 6)))
     rows["new_uids"] = case_row("P_00005", side="RIGHT", n=500)  # download has other UID folders
-    moved = {k: v.replace(uid(500), uid(550)).replace(uid(502), uid(552)).replace(uid(503), uid(553))
-             for k, v in rows["new_uids"].items()}
+    moved = {
+        k: v.replace(uid(500), uid(550)).replace(uid(502), uid(552)).replace(uid(503), uid(553))
+        for k, v in rows["new_uids"].items()
+    }
     _place(root, moved)
     rows["by_pixels"] = case_row("P_00008", n=800)  # the crop is image-sized: only pixels tell
     _place(root, rows["by_pixels"], crop_array=image(8))
@@ -216,10 +258,13 @@ def test_csv_layout_resolves_every_quirk(csv_tree):
     root, csv_dir, rows = csv_tree
     manifest, report = index_dataset(root=root, csv_dir=csv_dir)
     by_patient = {r.lesion_id: r for r in manifest.itertuples()}
+
     def get(name):
         row = rows[name]
-        return by_patient[f"{row['patient_id']}_{row['left or right breast']}_{row['image view']}_MASS_"
-                          f"{row['abnormality id']}"]
+        return by_patient[
+            f"{row['patient_id']}_{row['left or right breast']}_{row['image view']}_MASS_{row['abnormality id']}"
+        ]
+
     exact = get("exact")
     assert exact.resolved and exact.unresolved_reason == ""
     assert exact.image_path == str(root / rows["exact"]["image file path"])
@@ -245,9 +290,13 @@ def test_csv_layout_resolves_every_quirk(csv_tree):
     odd = get("odd_mask")
     assert odd.resolved and odd.roi_mask_path.endswith("000001.dcm") and np.isnan(odd.bbox_x0)
     assert odd.mask_dropped and not odd.mask_resampled  # 60x40 has another aspect ratio than 64x48
-    assert report["warnings"] == [{"lesion_id": odd.lesion_id, "path": odd.roi_mask_path, "reason":
-                                   "ROI mask 60x40 has another aspect ratio than its image 64x48: cannot be placed, "
-                                   "dropped"}]
+    assert report["warnings"] == [
+        {
+            "lesion_id": odd.lesion_id,
+            "path": odd.roi_mask_path,
+            "reason": "ROI mask 60x40 has another aspect ratio than its image 64x48: cannot be placed, dropped",
+        }
+    ]
     assert report["quirks"]["dropped_masks"] == 1 and report["quirks"]["resampled_masks"] == 0
     assert get("no_image").unresolved_reason == f"image folder not found: Mass-Training_P_00006_LEFT_CC under {root}"
     assert get("no_roi").unresolved_reason == (f"ROI folder not found: Mass-Training_P_00010_LEFT_CC_1 under {root}")
@@ -255,8 +304,9 @@ def test_csv_layout_resolves_every_quirk(csv_tree):
     assert [u["path"] for u in report["unreadable"]] == [str(root / rows["garbage"]["image file path"])]
     assert "not a DICOM" in report["unreadable"][0]["reason"]
     assert report["rows"] == len(rows) and report["resolved"] == len(rows) - 4
-    assert {u["lesion_id"] for u in report["unresolved"]} == {get(n).lesion_id for n in
-                                                              ("twins", "no_image", "no_roi", "garbage")}
+    assert {u["lesion_id"] for u in report["unresolved"]} == {
+        get(n).lesion_id for n in ("twins", "no_image", "no_roi", "garbage")
+    }
     assert all(u["source_file"] == MASS_TRAIN and u["source_row"] >= 1 for u in report["unresolved"])
     json.dumps(report)
 
@@ -284,6 +334,7 @@ def test_index_finds_csvs_in_root(csv_tree, tmp_path):
 
 # ---------------------------------------------------------------------------- TCIA layout
 
+
 def _tcia(base: Path, row: dict, roi_files: dict[str, np.ndarray], *, prefix="1.000000", decoy=False) -> None:
     """Lay ``row`` out as a TCIA download: roi_files maps 'series name/file' → array."""
     img_parts = row["image file path"].split("/")
@@ -301,12 +352,23 @@ def _tcia(base: Path, row: dict, roi_files: dict[str, np.ndarray], *, prefix="1.
 def test_tcia_layout_tells_mask_from_crop_by_content(tmp_path, point_at):
     base = tmp_path / "download" / "CBIS-DDSM"
     rows = [case_row("P_00001", n=100), case_row("P_00002", n=200), case_row("P_00003", n=300)]
-    _tcia(base, rows[0], {"1.000000-ROI mask images-{s}/1-1.dcm": mask(),
-                          "1.000000-ROI mask images-{s}/1-2.dcm": image(5, CROP)}, decoy=True)
-    _tcia(base, rows[1], {"1.000000-ROI mask images-{s}/1-1.dcm": image(6, CROP),
-                          "1.000000-ROI mask images-{s}/1-2.dcm": mask()})
-    _tcia(base, rows[2], {"2.000000-cropped images-{s}/1-1.dcm": image(7, CROP),
-                          "3.000000-ROI mask images-11111/1-1.dcm": mask()}, prefix="2.000000")
+    _tcia(
+        base,
+        rows[0],
+        {"1.000000-ROI mask images-{s}/1-1.dcm": mask(), "1.000000-ROI mask images-{s}/1-2.dcm": image(5, CROP)},
+        decoy=True,
+    )
+    _tcia(
+        base,
+        rows[1],
+        {"1.000000-ROI mask images-{s}/1-1.dcm": image(6, CROP), "1.000000-ROI mask images-{s}/1-2.dcm": mask()},
+    )
+    _tcia(
+        base,
+        rows[2],
+        {"2.000000-cropped images-{s}/1-1.dcm": image(7, CROP), "3.000000-ROI mask images-11111/1-1.dcm": mask()},
+        prefix="2.000000",
+    )
     write_csv(tmp_path / "csv", rows)
     root = base.parent if point_at == "root" else base
     manifest, report = index_dataset(root=root, csv_dir=tmp_path / "csv")

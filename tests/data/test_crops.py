@@ -5,9 +5,22 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mammo_ray.data.crops import (ValueMap, box_centre, breast_interior, crop_padded, crop_resized, lesion_box,
-                                  letterbox, mask_bbox, negative_boxes, resize, source_value_map, squarify,
-                                  store_uint16, to_uint16)
+from mammo_ray.data.crops import (
+    ValueMap,
+    box_centre,
+    breast_interior,
+    crop_padded,
+    crop_resized,
+    lesion_box,
+    letterbox,
+    mask_bbox,
+    negative_boxes,
+    resize,
+    source_value_map,
+    squarify,
+    store_uint16,
+    to_uint16,
+)
 
 BBOX = (100, 200, 140, 260)  # 40 wide, 60 tall, centre (120, 230)
 
@@ -19,12 +32,15 @@ def test_mask_bbox():
     assert mask_bbox(np.zeros((5, 5))) is None
 
 
-@pytest.mark.parametrize("mode, size", [
-    ("seed750", (750, 750)),
-    ("patch", (256, 256)),
-    ("fixed", (160, 160)),          # 60 + 2*50 tall, squared
-    ("proportional", (120, 120)),   # 2 * 60 tall, squared
-])
+@pytest.mark.parametrize(
+    "mode, size",
+    [
+        ("seed750", (750, 750)),
+        ("patch", (256, 256)),
+        ("fixed", (160, 160)),  # 60 + 2*50 tall, squared
+        ("proportional", (120, 120)),  # 2 * 60 tall, squared
+    ],
+)
 def test_lesion_box_size_and_centre(mode, size):
     box = lesion_box(mode, BBOX)
     assert (box[3] - box[1], box[2] - box[0]) == size
@@ -49,7 +65,7 @@ def test_crop_past_border_is_padded(box):
     out = crop_padded(image, box, fill=-1.0)
     assert out.shape == (box[3] - box[1], box[2] - box[0])
     inside = np.zeros(out.shape, bool)
-    ys, xs = np.mgrid[box[1]:box[3], box[0]:box[2]]
+    ys, xs = np.mgrid[box[1] : box[3], box[0] : box[2]]
     inside = (ys >= 0) & (ys < 100) & (xs >= 0) & (xs < 80)
     assert np.all(out[inside] == 1.0) and np.all(out[~inside] == -1.0)
 
@@ -117,13 +133,16 @@ def test_thin_breast_falls_back_to_its_deepest_pixels():
     assert not breast_interior(np.zeros((50, 50), bool), 16).any()
 
 
-@pytest.mark.parametrize("image, expected", [
-    (np.array([[0, 255], [17, 3]], np.float32), ValueMap(0.0, 257.0)),           # 8-bit: fixed x257
-    (np.array([[0, 1], [1, 0]], np.float32), ValueMap(0.0, 257.0)),              # integer 0/1: still 8-bit
-    (np.array([[0.0, 0.5], [0.25, 1.0]], np.float32), ValueMap(0.0, 65535.0)),  # floats in [0, 1]
-    (np.array([[0, 4095], [300, 12]], np.float32), ValueMap(0.0, 1.0)),          # 12/16-bit kept as is
-    (np.array([[-100, 100], [0, 50]], np.float32), ValueMap(-100.0, 65535.0 / 200)),  # signed: own min..max
-])
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (np.array([[0, 255], [17, 3]], np.float32), ValueMap(0.0, 257.0)),  # 8-bit: fixed x257
+        (np.array([[0, 1], [1, 0]], np.float32), ValueMap(0.0, 257.0)),  # integer 0/1: still 8-bit
+        (np.array([[0.0, 0.5], [0.25, 1.0]], np.float32), ValueMap(0.0, 65535.0)),  # floats in [0, 1]
+        (np.array([[0, 4095], [300, 12]], np.float32), ValueMap(0.0, 1.0)),  # 12/16-bit kept as is
+        (np.array([[-100, 100], [0, 50]], np.float32), ValueMap(-100.0, 65535.0 / 200)),  # signed: own min..max
+    ],
+)
 def test_source_value_map(image, expected):
     got = source_value_map(image)
     assert got.offset == pytest.approx(expected.offset) and got.scale == pytest.approx(expected.scale)

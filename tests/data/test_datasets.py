@@ -16,8 +16,16 @@ from mammo_ray.data.transforms import build_eval_transform, build_train_transfor
 @pytest.fixture(scope="module")
 def patch_cache(tmp_path_factory, small_index):
     manifest, split_of = small_index
-    cfg = DataConfig(crop="patch", abnormality="all", cache_px=64, input_px=48, patch_px=64, num_workers=1,
-                     negatives_per_image=1, normalization="mean_image")
+    cfg = DataConfig(
+        crop="patch",
+        abnormality="all",
+        cache_px=64,
+        input_px=48,
+        patch_px=64,
+        num_workers=1,
+        negatives_per_image=1,
+        normalization="mean_image",
+    )
     out = tmp_path_factory.mktemp("cache") / "patch"
     prepare_cache(manifest, split_of, cfg, out, progress=False)
     return CropCache(out), cfg, manifest, split_of
@@ -36,8 +44,8 @@ def test_task_labels(patch_cache):
     assert set(presence["label"]) == {0, 1}
     assert (presence.loc[presence["label"] == 0, "kind"] == "negative").all()
     # labels agree with the manifest for every lesion crop
-    truth = dict(zip(manifest["lesion_id"], manifest["label"]))
-    assert all(truth[lid] == lab for lid, lab in zip(pathology["lesion_id"], pathology["label"]))
+    truth = dict(zip(manifest["lesion_id"], manifest["label"], strict=True))
+    assert all(truth[lid] == lab for lid, lab in zip(pathology["lesion_id"], pathology["label"], strict=True))
 
 
 def test_single_view_dataset_and_loader(patch_cache):

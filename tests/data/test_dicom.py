@@ -14,12 +14,17 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, MPEG2MPML, ExplicitVRLittleEndian,
-                         RLELossless, generate_uid)
+from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless, generate_uid
 
 from mammo_ray.constants import Side, View
-from mammo_ray.data.dicom import (DEFAULT_MAX_DIM, DicomMeta, DicomReadError, parse_side_view_from_path,
-                                  read_dicom, read_dicom_header)
+from mammo_ray.data.dicom import (
+    DEFAULT_MAX_DIM,
+    DicomMeta,
+    DicomReadError,
+    parse_side_view_from_path,
+    read_dicom,
+    read_dicom_header,
+)
 
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 
@@ -72,20 +77,35 @@ def code_item(value: str, meaning: str) -> Dataset:
 
 # --- round trip and meta -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spacing_keyword", ["PixelSpacing", "ImagerPixelSpacing"])
 def test_monochrome2_round_trip_and_meta(tmp_path, spacing_keyword):
     pixels = left_heavy()
-    path = write(make_dataset(pixels, ImageLaterality="L", ViewPosition="CC",
-                              **{spacing_keyword: [0.05, 0.07]}), tmp_path / "img.dcm")
+    path = write(
+        make_dataset(pixels, ImageLaterality="L", ViewPosition="CC", **{spacing_keyword: [0.05, 0.07]}),
+        tmp_path / "img.dcm",
+    )
 
     image, meta = read_dicom(path)
 
     assert image.dtype == np.float32 and image.flags.c_contiguous
     np.testing.assert_array_equal(image, pixels.astype(np.float32))
-    assert meta == DicomMeta(path=str(path), patient_id="P_00001", side=Side.LEFT, view=View.CC,
-                             rows=6, columns=9, pixel_spacing=(0.05, 0.07), photometric="MONOCHROME2",
-                             bits_allocated=16, bits_stored=16, transfer_syntax="Explicit VR Little Endian",
-                             flipped=False, orientation_source="header", content_disagrees=False)
+    assert meta == DicomMeta(
+        path=str(path),
+        patient_id="P_00001",
+        side=Side.LEFT,
+        view=View.CC,
+        rows=6,
+        columns=9,
+        pixel_spacing=(0.05, 0.07),
+        photometric="MONOCHROME2",
+        bits_allocated=16,
+        bits_stored=16,
+        transfer_syntax="Explicit VR Little Endian",
+        flipped=False,
+        orientation_source="header",
+        content_disagrees=False,
+    )
     # the header read decodes no pixel, so it decides no orientation
     assert read_dicom_header(path) == dataclasses.replace(meta, orientation_source="")
 
@@ -124,27 +144,46 @@ def _voi_lut_item() -> Dataset:
 INTENSITY_CASES = {
     # name: (stored, bits_stored, attrs, apply_voi, expected)
     "mono2_16bit": (STORED_12, 16, {}, True, STORED_12),
-    "mono1_12bit_inverted": (STORED_12, 12, {"PhotometricInterpretation": "MONOCHROME1"}, True,
-                             [[4095, 2559, 2047], [1536, 0, 3995]]),
-    "mono1_16bit_inverted": (STORED_12, 16, {"PhotometricInterpretation": "MONOCHROME1"}, True,
-                             65535 - STORED_12.astype(np.int64)),
-    "rescale": (STORED_12, 12, {"RescaleSlope": 2, "RescaleIntercept": -100}, True,
-                STORED_12 * 2.0 - 100),
+    "mono1_12bit_inverted": (
+        STORED_12,
+        12,
+        {"PhotometricInterpretation": "MONOCHROME1"},
+        True,
+        [[4095, 2559, 2047], [1536, 0, 3995]],
+    ),
+    "mono1_16bit_inverted": (
+        STORED_12,
+        16,
+        {"PhotometricInterpretation": "MONOCHROME1"},
+        True,
+        65535 - STORED_12.astype(np.int64),
+    ),
+    "rescale": (STORED_12, 12, {"RescaleSlope": 2, "RescaleIntercept": -100}, True, STORED_12 * 2.0 - 100),
     "mono1_rescale_inverted_about_rescaled_range": (
-        STORED_12, 12, {"PhotometricInterpretation": "MONOCHROME1", "RescaleSlope": 2,
-                        "RescaleIntercept": -100}, True,
-        (-100 + 8090) - (STORED_12 * 2.0 - 100)),
+        STORED_12,
+        12,
+        {"PhotometricInterpretation": "MONOCHROME1", "RescaleSlope": 2, "RescaleIntercept": -100},
+        True,
+        (-100 + 8090) - (STORED_12 * 2.0 - 100),
+    ),
     "12bit_garbage_high_bits_masked": (STORED_12 | 0xF000, 12, {}, True, STORED_12),
-    "window_applied": (STORED_12, 12, {"WindowCenter": 2048, "WindowWidth": 1024}, True,
-                       _window(STORED_12)),
+    "window_applied": (STORED_12, 12, {"WindowCenter": 2048, "WindowWidth": 1024}, True, _window(STORED_12)),
     "window_skipped": (STORED_12, 12, {"WindowCenter": 2048, "WindowWidth": 1024}, False, STORED_12),
     "mono1_window_then_inverted": (
-        STORED_12, 12, {"WindowCenter": 2048, "WindowWidth": 1024,
-                        "PhotometricInterpretation": "MONOCHROME1"}, True, 4095 - _window(STORED_12)),
+        STORED_12,
+        12,
+        {"WindowCenter": 2048, "WindowWidth": 1024, "PhotometricInterpretation": "MONOCHROME1"},
+        True,
+        4095 - _window(STORED_12),
+    ),
     "voi_lut_sequence": (STORED_12, 12, {"VOILUTSequence": [_voi_lut_item()]}, True, STORED_12 // 16),
     "mono1_voi_lut_inverted_about_lut_range": (
-        STORED_12, 12, {"VOILUTSequence": [_voi_lut_item()], "PhotometricInterpretation": "MONOCHROME1"},
-        True, 255 - STORED_12 // 16),
+        STORED_12,
+        12,
+        {"VOILUTSequence": [_voi_lut_item()], "PhotometricInterpretation": "MONOCHROME1"},
+        True,
+        255 - STORED_12 // 16,
+    ),
 }
 
 
@@ -157,14 +196,14 @@ def test_intensity(tmp_path, case):
 
 
 def test_monochrome1_brightest_becomes_darkest(tmp_path):
-    path = write(make_dataset(STORED_12, bits_stored=12, PhotometricInterpretation="MONOCHROME1"),
-                 tmp_path / "img.dcm")
+    path = write(make_dataset(STORED_12, bits_stored=12, PhotometricInterpretation="MONOCHROME1"), tmp_path / "img.dcm")
     image, meta = read_dicom(path, flip=False)
     assert meta.photometric == "MONOCHROME1"
     assert image[STORED_12 == 4095].item() == 0.0 and image[STORED_12 == 0].item() == 4095.0
 
 
 # --- compressed transfer syntaxes ------------------------------------------------------------
+
 
 def _random_12bit(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 4096, (32, 40)).astype(np.uint16)
@@ -215,6 +254,7 @@ def test_missing_plugin_names_the_package(tmp_path, monkeypatch):
 
 
 # --- rejections -----------------------------------------------------------------------------
+
 
 def _valid(tmp_path, name="img.dcm", **attrs) -> Path:
     return write(make_dataset(left_heavy(), **attrs), tmp_path / name)
@@ -308,6 +348,7 @@ def test_error_survives_pickling():
 
 # --- files without the 128-byte preamble -----------------------------------------------------
 
+
 def test_file_without_preamble_is_read(tmp_path):
     full = _valid(tmp_path).read_bytes()
     path = tmp_path / "no_preamble.dcm"
@@ -332,6 +373,7 @@ def test_bare_data_set_is_read(tmp_path, implicit):
 
 # --- orientation ----------------------------------------------------------------------------
 
+
 def test_breast_on_right_is_flipped(tmp_path):
     right_heavy = np.ascontiguousarray(np.fliplr(left_heavy()))
     path = write(make_dataset(right_heavy), tmp_path / "img.dcm")
@@ -349,8 +391,7 @@ def test_breast_on_right_is_flipped(tmp_path):
 def test_monochrome1_orientation_is_decided_after_inversion(tmp_path):
     # Stored dark-on-left is a bright breast on the left once inverted: no flip.
     stored = (4095 - left_heavy(top=4000)).astype(np.uint16)
-    path = write(make_dataset(stored, bits_stored=12, PhotometricInterpretation="MONOCHROME1"),
-                 tmp_path / "img.dcm")
+    path = write(make_dataset(stored, bits_stored=12, PhotometricInterpretation="MONOCHROME1"), tmp_path / "img.dcm")
     image, meta = read_dicom(path)
     assert not meta.flipped
     np.testing.assert_array_equal(image, left_heavy(top=4000))
@@ -371,12 +412,15 @@ def test_laterality_header_decides_over_content(tmp_path):
     np.testing.assert_array_equal(image, np.fliplr(left_heavy()))
 
 
-@pytest.mark.parametrize("attrs, pixels, flipped, disagrees", [
-    ({"ImageLaterality": "R"}, "right", True, False),       # standard right breast: header and content agree
-    ({"ImageLaterality": "L"}, "left", False, False),
-    ({"Laterality": "L"}, "right", False, True),            # series-level laterality counts as a header
-    ({"ViewCodeSequence": [code_item("X-1", "right cranio-caudal")]}, "left", True, True),  # side in the view code
-])
+@pytest.mark.parametrize(
+    "attrs, pixels, flipped, disagrees",
+    [
+        ({"ImageLaterality": "R"}, "right", True, False),  # standard right breast: header and content agree
+        ({"ImageLaterality": "L"}, "left", False, False),
+        ({"Laterality": "L"}, "right", False, True),  # series-level laterality counts as a header
+        ({"ViewCodeSequence": [code_item("X-1", "right cranio-caudal")]}, "left", True, True),  # side in the view code
+    ],
+)
 def test_header_side_sources(tmp_path, attrs, pixels, flipped, disagrees):
     stored = left_heavy() if pixels == "left" else np.ascontiguousarray(np.fliplr(left_heavy()))
     _, meta = read_dicom(write(make_dataset(stored, **attrs), tmp_path / "img.dcm"))
@@ -401,13 +445,15 @@ SIDE_VIEW_CASES = {
     "image_laterality": ("img.dcm", {"ImageLaterality": "R", "ViewPosition": "MLO"}, Side.RIGHT, View.MLO),
     "laterality_only": ("img.dcm", {"Laterality": "L"}, Side.LEFT, None),
     "view_code_value": ("img.dcm", {"ViewCodeSequence": [code_item("R-10242", "cranio-caudal")]}, None, View.CC),
-    "view_code_meaning": ("img.dcm", {"ViewCodeSequence": [code_item("X-1", "medio-lateral oblique")]},
-                          None, View.MLO),
-    "view_code_meaning_with_side": ("img.dcm", {"ViewCodeSequence": [code_item("X-1", "left cranio-caudal")]},
-                                    Side.LEFT, View.CC),
+    "view_code_meaning": ("img.dcm", {"ViewCodeSequence": [code_item("X-1", "medio-lateral oblique")]}, None, View.MLO),
+    "view_code_meaning_with_side": (
+        "img.dcm",
+        {"ViewCodeSequence": [code_item("X-1", "left cranio-caudal")]},
+        Side.LEFT,
+        View.CC,
+    ),
     "path_only": ("Mass-Training_P_00001_LEFT_CC/1.3.6.1/1.3.6.2/000000.dcm", {}, Side.LEFT, View.CC),
-    "header_beats_path": ("Calc-Test_P_00038_LEFT_MLO_1/000000.dcm", {"ImageLaterality": "R"},
-                          Side.RIGHT, View.MLO),
+    "header_beats_path": ("Calc-Test_P_00038_LEFT_MLO_1/000000.dcm", {"ImageLaterality": "R"}, Side.RIGHT, View.MLO),
     "both_breasts_unknown": ("img.dcm", {"ImageLaterality": "B"}, None, None),
 }
 
@@ -419,18 +465,21 @@ def test_side_and_view(tmp_path, case):
     assert (meta.side, meta.view) == (side, view)
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("data/Mass-Training_P_00001_LEFT_CC/1.3.6.1.4/1.3.6.1.5/000000.dcm", (Side.LEFT, View.CC)),
-    ("Calc-Test_P_00038_LEFT_MLO_1", (Side.LEFT, View.MLO)),
-    ("case_R_MLO.dcm", (Side.RIGHT, View.MLO)),
-    ("inbreast/22678622_R-CC.dcm", (Side.RIGHT, View.CC)),
-    ("ddsm/A_1234_1.RIGHT_CC.LJPEG", (Side.RIGHT, View.CC)),
-    ("patient/LMLO.dcm", (Side.LEFT, View.MLO)),
-    ("/data/R/Calc-Test_P_00038_LEFT_MLO/000000.dcm", (Side.LEFT, View.MLO)),
-    ("L_and_R/x_CC.dcm", (None, View.CC)),
-    ("scans/0001/image.dcm", (None, None)),
-    ("CLEAR/MLOOKUP.dcm", (None, None)),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("data/Mass-Training_P_00001_LEFT_CC/1.3.6.1.4/1.3.6.1.5/000000.dcm", (Side.LEFT, View.CC)),
+        ("Calc-Test_P_00038_LEFT_MLO_1", (Side.LEFT, View.MLO)),
+        ("case_R_MLO.dcm", (Side.RIGHT, View.MLO)),
+        ("inbreast/22678622_R-CC.dcm", (Side.RIGHT, View.CC)),
+        ("ddsm/A_1234_1.RIGHT_CC.LJPEG", (Side.RIGHT, View.CC)),
+        ("patient/LMLO.dcm", (Side.LEFT, View.MLO)),
+        ("/data/R/Calc-Test_P_00038_LEFT_MLO/000000.dcm", (Side.LEFT, View.MLO)),
+        ("L_and_R/x_CC.dcm", (None, View.CC)),
+        ("scans/0001/image.dcm", (None, None)),
+        ("CLEAR/MLOOKUP.dcm", (None, None)),
+    ],
+)
 def test_parse_side_view_from_path(path, expected):
     assert parse_side_view_from_path(path) == expected
     assert parse_side_view_from_path(Path(path)) == expected

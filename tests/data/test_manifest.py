@@ -12,8 +12,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mammo_ray.data.cbis_ddsm import index_dataset
-from mammo_ray.data.manifest import (MANIFEST_COLUMNS, ManifestError, build_index_report, conform,
-                                     read_generic_csv, read_manifest, write_manifest)
+from mammo_ray.data.manifest import (
+    MANIFEST_COLUMNS,
+    ManifestError,
+    build_index_report,
+    conform,
+    read_generic_csv,
+    read_manifest,
+    write_manifest,
+)
 
 
 def write_dcm(path: Path, array: np.ndarray) -> Path:
@@ -53,8 +60,14 @@ def test_generic_csv_parses_values(tmp_path):
     assert frame["image_path"][0] == str(tmp_path / "img" / "a1_l_cc.dcm")
     assert frame["roi_mask_path"][0] == str(tmp_path / "img" / "a1_l_cc_mask.dcm")
     assert frame["image_path"][2] == "/abs/a2.dcm"
-    assert frame.loc[1, ["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "seed_x", "seed_y"]].tolist() == \
-        [5, 6, 15, 26, 10, 16]
+    assert frame.loc[1, ["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "seed_x", "seed_y"]].tolist() == [
+        5,
+        6,
+        15,
+        26,
+        10,
+        16,
+    ]
     assert frame["bbox_x0"][[0, 2]].isna().all()
     assert list(frame["source_split"]) == ["train", "train", "test"]
     assert list(frame["source_row"]) == [1, 2, 3] and set(frame["source"]) == {"generic"}
@@ -65,8 +78,10 @@ def test_generic_csv_parses_values(tmp_path):
 def test_generic_csv_paths_resolve_against_root(tmp_path):
     csv = tmp_path / "meta" / "export.csv"
     csv.parent.mkdir()
-    csv.write_text("patient_id,image_path,side,view,label,bbox_x0,bbox_y0,bbox_x1,bbox_y1,seed_x,seed_y\n"
-                   "B7,x.dcm,LEFT,MLO,MALIGNANT,1,2,3,4,2.5,3.5\n")
+    csv.write_text(
+        "patient_id,image_path,side,view,label,bbox_x0,bbox_y0,bbox_x1,bbox_y1,seed_x,seed_y\n"
+        "B7,x.dcm,LEFT,MLO,MALIGNANT,1,2,3,4,2.5,3.5\n"
+    )
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "x.dcm").write_bytes(b"")
     frame = read_generic_csv(csv, root=tmp_path / "images")
@@ -75,21 +90,23 @@ def test_generic_csv_paths_resolve_against_root(tmp_path):
     assert frame.loc[0, ["bbox_x0", "bbox_y1", "seed_x", "seed_y"]].tolist() == [1, 4, 2.5, 3.5]
 
 
-@pytest.mark.parametrize("row, field, reason", [
-    ("C1,a.dcm,UP,CC,1", "side", "cannot parse 'UP'"),
-    ("C1,a.dcm,L,AP,1", "view", "cannot parse 'AP'"),
-    ("C1,a.dcm,L,CC,maybe", "label", "cannot parse 'maybe'"),
-    (",a.dcm,L,CC,1", "patient_id", "empty"),
-    ("C1,,L,CC,1", "image_path", "empty"),
-    ("C1,a.dcm,L,CC,1,\"1,2,3\"", "bbox", "expected 'x0,y0,x1,y1'"),
-    ("C1,a.dcm,L,CC,1,\"9,2,3,4\"", "bbox", "0 <= x0 < x1"),
-    ("C1,a.dcm,L,CC,1,,x", "seed_x", "not a number"),
-    ("C1,a.dcm,L,CC,1,,5", "seed_y", "give both"),
-])
+@pytest.mark.parametrize(
+    "row, field, reason",
+    [
+        ("C1,a.dcm,UP,CC,1", "side", "cannot parse 'UP'"),
+        ("C1,a.dcm,L,AP,1", "view", "cannot parse 'AP'"),
+        ("C1,a.dcm,L,CC,maybe", "label", "cannot parse 'maybe'"),
+        (",a.dcm,L,CC,1", "patient_id", "empty"),
+        ("C1,,L,CC,1", "image_path", "empty"),
+        ('C1,a.dcm,L,CC,1,"1,2,3"', "bbox", "expected 'x0,y0,x1,y1'"),
+        ('C1,a.dcm,L,CC,1,"9,2,3,4"', "bbox", "0 <= x0 < x1"),
+        ("C1,a.dcm,L,CC,1,,x", "seed_x", "not a number"),
+        ("C1,a.dcm,L,CC,1,,5", "seed_y", "give both"),
+    ],
+)
 def test_generic_csv_errors_name_file_row_and_field(tmp_path, row, field, reason):
     csv = tmp_path / "bad.csv"
-    csv.write_text("patient_id,image_path,side,view,label,bbox,seed_x,seed_y\n"
-                   "C0,ok.dcm,L,CC,0\n" + row + "\n")
+    csv.write_text("patient_id,image_path,side,view,label,bbox,seed_x,seed_y\nC0,ok.dcm,L,CC,0\n" + row + "\n")
     with pytest.raises(ManifestError) as info:
         read_generic_csv(csv)
     message = str(info.value)
@@ -117,10 +134,12 @@ def test_index_generic_csv_reads_dicoms_and_boxes(tmp_path):
     write_dcm(tmp_path / "d" / "img.dcm", image)
     write_dcm(tmp_path / "d" / "mask.dcm", mask)
     (tmp_path / "d" / "junk.dcm").write_text("junk")
-    (tmp_path / "m.csv").write_text("patient_id,image_path,side,view,label,roi_mask_path\n"
-                                    "G1,d/img.dcm,R,CC,1,d/mask.dcm\n"
-                                    "G2,d/junk.dcm,L,CC,0,\n"
-                                    "G3,d/missing.dcm,L,CC,0,\n")
+    (tmp_path / "m.csv").write_text(
+        "patient_id,image_path,side,view,label,roi_mask_path\n"
+        "G1,d/img.dcm,R,CC,1,d/mask.dcm\n"
+        "G2,d/junk.dcm,L,CC,0,\n"
+        "G3,d/missing.dcm,L,CC,0,\n"
+    )
     manifest, report = index_dataset(generic_csv=tmp_path / "m.csv")
     first = manifest.iloc[0]
     assert first.resolved and (first.bbox_x0, first.bbox_y0, first.bbox_x1, first.bbox_y1) == (30, 3, 40, 9)
@@ -133,18 +152,34 @@ def test_index_generic_csv_reads_dicoms_and_boxes(tmp_path):
 
 
 def test_manifest_round_trip_and_report(tmp_path):
-    frame = conform(pd.DataFrame({
-        "lesion_id": ["P1_LEFT_CC_MASS_1", "P2_LEFT_CC_MASS_1"], "exam_key": ["P1_LEFT_MASS_1", "P2_LEFT_MASS_1"],
-        "patient_id": ["P1", "P2"], "side": ["LEFT", "LEFT"], "view": ["CC", "CC"], "abnormality_id": [1, 1],
-        "abnormality_type": ["MASS", "MASS"], "pathology": ["MALIGNANT", "BENIGN"], "label": [1, 0],
-        "source_split": ["train", "test"], "source_file": ["x.csv", "x.csv"], "source_row": [1, 2],
-        "resolved": [True, False], "unresolved_reason": ["", "image not found: /x"]}))
+    frame = conform(
+        pd.DataFrame(
+            {
+                "lesion_id": ["P1_LEFT_CC_MASS_1", "P2_LEFT_CC_MASS_1"],
+                "exam_key": ["P1_LEFT_MASS_1", "P2_LEFT_MASS_1"],
+                "patient_id": ["P1", "P2"],
+                "side": ["LEFT", "LEFT"],
+                "view": ["CC", "CC"],
+                "abnormality_id": [1, 1],
+                "abnormality_type": ["MASS", "MASS"],
+                "pathology": ["MALIGNANT", "BENIGN"],
+                "label": [1, 0],
+                "source_split": ["train", "test"],
+                "source_file": ["x.csv", "x.csv"],
+                "source_row": [1, 2],
+                "resolved": [True, False],
+                "unresolved_reason": ["", "image not found: /x"],
+            }
+        )
+    )
     back = read_manifest(write_manifest(frame, tmp_path / "m.parquet"))
     pd.testing.assert_frame_equal(back, frame)
-    report = build_index_report(frame, invalid=[{"source_file": "x.csv", "source_row": 3, "field": "side",
-                                                 "value": "UP", "reason": "bad"}])
-    assert report["unresolved"] == [{"lesion_id": "P2_LEFT_CC_MASS_1", "source_file": "x.csv", "source_row": 2,
-                                     "reason": "image not found: /x"}]
+    report = build_index_report(
+        frame, invalid=[{"source_file": "x.csv", "source_row": 3, "field": "side", "value": "UP", "reason": "bad"}]
+    )
+    assert report["unresolved"] == [
+        {"lesion_id": "P2_LEFT_CC_MASS_1", "source_file": "x.csv", "source_row": 2, "reason": "image not found: /x"}
+    ]
     assert report["unresolved_by_reason"] == {"image not found": 1}
     assert report["invalid"][0]["source_row"] == 3 and report["patients"] == 2
     assert report["resolved_by_type"] == {"MASS": 1}

@@ -8,33 +8,60 @@ import pandas as pd
 import pytest
 
 from mammo_ray.data.manifest import conform
-from mammo_ray.data.quirks import mark_quirks, quirk_counts
 from mammo_ray.data.masks import mask_fit, resample_mask, scale_box
+from mammo_ray.data.quirks import mark_quirks, quirk_counts
 from mammo_ray.data.splits import make_splits
 
 
-def row(patient: str, side: str, view: str, abn: int, kind: str, pathology: str, split: str = "train",
-        path: str | None = None) -> dict:
+def row(
+    patient: str,
+    side: str,
+    view: str,
+    abn: int,
+    kind: str,
+    pathology: str,
+    split: str = "train",
+    path: str | None = None,
+) -> dict:
     folder = f"{'Mass' if kind == 'MASS' else 'Calc'}-{split}_{patient}_{side}_{view}"
-    return {"patient_id": patient, "side": side, "view": view, "abnormality_id": abn, "abnormality_type": kind,
-            "pathology": pathology, "label": int(pathology == "MALIGNANT"), "source": "cbis-ddsm",
-            "source_split": split, "source_file": "x.csv", "source_row": 1, "resolved": True,
-            "lesion_id": f"{patient}_{side}_{view}_{kind}_{abn}",
-            "exam_key": f"{patient}_{side}_{kind}_{abn}", "image_path": path or f"/data/{folder}/1-1.dcm"}
+    return {
+        "patient_id": patient,
+        "side": side,
+        "view": view,
+        "abnormality_id": abn,
+        "abnormality_type": kind,
+        "pathology": pathology,
+        "label": int(pathology == "MALIGNANT"),
+        "source": "cbis-ddsm",
+        "source_split": split,
+        "source_file": "x.csv",
+        "source_row": 1,
+        "resolved": True,
+        "lesion_id": f"{patient}_{side}_{view}_{kind}_{abn}",
+        "exam_key": f"{patient}_{side}_{kind}_{abn}",
+        "image_path": path or f"/data/{folder}/1-1.dcm",
+    }
 
 
 def p00419() -> pd.DataFrame:
     """P_00419 LEFT as the real CSVs have it: abnormality ids 1 and 2 swap pathology between CC and MLO."""
-    return conform(pd.DataFrame([
-        row("P_00419", "LEFT", "CC", 1, "MASS", "BENIGN"), row("P_00419", "LEFT", "CC", 2, "MASS", "MALIGNANT"),
-        row("P_00419", "LEFT", "MLO", 1, "MASS", "MALIGNANT"), row("P_00419", "LEFT", "MLO", 2, "MASS", "BENIGN"),
-        row("P_00001", "LEFT", "CC", 1, "MASS", "MALIGNANT"), row("P_00001", "LEFT", "MLO", 1, "MASS", "MALIGNANT"),
-    ]))
+    return conform(
+        pd.DataFrame(
+            [
+                row("P_00419", "LEFT", "CC", 1, "MASS", "BENIGN"),
+                row("P_00419", "LEFT", "CC", 2, "MASS", "MALIGNANT"),
+                row("P_00419", "LEFT", "MLO", 1, "MASS", "MALIGNANT"),
+                row("P_00419", "LEFT", "MLO", 2, "MASS", "BENIGN"),
+                row("P_00001", "LEFT", "CC", 1, "MASS", "MALIGNANT"),
+                row("P_00001", "LEFT", "MLO", 1, "MASS", "MALIGNANT"),
+            ]
+        )
+    )
 
 
 def test_views_that_disagree_on_the_label_are_not_paired():
     marked = mark_quirks(p00419())
-    keys = dict(zip(marked["lesion_id"], marked["exam_key"]))
+    keys = dict(zip(marked["lesion_id"], marked["exam_key"], strict=True))
     assert keys["P_00419_LEFT_CC_MASS_1"] == "P_00419_LEFT_MASS_1_CC"
     assert keys["P_00419_LEFT_MLO_MASS_1"] == "P_00419_LEFT_MASS_1_MLO"
     assert keys["P_00001_LEFT_CC_MASS_1"] == keys["P_00001_LEFT_MLO_MASS_1"] == "P_00001_LEFT_MASS_1"
@@ -54,12 +81,15 @@ def test_exam_level_and_paired_views_work_on_the_conflict():
 
 
 def test_a_film_in_two_folders_is_one_image():
-    rows = [row("P_00005", "RIGHT", "CC", 1, "MASS", "BENIGN", path="/d/Mass-Training_P_00005_RIGHT_CC/1-1.dcm"),
-            row("P_00005", "RIGHT", "CC", 1, "CALCIFICATION", "MALIGNANT",
-                path="/d/Calc-Training_P_00005_RIGHT_CC/1-1.dcm"),
-            row("P_00005", "RIGHT", "MLO", 1, "MASS", "BENIGN"),
-            row("P_00006", "LEFT", "CC", 1, "CALCIFICATION", "BENIGN"),
-            row("P_00006", "LEFT", "CC", 2, "CALCIFICATION", "BENIGN")]
+    rows = [
+        row("P_00005", "RIGHT", "CC", 1, "MASS", "BENIGN", path="/d/Mass-Training_P_00005_RIGHT_CC/1-1.dcm"),
+        row(
+            "P_00005", "RIGHT", "CC", 1, "CALCIFICATION", "MALIGNANT", path="/d/Calc-Training_P_00005_RIGHT_CC/1-1.dcm"
+        ),
+        row("P_00005", "RIGHT", "MLO", 1, "MASS", "BENIGN"),
+        row("P_00006", "LEFT", "CC", 1, "CALCIFICATION", "BENIGN"),
+        row("P_00006", "LEFT", "CC", 2, "CALCIFICATION", "BENIGN"),
+    ]
     marked = mark_quirks(conform(pd.DataFrame(rows)))
     assert marked["image_id"].tolist() == ["P_00005_RIGHT_CC"] * 2 + ["P_00005_RIGHT_MLO"] + ["P_00006_LEFT_CC"] * 2
     assert marked["shared_film"].tolist() == [True, True, False, False, False]
@@ -109,8 +139,10 @@ def test_split_does_not_depend_on_the_abnormality(tmp_path):
     from mammo_ray.data.splits import Splits
 
     manifest_path = write_manifest(official_manifest(), tmp_path / "m.parquet")
-    paths = {a: ensure_splits(load_config(None, [f"data.abnormality={a}"]).data, manifest_path, tmp_path)
-             for a in ("mass", "all", "calcification")}
+    paths = {
+        a: ensure_splits(load_config(None, [f"data.abnormality={a}"]).data, manifest_path, tmp_path)
+        for a in ("mass", "all", "calcification")
+    }
     assert len(set(paths.values())) == 1
     splits = Splits.load(paths["mass"])
     manifest = official_manifest()
@@ -118,8 +150,17 @@ def test_split_does_not_depend_on_the_abnormality(tmp_path):
     assert 0 < len(mass_patients & set(splits.test)) < len(mass_patients)  # masses are stratified into test
 
 
-@pytest.mark.parametrize("mask_shape, fit", [((64, 48), "same"), ((32, 24), "resample"), ((80, 60), "resample"),
-                                             ((65, 48), "resample"), ((56, 48), "drop"), ((48, 64), "drop")])
+@pytest.mark.parametrize(
+    "mask_shape, fit",
+    [
+        ((64, 48), "same"),
+        ((32, 24), "resample"),
+        ((80, 60), "resample"),
+        ((65, 48), "resample"),
+        ((56, 48), "drop"),
+        ((48, 64), "drop"),
+    ],
+)
 def test_mask_fit(mask_shape, fit):
     assert mask_fit(mask_shape, (64, 48)) == fit
 

@@ -20,15 +20,25 @@ def random_manifest(seed: int, n_patients: int, p_malignant: float = 0.4, p_unre
     rows = []
     for i in range(n_patients):
         for j in range(int(rng.integers(1, 5))):
-            rows.append({"patient_id": f"P_{i:05d}", "lesion_id": f"P_{i:05d}_{j}",
-                         "label": int(rng.random() < p_malignant),
-                         "abnormality_type": "MASS" if rng.random() < 0.5 else "CALCIFICATION",
-                         "resolved": bool(rng.random() >= p_unresolved)})
+            rows.append(
+                {
+                    "patient_id": f"P_{i:05d}",
+                    "lesion_id": f"P_{i:05d}_{j}",
+                    "label": int(rng.random() < p_malignant),
+                    "abnormality_type": "MASS" if rng.random() < 0.5 else "CALCIFICATION",
+                    "resolved": bool(rng.random() >= p_unresolved),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-manifests = st.builds(random_manifest, seed=st.integers(0, 2**31), n_patients=st.integers(1, 80),
-                      p_malignant=st.floats(0.0, 1.0), p_unresolved=st.sampled_from([0.0, 0.3]))
+manifests = st.builds(
+    random_manifest,
+    seed=st.integers(0, 2**31),
+    n_patients=st.integers(1, 80),
+    p_malignant=st.floats(0.0, 1.0),
+    p_unresolved=st.sampled_from([0.0, 0.3]),
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -109,8 +119,12 @@ def test_stratify_on_a_string_column_and_unstratified():
     splits = make_splits(manifest, seed=0, label_column="abnormality_type", folds=5)
     strata = patient_strata(manifest, "abnormality_type")
     assert set(strata) == {"MASS", "CALCIFICATION"}
-    assert list(summarize(splits, manifest)["test"]) == ["patients", "rows", "abnormality_type_CALCIFICATION",
-                                                         "abnormality_type_MASS"]
+    assert list(summarize(splits, manifest)["test"]) == [
+        "patients",
+        "rows",
+        "abnormality_type_CALCIFICATION",
+        "abnormality_type_MASS",
+    ]
     loose = make_splits(manifest, seed=0, stratify=False)
     assert len(loose.test) == 30 and len(loose.val) == 30
 
@@ -136,8 +150,11 @@ def test_save_load_round_trip_and_leak_errors(tmp_path):
     data = json.loads(path.read_text())
     data["test"].append(data["train"][0])
     (tmp_path / "leaky.json").write_text(json.dumps(data))
-    with pytest.raises(SplitLeakError, match=rf"leaky.json: 1 patient\(s\) in more than one split: "
-                                             rf"{data['train'][0]} in train and .*test") as info:
+    with pytest.raises(
+        SplitLeakError,
+        match=rf"leaky.json: 1 patient\(s\) in more than one split: "
+        rf"{data['train'][0]} in train and .*test",
+    ) as info:
         Splits.load(tmp_path / "leaky.json")
     assert list(info.value.leaks) == [data["train"][0]]
     hand = Splits(train=["A", "B"], val=["C"], test=["B"])

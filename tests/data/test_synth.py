@@ -58,8 +58,10 @@ def test_summary_counts_match_csvs(dataset):
     assert summary.patients == 20 == len({r["patient_id"] for r in rows})
     assert summary.abnormalities == len(rows)
     assert summary.images == len({r["image file path"] for r in rows})
-    assert summary.by_type == {"calcification": sum(r["abnormality type"] == "calcification" for r in rows),
-                               "mass": sum(r["abnormality type"] == "mass" for r in rows)}
+    assert summary.by_type == {
+        "calcification": sum(r["abnormality type"] == "calcification" for r in rows),
+        "mass": sum(r["abnormality type"] == "mass" for r in rows),
+    }
     assert sum(summary.by_pathology.values()) == len(rows)
     assert 0.25 <= summary.by_pathology.get("MALIGNANT", 0) / len(rows) <= 0.7
     assert summary.to_dict()["size"] == [832, 512]
@@ -79,13 +81,17 @@ def test_csv_headers_and_quirks_match_real_files(dataset):
         assert recs and all(r[quoted].endswith("\n") and not r[25 - quoted].endswith("\n") for r in recs)
         assert ours.count('"') == 2 * len(recs)
     rows = read_rows(root)
-    vocab = {"pathology": {"MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"}, "assessment": set("012345"),
-             "subtlety": set("12345")}
+    vocab = {
+        "pathology": {"MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"},
+        "assessment": set("012345"),
+        "subtlety": set("12345"),
+    }
     assert all(r[k] in v for r in rows for k, v in vocab.items())
     crop_names = {r["cropped image file path"].rsplit("/", 1)[1] for r in rows}
     assert crop_names == {"000000.dcm", "000001.dcm"}  # names do not tell crop from mask
-    other_series = [r for r in rows
-                    if r["cropped image file path"].split("/")[2] != r["ROI mask file path"].split("/")[2]]
+    other_series = [
+        r for r in rows if r["cropped image file path"].split("/")[2] != r["ROI mask file path"].split("/")[2]
+    ]
     assert other_series and all(r["ROI mask file path"].endswith("000000.dcm") for r in other_series)
     for r in rows:
         case = re.escape(r["file"].startswith("mass") and "Mass-" or "Calc-")
@@ -124,7 +130,7 @@ def test_dicom_tags_masks_and_crops(dataset):
         assert m.shape == full.pixel_array.shape and set(np.unique(m)) == {0, 255}
         ys, xs = np.nonzero(m)
         assert crop.pixel_array.shape == (np.ptp(ys) + 1, np.ptp(xs) + 1)
-        assert np.array_equal(crop.pixel_array, full.pixel_array[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+        assert np.array_equal(crop.pixel_array, full.pixel_array[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
 
 
 def test_breast_side_and_pectoral_muscle(dataset):
@@ -132,11 +138,11 @@ def test_breast_side_and_pectoral_muscle(dataset):
     for r in {r["image file path"]: r for r in read_rows(root)}.values():
         a = pydicom.dcmread(root / r["image file path"]).pixel_array.astype(float)
         h, w = a.shape
-        left, right = a[:, : w // 2].mean(), a[:, w // 2:].mean()
+        left, right = a[:, : w // 2].mean(), a[:, w // 2 :].mean()
         assert (left > 2 * right) if r["left or right breast"] == "LEFT" else (right > 2 * left)
         assert np.median(a[:, :5] if r["left or right breast"] == "RIGHT" else a[:, -5:]) < 500  # background near 0
         if r["image view"] == "MLO":  # pectoral muscle: brightest tissue, in the chest-wall top corner
-            corner = a[: h // 10, : w // 12] if r["left or right breast"] == "LEFT" else a[: h // 10, -(w // 12):]
+            corner = a[: h // 10, : w // 12] if r["left or right breast"] == "LEFT" else a[: h // 10, -(w // 12) :]
             assert corner.mean() > 1.1 * a[a > 2000].mean()
 
 
@@ -170,8 +176,9 @@ def test_lesions_in_both_views_and_patient_mix(dataset):
     assert any(len(s) == 2 for s in sides.values())
     # the same lesion is drawn in CC and MLO: its two masks have similar area
     for key in [k for k in views if k[0] == "mass"][:4]:
-        pair = [r for r in rows
-                if (r["file"][:4], r["patient_id"], r["left or right breast"], r["abnormality id"]) == key]
+        pair = [
+            r for r in rows if (r["file"][:4], r["patient_id"], r["left or right breast"], r["abnormality id"]) == key
+        ]
         areas = [np.count_nonzero(pydicom.dcmread(root / r["ROI mask file path"]).pixel_array) for r in pair]
         assert 0.6 < areas[0] / areas[1] < 1.6
 
@@ -244,16 +251,20 @@ def texture_features(crop: np.ndarray, mask: np.ndarray) -> list[float]:
     grad2 = ndimage.sobel(z, 0) ** 2 + ndimage.sobel(z, 1) ** 2
     band = ndimage.binary_dilation(mask, iterations=2) & ~ndimage.binary_erosion(mask, iterations=2)
     inner = ndimage.binary_erosion(mask, iterations=2)
-    return [np.log(graycoprops(glcm, "contrast").mean()), graycoprops(glcm, "homogeneity").mean(),
-            np.log(grad2[band].mean() / grad2.mean()),  # margin sharpness: edge energy relative to the crop's
-            z[inner if inner.any() else mask].std(), np.log(perimeter(mask) ** 2 / (4 * np.pi * mask.sum()))]
+    return [
+        np.log(graycoprops(glcm, "contrast").mean()),
+        graycoprops(glcm, "homogeneity").mean(),
+        np.log(grad2[band].mean() / grad2.mean()),  # margin sharpness: edge energy relative to the crop's
+        z[inner if inner.any() else mask].std(),
+        np.log(perimeter(mask) ** 2 / (4 * np.pi * mask.sum())),
+    ]
 
 
 def texture_auc(root: Path) -> tuple[float, int, list[float]]:
     """Cross-validated AUC (grouped by patient) of a logistic regression on mass crops."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
     from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -264,7 +275,7 @@ def texture_auc(root: Path) -> tuple[float, int, list[float]]:
         crop = pydicom.dcmread(root / r["cropped image file path"]).pixel_array.astype(float)
         full_mask = pydicom.dcmread(root / r["ROI mask file path"]).pixel_array > 0
         ys, xs = np.nonzero(full_mask)
-        feats.append(texture_features(crop, full_mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]))
+        feats.append(texture_features(crop, full_mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]))
         labels.append(int(r["pathology"] == "MALIGNANT"))
         groups.append(r["patient_id"])
     x, y = np.asarray(feats), np.asarray(labels)

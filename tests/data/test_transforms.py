@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from mammo_ray.config import DataConfig
-from mammo_ray.data.transforms import (TransformSpec, build_eval_transform, build_offline_transform,
-                                       build_train_transform, offline_variant_params)
+from mammo_ray.data.transforms import (
+    TransformSpec,
+    build_eval_transform,
+    build_offline_transform,
+    build_train_transform,
+    offline_variant_params,
+)
 
 
 def crop(seed=0, size=64):

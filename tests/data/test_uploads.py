@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import pickle
 import struct
@@ -25,13 +24,32 @@ from pydicom.uid import MPEG2MPML, RLELossless
 from mammo_ray.constants import Side, View
 from mammo_ray.data.dicom import read_dicom, read_dicom_header
 from mammo_ray.data.synthetic.dicom_write import DicomInfo, write_mammogram
-from mammo_ray.data.uploads import (NOT_AN_IMAGE, DecodedImage, UploadError, canonical_box, canonical_point,
-                                    check_fields, check_in_bounds, decode_upload, parse_box, parse_point,
-                                    read_capped, sniff)
+from mammo_ray.data.uploads import (
+    NOT_AN_IMAGE,
+    DecodedImage,
+    UploadError,
+    canonical_box,
+    canonical_point,
+    check_fields,
+    check_in_bounds,
+    decode_upload,
+    parse_box,
+    parse_point,
+    read_capped,
+    sniff,
+)
 
-INFO = DicomInfo(patient_id="P_00001", side=Side.LEFT, view=View.MLO, study_uid="1.2.3.1",
-                 series_uid="1.2.3.2", sop_uid="1.2.3.3", series_description="full mammogram images",
-                 study_date="20240101", spacing_mm=0.1)
+INFO = DicomInfo(
+    patient_id="P_00001",
+    side=Side.LEFT,
+    view=View.MLO,
+    study_uid="1.2.3.1",
+    series_uid="1.2.3.2",
+    sop_uid="1.2.3.3",
+    series_description="full mammogram images",
+    study_date="20240101",
+    spacing_mm=0.1,
+)
 
 
 def left_heavy(rows: int = 24, cols: int = 30, top: int = 4000, dtype=np.uint16) -> np.ndarray:
@@ -83,6 +101,7 @@ def no_decoding(monkeypatch):
 
 # --- rejections: one per error class -------------------------------------------------------
 
+
 def test_truncated_dicom_is_400(tmp_path):
     error = rejected(dicom_bytes(tmp_path)[:-10])
     assert error.status == 400 and "truncated" in error.reason and "scan.dcm" in error.reason
@@ -109,8 +128,11 @@ def test_unknown_transfer_syntax_is_415(tmp_path, no_decoding):
     assert error.status == 415 and "unsupported transfer syntax" in error.reason
 
 
-@pytest.mark.parametrize("data", [b"\x00" * 300, b"hello, this is not a mammogram\n" * 10,
-                                  np.random.default_rng(0).bytes(2048)], ids=["zeros", "text", "random"])
+@pytest.mark.parametrize(
+    "data",
+    [b"\x00" * 300, b"hello, this is not a mammogram\n" * 10, np.random.default_rng(0).bytes(2048)],
+    ids=["zeros", "text", "random"],
+)
 def test_bytes_that_are_not_an_image_are_400(data):
     error = rejected(data)
     assert error.status == 400 and NOT_AN_IMAGE in error.reason
@@ -177,8 +199,12 @@ def test_dicom_without_preamble_needs_force_dicom(tmp_path):
 
 def test_error_dict_and_pickling():
     error = UploadError(413, "scan.dcm: upload is over the size limit", "image")
-    assert error.to_dict() == {"error": "Payload Too Large", "field": "image",
-                               "reason": "scan.dcm: upload is over the size limit", "status": 413}
+    assert error.to_dict() == {
+        "error": "Payload Too Large",
+        "field": "image",
+        "reason": "scan.dcm: upload is over the size limit",
+        "status": 413,
+    }
     assert str(error) == "image: scan.dcm: upload is over the size limit"
     again = pickle.loads(pickle.dumps(error))
     assert (again.status, again.reason, again.field) == (413, error.reason, "image")
@@ -187,6 +213,7 @@ def test_error_dict_and_pickling():
 
 
 # --- form fields, boxes and points ---------------------------------------------------------
+
 
 def test_unknown_field_is_422_and_named():
     with pytest.raises(UploadError) as info:
@@ -205,31 +232,60 @@ def test_missing_field_is_422():
     check_fields(["cc", "mlo"], allowed={"cc", "mlo", "box"}, required={"cc", "mlo"})  # no error
 
 
-@pytest.mark.parametrize("text, expected", [
-    (None, None), ("", None), ("  ", None), ("1,2,3,4", (1, 2, 3, 4)), (" 1 , 2 , 30 , 40 ", (1, 2, 30, 40)),
-    ("[1, 2, 3, 4]", (1, 2, 3, 4)), ("1.0,2,3,4", (1, 2, 3, 4)), ('["1", 2, 3, 4.0]', (1, 2, 3, 4)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (None, None),
+        ("", None),
+        ("  ", None),
+        ("1,2,3,4", (1, 2, 3, 4)),
+        (" 1 , 2 , 30 , 40 ", (1, 2, 30, 40)),
+        ("[1, 2, 3, 4]", (1, 2, 3, 4)),
+        ("1.0,2,3,4", (1, 2, 3, 4)),
+        ('["1", 2, 3, 4.0]', (1, 2, 3, 4)),
+    ],
+)
 def test_parse_box(text, expected):
     assert parse_box(text) == expected
 
 
-@pytest.mark.parametrize("text, word", [
-    ("a,b,c,d", "not an integer"), ("1,2,3", "has 3 values"), ("10,0,5,20", "x1 > x0"),
-    ("0,10,5,10", "y1 > y0"), ("-1,0,5,5", "negative"), ("[1,2,3]", "has 3 values"),
-    ("[1,2", "not valid JSON"), ("1.5,2,3,4", "'1.5'"), ("[true,2,3,4]", "True"), ("[NaN,2,3,4]", "nan"),
-    ("1_0,2,30,40", "'1_0'"), ("1e1,2,30,40", "'1e1'"), ("9," * 200 + "9", "characters long"),
-])
+@pytest.mark.parametrize(
+    "text, word",
+    [
+        ("a,b,c,d", "not an integer"),
+        ("1,2,3", "has 3 values"),
+        ("10,0,5,20", "x1 > x0"),
+        ("0,10,5,10", "y1 > y0"),
+        ("-1,0,5,5", "negative"),
+        ("[1,2,3]", "has 3 values"),
+        ("[1,2", "not valid JSON"),
+        ("1.5,2,3,4", "'1.5'"),
+        ("[true,2,3,4]", "True"),
+        ("[NaN,2,3,4]", "nan"),
+        ("1_0,2,30,40", "'1_0'"),
+        ("1e1,2,30,40", "'1e1'"),
+        ("9," * 200 + "9", "characters long"),
+    ],
+)
 def test_bad_box_is_422(text, word):
     with pytest.raises(UploadError) as info:
         parse_box(text, field="roi")
     assert (info.value.status, info.value.field) == (422, "roi") and word in info.value.reason
 
 
-@pytest.mark.parametrize("text, expected, word", [
-    ("3,4", (3, 4), None), ("[3, 4]", (3, 4), None), (None, None, None),
-    ("3", None, "has 1 values"), ("3,x", None, "not an integer"), ("-3,4", None, "negative"),
-    ('{"x": 3}', None, "expected 2"), ("[3, {}]", None, "not an integer"),
-])
+@pytest.mark.parametrize(
+    "text, expected, word",
+    [
+        ("3,4", (3, 4), None),
+        ("[3, 4]", (3, 4), None),
+        (None, None, None),
+        ("3", None, "has 1 values"),
+        ("3,x", None, "not an integer"),
+        ("-3,4", None, "negative"),
+        ('{"x": 3}', None, "expected 2"),
+        ("[3, {}]", None, "not an integer"),
+    ],
+)
 def test_parse_point(text, expected, word):
     if word is None:
         assert parse_point(text) == expected
@@ -239,10 +295,18 @@ def test_parse_point(text, expected, word):
     assert (info.value.status, info.value.field) == (422, "seed") and word in info.value.reason
 
 
-@pytest.mark.parametrize("value, inside", [
-    ((0, 0, 30, 24), True), ((0, 0, 31, 24), False), ((0, 0, 30, 25), False), ((29, 23), True),
-    ((30, 0), False), ((0, 24), False), (None, True),
-])
+@pytest.mark.parametrize(
+    "value, inside",
+    [
+        ((0, 0, 30, 24), True),
+        ((0, 0, 31, 24), False),
+        ((0, 0, 30, 25), False),
+        ((29, 23), True),
+        ((30, 0), False),
+        ((0, 24), False),
+        (None, True),
+    ],
+)
 def test_check_in_bounds(value, inside):
     if inside:
         check_in_bounds(value, (24, 30), "box")
@@ -254,6 +318,7 @@ def test_check_in_bounds(value, inside):
 
 # --- success cases -------------------------------------------------------------------------
 
+
 def test_dicom_decodes_like_read_dicom(tmp_path):
     pixels = np.ascontiguousarray(np.fliplr(left_heavy()))  # a right breast, on the right: mirrored
     path = write_mammogram(tmp_path / "case_R_MLO.dcm", pixels, dataclasses.replace(INFO, side=Side.RIGHT))
@@ -264,7 +329,12 @@ def test_dicom_decodes_like_read_dicom(tmp_path):
     np.testing.assert_array_equal(decoded.image, expected)
     assert decoded.image.dtype == np.float32 and decoded.image.flags.c_contiguous
     assert (decoded.kind, decoded.name, decoded.view, decoded.flipped, decoded.shape) == (
-        "dicom", "case.dcm", View.MLO, True, (24, 30))
+        "dicom",
+        "case.dcm",
+        View.MLO,
+        True,
+        (24, 30),
+    )
     assert decoded.meta.path == "case.dcm" and decoded.meta.side is Side.RIGHT and decoded.meta.rows == meta.rows
     assert decoded.meta.orientation_source == "header" and not decoded.meta.content_disagrees
 
@@ -283,10 +353,15 @@ def test_read_dicom_takes_bytes_and_file_objects(tmp_path):
     np.testing.assert_array_equal(read_dicom(stream)[0], expected)
 
 
-@pytest.mark.parametrize("dtype, top, fmt, kind", [
-    (np.uint8, 250, "PNG", "png"), (np.uint16, 60_000, "PNG", "png"),
-    (np.uint16, 60_000, "TIFF", "tiff"), (np.uint8, 250, "TIFF", "tiff"),
-])
+@pytest.mark.parametrize(
+    "dtype, top, fmt, kind",
+    [
+        (np.uint8, 250, "PNG", "png"),
+        (np.uint16, 60_000, "PNG", "png"),
+        (np.uint16, 60_000, "TIFF", "tiff"),
+        (np.uint8, 250, "TIFF", "tiff"),
+    ],
+)
 def test_png_and_tiff_decode_at_their_depth(dtype, top, fmt, kind):
     pixels = left_heavy(top=top, dtype=dtype)
     decoded = decode_upload(pil_bytes(pixels, fmt), name=f"scan.{kind}", field="image")
@@ -306,8 +381,7 @@ def test_rgb_and_jpeg_become_grayscale():
 
 def test_right_breast_png_is_mirrored_with_its_box():
     left = left_heavy(top=60_000)
-    decoded = decode_upload(pil_bytes(np.ascontiguousarray(np.fliplr(left)), "PNG"), name="r.png",
-                            field="image")
+    decoded = decode_upload(pil_bytes(np.ascontiguousarray(np.fliplr(left)), "PNG"), name="r.png", field="image")
     assert decoded.flipped
     np.testing.assert_array_equal(decoded.image, left.astype(np.float32))
     assert decoded.image[:, :10].mean() > decoded.image[:, -10:].mean()
@@ -327,14 +401,20 @@ def test_sniff():
 
 # --- property: nothing but UploadError -----------------------------------------------------
 
+
 def _valid_files() -> list[bytes]:
     """One small file per format, for the corruption property (built once, at import)."""
     pixels = left_heavy(8, 12)
     with tempfile.TemporaryDirectory() as tmp:  # write_mammogram takes a path
         dicom = write_mammogram(Path(tmp) / "a.dcm", pixels, INFO).read_bytes()
     small = pixels.astype(np.uint8)
-    return [dicom, pil_bytes(pixels, "PNG"), pil_bytes(small, "PNG"), pil_bytes(pixels, "TIFF"),
-            pil_bytes(small, "JPEG")]
+    return [
+        dicom,
+        pil_bytes(pixels, "PNG"),
+        pil_bytes(small, "PNG"),
+        pil_bytes(pixels, "TIFF"),
+        pil_bytes(small, "JPEG"),
+    ]
 
 
 VALID_FILES = _valid_files()
@@ -359,9 +439,11 @@ def test_arbitrary_bytes_only_raise_upload_error(data):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom and Pillow warn on garbage
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(range(len(VALID_FILES))), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
-                                                          max_size=8),
-       st.one_of(st.none(), st.integers(0, 10**6)))
+@given(
+    st.sampled_from(range(len(VALID_FILES))),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+    st.one_of(st.none(), st.integers(0, 10**6)),
+)
 def test_corrupted_files_only_raise_upload_error(which, flips, cut):
     data = bytearray(VALID_FILES[which])
     for position, value in flips:

@@ -19,13 +19,16 @@ def member_frames(n_members: int = N_MEMBERS, n_exams: int = N_EXAMS, seed: int 
     """``loop.evaluate``-shaped frames: CC + MLO per exam; logits = shared signal + own noise per member."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n_exams) % 2)
-    keys = pd.DataFrame({"exam_key": np.repeat([f"P{i:03d}_LEFT_1" for i in range(n_exams)], 2),
-                         "view": np.tile(["CC", "MLO"], n_exams),
-                         "patient_id": np.repeat([f"P{i:03d}" for i in range(n_exams)], 2),
-                         "label": np.repeat(labels, 2)})
+    keys = pd.DataFrame(
+        {
+            "exam_key": np.repeat([f"P{i:03d}_LEFT_1" for i in range(n_exams)], 2),
+            "view": np.tile(["CC", "MLO"], n_exams),
+            "patient_id": np.repeat([f"P{i:03d}" for i in range(n_exams)], 2),
+            "label": np.repeat(labels, 2),
+        }
+    )
     shared = 1.0 * (2 * keys["label"].to_numpy() - 1) + rng.normal(0, 1.0, len(keys))
-    return [keys.assign(prob=1 / (1 + np.exp(-(shared + rng.normal(0, 2.0, len(keys))))))
-            for _ in range(n_members)]
+    return [keys.assign(prob=1 / (1 + np.exp(-(shared + rng.normal(0, 2.0, len(keys)))))) for _ in range(n_members)]
 
 
 def test_average_members_means_and_spreads():
@@ -45,13 +48,16 @@ def test_average_members_of_paired_frames():  # multimodal frames carry exam_key
     assert list(out.columns) == ["exam_key", "label", "prob", "prob_std", "n_members"] and len(out) == N_EXAMS
 
 
-@pytest.mark.parametrize("break_member, message", [
-    (lambda f: f.iloc[[1, 0, *range(2, len(f))]], r"member 2 row 0 has view='MLO', member 0 has 'CC'"),
-    (lambda f: f.iloc[:-1], r"member 2 has 199 rows, member 0 has 200"),
-    (lambda f: f.assign(label=1 - f["label"]), r"member 2 row 0 has label="),
-    (lambda f: f.drop(columns="prob"), r"member 2 has columns"),
-    (lambda f: f.assign(prob=f["prob"] * 2), r"member 2 row \d+ has prob"),
-])
+@pytest.mark.parametrize(
+    "break_member, message",
+    [
+        (lambda f: f.iloc[[1, 0, *range(2, len(f))]], r"member 2 row 0 has view='MLO', member 0 has 'CC'"),
+        (lambda f: f.iloc[:-1], r"member 2 has 199 rows, member 0 has 200"),
+        (lambda f: f.assign(label=1 - f["label"]), r"member 2 row 0 has label="),
+        (lambda f: f.drop(columns="prob"), r"member 2 has columns"),
+        (lambda f: f.assign(prob=f["prob"] * 2), r"member 2 row \d+ has prob"),
+    ],
+)
 def test_misaligned_members_are_named(break_member, message):
     frames = member_frames(n_members=3)
     frames[2] = break_member(frames[2])
@@ -81,8 +87,11 @@ def test_single_view_report_per_image(tmp_path):
     assert curve[-1]["mean"] == pytest.approx(result["ensemble_auc"]) and curve[-1]["std"] == 0
     assert curve[0]["mean"] == pytest.approx(result["mean_member_auc"], abs=0.03)  # k=1: random members
     assert curve[-1]["mean"] >= curve[0]["mean"] and curve[0]["std"] > 0
-    for point, ci in (("ensemble_auc", "ensemble_auc_ci"), ("mean_member_auc", "mean_member_auc_ci"),
-                      ("diff", "diff_ci")):
+    for point, ci in (
+        ("ensemble_auc", "ensemble_auc_ci"),
+        ("mean_member_auc", "mean_member_auc_ci"),
+        ("diff", "diff_ci"),
+    ):
         low, high = result[ci]
         assert low <= result[point] <= high, (point, low, high)
     width = {ci: result[ci][1] - result[ci][0] for ci in ("diff_ci", "mean_member_auc_ci")}
@@ -91,8 +100,14 @@ def test_single_view_report_per_image(tmp_path):
     metrics = result["metrics"]
     assert metrics["test_ensemble_auc"] == pytest.approx(result["ensemble_auc"])
     assert metrics["test_ensemble_n"] == 2 * N_EXAMS and metrics["test_ensemble_members"] == N_MEMBERS
-    assert {"test_ensemble_loss", "test_ensemble_acc", "test_ensemble_exam_auc", "test_ensemble_auc_ci_low",
-            "test_ensemble_mean_member_auc", "test_ensemble_auc_gain_ci_high"} <= set(metrics)
+    assert {
+        "test_ensemble_loss",
+        "test_ensemble_acc",
+        "test_ensemble_exam_auc",
+        "test_ensemble_auc_ci_low",
+        "test_ensemble_mean_member_auc",
+        "test_ensemble_auc_gain_ci_high",
+    } <= set(metrics)
     assert {p.split("/")[-1] for p in result["plots"]} == {"ensemble_auc_vs_members_test.png", "ensemble_roc_test.png"}
     for plot in result["plots"]:
         assert (tmp_path / plot.split("/")[-1]).stat().st_size > 1000

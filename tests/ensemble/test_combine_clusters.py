@@ -19,24 +19,33 @@ def patient_frames(with_patient: bool = True, seed: int = 0) -> list[pd.DataFram
     patient_signal = 1.0 * (2 * patient_label - 1) + rng.normal(0, 1.2, PATIENTS)
     n_rows = PATIENTS * EXAMS_PER_PATIENT * 2
     patient = np.repeat(np.arange(PATIENTS), EXAMS_PER_PATIENT * 2)
-    keys = pd.DataFrame({"exam_key": [f"P{p:03d}_LEFT_MASS_{e}" for p in range(PATIENTS)
-                                      for e in range(EXAMS_PER_PATIENT) for _ in (0, 1)],
-                         "view": np.tile(["CC", "MLO"], n_rows // 2),
-                         "patient_id": [f"P{p:03d}" for p in patient],
-                         "label": patient_label[patient]})
+    keys = pd.DataFrame(
+        {
+            "exam_key": [
+                f"P{p:03d}_LEFT_MASS_{e}" for p in range(PATIENTS) for e in range(EXAMS_PER_PATIENT) for _ in (0, 1)
+            ],
+            "view": np.tile(["CC", "MLO"], n_rows // 2),
+            "patient_id": [f"P{p:03d}" for p in patient],
+            "label": patient_label[patient],
+        }
+    )
     if not with_patient:
         keys = keys.drop(columns="patient_id")
-    return [keys.assign(prob=1 / (1 + np.exp(-(patient_signal[patient] + rng.normal(0, 0.05, n_rows)
-                                                 + rng.normal(0, 0.5, n_rows)))))
-            for _ in range(MEMBERS)]
+    return [
+        keys.assign(
+            prob=1 / (1 + np.exp(-(patient_signal[patient] + rng.normal(0, 0.05, n_rows) + rng.normal(0, 0.5, n_rows))))
+        )
+        for _ in range(MEMBERS)
+    ]
 
 
 def width(pair) -> float:
     return pair[1] - pair[0]
 
 
-@pytest.mark.parametrize("view_mode, n", [("single", PATIENTS * EXAMS_PER_PATIENT * 2),
-                                          ("parallel", PATIENTS * EXAMS_PER_PATIENT)])
+@pytest.mark.parametrize(
+    "view_mode, n", [("single", PATIENTS * EXAMS_PER_PATIENT * 2), ("parallel", PATIENTS * EXAMS_PER_PATIENT)]
+)
 def test_report_resamples_patients(tmp_path, view_mode, n):
     clustered = ensemble_report(patient_frames(), view_mode, tmp_path / "p", n_boot=400, seed=2)
     naive = ensemble_report(patient_frames(with_patient=False), view_mode, tmp_path / "c", n_boot=400, seed=2)
@@ -45,8 +54,11 @@ def test_report_resamples_patients(tmp_path, view_mode, n):
     assert clustered["ensemble_auc"] == naive["ensemble_auc"]  # the point estimates do not depend on the bootstrap
     for ci in ("ensemble_auc_ci", "mean_member_auc_ci"):
         assert width(clustered[ci]) > 1.5 * width(naive[ci]), ci  # ~sqrt(5 or 10) with near-copies
-    for point, ci in (("ensemble_auc", "ensemble_auc_ci"), ("mean_member_auc", "mean_member_auc_ci"),
-                      ("diff", "diff_ci")):
+    for point, ci in (
+        ("ensemble_auc", "ensemble_auc_ci"),
+        ("mean_member_auc", "mean_member_auc_ci"),
+        ("diff", "diff_ci"),
+    ):
         assert clustered[ci][0] <= clustered[point] <= clustered[ci][1], point
     assert clustered["metrics"]["test_ensemble_clusters"] == PATIENTS
 

@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 from mammo_ray.data.transforms import TransformSpec
-from mammo_ray.ensemble.execution import (LoopEnsemble, StackedEnsemble, StackedExecutionError, choose_execution,
-                                          measure_execution)
+from mammo_ray.ensemble.execution import (
+    LoopEnsemble,
+    StackedEnsemble,
+    StackedExecutionError,
+    choose_execution,
+)
 from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.models import create_view_model
 
@@ -95,11 +99,17 @@ def test_member_chunks_give_the_same_outputs(ensembles, cell):
 def test_mismatched_members_are_named():
     a, b = random_member("levynet", "single", 0), random_member("levynet", "single", 1)
     wider = random_member("levynet", "single", 2, pool_size=4)
-    with pytest.raises(ValueError, match=r"member_002 differs from member_000 in 'pre_logits.fc1.weight' "
-                                         r"\(parameter \[128, 1024\] float32 vs parameter \[128, 3136\] float32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"member_002 differs from member_000 in 'pre_logits.fc1.weight' "
+        r"\(parameter \[128, 1024\] float32 vs parameter \[128, 3136\] float32\)",
+    ):
         StackedEnsemble([a, b, wider])
-    with pytest.raises(ValueError, match=r"member_001 differs from member_000 in "
-                                         r"'features.block1.conv.weight' \(missing vs parameter"):
+    with pytest.raises(
+        ValueError,
+        match=r"member_001 differs from member_000 in "
+        r"'features.block1.conv.weight' \(missing vs parameter",
+    ):
         StackedEnsemble([a, random_member("resnet18", "single", 1)])
     strided = random_member("levynet", "single", 3)
     strided.features.block2.pool.stride = 1  # same weights, other hyperparameters
@@ -161,8 +171,10 @@ class ItemNet(nn.Module):
 def test_vmap_failure_falls_back_to_the_loop(tiny_config):
     ensemble = make_ensemble(tiny_config, "levynet", "single", members=[ItemNet(0), ItemNet(1)])
     x = example("single")
-    with pytest.raises(StackedExecutionError,
-                       match=r"ItemNet \(single\): torch.vmap over 2 stacked members failed: RuntimeError: .*item\(\)"):
+    with pytest.raises(
+        StackedExecutionError,
+        match=r"ItemNet \(single\): torch.vmap over 2 stacked members failed: RuntimeError: .*item\(\)",
+    ):
         StackedEnsemble.from_ensemble(ensemble)(x)
     module, report = choose_execution(ensemble, x, repeats=1)
     assert isinstance(module, LoopEnsemble) and report["chosen"] == "loop"
@@ -172,7 +184,11 @@ def test_vmap_failure_falls_back_to_the_loop(tiny_config):
     with pytest.raises(StackedExecutionError, match="mode='stacked' was asked for, but ItemNet"):
         choose_execution(ensemble, x, mode="stacked", repeats=1)
     # Members of different architectures cannot be stacked at all: the loop runs them.
-    mixed = make_ensemble(tiny_config, "levynet", "single",
-                          members=[random_member("levynet", "single", 0), random_member("resnet18", "single", 1)])
+    mixed = make_ensemble(
+        tiny_config,
+        "levynet",
+        "single",
+        members=[random_member("levynet", "single", 0), random_member("resnet18", "single", 1)],
+    )
     module, report = choose_execution(mixed, x, repeats=1)
     assert report["chosen"] == "loop" and report["stacked_error"].startswith("cannot stack: member_001 differs")

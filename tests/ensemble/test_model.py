@@ -21,15 +21,18 @@ from mammo_ray.train.tracking import TrackedRun, ensure_experiment
 def make_member(tiny_workdir, tiny_config, tmp_path_factory):
     """``make_member(*overrides, train=False) -> checkpoint path``. Untrained, a member's weights are
     its seed's initialisation: training one epoch changes nothing of what is tested but the time."""
+
     def make(*overrides: str, train: bool = False):
         config = tiny_config("train.epochs=1", *overrides)
         cache_dir = ensure_prepared(config, tiny_workdir, progress=False).cache_dir
         training = build_training(config, cache_dir)
         if train:
             fit(training)
-        payload = checkpoint_payload(model=training.model, config=config, spec=training.spec, epoch=0,
-                                     history=training.history)
+        payload = checkpoint_payload(
+            model=training.model, config=config, spec=training.spec, epoch=0, history=training.history
+        )
         return save_checkpoint(payload, tmp_path_factory.mktemp("member"))
+
     return make
 
 
@@ -76,8 +79,9 @@ def test_multimodal_ensemble_takes_pairs(make_member, tiny_workdir, tiny_config)
         ensemble(cc)
 
 
-@pytest.mark.parametrize("override, field", [("data.input_px=36", "eval_transform.input_px"),
-                                             ("model.view_mode=parallel", "view_mode")])
+@pytest.mark.parametrize(
+    "override, field", [("data.input_px=36", "eval_transform.input_px"), ("model.view_mode=parallel", "view_mode")]
+)
 def test_mismatched_member_is_named(members, make_member, override, field):
     odd = make_member(override)
     with pytest.raises(ValueError, match=field) as info:
@@ -95,8 +99,12 @@ def test_register_and_load_pyfunc(members, tiny_workdir, tiny_config, tmp_path, 
             member_runs.append(run.run_id)
     with TrackedRun(uri, "ensembles", "ensemble") as parent:
         result = register_ensemble(uri, parent.run_id, members, member_runs, "mass-ensemble", description="test")
-    assert result == {"model_uri": "models:/mass-ensemble/1", "name": "mass-ensemble", "version": 1,
-                      "run_id": parent.run_id}
+    assert result == {
+        "model_uri": "models:/mass-ensemble/1",
+        "name": "mass-ensemble",
+        "version": 1,
+        "run_id": parent.run_id,
+    }
     version = client.get_model_version("mass-ensemble", "1")
     assert version.tags["mammo_ray.member_run_ids"] == ",".join(member_runs)
     assert version.tags["mammo_ray.members"] == "3" and version.run_id == parent.run_id

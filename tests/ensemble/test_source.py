@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
+from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.ensemble.model import register_ensemble
 from mammo_ray.ensemble.source import ModelSourceError, resolve_model_source
 from mammo_ray.train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from mammo_ray.train.loop import build_training
-from mammo_ray.data.pipeline import ensure_prepared
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,7 @@ def checkpoints(tiny_workdir, tiny_config, tmp_path_factory):
     for seed in (0, 1):
         config = tiny_config(f"train.seed={seed}")
         training = build_training(config, ensure_prepared(config, tiny_workdir, progress=False).cache_dir)
-        payload = checkpoint_payload(model=training.model, config=config, spec=training.spec, epoch=0,
-                                     history=[])
+        payload = checkpoint_payload(model=training.model, config=config, spec=training.spec, epoch=0, history=[])
         paths.append(save_checkpoint(payload, tmp_path_factory.mktemp(f"member{seed}")))
     return paths
 
@@ -63,7 +62,7 @@ def test_registered_ensemble_gives_every_member(checkpoints, store, tmp_path):
     assert source.kind == "registered" and len(source.checkpoints) == 2
     assert source.member_run_ids == members and source.run_id == parent.info.run_id
     assert source.version == "1" and source.model_uri == "models:/source-test/1"
-    for downloaded, original in zip(source.checkpoints, checkpoints):  # same weights, in member order
+    for downloaded, original in zip(source.checkpoints, checkpoints, strict=True):  # same weights, in member order
         a, b = load_checkpoint(downloaded), load_checkpoint(original)
         assert a["config"] == b["config"] and all((a["model"][k] == b["model"][k]).all() for k in a["model"])
     with pytest.raises(ModelSourceError, match="no version 7"):

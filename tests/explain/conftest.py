@@ -36,11 +36,12 @@ def one_torch_thread():
 def blob_images(labels: torch.Tensor, generator: torch.Generator, side: int = SIDE) -> torch.Tensor:
     """(N, 1, side, side) noise images in about [-3, 3]; label 1 adds a bright blob at a random place."""
     x = 0.5 * torch.randn(len(labels), 1, side, side, generator=generator)
-    yy, xx = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij"
+    )
     for i in torch.nonzero(labels).flatten().tolist():
         cy, cx = torch.randint(12, side - 12, (2,), generator=generator).tolist()
-        x[i, 0] += 2.5 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 5.0 ** 2))
+        x[i, 0] += 2.5 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 5.0**2))
     return x.clamp(-3, 3)
 
 

@@ -115,11 +115,14 @@ def test_parallel_exam_dream_and_reproducibility(blob_levynet, blob_exam):
     torch.testing.assert_close(up.scores[0], exam_start)
     assert up.scores[-1] > 0.9
     assert 1 - down.scores[-1] < exam_start - 0.02  # the exam's S(1) falls; erasing a blob is slower than adding one
-    for start, dreamed in zip((blob, plain), down.final):  # each view's own malignancy logit falls clearly
+    for start, dreamed in zip((blob, plain), down.final, strict=True):  # each view's own malignancy logit falls clearly
         before, after = (torch.softmax(blob_levynet(v), 1)[0, 1].detach() for v in (start, dreamed))
         assert _logit(before) - _logit(after) > 2
-    assert all(torch.equal(a, b) for fa, fb in zip(up.frames, again.frames)
-               for a, b in zip((*fa.images, *fa.saliency, fa.score), (*fb.images, *fb.saliency, fb.score)))
+    assert all(
+        torch.equal(a, b)
+        for fa, fb in zip(up.frames, again.frames, strict=True)
+        for a, b in zip((*fa.images, *fa.saliency, fa.score), (*fb.images, *fb.saliency, fb.score), strict=True)
+    )
     assert not torch.equal(other.frames[1].images[0], up.frames[1].images[0])
 
 
@@ -162,7 +165,7 @@ def test_gif_and_png_have_every_frame_and_three_panels(blob_levynet, blob_exam, 
         assert image.info["duration"] == 250
         image.seek(3)
         last = np.asarray(image.convert("RGB"))
-    dream_panel = last[MARGIN_PX:MARGIN_PX + PANEL_PX, 2 * PANEL_PX:]
+    dream_panel = last[MARGIN_PX : MARGIN_PX + PANEL_PX, 2 * PANEL_PX :]
     assert (dream_panel[..., 0].astype(int) - dream_panel[..., 2]).max() > 100  # red where the dream added
     one = save_dream_gif(result, tmp_path / "mlo.gif", view="MLO")
     with Image.open(one) as image:

@@ -25,7 +25,7 @@ def test_first_layer_filters_come_from_info_first_conv():
 
 def _tile(grid, index, per_row, k):
     r, c = divmod(index, per_row)
-    return grid[1 + r * (k + 1):1 + r * (k + 1) + k, 1 + c * (k + 1):1 + c * (k + 1) + k]
+    return grid[1 + r * (k + 1) : 1 + r * (k + 1) + k, 1 + c * (k + 1) : 1 + c * (k + 1) + k]
 
 
 @pytest.mark.parametrize("in_ch, shape", [(3, (25, 25, 3)), (1, (25, 25))])
@@ -48,7 +48,7 @@ def test_nine_channel_filters_one_row_per_filter():
     weights[3] = 0.25  # a constant filter shows as mid-grey
     grid = filter_grid(weights)
     assert grid.shape == (64 * 8 + 1, 9 * 8 + 1)
-    row = grid[1 + 3 * 8:1 + 3 * 8 + 7]
+    row = grid[1 + 3 * 8 : 1 + 3 * 8 + 7]
     assert (row[:, 1:-1][:, (np.arange(71) % 8) != 7] == 128).all()
     both = np.stack([_tile(grid, 9 * 10 + c, 9, 7) for c in range(9)])  # filter 10, its 9 channels together
     assert both.min() == 0 and both.max() == 255

@@ -17,10 +17,10 @@ class TopLeftNet(nn.Module):
     def __init__(self, channels: int = 3, side: int = 16) -> None:
         super().__init__()
         self.half = side // 2
-        self.fc = nn.Linear(channels * self.half ** 2, 2)
+        self.fc = nn.Linear(channels * self.half**2, 2)
 
     def forward(self, x):
-        return self.fc(x[:, :, :self.half, :self.half].flatten(1))
+        return self.fc(x[:, :, : self.half, : self.half].flatten(1))
 
 
 def test_saliency_is_zero_outside_the_region_the_model_reads():

@@ -23,8 +23,16 @@ def _blob_detector() -> Classifier:
     4x4 max pool (16 x 16 features at 64 px); fc row 1 = [1, 0], row 0 = [0, 0.02], so a small
     bright disc outweighs a large dark background.
     """
-    info = ModelInfo("blob_detector", SIDE, 8, 2, "features", "features.conv",
-                     (("trunk", ("features",)), ("head", ("fc",))), gap_fc=True)
+    info = ModelInfo(
+        "blob_detector",
+        SIDE,
+        8,
+        2,
+        "features",
+        "features.conv",
+        (("trunk", ("features",)), ("head", ("fc",))),
+        gap_fc=True,
+    )
     features = nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 2, 5, padding=2), act=nn.ReLU(), pool=nn.MaxPool2d(4)))
     model = Classifier(info, features, num_features=2, in_chans=1).eval()
     with torch.no_grad():
@@ -37,7 +45,7 @@ def _blob_detector() -> Classifier:
 
 def _blob_image() -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
-    disc = ((yy - BLOB[0]) ** 2 + (xx - BLOB[1]) ** 2 <= 6 ** 2).float()
+    disc = ((yy - BLOB[0]) ** 2 + (xx - BLOB[1]) ** 2 <= 6**2).float()
     return disc[None, None]  # (1, 1, 64, 64): a bright disc of radius 6 on black
 
 
@@ -53,13 +61,13 @@ def test_maps_peak_on_the_region_that_decides_the_class(method):
     with torch.no_grad():
         assert model(x).argmax(1).item() == 1
     row, col = _peak(cam(model, x, target_class=1, method=method))
-    assert (row - BLOB[0]) ** 2 + (col - BLOB[1]) ** 2 <= 8 ** 2, (row, col)  # on the disc
+    assert (row - BLOB[0]) ** 2 + (col - BLOB[1]) ** 2 <= 8**2, (row, col)  # on the disc
     maps = cam(model, x, target_class=1, method=method)
     assert maps.shape == (1, 16, 16)
     cells = maps[0] > 0
     assert cells[8:, :8].any() and not cells[:8].any() and not cells[:, 8:].any()  # only the disc's quadrant fires
     row, col = _peak(cam(model, x, target_class=0, method=method))  # class 0 is driven by the dark background
-    assert (row - BLOB[0]) ** 2 + (col - BLOB[1]) ** 2 > 8 ** 2
+    assert (row - BLOB[0]) ** 2 + (col - BLOB[1]) ** 2 > 8**2
 
 
 def test_cam_is_the_fc_weighted_sum_of_the_feature_maps():
@@ -93,7 +101,7 @@ def _gradcam_cases():
     # run on the quick backbones; the slow ones to build or run on 2 cores get 3 channels only.
     for name in list_models():
         quick = name in ("levynet", "resnet18", "resnet50")
-        for in_chans in ((1, 3, 9) if quick else (3,)):
+        for in_chans in (1, 3, 9) if quick else (3,):
             yield name, in_chans
 
 
@@ -116,8 +124,11 @@ def test_grad_cam_checks_the_target_layer():
     model = create_model("resnet18", in_chans=1).eval()
     x = torch.randn(1, 1, SIDE, SIDE)
     model.info = dataclasses.replace(model.info, cam_target_layer="features.layer3")
-    with pytest.raises(ValueError, match=r"cam_target_layer 'features.layer3' \(1, 256, 4, 4\) is not the "
-                                         r"forward_features map \(1, 512, 2, 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"cam_target_layer 'features.layer3' \(1, 256, 4, 4\) is not the "
+        r"forward_features map \(1, 512, 2, 2\)",
+    ):
         grad_cam(model, x)
     model.info = dataclasses.replace(model.info, cam_target_layer="features.layer9")
     with pytest.raises(ValueError, match="'features.layer9' is not a submodule"):

@@ -41,15 +41,23 @@ def _model(*overrides: str) -> tuple[nn.Module, object, TransformSpec]:
 
 def _mammogram() -> np.ndarray:
     """Breast tissue on the left, a bright disc (the lesion) at row 140, col 40."""
-    yy, xx = np.mgrid[:SHAPE[0], :SHAPE[1]]
-    image = np.where(xx < 80, 90.0, 0.0) + 60.0 * ((yy - 140) ** 2 + (xx - 40) ** 2 <= 12 ** 2)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    image = np.where(xx < 80, 90.0, 0.0) + 60.0 * ((yy - 140) ** 2 + (xx - 40) ** 2 <= 12**2)
     return image.astype(np.float32)
 
 
 def _blob_detector() -> tuple[nn.Module, object, TransformSpec]:
     """A GAP+FC classifier whose class-1 CAM is the local brightness above 0.5 (1-channel input)."""
-    info = ModelInfo("blob_detector", 32, 8, 2, "features", "features.conv",
-                     (("trunk", ("features",)), ("head", ("fc",))), gap_fc=True)
+    info = ModelInfo(
+        "blob_detector",
+        32,
+        8,
+        2,
+        "features",
+        "features.conv",
+        (("trunk", ("features",)), ("head", ("fc",))),
+        gap_fc=True,
+    )
     features = nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 2, 5, padding=2), act=nn.ReLU(), pool=nn.MaxPool2d(4)))
     model = Classifier(info, features, num_features=2, in_chans=1).eval()
     with torch.no_grad():
@@ -62,6 +70,7 @@ def _blob_detector() -> tuple[nn.Module, object, TransformSpec]:
 
 
 # ---- method choice ---------------------------------------------------------------------------
+
 
 def test_each_model_gets_its_method_and_a_reason_for_the_others():
     resnet, crop_config, spec = _model(*CROP, "model.name=resnet18")
@@ -96,8 +105,10 @@ def test_the_scale_follows_the_crop_mode():
 
 # ---- maps ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "method", "rows"), [("resnet18", "cam", 4), ("resnet18", "gradcam", 4),
-                                                      ("levynet", "gradcam", 16)])
+
+@pytest.mark.parametrize(
+    ("name", "method", "rows"), [("resnet18", "cam", 4), ("resnet18", "gradcam", 4), ("levynet", "gradcam", 16)]
+)
 def test_class_maps_are_relative_maps_on_the_whole_image(name, method, rows):
     model, config, spec = _model(*CROP, f"model.name={name}")
     image = _mammogram()
@@ -124,9 +135,10 @@ def test_the_map_and_its_box_land_on_the_lesion_in_stored_pixels(method, flipped
     model, config, spec = _blob_detector()
     canonical = np.zeros((64, 96), dtype=np.float32)
     yy, xx = np.mgrid[:64, :96]
-    canonical[(yy - 40) ** 2 + (xx - 20) ** 2 <= 6 ** 2] = 1.0  # the disc, in the canonical frame
-    found = localize_class_map([model], spec, config, canonical, method=method, flipped=flipped,
-                               long_side=96, threshold=0.5)  # scale 1: 16 x 24 cells of 4 px
+    canonical[(yy - 40) ** 2 + (xx - 20) ** 2 <= 6**2] = 1.0  # the disc, in the canonical frame
+    found = localize_class_map(
+        [model], spec, config, canonical, method=method, flipped=flipped, long_side=96, threshold=0.5
+    )  # scale 1: 16 x 24 cells of 4 px
     assert found.dense.probs.shape == (16, 24) and found.map_scale == pytest.approx(4.0)
     centre_x = 95 - 20 if flipped else 20  # where the disc is in the stored image
     box = found.boxes[0]
@@ -150,6 +162,7 @@ def test_dense_runs_through_the_same_entry_point():
 
 # ---- CLI -------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A resnet18 crop-classifier checkpoint, a levynet patch-classifier checkpoint and a PNG mammogram."""
@@ -169,12 +182,26 @@ def _run(capfd, *args: str) -> tuple[int, dict]:
     return code, json.loads(capfd.readouterr().out)
 
 
-@pytest.mark.parametrize(("model", "method", "expected"), [("crop", None, "cam"), ("crop", "gradcam", "gradcam"),
-                                                           ("patch", None, "dense")])
+@pytest.mark.parametrize(
+    ("model", "method", "expected"), [("crop", None, "cam"), ("crop", "gradcam", "gradcam"), ("patch", None, "dense")]
+)
 def test_localize_cli_states_its_method(files, tmp_path, capfd, model, method, expected):
     extra = ["--method", method] if method else []
-    code, out = _run(capfd, "localize", "--model", str(files[model]), "--image", str(files["image"]), "--out",
-                     str(tmp_path / "out"), "--workdir", str(tmp_path), "--threshold", "0.5", *extra)
+    code, out = _run(
+        capfd,
+        "localize",
+        "--model",
+        str(files[model]),
+        "--image",
+        str(files["image"]),
+        "--out",
+        str(tmp_path / "out"),
+        "--workdir",
+        str(tmp_path),
+        "--threshold",
+        "0.5",
+        *extra,
+    )
     assert code == 0, out
     assert out["method"] == expected and out["disclaimer"].startswith("For research use only")
     saved = json.loads(open(out["boxes_json"]).read())
@@ -188,6 +215,18 @@ def test_localize_cli_states_its_method(files, tmp_path, capfd, model, method, e
 
 
 def test_localize_cli_refuses_a_method_the_model_cannot_do(files, tmp_path, capfd):
-    code, out = _run(capfd, "localize", "--model", str(files["crop"]), "--image", str(files["image"]), "--out",
-                     str(tmp_path / "out"), "--workdir", str(tmp_path), "--method", "dense")
+    code, out = _run(
+        capfd,
+        "localize",
+        "--model",
+        str(files["crop"]),
+        "--image",
+        str(files["image"]),
+        "--out",
+        str(tmp_path / "out"),
+        "--workdir",
+        str(tmp_path),
+        "--method",
+        "dense",
+    )
     assert code == 2 and "method 'dense' is not available" in out["error"] and "proportional" in out["error"]

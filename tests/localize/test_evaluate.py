@@ -53,9 +53,23 @@ def _film(breast_right: bool = False, bright=()) -> np.ndarray:
 
 def _row(image_id, patient, kind, lesion, image_path, *, mask="", box=None, resolved=True):
     x0, y0, x1, y1 = box if box else (np.nan,) * 4
-    return {"image_id": image_id, "patient_id": patient, "side": "LEFT", "view": "CC", "abnormality_type": kind,
-            "lesion_id": lesion, "image_path": str(image_path), "roi_mask_path": str(mask), "resolved": resolved,
-            "bbox_x0": x0, "bbox_y0": y0, "bbox_x1": x1, "bbox_y1": y1, "seed_x": np.nan, "seed_y": np.nan}
+    return {
+        "image_id": image_id,
+        "patient_id": patient,
+        "side": "LEFT",
+        "view": "CC",
+        "abnormality_type": kind,
+        "lesion_id": lesion,
+        "image_path": str(image_path),
+        "roi_mask_path": str(mask),
+        "resolved": resolved,
+        "bbox_x0": x0,
+        "bbox_y0": y0,
+        "bbox_x1": x1,
+        "bbox_y1": y1,
+        "seed_x": np.nan,
+        "seed_y": np.nan,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +113,7 @@ def brightness_localizer(image: np.ndarray, flipped: bool) -> Localization:
     probs = np.zeros((rows, cols), dtype=np.float32)
     for i in range(rows):
         for j in range(cols):
-            cell = image[4 + i * STRIDE:12 + i * STRIDE, 4 + j * STRIDE:12 + j * STRIDE]
+            cell = image[4 + i * STRIDE : 12 + i * STRIDE, 4 + j * STRIDE : 12 + j * STRIDE]
             probs[i, j] = np.clip((cell.max() - TISSUE) / (LESION - TISSUE), 0, 1)
     dense = DenseMap(probs, STRIDE, WINDOW, SHAPE)
     return Localization(dense, np.zeros_like(probs), WindowGeometry(1.0, WINDOW, WINDOW), SHAPE, flipped, 0.5)
@@ -115,8 +129,13 @@ def test_every_mass_row_of_the_split_is_one_roi(manifest, scan):
     readable = scan.images
     by_film = {s.image_id: s for s in readable}
     assert sorted(by_film) == ["P_A_LEFT_CC", "P_B_LEFT_CC", "P_C_LEFT_CC", "P_D_LEFT_CC", "P_E_LEFT_CC"]
-    assert {k: s.n_masses for k, s in by_film.items()} == {"P_A_LEFT_CC": 3, "P_B_LEFT_CC": 1, "P_C_LEFT_CC": 0,
-                                                           "P_D_LEFT_CC": 1, "P_E_LEFT_CC": 1}
+    assert {k: s.n_masses for k, s in by_film.items()} == {
+        "P_A_LEFT_CC": 3,
+        "P_B_LEFT_CC": 1,
+        "P_C_LEFT_CC": 0,
+        "P_D_LEFT_CC": 1,
+        "P_E_LEFT_CC": 1,
+    }
     mass_rows_of_scanned = int(((manifest["abnormality_type"] == "MASS") & (manifest["patient_id"] != "P_F")).sum())
     assert sum(s.n_masses for s in readable) == mass_rows_of_scanned == 6
     # P_F's only file is missing: reported with its ROI, which leaves the evaluation counted

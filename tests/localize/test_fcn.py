@@ -19,8 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from mammo_ray.localize.fcn import (DenseMap, Geometry, dense_map, ensemble_dense_map, sliding_window_map,
-                                    trunk_geometry)
+from mammo_ray.localize.fcn import DenseMap, Geometry, dense_map, ensemble_dense_map, sliding_window_map, trunk_geometry
 from mammo_ray.models import Classifier, ModelInfo, create_model, create_view_model
 
 WINDOW = 32  # px; the padding-free nets below have stride 4 and see 6 x 6 feature cells per window
@@ -29,17 +28,41 @@ WINDOW = 32  # px; the padding-free nets below have stride 4 and see 6 x 6 featu
 def _valid_net(head: str, seed: int = 0, pool: nn.Module | None = None) -> Classifier:
     """A padding-free trunk (valid 3x3 convs + 2x2 max pools, stride 4) with a GAP+FC or an MLP head."""
     torch.manual_seed(seed)
-    info = ModelInfo(f"valid_{head}", WINDOW, 14, 8, "features", "features.conv1",
-                     (("trunk", ("features",)), ("head", ("fc",))), gap_fc=head == "gap")
-    features = nn.Sequential(OrderedDict(conv1=nn.Conv2d(3, 6, 3), act1=nn.ReLU(), pool1=nn.MaxPool2d(2),
-                                         conv2=nn.Conv2d(6, 8, 3), act2=nn.ReLU(), pool2=nn.MaxPool2d(2)))
+    info = ModelInfo(
+        f"valid_{head}",
+        WINDOW,
+        14,
+        8,
+        "features",
+        "features.conv1",
+        (("trunk", ("features",)), ("head", ("fc",))),
+        gap_fc=head == "gap",
+    )
+    features = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 6, 3),
+            act1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(6, 8, 3),
+            act2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2),
+        )
+    )
     if pool is not None:
         features.add_module("pool", pool)
     if head == "gap":
         return Classifier(info, features, num_features=8, in_chans=1, head_init="xavier").eval()
     mlp = nn.Sequential(nn.Linear(8 * 4, 16), nn.ReLU())
-    return Classifier(info, features, num_features=8, head_features=16, in_chans=1, head_init="xavier",
-                      global_pool=nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(1)), pre_logits=mlp).eval()
+    return Classifier(
+        info,
+        features,
+        num_features=8,
+        head_features=16,
+        in_chans=1,
+        head_init="xavier",
+        global_pool=nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(1)),
+        pre_logits=mlp,
+    ).eval()
 
 
 def _image(h: int, w: int, channels: int = 1, seed: int = 0, sigma: float = 8.0) -> torch.Tensor:
@@ -47,8 +70,10 @@ def _image(h: int, w: int, channels: int = 1, seed: int = 0, sigma: float = 8.0)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(1, channels, h, w, generator=g)
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    blobs = sum(torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
-                for cy, cx in [(0.3 * h, 0.7 * w), (0.75 * h, 0.2 * w)])
+    blobs = sum(
+        torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+        for cy, cx in [(0.3 * h, 0.7 * w), (0.75 * h, 0.2 * w)]
+    )
     return (torch.nn.functional.avg_pool2d(noise, 5, 1, 2) + 2 * blobs)[0]
 
 
@@ -112,10 +137,13 @@ def test_one_window_image_is_exactly_the_classifier(name, window):
     assert dense_map(model, image, window).probs == pytest.approx(np.array([[expected]], np.float32), abs=1e-6)
 
 
-@pytest.mark.parametrize("name, window, size, sigma, min_corr, max_mean_abs", [
-    ("levynet", 32, (96, 128), 8.0, 0.9, 0.015),  # measured: corr 0.944, mean |diff| 0.009, max 0.033
-    ("resnet18", 64, (128, 256), 12.0, None, 0.025),  # measured: corr 0.25, mean |diff| 0.015, max 0.037
-])
+@pytest.mark.parametrize(
+    "name, window, size, sigma, min_corr, max_mean_abs",
+    [
+        ("levynet", 32, (96, 128), 8.0, 0.9, 0.015),  # measured: corr 0.944, mean |diff| 0.009, max 0.033
+        ("resnet18", 64, (128, 256), 12.0, None, 0.025),  # measured: corr 0.25, mean |diff| 0.015, max 0.037
+    ],
+)
 def test_padded_backbones_are_close_to_sliding_windows(name, window, size, sigma, min_corr, max_mean_abs):
     """Padding makes dense cells differ from crops; how much depends on receptive field vs window.
 
@@ -135,8 +163,10 @@ def test_padded_backbones_are_close_to_sliding_windows(name, window, size, sigma
     assert dense.probs.shape == reference.probs.shape
     diff = np.abs(dense.probs - reference.probs)
     corr = np.corrcoef(dense.probs.ravel(), reference.probs.ravel())[0, 1]
-    print(f"{name}: {dense.probs.shape} cells, corr {corr:.3f}, mean |diff| {diff.mean():.4f}, "
-          f"max {diff.max():.4f}, map sd {reference.probs.std():.4f}")
+    print(
+        f"{name}: {dense.probs.shape} cells, corr {corr:.3f}, mean |diff| {diff.mean():.4f}, "
+        f"max {diff.max():.4f}, map sd {reference.probs.std():.4f}"
+    )
     assert (min_corr is None or corr > min_corr) and diff.mean() < max_mean_abs
 
 
@@ -219,16 +249,19 @@ def test_full_size_mammogram_in_bounded_memory():
     The peak is the child's own VmHWM, reset right before ``dense_map``: ``ru_maxrss`` (self or
     children) would not do, because Linux carries the forking parent's peak RSS across exec.
     """
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(_FULL_SIZE)], capture_output=True, text=True,
-                         timeout=600, check=False)
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FULL_SIZE)], capture_output=True, text=True, timeout=600, check=False
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     stats = json.loads(run.stdout.strip().splitlines()[-1])
     growth = (stats["after_kib"] - stats["before_kib"]) * 1024
     # Untiled, resnet18's stem alone holds conv1's and bn1's full-resolution outputs at once:
     # 2 x 64 channels x 1500 x 2500 float32.
     untiled_stem = 2 * 64 * 1500 * 2500 * 4
-    print(f"tiled run: {stats['seconds']:.1f} s, peak RSS {stats['after_kib'] / 2**10:.0f} MiB, growth during "
-          f"dense_map {growth / 2**20:.0f} MiB (untiled stem alone: {untiled_stem / 2**20:.0f} MiB)")
+    print(
+        f"tiled run: {stats['seconds']:.1f} s, peak RSS {stats['after_kib'] / 2**10:.0f} MiB, growth during "
+        f"dense_map {growth / 2**20:.0f} MiB (untiled stem alone: {untiled_stem / 2**20:.0f} MiB)"
+    )
     assert stats["shape"] == [(3000 - 224) // 32 + 1, (5000 - 224) // 32 + 1] and stats["finite"]
     assert 0 < growth < 768 * 2**20 and untiled_stem > 2 * growth
     assert stats["after_kib"] < 3 * 2**20  # the whole process, torch and the 60 MB image included

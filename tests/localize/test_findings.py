@@ -30,6 +30,7 @@ def square(shape=(20, 20), rows=slice(5, 10), cols=slice(5, 10)) -> np.ndarray:
 
 # ---- find_boxes / mask_to_grid -------------------------------------------------------------
 
+
 def test_find_boxes_two_blobs_full_resolution():
     boxes = find_boxes(two_blob_map(), 0.4)
     assert boxes == [Finding(20, 10, 25, 12, 0.9, 10.0), Finding(3, 2, 7, 5, 0.7, 12.0)]
@@ -77,8 +78,10 @@ def test_mask_to_grid_any_and_fraction():
     assert mask_to_grid(half, (2, 2), 8, min_fraction=0.5).tolist() == [[True, False], [False, False]]
     assert not mask_to_grid(half, (2, 2), 8, min_fraction=0.6).any()
     # Cells past the image edge: fraction of the in-image pixels; wholly outside -> False.
-    assert mask_to_grid(np.ones((4, 4)), (2, 2), 4, (0, 0), min_fraction=1.0).tolist() == \
-        [[True, False], [False, False]]
+    assert mask_to_grid(np.ones((4, 4)), (2, 2), 4, (0, 0), min_fraction=1.0).tolist() == [
+        [True, False],
+        [False, False],
+    ]
     assert mask_to_grid(half, (16, 16)).tolist() == half.tolist()  # scale 1: identity
 
 
@@ -126,6 +129,7 @@ def test_a_stack_of_rois_counts_each_lesion_and_an_empty_one_as_missed():
 
 # ---- froc ----------------------------------------------------------------------------------
 
+
 def test_perfect_map():
     mask = square()
     prob = 0.9 * mask
@@ -136,28 +140,32 @@ def test_perfect_map():
     assert result.image_accuracy.tolist() == [1.0, 1.0, 0.5]
     assert result.image_auc == 1.0
     assert result.sensitivity_at(0.0) == 1.0
-    assert result.operating_point(0.5) == {"threshold": 0.5, "sensitivity": 1.0, "fp_per_image": 0.0,
-                                           "image_accuracy": 1.0}
+    assert result.operating_point(0.5) == {
+        "threshold": 0.5,
+        "sensitivity": 1.0,
+        "fp_per_image": 0.0,
+        "image_accuracy": 1.0,
+    }
 
 
 def test_extra_blob_is_one_false_positive_per_two_images():
     mask = square()
     prob = 0.65 * mask
-    prob[15:17, 15:17] = 0.6       # a blob away from the ROI
-    prob[10, 10] = 0.6             # touches the ROI's corner (8-connected): not a false positive
+    prob[15:17, 15:17] = 0.6  # a blob away from the ROI
+    prob[10, 10] = 0.6  # touches the ROI's corner (8-connected): not a false positive
     empty = np.zeros((20, 20))
     result = froc([prob, empty], [mask, empty], [0.3, 0.5, 0.6, 0.7])
     assert result.fp_per_image.tolist() == [0.5, 0.5, 0.5, 0.0]  # 1 FP on image 0 while t <= 0.6
     assert result.sensitivity.tolist() == [1.0, 1.0, 1.0, 0.0]
     assert result.sensitivity_at(0.5) == 1.0
-    assert result.sensitivity_at(0.4) == 0.0   # only t = 0.7 stays within budget
+    assert result.sensitivity_at(0.4) == 0.0  # only t = 0.7 stays within budget
     assert evaluate_image(prob, mask, [0.3, 0.7]).false_positives.tolist() == [1, 0]
 
 
 def test_mean_and_max_reduce_differ():
     mask = square(rows=slice(2, 6), cols=slice(2, 6))  # 16 pixels
     prob = np.where(mask, 0.1, 0.0)
-    prob[3, 3] = 0.9                                   # max 0.9, mean (0.9 + 15 * 0.1) / 16 = 0.15
+    prob[3, 3] = 0.9  # max 0.9, mean (0.9 + 15 * 0.1) / 16 = 0.15
     by_max = froc([prob], [mask], [0.1, 0.5], reduce="max")
     by_mean = froc([prob], [mask], [0.1, 0.5], reduce="mean")
     assert by_max.roi_scores.tolist() == [0.9]
@@ -181,8 +189,8 @@ def test_image_accuracy_and_auc_by_hand():
     result = froc(maps, masks, [0.25, 0.5])
     assert result.image_labels.tolist() == [1, 1, 0, 0]
     assert result.image_accuracy.tolist() == [0.75, 0.5]  # calls [1,1,1,0] and [1,0,1,0]
-    assert result.image_auc == 0.75                       # 3 of 4 (pos, neg) pairs ordered
-    assert result.fp_per_image.tolist() == [0.25, 0.25]   # the 0.6 blob on image 2
+    assert result.image_auc == 0.75  # 3 of 4 (pos, neg) pairs ordered
+    assert result.fp_per_image.tolist() == [0.25, 0.25]  # the 0.6 blob on image 2
     assert result.sensitivity.tolist() == [1.0, 0.5]
 
 
@@ -199,10 +207,20 @@ def test_no_roi_at_all_is_undefined_not_a_crash():
 
 
 def test_sensitivity_at_is_a_step_function():
-    result = FROCResult(thresholds=np.array([0.2, 0.4, 0.6]), sensitivity=np.array([0.9, 0.8, 0.5]),
-                        fp_per_image=np.array([2.0, 0.9, 0.3]), image_accuracy=np.zeros(3),
-                        image_auc=0.5, n_images=10, n_rois=10, reduce="max", hit="overlap", roi_scores=np.zeros(10),
-                        image_scores=np.zeros(10), image_labels=np.zeros(10))
+    result = FROCResult(
+        thresholds=np.array([0.2, 0.4, 0.6]),
+        sensitivity=np.array([0.9, 0.8, 0.5]),
+        fp_per_image=np.array([2.0, 0.9, 0.3]),
+        image_accuracy=np.zeros(3),
+        image_auc=0.5,
+        n_images=10,
+        n_rois=10,
+        reduce="max",
+        hit="overlap",
+        roi_scores=np.zeros(10),
+        image_scores=np.zeros(10),
+        image_labels=np.zeros(10),
+    )
     assert [result.sensitivity_at(fp) for fp in (0.1, 0.3, 0.89, 0.9, 1.0, 5.0)] == [0.0, 0.5, 0.5, 0.8, 0.8, 0.9]
     assert result.to_dict()["operating_point_at_1fp"]["threshold"] == 0.4
     with pytest.raises(ValueError, match="0.45 was not evaluated"):
@@ -234,8 +252,9 @@ def test_informative_map_beats_random_heatmap(tmp_path):
     assert good.sensitivity_at(1.0) >= 0.85
     assert bad.sensitivity_at(1.0) <= 0.3
     assert good.image_auc == 1.0 and bad.image_auc < 0.75
-    path = plot_froc(good, tmp_path / "figs" / "froc.png", label="blurred mask + noise",
-                     compare={"random heatmap": bad})
+    path = plot_froc(
+        good, tmp_path / "figs" / "froc.png", label="blurred mask + noise", compare={"random heatmap": bad}
+    )
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 300
     json.dumps(good.to_dict())  # JSON-safe
@@ -257,12 +276,13 @@ def test_peak_rule_on_a_map_high_everywhere():
     assert (by_overlap.sensitivity.tolist(), by_overlap.fp_per_image.tolist()) == ([1.0], [0.0])
     assert (by_peak.sensitivity.tolist(), by_peak.fp_per_image.tolist()) == ([0.0], [1.0])
     peaked = flat.copy()
-    peaked[7, 7] = 0.9             # now the blob's peak is inside the ROI: a hit, no FP
+    peaked[7, 7] = 0.9  # now the blob's peak is inside the ROI: a hit, no FP
     assert evaluate_image(peaked, mask, [0.5], hit="peak").detected.tolist() == [[True]]
     assert evaluate_image(peaked, mask, [0.5], hit="peak").false_positives.tolist() == [0]
 
 
 # ---- errors --------------------------------------------------------------------------------
+
 
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="no images"):

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
-
 from setups import TINY_TRAIN
+
 from mammo_ray.cli import main
 from mammo_ray.config import load_config
 from mammo_ray.data.crops import mask_bbox
@@ -23,6 +23,7 @@ from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.localize.whole_image import localize_image, prepare_whole_image, read_mammogram, window_geometry
 
 pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def mass_image(patch_model):
@@ -64,8 +65,9 @@ def test_boxes_land_on_the_masses_in_original_coordinates(patch_model):
     for row in rows.itertuples():
         image, flipped = read_mammogram(row.image_path)
         mask, _ = read_dicom(row.roi_mask_path, flip=False)  # the stored orientation
-        found = localize_image(list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped,
-                               threshold=0.5, tile=64)
+        found = localize_image(
+            list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped, threshold=0.5, tile=64
+        )
         flips.add(flipped)
         scores = [b.score for b in found.boxes]
         assert scores == sorted(scores, reverse=True) and all(s >= 0.5 for s in scores)
@@ -79,8 +81,12 @@ def test_boxes_land_on_the_masses_in_original_coordinates(patch_model):
 def test_tiles_do_not_change_the_grid(patch_model, mass_image):
     ensemble = Ensemble.from_checkpoints([patch_model[0]])
     image, flipped = read_mammogram(mass_image[0])
-    maps = [localize_image(list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped,
-                           tile=tile).dense.probs for tile in (None, 64, 100)]
+    maps = [
+        localize_image(
+            list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped, tile=tile
+        ).dense.probs
+        for tile in (None, 64, 100)
+    ]
     assert maps[0].shape == maps[1].shape == maps[2].shape
     # levynet pads its convolutions, so tile seams differ a little (exact for valid convs: test_fcn);
     # measured 0.90-0.97 across patch models, 64-px tiles being the worst case
@@ -94,8 +100,22 @@ def test_localize_cli_writes_overlay_and_boxes_and_logs_to_the_run(patch_model, 
     experiment = client.create_experiment("localize", artifact_location=str(tmp_path / "artifacts"))
     run = client.create_run(experiment, tags={"mammo_ray.checkpoint": str(patch_model[0])})
     client.set_terminated(run.info.run_id)
-    out = _run(capfd, "localize", "--model", run.info.run_id, "--tracking-uri", uri, "--image", mass_image[0],
-               "--out", str(tmp_path / "out"), "--workdir", str(tmp_path), "--threshold", "0.25")
+    out = _run(
+        capfd,
+        "localize",
+        "--model",
+        run.info.run_id,
+        "--tracking-uri",
+        uri,
+        "--image",
+        mass_image[0],
+        "--out",
+        str(tmp_path / "out"),
+        "--workdir",
+        str(tmp_path),
+        "--threshold",
+        "0.25",
+    )
     assert out["boxes"] and set(out["boxes"][0]) >= {"x0", "y0", "x1", "y1", "score"}
     assert out["disclaimer"].startswith("For research use only")
     with Image.open(out["overlay"]) as png:
@@ -108,8 +128,22 @@ def test_localize_cli_writes_overlay_and_boxes_and_logs_to_the_run(patch_model, 
 
 def test_froc_beats_a_random_heatmap(patch_model, tmp_path, capfd):
     _, prepared = patch_model
-    out = _run(capfd, "froc", "--model", str(patch_model[0]), "--manifest", prepared.manifest, "--splits",
-               prepared.splits, "--split", "test", "--out", str(tmp_path / "froc"), "--workdir", str(tmp_path))
+    out = _run(
+        capfd,
+        "froc",
+        "--model",
+        str(patch_model[0]),
+        "--manifest",
+        prepared.manifest,
+        "--splits",
+        prepared.splits,
+        "--split",
+        "test",
+        "--out",
+        str(tmp_path / "froc"),
+        "--workdir",
+        str(tmp_path),
+    )
     assert out["n_images"] >= 4 and out["n_rois"] >= 2 and out["skipped"] == []
     # "peak" counts each blob once at its maximum: a random map cannot hide in one big blob there
     assert out["sensitivity_at_1fp"]["peak"] > out["random_sensitivity_at_1fp"]["peak"] + 0.2, out
@@ -126,15 +160,43 @@ def test_froc_beats_a_random_heatmap(patch_model, tmp_path, capfd):
 def test_explain_and_dream_cli(patch_model, mass_image, tmp_path, capfd):
     image, box = mass_image
     roi = ",".join(str(v) for v in box)
-    out = _run(capfd, "explain", "--model", str(patch_model[0]), "--image", image, "--box", roi,
-               "--out", str(tmp_path / "explain"), "--workdir", str(tmp_path))
+    out = _run(
+        capfd,
+        "explain",
+        "--model",
+        str(patch_model[0]),
+        "--image",
+        image,
+        "--box",
+        roi,
+        "--out",
+        str(tmp_path / "explain"),
+        "--workdir",
+        str(tmp_path),
+    )
     assert 0 <= out["probability"] <= 1 and len(out["files"]) == 2
     saliency = np.load(out["saliency"])
     assert saliency.shape == (32, 32) and saliency.min() >= 0 and saliency.max() > 0
     for target in ("benign", "malignant"):
         gif = tmp_path / f"dream-{target}.gif"
-        dream = _run(capfd, "dream", "--model", str(patch_model[0]), "--image", image, "--box", roi,
-                     "--target", target, "--steps", "6", "--out", str(gif), "--workdir", str(tmp_path))
+        dream = _run(
+            capfd,
+            "dream",
+            "--model",
+            str(patch_model[0]),
+            "--image",
+            image,
+            "--box",
+            roi,
+            "--target",
+            target,
+            "--steps",
+            "6",
+            "--out",
+            str(gif),
+            "--workdir",
+            str(tmp_path),
+        )
         with Image.open(gif) as frames:
             assert frames.n_frames == 7
         scores = dream["scores"]  # P(target) per step: rises towards the target
@@ -143,8 +205,23 @@ def test_explain_and_dream_cli(patch_model, mass_image, tmp_path, capfd):
 
 def test_unknown_model_source_is_a_clear_error(tmp_path, capfd):
     capfd.readouterr()
-    assert main(["localize", "--model", "not-a-model", "--image", "x.dcm", "--out", str(tmp_path),
-                 "--workdir", str(tmp_path), "--json"]) == 2
+    assert (
+        main(
+            [
+                "localize",
+                "--model",
+                "not-a-model",
+                "--image",
+                "x.dcm",
+                "--out",
+                str(tmp_path),
+                "--workdir",
+                str(tmp_path),
+                "--json",
+            ]
+        )
+        == 2
+    )
     assert "--model not-a-model" in json.loads(capfd.readouterr().out)["error"]
 
 
@@ -156,10 +233,36 @@ def test_a_registered_ensemble_averages_its_members_maps(patch_model, mass_image
     experiment = client.create_experiment("ens", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment)
     registered = register_ensemble(uri, parent.info.run_id, [patch_model[0]] * 2, ["", ""], "patch-ensemble")
-    single = _run(capfd, "localize", "--model", str(patch_model[0]), "--image", mass_image[0], "--out",
-                  str(tmp_path / "one"), "--workdir", str(tmp_path), "--threshold", "0.25")
-    pair = _run(capfd, "localize", "--model", registered["model_uri"], "--tracking-uri", uri, "--image",
-                mass_image[0], "--out", str(tmp_path / "two"), "--workdir", str(tmp_path), "--threshold", "0.25")
+    single = _run(
+        capfd,
+        "localize",
+        "--model",
+        str(patch_model[0]),
+        "--image",
+        mass_image[0],
+        "--out",
+        str(tmp_path / "one"),
+        "--workdir",
+        str(tmp_path),
+        "--threshold",
+        "0.25",
+    )
+    pair = _run(
+        capfd,
+        "localize",
+        "--model",
+        registered["model_uri"],
+        "--tracking-uri",
+        uri,
+        "--image",
+        mass_image[0],
+        "--out",
+        str(tmp_path / "two"),
+        "--workdir",
+        str(tmp_path),
+        "--threshold",
+        "0.25",
+    )
     np.testing.assert_allclose(np.load(pair["map"]), np.load(single["map"]), atol=1e-6)  # the members' mean
     assert pair["max_spread"] == pytest.approx(0, abs=1e-6) and single["spread_overlay"] is None
     with Image.open(pair["spread_overlay"]) as png:

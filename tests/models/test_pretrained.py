@@ -4,8 +4,16 @@ import pytest
 import torch
 import torchvision.models as tvm
 
-from mammo_ray.models import (PretrainedWeightsError, create_model, create_view_model, fine_tune_multipliers, freeze,
-                              hub_cache_path, param_groups, weights_url)
+from mammo_ray.models import (
+    PretrainedWeightsError,
+    create_model,
+    create_view_model,
+    fine_tune_multipliers,
+    freeze,
+    hub_cache_path,
+    param_groups,
+    weights_url,
+)
 
 TORCHVISION_HEAD = ("fc.", "aux1.", "aux2.", "AuxLogits.")  # replaced or left out by the wrapper
 
@@ -19,10 +27,13 @@ def resnet18_file(tmp_path):
     return reference, path
 
 
-@pytest.mark.parametrize("name, tv_kwargs", [
-    ("resnet18", {}),
-    ("googlenet", dict(aux_logits=True, init_weights=True)),  # the ImageNet file holds the aux classifiers
-])
+@pytest.mark.parametrize(
+    "name, tv_kwargs",
+    [
+        ("resnet18", {}),
+        ("googlenet", dict(aux_logits=True, init_weights=True)),  # the ImageNet file holds the aux classifiers
+    ],
+)
 def test_loading_a_state_dict_file_gives_identical_trunk_weights(tmp_path, name, tv_kwargs):
     reference = getattr(tvm, name)(weights=None, **tv_kwargs)
     path = tmp_path / f"{name}.pth"
@@ -124,8 +135,17 @@ def test_param_groups_set_the_papers_learning_rates():
     assert multipliers == {"stem": 0.1, "layer1": 0.1, "layer2": 0.1, "layer3": 0.1, "layer4": 1.0}
     groups = param_groups(model, base_lr=0.01, weight_decay=5e-4, multipliers=multipliers)
     lr = {g["name"]: g["lr"] for g in groups}
-    assert lr == pytest.approx({"stem": 0.001, "layer1": 0.001, "layer2": 0.001, "layer3": 0.001, "layer4": 0.01,
-                                "head.weight": 0.1, "head.bias": 0.2})
+    assert lr == pytest.approx(
+        {
+            "stem": 0.001,
+            "layer1": 0.001,
+            "layer2": 0.001,
+            "layer3": 0.001,
+            "layer4": 0.01,
+            "head.weight": 0.1,
+            "head.bias": 0.2,
+        }
+    )
     by_name = {g["name"]: g["params"] for g in groups}
     assert by_name["head.weight"] == [model.fc.weight] and by_name["head.bias"] == [model.fc.bias]
     assert len(by_name["stem"]) == 3  # conv1.weight, bn1.weight, bn1.bias
@@ -143,7 +163,12 @@ def test_param_groups_set_the_papers_learning_rates():
 def test_googlenet_policies_of_paper_001():
     model = create_model("googlenet")
     assert fine_tune_multipliers(model, train_last=1) == {
-        "stem": 0.1, "inception3": 0.1, "inception4": 0.1, "inception5a": 0.1, "inception5b": 1.0}
+        "stem": 0.1,
+        "inception3": 0.1,
+        "inception4": 0.1,
+        "inception5a": 0.1,
+        "inception5b": 1.0,
+    }
     assert fine_tune_multipliers(model, train_last=2)["inception5a"] == 1.0  # "deeper"
     groups = param_groups(model, 0.01, 1e-3, fine_tune_multipliers(model, 2))
     assert {g["name"]: g["lr_mult"] for g in groups}["inception4"] == 0.1

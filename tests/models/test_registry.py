@@ -4,8 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from mammo_ray.models import (Classifier, ModelInfo, UnknownModelError, create_model, get_model_info, list_models,
-                              register_model)
+from mammo_ray.models import (
+    Classifier,
+    ModelInfo,
+    UnknownModelError,
+    create_model,
+    get_model_info,
+    list_models,
+    register_model,
+)
 from mammo_ray.models.pretrained import _in
 
 MODELS = list_models()
@@ -16,8 +23,12 @@ def test_registry_holds_the_papers_backbones():
     assert get_model_info("inception_v3").input_size == 299
     assert get_model_info("resnet18").input_size == 224
     assert get_model_info("resnet50").cam_target_layer == "features.layer4"
-    assert [name for name in MODELS if get_model_info(name).gap_fc] == ["googlenet", "inception_v3", "resnet18",
-                                                                       "resnet50"]
+    assert [name for name in MODELS if get_model_info(name).gap_fc] == [
+        "googlenet",
+        "inception_v3",
+        "resnet18",
+        "resnet50",
+    ]
 
 
 def test_unknown_name_lists_the_registered_models():

@@ -6,8 +6,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mammo_ray.config import ModelConfig
-from mammo_ray.models import (VIEW_MODES, Classifier, MultiViewClassifier, build_view_model, create_view_model,
-                              get_model_info, list_models, param_groups)
+from mammo_ray.models import (
+    VIEW_MODES,
+    Classifier,
+    MultiViewClassifier,
+    build_view_model,
+    create_view_model,
+    get_model_info,
+    list_models,
+    param_groups,
+)
 
 
 def _batch(model, side, seed=0):

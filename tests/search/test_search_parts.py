@@ -14,8 +14,12 @@ from mammo_ray.search.cells import make_cells, trial_config
 from mammo_ray.search.leaderboard import write_leaderboard
 from mammo_ray.search.searcher import CellScheduler, CellSearcher
 
-SEARCH = ["tune.backbones=[levynet, resnet18]", "tune.view_modes=[single, parallel]", "tune.augment=[on, off]",
-          "tune.num_samples=3"]
+SEARCH = [
+    "tune.backbones=[levynet, resnet18]",
+    "tune.view_modes=[single, parallel]",
+    "tune.augment=[on, off]",
+    "tune.num_samples=3",
+]
 
 
 def test_cells_cover_the_grid_with_validated_configs():
@@ -30,16 +34,29 @@ def test_cells_cover_the_grid_with_validated_configs():
         assert cell_config.data.rotation_deg == (25 if cell.augment == "on" else 0)
         assert cell_config.data.input_px == (200 if cell.backbone == "resnet18" else 224)
         assert cell_config.train.monitor == "val_exam_loss"  # the kept checkpoints are the ones the search ranks
-    assert {cell.column for cell, _ in cells} == {"single w/ aug", "single w/o aug", "parallel w/ aug",
-                                                  "parallel w/o aug"}
+    assert {cell.column for cell, _ in cells} == {
+        "single w/ aug",
+        "single w/o aug",
+        "parallel w/ aug",
+        "parallel w/o aug",
+    }
 
 
 def test_cells_reject_impossible_combinations_by_name():
     with pytest.raises(ConfigError, match="unknown model"):
         make_cells(load_config(None, ["tune.backbones=[levynet, nosuchnet]"]))
     with pytest.raises(ConfigError, match="search cell levynet-parallel-aug_as-configured"):
-        make_cells(load_config(None, ["tune.backbones=[levynet]", "tune.view_modes=[parallel]",
-                                      "data.task=mass_presence", "data.crop=patch"]))
+        make_cells(
+            load_config(
+                None,
+                [
+                    "tune.backbones=[levynet]",
+                    "tune.view_modes=[parallel]",
+                    "data.task=mass_presence",
+                    "data.crop=patch",
+                ],
+            )
+        )
     with pytest.raises(ConfigError, match="backbone_overrides"):
         make_cells(load_config(None, ["tune.backbones=[levynet]", "tune.backbone_overrides={vgg16: {}}"]))
 
@@ -69,7 +86,7 @@ def test_cell_searcher_gives_every_cell_the_same_budget_in_range_and_reproducibl
     assert len(first) == len(cells) * 3
     counts = pd.Series([s["cell"] for s in first]).value_counts()
     assert set(counts.index) == set(cells) and (counts == 3).all()
-    assert [s["cell"] for s in first[:len(cells)]] == cells  # round-robin: no cell waits for another's budget
+    assert [s["cell"] for s in first[: len(cells)]] == cells  # round-robin: no cell waits for another's budget
     for s in first:
         assert 0.0 <= s["model.dropout"] <= 0.6
         assert 1e-5 <= s["optim.lr"] <= 1e-2 and 1e-7 <= s["optim.weight_decay"] <= 1e-3
@@ -83,7 +100,7 @@ def test_cell_searcher_save_restore_continues_where_it_stopped(tmp_path):
     cells = [cell.key for cell, _ in make_cells(config)]
     searcher = CellSearcher(cells, config.tune, metric="val_loss", mode="min")
     issued = [searcher.suggest(f"t{i}") for i in range(5)]
-    for i, s in enumerate(issued[:3]):
+    for i in range(3):
         searcher.on_trial_result(f"t{i}", {"val_loss": 0.5 + i, "training_iteration": 1})
         searcher.on_trial_complete(f"t{i}", {"val_loss": 0.5 + i, "training_iteration": 1})
     searcher.save(str(tmp_path / "searcher.pkl"))
@@ -138,12 +155,36 @@ def test_leaderboard_is_shaped_like_table_1(tmp_path):
     rows = []
     for backbone in ("alexnet", "googlenet"):
         for column, view, aug in (("parallel w/ aug", "parallel", "on"), ("parallel w/o aug", "parallel", "off")):
-            rows.append({"backbone": backbone, "column": column, "view_mode": view, "augment": aug, "status": "ok",
-                         "test_acc": 0.7, "test_auc": 0.81, "test_auc_ci_low": 0.7, "test_auc_ci_high": 0.9,
-                         "test_loss": 0.55, "test_n": 40})
-    rows.append({"backbone": "texture + LDA (non-deep)", "column": "parallel w/o aug", "view_mode": "parallel",
-                 "augment": "off", "status": "ok", "test_acc": 0.6, "test_auc": 0.64, "test_auc_ci_low": 0.5,
-                 "test_auc_ci_high": 0.77, "test_loss": 0.7, "test_n": 40})
+            rows.append(
+                {
+                    "backbone": backbone,
+                    "column": column,
+                    "view_mode": view,
+                    "augment": aug,
+                    "status": "ok",
+                    "test_acc": 0.7,
+                    "test_auc": 0.81,
+                    "test_auc_ci_low": 0.7,
+                    "test_auc_ci_high": 0.9,
+                    "test_loss": 0.55,
+                    "test_n": 40,
+                }
+            )
+    rows.append(
+        {
+            "backbone": "texture + LDA (non-deep)",
+            "column": "parallel w/o aug",
+            "view_mode": "parallel",
+            "augment": "off",
+            "status": "ok",
+            "test_acc": 0.6,
+            "test_auc": 0.64,
+            "test_auc_ci_low": 0.5,
+            "test_auc_ci_high": 0.77,
+            "test_loss": 0.7,
+            "test_n": 40,
+        }
+    )
     rows[1]["status"] = "no finished trial"
     board = write_leaderboard(rows, tmp_path, title="t")
     wide = pd.read_csv(board["csv"], index_col="method")

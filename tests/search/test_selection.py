@@ -20,16 +20,45 @@ TUNE_CONFIGS = Path(__file__).resolve().parents[2] / "tune_configs"
 def trials_frame() -> pd.DataFrame:
     """Two cells. The single-view cell's val_loss is per image and looks better (0.40), but per
     exam (its CC and MLO averaged) it is worse than the parallel cell's."""
-    return pd.DataFrame([
-        {"cell": "resnet18-single-aug_on", "trial_id": "s1", "val_loss": 0.40, "val_exam_loss": 0.62, "val_auc": 0.80},
-        {"cell": "resnet18-single-aug_on", "trial_id": "s2", "val_loss": 0.45, "val_exam_loss": 0.58, "val_auc": 0.78},
-        {"cell": "resnet18-parallel-aug_on", "trial_id": "p1", "val_loss": 0.50, "val_exam_loss": 0.50,
-         "val_auc": 0.79},
-        {"cell": "resnet18-parallel-aug_on", "trial_id": "p2", "val_loss": 0.70, "val_exam_loss": 0.70,
-         "val_auc": 0.70},
-        {"cell": "levynet-single-aug_on", "trial_id": "l1", "val_loss": math.nan, "val_exam_loss": math.nan,
-         "val_auc": math.nan},  # errored before its first epoch
-    ])
+    return pd.DataFrame(
+        [
+            {
+                "cell": "resnet18-single-aug_on",
+                "trial_id": "s1",
+                "val_loss": 0.40,
+                "val_exam_loss": 0.62,
+                "val_auc": 0.80,
+            },
+            {
+                "cell": "resnet18-single-aug_on",
+                "trial_id": "s2",
+                "val_loss": 0.45,
+                "val_exam_loss": 0.58,
+                "val_auc": 0.78,
+            },
+            {
+                "cell": "resnet18-parallel-aug_on",
+                "trial_id": "p1",
+                "val_loss": 0.50,
+                "val_exam_loss": 0.50,
+                "val_auc": 0.79,
+            },
+            {
+                "cell": "resnet18-parallel-aug_on",
+                "trial_id": "p2",
+                "val_loss": 0.70,
+                "val_exam_loss": 0.70,
+                "val_auc": 0.70,
+            },
+            {
+                "cell": "levynet-single-aug_on",
+                "trial_id": "l1",
+                "val_loss": math.nan,
+                "val_exam_loss": math.nan,
+                "val_auc": math.nan,
+            },  # errored before its first epoch
+        ]
+    )
 
 
 def test_better_image_loss_loses_to_better_exam_loss():
@@ -67,9 +96,23 @@ def test_selection_text_names_metric_and_level():
 
 
 def test_leaderboard_says_what_chose_the_winners(tmp_path):
-    rows = [{"backbone": "resnet18", "column": "parallel w/ aug", "view_mode": "parallel", "augment": "on",
-             "status": "ok", "test_acc": 0.7, "test_auc": 0.8, "test_auc_ci_low": 0.7, "test_auc_ci_high": 0.9,
-             "test_loss": 0.5, "test_n": 40, "val_metric": 0.5, "val_exam_loss": 0.5}]
+    rows = [
+        {
+            "backbone": "resnet18",
+            "column": "parallel w/ aug",
+            "view_mode": "parallel",
+            "augment": "on",
+            "status": "ok",
+            "test_acc": 0.7,
+            "test_auc": 0.8,
+            "test_auc_ci_low": 0.7,
+            "test_auc_ci_high": 0.9,
+            "test_loss": 0.5,
+            "test_n": 40,
+            "val_metric": 0.5,
+            "val_exam_loss": 0.5,
+        }
+    ]
     note = selection_text("val_exam_loss", select_best(trials_frame(), "val_exam_loss", "min"))
     board = write_leaderboard(rows, tmp_path, title="t", selection=note)
     text = (tmp_path / "leaderboard.md").read_text()
@@ -78,14 +121,38 @@ def test_leaderboard_says_what_chose_the_winners(tmp_path):
 
 
 def test_trial_table_keeps_the_exam_loss_of_the_best_epoch():
-    history = pd.DataFrame({"epochs_done": [1, 2, 3], "val_exam_loss": [0.7, 0.5, 0.6], "val_loss": [0.6, 0.55, 0.4],
-                            "val_auc": [0.6, 0.7, 0.72], "checkpoint_path": ["c1", "c2", "c3"]})
-    results = [SimpleNamespace(config={"cell": "A", "model.dropout": 0.1}, metrics_dataframe=history,
-                               metrics={"trial_id": "t1"}, path="/x/t1", error=None),
-               SimpleNamespace(config={"cell": "B"}, metrics_dataframe=None, metrics={}, path="/x/t2",
-                               error=RuntimeError("boom"))]
-    plan = Plan(kind="search", name="s", workdir="w", experiment_dir="e", tracking_uri="u", experiment="x",
-                parent_run_id="", metric="val_exam_loss", mode="min")
+    history = pd.DataFrame(
+        {
+            "epochs_done": [1, 2, 3],
+            "val_exam_loss": [0.7, 0.5, 0.6],
+            "val_loss": [0.6, 0.55, 0.4],
+            "val_auc": [0.6, 0.7, 0.72],
+            "checkpoint_path": ["c1", "c2", "c3"],
+        }
+    )
+    results = [
+        SimpleNamespace(
+            config={"cell": "A", "model.dropout": 0.1},
+            metrics_dataframe=history,
+            metrics={"trial_id": "t1"},
+            path="/x/t1",
+            error=None,
+        ),
+        SimpleNamespace(
+            config={"cell": "B"}, metrics_dataframe=None, metrics={}, path="/x/t2", error=RuntimeError("boom")
+        ),
+    ]
+    plan = Plan(
+        kind="search",
+        name="s",
+        workdir="w",
+        experiment_dir="e",
+        tracking_uri="u",
+        experiment="x",
+        parent_run_id="",
+        metric="val_exam_loss",
+        mode="min",
+    )
     table = trial_table(results, plan).set_index("trial_id")
     assert table.loc["t1", "best_epoch"] == 2 and table.loc["t1", "checkpoint"] == "c2"
     assert table.loc["t1", "val_exam_loss"] == 0.5 and table.loc["t1", "val_loss"] == 0.55

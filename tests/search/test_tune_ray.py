@@ -22,22 +22,31 @@ import pytest
 import ray
 import torch
 from mlflow import MlflowClient
-
 from setups import TINY_TRAIN
+
 from mammo_ray.cli import main
 from mammo_ray.config import load_config
 from mammo_ray.data.datasets import CropCache, SingleViewDataset
 from mammo_ray.data.transforms import build_eval_transform
-from mammo_ray.ray_session import init_ray
 from mammo_ray.ensemble.model import Ensemble
+from mammo_ray.ray_session import init_ray
 from mammo_ray.search.search import run_search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-SEARCH = [*TINY_TRAIN, "train.cpus_per_worker=1", "train.keep_checkpoints=1", "tune.backbones=[levynet, resnet18]",
-          "tune.view_modes=[single, parallel]", "tune.num_samples=2", "tune.grace_period=1",
-          "tune.reduction_factor=2", "tune.max_concurrent_trials=2", "tune.seed=1"]
+SEARCH = [
+    *TINY_TRAIN,
+    "train.cpus_per_worker=1",
+    "train.keep_checkpoints=1",
+    "tune.backbones=[levynet, resnet18]",
+    "tune.view_modes=[single, parallel]",
+    "tune.num_samples=2",
+    "tune.grace_period=1",
+    "tune.reduction_factor=2",
+    "tune.max_concurrent_trials=2",
+    "tune.seed=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +95,9 @@ def test_search_runs_every_cell_with_child_runs_in_mlflow(search):
 def test_leaderboard_has_every_combination_and_the_baseline(search):
     long = pd.read_csv(Path(search["leaderboard"]).with_name("leaderboard_long.csv"))
     cnn = long[long["backbone"].isin(["levynet", "resnet18"])]
-    assert set(zip(cnn["backbone"], cnn["view_mode"])) == {(b, v) for b in ("levynet", "resnet18")
-                                                            for v in ("single", "parallel")}
+    assert set(zip(cnn["backbone"], cnn["view_mode"], strict=True)) == {
+        (b, v) for b in ("levynet", "resnet18") for v in ("single", "parallel")
+    }
     assert (cnn["status"] == "ok").all()
     assert cnn["test_auc"].between(0, 1).all() and cnn["test_acc"].between(0, 1).all()
     assert (cnn["test_auc_ci_low"] <= cnn["test_auc"]).all() and (cnn["test_auc"] <= cnn["test_auc_ci_high"]).all()
@@ -104,8 +114,14 @@ def test_leaderboard_has_every_combination_and_the_baseline(search):
 
 
 def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_workdir, capfd):
-    overrides = [*TINY_TRAIN, "train.cpus_per_worker=1", "train.keep_checkpoints=1", "ensemble.members=3",
-                 "ensemble.max_concurrent_trials=2", "ensemble.registered_model=tiny-ensemble"]
+    overrides = [
+        *TINY_TRAIN,
+        "train.cpus_per_worker=1",
+        "train.keep_checkpoints=1",
+        "ensemble.members=3",
+        "ensemble.max_concurrent_trials=2",
+        "ensemble.registered_model=tiny-ensemble",
+    ]
     args = ["ensemble", "--from-search", search["parent_run_id"], "--workdir", str(tiny_workdir), "--json"]
     for override in overrides:
         args += ["--set", override]
@@ -164,8 +180,15 @@ def _finished_trials(uri: str) -> int:
 def test_resume_after_driver_sigkill_skips_finished_trials(ray_session, tmp_path, tiny_workdir, capfd):
     workdir = tiny_workdir  # its data are prepared; the store and the Ray results are this test's own
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [*SEARCH, "tune.backbones=[levynet]", "tune.num_samples=1", "tune.max_concurrent_trials=1",
-                 f"train.mlflow_uri={uri}", "tune.baseline=false", f"train.storage_path={tmp_path / 'ray_results'}"]
+    overrides = [
+        *SEARCH,
+        "tune.backbones=[levynet]",
+        "tune.num_samples=1",
+        "tune.max_concurrent_trials=1",
+        f"train.mlflow_uri={uri}",
+        "tune.baseline=false",
+        f"train.storage_path={tmp_path / 'ray_results'}",
+    ]
     args = [sys.executable, "-m", "mammo_ray.cli", "tune", "--workdir", str(workdir)]
     for override in overrides:
         args += ["--set", override]
@@ -182,8 +205,11 @@ def test_resume_after_driver_sigkill_skips_finished_trials(ray_session, tmp_path
     driver.wait(timeout=30)
     experiment_dir = next((tmp_path / "ray_results").glob("search-*/mammo_ray_plan.json")).parent
     client = MlflowClient(uri)
-    before = {run.info.run_id: run.info.end_time for run in client.search_runs(
-        [client.get_experiment_by_name("mammo-ray").experiment_id]) if run.info.status == "FINISHED"}
+    before = {
+        run.info.run_id: run.info.end_time
+        for run in client.search_runs([client.get_experiment_by_name("mammo-ray").experiment_id])
+        if run.info.status == "FINISHED"
+    }
     assert before
 
     capfd.readouterr()

@@ -47,8 +47,9 @@ def test_lesions(lesion_model):
     checkpoint, prepared = lesion_model
     cache = CropCache(prepared.cache_dir)
     dataset = SingleViewDataset(cache, "test", "pathology")
-    frame = predict_checkpoint(checkpoint, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir,
-                               splits_path=prepared.splits)["frame"]
+    frame = predict_checkpoint(
+        checkpoint, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir, splits_path=prepared.splits
+    )["frame"]
     rows = dataset.frame.assign(prob=frame["prob"].to_numpy())
     manifest = pd.read_parquet(prepared.manifest).set_index("lesion_id")
     rows["roi_mask_path"] = manifest.loc[rows["lesion_id"], "roi_mask_path"].to_numpy()
@@ -66,8 +67,9 @@ def _box(mask_path: str) -> str:
 
 def test_predict_equals_the_offline_evaluation(lesion_client, test_lesions):
     for row in test_lesions.head(6).itertuples():
-        reply = lesion_client.post("/v1/predict", files={"file": ("scan.dcm", _dicom(row.image_path))},
-                                   data={"box": _box(row.roi_mask_path)})
+        reply = lesion_client.post(
+            "/v1/predict", files={"file": ("scan.dcm", _dicom(row.image_path))}, data={"box": _box(row.roi_mask_path)}
+        )
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["probability"] == pytest.approx(row.prob, abs=1e-5), row.lesion_id
@@ -80,9 +82,11 @@ def test_predict_equals_the_offline_evaluation(lesion_client, test_lesions):
 def test_a_cc_mlo_pair_averages_its_views(lesion_client, test_lesions):
     exam = test_lesions.groupby("exam_key").filter(lambda g: set(g["view"]) == {"CC", "MLO"})
     cc, mlo = (exam[exam["view"] == v].iloc[0] for v in ("CC", "MLO"))
-    reply = lesion_client.post("/v1/predict", files={"cc": ("cc.dcm", _dicom(cc.image_path)),
-                                                      "mlo": ("mlo.dcm", _dicom(mlo.image_path))},
-                               data={"cc_box": _box(cc.roi_mask_path), "mlo_box": _box(mlo.roi_mask_path)})
+    reply = lesion_client.post(
+        "/v1/predict",
+        files={"cc": ("cc.dcm", _dicom(cc.image_path)), "mlo": ("mlo.dcm", _dicom(mlo.image_path))},
+        data={"cc_box": _box(cc.roi_mask_path), "mlo_box": _box(mlo.roi_mask_path)},
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["views"]["CC"] == pytest.approx(cc.prob, abs=1e-5)
@@ -98,8 +102,7 @@ def _compressed(path: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_each_bad_input_gets_its_4xx_and_the_next_request_succeeds(lesion_model, test_lesions, tmp_path,
-                                                                     monkeypatch):
+def test_each_bad_input_gets_its_4xx_and_the_next_request_succeeds(lesion_model, test_lesions, tmp_path, monkeypatch):
     client, _ = client_for(lesion_model[0], tmp_path, max_upload_mb=0.5, max_dim=1000)
     row = test_lesions.iloc[0]
     good = {"files": {"file": ("scan.dcm", _dicom(row.image_path))}, "data": {"box": _box(row.roi_mask_path)}}
@@ -112,15 +115,27 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_succeeds(lesion_model,
         ("not an image", {"files": {"file": ("x.dcm", b"hello, not an image" * 10)}}, 400, "not a DICOM"),
         ("truncated DICOM", {"files": {"file": ("t.dcm", _dicom(row.image_path)[:-500])}}, 400, "truncated"),
         ("compressed, no decoder", {"files": {"file": ("c.dcm", compressed)}}, 415, "RLE Lossless"),
-        ("oversized upload", {"files": {"file": ("huge.png", b"\x89PNG\r\n\x1a\n" + bytes(600_000))}}, 413,
-         "upload cap"),
+        (
+            "oversized upload",
+            {"files": {"file": ("huge.png", b"\x89PNG\r\n\x1a\n" + bytes(600_000))}},
+            413,
+            "upload cap",
+        ),
         ("too many rows", {"files": {"file": ("tall.png", png.getvalue())}}, 413, "1200"),
         ("wrong field name", {"files": {"image": ("scan.dcm", _dicom(row.image_path))}}, 422, "'image'"),
         ("missing file", {"data": {"box": "1,2,3,4"}}, 422, "missing required form field 'file'"),
-        ("bad box", {"files": {"file": ("scan.dcm", _dicom(row.image_path))}, "data": {"box": "3,3,1,1"}}, 422,
-         "empty"),
-        ("box outside", {"files": {"file": ("scan.dcm", _dicom(row.image_path))}, "data": {"box": "0,0,9000,9"}},
-         422, "outside the image"),
+        (
+            "bad box",
+            {"files": {"file": ("scan.dcm", _dicom(row.image_path))}, "data": {"box": "3,3,1,1"}},
+            422,
+            "empty",
+        ),
+        (
+            "box outside",
+            {"files": {"file": ("scan.dcm", _dicom(row.image_path))}, "data": {"box": "0,0,9000,9"}},
+            422,
+            "outside the image",
+        ),
     ]
     monkeypatch.setattr(get_decoder(RLELossless), "_available", {})  # as if no RLE plugin were installed
     for name, request, status, words in cases:
@@ -156,8 +171,9 @@ def _untrained_checkpoint(tmp_path, *overrides: str) -> Path:
     from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint
 
     torch.manual_seed(0)
-    config = load_config(None, ["data.cache_px=40", "data.input_px=32", "data.crop=proportional",
-                                "data.task=pathology", *overrides])
+    config = load_config(
+        None, ["data.cache_px=40", "data.input_px=32", "data.crop=proportional", "data.task=pathology", *overrides]
+    )
     model = build_view_model(config.model).eval()
     spec = TransformSpec.from_config(config.data, train_mean=1000.0, train_std=500.0)
     return save_checkpoint(checkpoint_payload(model=model, config=config, spec=spec, epoch=0), tmp_path)
@@ -179,8 +195,9 @@ def test_a_crop_classifier_ensemble_localizes_with_its_class_map(lesion_model, t
     image, _ = read_dicom(row.image_path, flip=False)
     assert body["method"] == "gradcam" and "Grad-CAM" in body["map_values"] and body["window_px"] is None
     assert body["image_size"] == list(image.shape) and body["boxes"] and body["disclaimer"] == DISCLAIMER
-    assert all(0 <= b["x0"] < b["x1"] <= image.shape[1] + body["map_stride_px"] and b["score"] >= 0.5
-               for b in body["boxes"])
+    assert all(
+        0 <= b["x0"] < b["x1"] <= image.shape[1] + body["map_stride_px"] and b["score"] >= 0.5 for b in body["boxes"]
+    )
     grid = np.asarray(body["heatmap_array"])
     assert grid.shape == tuple(body["map_shape"]) and grid.min() >= 0 and grid.max() == pytest.approx(1.0)
     assert body["max_spread"] == pytest.approx(0, abs=1e-6)  # two copies of one member agree
@@ -223,8 +240,9 @@ def test_localize_gives_a_heatmap_and_boxes(patch_model, tmp_path):
     client, backend = client_for(patch_model[0], tmp_path, localize_threshold=0.3)
     manifest = pd.read_parquet(patch_model[1].manifest)
     row = manifest[manifest["abnormality_type"] == "MASS"].iloc[2]
-    reply = client.post("/v1/localize", files={"file": ("scan.dcm", _dicom(row["image_path"]))},
-                        data={"heatmap": "both"})
+    reply = client.post(
+        "/v1/localize", files={"file": ("scan.dcm", _dicom(row["image_path"]))}, data={"heatmap": "both"}
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["method"] == "dense" and body["window_px"] == 64  # a patch classifier keeps its dense map

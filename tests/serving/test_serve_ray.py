@@ -19,21 +19,20 @@ import pytest
 import ray
 from ray import serve
 
-from mammo_ray.cli_serve import APP_NAME, start_app, wait_ready
+from mammo_ray.cli_serve import start_app, wait_ready
 from mammo_ray.data.crops import mask_bbox
 from mammo_ray.data.datasets import CropCache, SingleViewDataset
 from mammo_ray.data.dicom import read_dicom
+from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.localize.class_map import localize_class_map
 from mammo_ray.localize.whole_image import localize_image, read_mammogram
 from mammo_ray.serving.app import build_app
 from mammo_ray.serving.runtime import ServeSettings
 from mammo_ray.train.evaluation import predict_checkpoint
-from mammo_ray.ensemble.model import Ensemble
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
-SMALL = {"num_cpus": 0.5, "max_batch_size": 4, "max_ongoing_requests": 4, "max_queued_requests": 8,
-         "execution": "loop"}
+SMALL = {"num_cpus": 0.5, "max_batch_size": 4, "max_ongoing_requests": 4, "max_queued_requests": 8, "execution": "loop"}
 
 
 def _free_port() -> int:
@@ -62,8 +61,10 @@ def _multipart(fields: dict[str, tuple[str, bytes] | str]) -> tuple[bytes, str]:
     for name, value in fields.items():
         out.write(f"--{boundary}\r\n".encode())
         if isinstance(value, tuple):
-            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{value[0]}"\r\n'
-                      "Content-Type: application/octet-stream\r\n\r\n".encode())
+            out.write(
+                f'Content-Disposition: form-data; name="{name}"; filename="{value[0]}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n".encode()
+            )
             out.write(value[1])
         else:
             out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
@@ -90,12 +91,14 @@ def post(url: str, fields: dict) -> tuple[int, dict]:
 def lesions(lesion_model):
     checkpoint, prepared = lesion_model
     dataset = SingleViewDataset(CropCache(prepared.cache_dir), "test", "pathology")
-    frame = predict_checkpoint(checkpoint, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir,
-                               splits_path=prepared.splits)["frame"]
+    frame = predict_checkpoint(
+        checkpoint, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir, splits_path=prepared.splits
+    )["frame"]
     rows = dataset.frame.assign(prob=frame["prob"].to_numpy())
     masks = pd.read_parquet(prepared.manifest).set_index("lesion_id")["roi_mask_path"]
-    rows["box"] = [",".join(map(str, mask_bbox(read_dicom(masks[lid], flip=False)[0] > 0)))
-                   for lid in rows["lesion_id"]]
+    rows["box"] = [
+        ",".join(map(str, mask_bbox(read_dicom(masks[lid], flip=False)[0] > 0))) for lid in rows["lesion_id"]
+    ]
     return rows
 
 
@@ -110,21 +113,24 @@ def test_health_and_model_lineage(served, lesion_model):
 
 def test_predict_over_http_equals_the_offline_evaluation(served, lesions):
     for row in lesions.head(4).itertuples():
-        status, body = post(f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()),
-                                                     "box": row.box})
+        status, body = post(
+            f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box}
+        )
         assert status == 200, body
         assert body["probability"] == pytest.approx(row.prob, abs=1e-5)
 
 
 def test_localize_over_http_equals_the_offline_map(served, patch_model):
     row = pd.read_parquet(patch_model[1].manifest).query("abnormality_type == 'MASS'").iloc[2]
-    status, body = post(f"{served}/loc/v1/localize", {"file": ("scan.dcm", Path(row["image_path"]).read_bytes()),
-                                                      "heatmap": "none"})
+    status, body = post(
+        f"{served}/loc/v1/localize", {"file": ("scan.dcm", Path(row["image_path"]).read_bytes()), "heatmap": "none"}
+    )
     assert status == 200, body
     ensemble = Ensemble.from_checkpoints([patch_model[0]])
     image, flipped = read_mammogram(row["image_path"])
-    offline = localize_image(list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped,
-                             threshold=0.3)
+    offline = localize_image(
+        list(ensemble.members), ensemble.spec, ensemble.config, image, flipped=flipped, threshold=0.3
+    )
     assert body["image_score"] == pytest.approx(offline.image_score, abs=1e-6)
     assert body["boxes"] == [b.to_dict() for b in offline.boxes] and body["method"] == "dense"
 
@@ -139,8 +145,9 @@ def test_a_crop_classifier_localizes_with_its_class_map_over_http(served, lesion
     assert body["disclaimer"].startswith("For research use only")
     ensemble = Ensemble.from_checkpoints([lesion_model[0]])
     image, flipped = read_mammogram(row.image_path)
-    offline = localize_class_map(list(ensemble.members), ensemble.spec, ensemble.config, image, method="gradcam",
-                                 flipped=flipped, threshold=0.5)
+    offline = localize_class_map(
+        list(ensemble.members), ensemble.spec, ensemble.config, image, method="gradcam", flipped=flipped, threshold=0.5
+    )
     assert body["boxes"] == [b.to_dict() for b in offline.boxes]
     assert body["image_score"] == pytest.approx(offline.image_score, abs=1e-5)
     status, body = post(f"{served}/v1/localize", {"file": scan, "method": "dense"})

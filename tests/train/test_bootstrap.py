@@ -10,8 +10,17 @@ import pytest
 import scipy.stats
 from sklearn.metrics import roc_auc_score
 
-from mammo_ray.train.metrics import (MAX_DRAWS, auc_of_weights, binary_metrics, bootstrap_auc_ci, cluster_bootstrap,
-                                     compare_auc, evaluate_predictions, exam_level, summarize_levels)
+from mammo_ray.train.metrics import (
+    MAX_DRAWS,
+    auc_of_weights,
+    binary_metrics,
+    bootstrap_auc_ci,
+    cluster_bootstrap,
+    compare_auc,
+    evaluate_predictions,
+    exam_level,
+    summarize_levels,
+)
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +69,15 @@ def _scipy_case_bootstrap(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) 
     def auc(n_idx, p_idx, axis=-1):
         u = scipy.stats.mannwhitneyu(p[p_idx], p[n_idx], axis=axis, method="asymptotic").statistic
         return u / (n_idx.shape[axis] * p_idx.shape[axis])
-    result = scipy.stats.bootstrap((neg, pos), auc, n_resamples=n_boot, method="percentile", vectorized=True,
-                                   random_state=np.random.default_rng(seed))
+
+    result = scipy.stats.bootstrap(
+        (neg, pos),
+        auc,
+        n_resamples=n_boot,
+        method="percentile",
+        vectorized=True,
+        random_state=np.random.default_rng(seed),
+    )
     return result.confidence_interval.low, result.confidence_interval.high
 
 
@@ -122,8 +138,9 @@ def test_resamples_without_negatives_are_dropped_redrawn_and_counted():
     # Every patient has a malignant case; only patient C has a benign one. A resample that does
     # not draw C (probability (2/3)^3 ~ 0.3) has no negative: dropped and drawn again.
     labels, probs, groups = [1, 1, 1, 0], [0.9, 0.8, 0.7, 0.2], ["A", "B", "C", "C"]
-    [boot] = cluster_bootstrap(labels, auc_of_weights(np.array(labels), np.array(probs)), groups=groups,
-                               n_boot=400, seed=0)
+    [boot] = cluster_bootstrap(
+        labels, auc_of_weights(np.array(labels), np.array(probs)), groups=groups, n_boot=400, seed=0
+    )
     assert boot.resamples == 400 and boot.clusters == 3
     assert 0.15 * 400 < boot.dropped < 0.7 * 400  # ~0.3 / 0.7 of 400 = 171 expected
     assert boot.interval == (1.0, 1.0)
@@ -142,9 +159,14 @@ def test_the_number_of_draws_is_bounded():
     assert boot.resamples == 50 and boot.dropped > 0
 
 
-@pytest.mark.parametrize("groups, needle", [(["A", "B"], "2 entries but labels have 3"),
-                                            (["A", None, "B"], "missing at index 1"),
-                                            (["A", "B", " "], "missing at index 2")])
+@pytest.mark.parametrize(
+    "groups, needle",
+    [
+        (["A", "B"], "2 entries but labels have 3"),
+        (["A", None, "B"], "missing at index 1"),
+        (["A", "B", " "], "missing at index 2"),
+    ],
+)
 def test_bad_groups_are_named(groups, needle):
     with pytest.raises(ValueError, match=needle):
         bootstrap_auc_ci([0, 1, 1], [0.1, 0.5, 0.7], groups=groups)
@@ -156,8 +178,15 @@ def frame_of_patients() -> pd.DataFrame:
     for patient, label in (("P1", 0), ("P2", 1), ("P3", 0), ("P4", 1)):
         for lesion, shift in ((1, 0.0), (2, 0.1)):
             for view, prob in (("CC", 0.2 + 0.5 * label + shift), ("MLO", 0.3 + 0.4 * label + shift)):
-                rows.append({"exam_key": f"{patient}_LEFT_MASS_{lesion}", "view": view, "patient_id": patient,
-                             "prob": prob, "label": label})
+                rows.append(
+                    {
+                        "exam_key": f"{patient}_LEFT_MASS_{lesion}",
+                        "view": view,
+                        "patient_id": patient,
+                        "prob": prob,
+                        "label": label,
+                    }
+                )
     return pd.DataFrame(rows)
 
 

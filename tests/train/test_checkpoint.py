@@ -16,8 +16,13 @@ from mlflow import MlflowClient
 from mammo_ray.data.datasets import CropCache
 from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.data.transforms import build_eval_transform
-from mammo_ray.train.checkpoint import (CheckpointError, checkpoint_payload, load_checkpoint, restore_model,
-                                        save_checkpoint)
+from mammo_ray.train.checkpoint import (
+    CheckpointError,
+    checkpoint_payload,
+    load_checkpoint,
+    restore_model,
+    save_checkpoint,
+)
 from mammo_ray.train.evaluation import evaluate_checkpoint
 from mammo_ray.train.loop import build_training, fit
 from mammo_ray.train.tracking import TrackedRun
@@ -29,9 +34,15 @@ def trained(tiny_workdir, tiny_config, tmp_path_factory):
     prepared = ensure_prepared(config, tiny_workdir, progress=False)
     training = build_training(config, prepared.cache_dir)
     fit(training)
-    payload = checkpoint_payload(model=training.model, config=config, spec=training.spec, epoch=0,
-                                 optimizer=training.optimizer, scheduler=training.scheduler,
-                                 history=training.history)
+    payload = checkpoint_payload(
+        model=training.model,
+        config=config,
+        spec=training.spec,
+        epoch=0,
+        optimizer=training.optimizer,
+        scheduler=training.scheduler,
+        history=training.history,
+    )
     return training, save_checkpoint(payload, tmp_path_factory.mktemp("ckpt")), prepared
 
 
@@ -65,8 +76,9 @@ def test_evaluate_checkpoint_writes_metrics_and_plots(trained, tiny_workdir, tmp
     assert {"roc_test.png", "confusion_test.png", "training_curves.png"} <= {p.split("/")[-1] for p in result["plots"]}
 
 
-@pytest.mark.parametrize("content, reason", [(b"not a checkpoint", "not a loadable checkpoint"),
-                                             (None, "checkpoint not found")])
+@pytest.mark.parametrize(
+    "content, reason", [(b"not a checkpoint", "not a loadable checkpoint"), (None, "checkpoint not found")]
+)
 def test_bad_checkpoint_names_the_file(tmp_path, content, reason):
     path = tmp_path / "checkpoint.pt"
     if content is not None:

@@ -33,6 +33,18 @@ def test_a_plain_run_keeps_its_best_epoch_by_monitor():
 
 def test_the_outcome_says_how_the_checkpoint_was_chosen():
     _, rule = checkpoint_rule(load_config(None, ["train.epochs=2"]), fold=1)
-    outcome = TrainOutcome(run_id="r", run_name="n", tracking_uri="u", checkpoint="c", output_dir="o", metrics={},
-                           best_epoch=1, epochs_run=2, status="FINISHED", selection=rule.selection)
-    assert outcome.to_dict()["selection"] == "fixed epochs (train.epochs=2): the fold is not used to pick the checkpoint"
+    outcome = TrainOutcome(
+        run_id="r",
+        run_name="n",
+        tracking_uri="u",
+        checkpoint="c",
+        output_dir="o",
+        metrics={},
+        best_epoch=1,
+        epochs_run=2,
+        status="FINISHED",
+        selection=rule.selection,
+    )
+    assert (
+        outcome.to_dict()["selection"] == "fixed epochs (train.epochs=2): the fold is not used to pick the checkpoint"
+    )

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from mammo_ray.data.pipeline import ensure_prepared
-from mammo_ray.train.loop import (EarlyStopping, EpochSampler, build_optimizer, build_scheduler, build_training,
-                                  evaluate, fit, summarize_predictions)
+from mammo_ray.train.loop import (
+    EarlyStopping,
+    EpochSampler,
+    build_optimizer,
+    build_scheduler,
+    build_training,
+    evaluate,
+    fit,
+    summarize_predictions,
+)
 
 
 def test_epoch_sampler_shards_are_disjoint_and_cover_the_set():
@@ -54,14 +62,15 @@ def test_adam_exponential_decay_paper000(tiny_config):
     for _ in range(3):
         optimizer.step()
         scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * 0.99 ** 3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * 0.99**3)
 
 
 def test_sgd_poly_decay_paper001(tiny_config):
     from mammo_ray.models import create_model
 
-    config = tiny_config("optim.name=sgd", "optim.lr=0.01", "optim.schedule=poly", "optim.poly_power=0.5",
-                         "train.epochs=4")
+    config = tiny_config(
+        "optim.name=sgd", "optim.lr=0.01", "optim.schedule=poly", "optim.poly_power=0.5", "train.epochs=4"
+    )
     optimizer = build_optimizer(create_model("levynet"), config)
     scheduler = build_scheduler(optimizer, config)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
@@ -73,9 +82,15 @@ def test_sgd_poly_decay_paper001(tiny_config):
 def test_finetune_multipliers_and_frozen_trunk(tiny_config):
     from mammo_ray.models import build_view_model
 
-    config = tiny_config("model.name=googlenet", "model.train_last=2", "model.early_lr_mult=0.1",
-                         "model.head_lr_mult=10", "model.head_bias_lr_mult=20", "optim.lr=0.01",
-                         "data.input_px=32")
+    config = tiny_config(
+        "model.name=googlenet",
+        "model.train_last=2",
+        "model.early_lr_mult=0.1",
+        "model.head_lr_mult=10",
+        "model.head_bias_lr_mult=20",
+        "optim.lr=0.01",
+        "data.input_px=32",
+    )
     optimizer = build_optimizer(build_view_model(config.model), config)
     lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert lrs["head.weight"] == pytest.approx(0.1) and lrs["head.bias"] == pytest.approx(0.2)

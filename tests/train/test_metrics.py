@@ -9,8 +9,15 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from mammo_ray.train.metrics import (BinaryMetrics, auc_of_weights, binary_metrics, bootstrap_auc_ci,
-                                     compare_auc, evaluate_predictions, exam_level)
+from mammo_ray.train.metrics import (
+    BinaryMetrics,
+    auc_of_weights,
+    binary_metrics,
+    bootstrap_auc_ci,
+    compare_auc,
+    evaluate_predictions,
+    exam_level,
+)
 from mammo_ray.train.plots import plot_confusion, plot_roc, plot_rocs, plot_training_curves
 
 # Hand example: pos scores .9 .8 .6 .3, neg scores .7 .4 .2 .1 .55 .05.
@@ -42,10 +49,13 @@ def test_reversed_predictions():
     assert m.auc_ci == (0.0, 0.0)
 
 
-@pytest.mark.parametrize("threshold, confusion, precision, recall, specificity", [
-    (0.5, [[4, 2], [1, 3]], 3 / 5, 3 / 4, 4 / 6),
-    (0.65, [[5, 1], [2, 2]], 2 / 3, 2 / 4, 5 / 6),
-])
+@pytest.mark.parametrize(
+    "threshold, confusion, precision, recall, specificity",
+    [
+        (0.5, [[4, 2], [1, 3]], 3 / 5, 3 / 4, 4 / 6),
+        (0.65, [[5, 1], [2, 2]], 2 / 3, 2 / 4, 5 / 6),
+    ],
+)
 def test_hand_computed_example(threshold, confusion, precision, recall, specificity):
     m = binary_metrics(HAND_LABELS, HAND_PROBS, threshold=threshold, n_boot=0)
     assert m.confusion == confusion
@@ -63,9 +73,28 @@ def test_hand_computed_example(threshold, confusion, precision, recall, specific
 
 def test_to_dict_is_flat_and_prefixed():
     d = binary_metrics(HAND_LABELS, HAND_PROBS, n_boot=100).to_dict("val_")
-    assert set(d) == {f"val_{k}" for k in ("n", "positives", "accuracy", "auc", "auc_ci_low", "auc_ci_high",
-                                           "log_loss", "precision", "recall", "specificity", "threshold",
-                                           "tn", "fp", "fn", "tp", "clusters", "boot_dropped")}
+    assert set(d) == {
+        f"val_{k}"
+        for k in (
+            "n",
+            "positives",
+            "accuracy",
+            "auc",
+            "auc_ci_low",
+            "auc_ci_high",
+            "log_loss",
+            "precision",
+            "recall",
+            "specificity",
+            "threshold",
+            "tn",
+            "fp",
+            "fn",
+            "tp",
+            "clusters",
+            "boot_dropped",
+        )
+    }
     assert all(type(v) is float for v in d.values())
     assert (d["val_tn"], d["val_fp"], d["val_fn"], d["val_tp"]) == (4.0, 2.0, 1.0, 3.0)
     assert (d["val_clusters"], d["val_boot_dropped"]) == (10.0, 0.0)  # no groups: every case its own cluster
@@ -117,13 +146,16 @@ def test_lone_positive_gets_a_ci():
     assert 0 <= low <= 2 / 3 <= high <= 1
 
 
-@pytest.mark.parametrize("labels, probs, needle", [
-    ([0, 2], [0.1, 0.2], "labels must be 0 or 1; found 2 at index 1"),
-    ([0, 1], [0.1, 1.2], "probs must lie in \\[0, 1\\]; found 1.2 at index 1"),
-    ([0, 1], [0.1, float("nan")], "index 1"),
-    ([0, 1, 1], [0.1, 0.2], "shape"),
-    ([], [], "non-empty"),
-])
+@pytest.mark.parametrize(
+    "labels, probs, needle",
+    [
+        ([0, 2], [0.1, 0.2], "labels must be 0 or 1; found 2 at index 1"),
+        ([0, 1], [0.1, 1.2], "probs must lie in \\[0, 1\\]; found 1.2 at index 1"),
+        ([0, 1], [0.1, float("nan")], "index 1"),
+        ([0, 1, 1], [0.1, 0.2], "shape"),
+        ([], [], "non-empty"),
+    ],
+)
 def test_bad_input_is_named(labels, probs, needle):
     with pytest.raises(ValueError, match=needle):
         binary_metrics(labels, probs)
@@ -136,12 +168,14 @@ def test_accepts_tensors():
 
 
 def prediction_frame() -> pd.DataFrame:
-    return pd.DataFrame({
-        "exam_key": ["A", "B", "A", "B", "", None, "C"],
-        "view": ["CC", "CC", "MLO", "MLO", "CC", "MLO", "CC"],
-        "prob": [0.2, 0.9, 0.6, 0.7, 0.3, 0.65, 0.1],
-        "label": [0, 1, 0, 1, 0, 1, 0],
-    })
+    return pd.DataFrame(
+        {
+            "exam_key": ["A", "B", "A", "B", "", None, "C"],
+            "view": ["CC", "CC", "MLO", "MLO", "CC", "MLO", "CC"],
+            "prob": [0.2, 0.9, 0.6, 0.7, 0.3, 0.65, 0.1],
+            "label": [0, 1, 0, 1, 0, 1, 0],
+        }
+    )
 
 
 def test_exam_level_averages_cc_and_mlo():
@@ -211,14 +245,17 @@ def test_plots_write_pngs(tmp_path):
     y, p = synthetic(200)
     m = binary_metrics(y, p, n_boot=100)
     assert_png(plot_roc(y, p, tmp_path / "new" / "dir" / "roc.png", label="resnet50", ci=m.auc_ci))
-    assert_png(plot_rocs({"ensemble": (y, p), "member 1": (y, np.clip(p + 0.2, 0, 1), (0.6, 0.7))},
-                         tmp_path / "rocs.png"))
+    assert_png(
+        plot_rocs({"ensemble": (y, p), "member 1": (y, np.clip(p + 0.2, 0, 1), (0.6, 0.7))}, tmp_path / "rocs.png")
+    )
     assert_png(plot_roc([0, 0, 0], [0.1, 0.5, 0.2], tmp_path / "one_class.png"))
     assert_png(plot_confusion(m.confusion, tmp_path / "confusion.png"))
     assert_png(plot_confusion(m, tmp_path / "confusion_from_metrics.png"))
-    history = [{"epoch": 1, "train_loss": 0.7, "val_loss": 0.69, "val_auc": 0.6},
-               {"epoch": 2, "train_loss": 0.5, "val_auc": 0.7, "val_accuracy": 0.65},
-               {"epoch": 3, "train_loss": 0.4, "val_loss": 0.5, "val_auc": 0.75, "val_accuracy": 0.7}]
+    history = [
+        {"epoch": 1, "train_loss": 0.7, "val_loss": 0.69, "val_auc": 0.6},
+        {"epoch": 2, "train_loss": 0.5, "val_auc": 0.7, "val_accuracy": 0.65},
+        {"epoch": 3, "train_loss": 0.4, "val_loss": 0.5, "val_auc": 0.75, "val_accuracy": 0.7},
+    ]
     assert_png(plot_training_curves(history, tmp_path / "curves.png"))
     assert_png(plot_training_curves(history, tmp_path / "loss_only.png", metrics=("train_loss",)))
     assert plt.get_fignums() == []  # nothing left open

@@ -25,10 +25,21 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 EPOCHS = 12
 KILL_EPOCH = 4
 LEARNABLE = [  # synthetic masses big enough to learn in a dozen short epochs
-    "data.synth_patients=120", "data.synth_size=[512, 320]", "data.cache_px=72", "data.input_px=64",
-    "data.num_workers=0", "model.name=levynet", "model.dropout=0.2", "optim.lr=0.001",
-    "optim.weight_decay=0.0001", f"train.epochs={EPOCHS}", "train.batch_size=8", "train.num_workers=2",
-    "train.cpus_per_worker=1", "train.max_failures=1", "train.eval_bootstrap=200",
+    "data.synth_patients=120",
+    "data.synth_size=[512, 320]",
+    "data.cache_px=72",
+    "data.input_px=64",
+    "data.num_workers=0",
+    "model.name=levynet",
+    "model.dropout=0.2",
+    "optim.lr=0.001",
+    "optim.weight_decay=0.0001",
+    f"train.epochs={EPOCHS}",
+    "train.batch_size=8",
+    "train.num_workers=2",
+    "train.cpus_per_worker=1",
+    "train.max_failures=1",
+    "train.eval_bootstrap=200",
 ]
 
 
@@ -45,8 +56,9 @@ def killed_run(ray_session, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("work")
     marker = workdir / "killed.pid"
     config = load_config(None, LEARNABLE)
-    outcome = run_training(config, workdir, progress=False,
-                           fault={"rank": 1, "epoch": KILL_EPOCH, "marker": str(marker), "delay_s": 5})
+    outcome = run_training(
+        config, workdir, progress=False, fault={"rank": 1, "epoch": KILL_EPOCH, "marker": str(marker), "delay_s": 5}
+    )
     return outcome, marker, workdir
 
 
@@ -75,10 +87,18 @@ def test_mlflow_run_has_params_metrics_artifacts_and_model(killed_run, monkeypat
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "levynet" and run.data.params["train.num_workers"] == "2"
     assert run.data.metrics["final_val_auc"] == pytest.approx(outcome.metrics["val_auc"])
-    artifacts = {a.path for top in ("plots", "checkpoint", "model", "evaluation")
-                 for a in client.list_artifacts(outcome.run_id, top)}
-    assert {"plots/roc_val.png", "plots/confusion_val.png", "plots/training_curves.png",
-            "checkpoint/checkpoint.pt", "model/MLmodel"} <= artifacts
+    artifacts = {
+        a.path
+        for top in ("plots", "checkpoint", "model", "evaluation")
+        for a in client.list_artifacts(outcome.run_id, top)
+    }
+    assert {
+        "plots/roc_val.png",
+        "plots/confusion_val.png",
+        "plots/training_curves.png",
+        "checkpoint/checkpoint.pt",
+        "model/MLmodel",
+    } <= artifacts
     # The logged model loads back and predicts like the checkpoint.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", outcome.tracking_uri)
     logged = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model").eval()
@@ -97,8 +117,20 @@ def test_best_checkpoint_loads_with_weights_only(killed_run):
 
 def test_cli_evaluate_from_the_run_id(killed_run, capsys):
     outcome, _, workdir = killed_run
-    code = main(["evaluate", "--workdir", str(workdir), "--run", outcome.run_id, "--split", "test", "--json",
-                 "--bootstrap", "100"])
+    code = main(
+        [
+            "evaluate",
+            "--workdir",
+            str(workdir),
+            "--run",
+            outcome.run_id,
+            "--split",
+            "test",
+            "--json",
+            "--bootstrap",
+            "100",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     result = json.loads(out)
@@ -109,9 +141,18 @@ def test_cli_evaluate_from_the_run_id(killed_run, capsys):
 
 def test_cli_train_folds_in_parallel(ray_session, tmp_path, capsys):
     """2-fold cross-validation by patient: two fold runs under one parent MLflow run."""
-    overrides = ["data.synth_patients=40", "data.synth_size=[384, 240]", "data.cache_px=40", "data.input_px=32",
-                 "data.num_workers=0", "data.split_fractions=[0.8, 0.0, 0.2]", "model.name=levynet",
-                 "train.epochs=2", "train.batch_size=8", "train.eval_bootstrap=0"]
+    overrides = [
+        "data.synth_patients=40",
+        "data.synth_size=[384, 240]",
+        "data.cache_px=40",
+        "data.input_px=32",
+        "data.num_workers=0",
+        "data.split_fractions=[0.8, 0.0, 0.2]",
+        "model.name=levynet",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.eval_bootstrap=0",
+    ]
     args = ["train", "--workdir", str(tmp_path), "--json", "--folds", "2"]
     code = main(args + [arg for o in overrides for arg in ("--set", o)])
     out = capsys.readouterr().out

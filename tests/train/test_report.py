@@ -20,8 +20,15 @@ def predictions(patients: int = 30, seed: int = 0) -> pd.DataFrame:
         for lesion in (1, 2):
             for view in ("CC", "MLO"):
                 prob = float(np.clip(0.3 + 0.3 * label + rng.normal(0, 0.2), 0.01, 0.99))
-                rows.append({"exam_key": f"P_{p:05d}_LEFT_MASS_{lesion}", "view": view, "patient_id": f"P_{p:05d}",
-                             "prob": prob, "label": label})
+                rows.append(
+                    {
+                        "exam_key": f"P_{p:05d}_LEFT_MASS_{lesion}",
+                        "view": view,
+                        "patient_id": f"P_{p:05d}",
+                        "prob": prob,
+                        "label": label,
+                    }
+                )
     return pd.DataFrame(rows)
 
 

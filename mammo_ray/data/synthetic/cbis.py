@@ -40,19 +40,54 @@ from tqdm.auto import tqdm
 from mammo_ray.constants import Side, View
 from mammo_ray.data.masks import resample_mask
 from mammo_ray.data.synthetic import phantom as si
-from mammo_ray.data.synthetic.dicom_write import (SERIES_CROP, SERIES_FULL, SERIES_MASK, DicomInfo, write_crop,
-                                                  write_mammogram, write_mask)
+from mammo_ray.data.synthetic.dicom_write import (
+    SERIES_CROP,
+    SERIES_FULL,
+    SERIES_MASK,
+    DicomInfo,
+    write_crop,
+    write_mammogram,
+    write_mask,
+)
 
-MASS_COLUMNS = ("patient_id", "breast_density", "left or right breast", "image view", "abnormality id",
-                "abnormality type", "mass shape", "mass margins", "assessment", "pathology", "subtlety",
-                "image file path", "cropped image file path", "ROI mask file path")
-CALC_COLUMNS = ("patient_id", "breast density", "left or right breast", "image view", "abnormality id",
-                "abnormality type", "calc type", "calc distribution", "assessment", "pathology", "subtlety",
-                "image file path", "cropped image file path", "ROI mask file path")
-CSV_NAMES = {("mass", "Training"): "mass_case_description_train_set.csv",
-             ("mass", "Test"): "mass_case_description_test_set.csv",
-             ("calc", "Training"): "calc_case_description_train_set.csv",
-             ("calc", "Test"): "calc_case_description_test_set.csv"}
+MASS_COLUMNS = (
+    "patient_id",
+    "breast_density",
+    "left or right breast",
+    "image view",
+    "abnormality id",
+    "abnormality type",
+    "mass shape",
+    "mass margins",
+    "assessment",
+    "pathology",
+    "subtlety",
+    "image file path",
+    "cropped image file path",
+    "ROI mask file path",
+)
+CALC_COLUMNS = (
+    "patient_id",
+    "breast density",
+    "left or right breast",
+    "image view",
+    "abnormality id",
+    "abnormality type",
+    "calc type",
+    "calc distribution",
+    "assessment",
+    "pathology",
+    "subtlety",
+    "image file path",
+    "cropped image file path",
+    "ROI mask file path",
+)
+CSV_NAMES = {
+    ("mass", "Training"): "mass_case_description_train_set.csv",
+    ("mass", "Test"): "mass_case_description_test_set.csv",
+    ("calc", "Training"): "calc_case_description_train_set.csv",
+    ("calc", "Test"): "calc_case_description_test_set.csv",
+}
 LAYOUTS = ("csv", "tcia")
 UID_ROOT = "1.3.6.1.4.1.9590.100.1.2."  # the root CBIS-DDSM's UIDs use
 IMAGE_HEIGHT_MM = 250.0  # physical height of a full-field image: 0.05 mm pixels at 5000 rows
@@ -61,35 +96,84 @@ _I_IMG, _I_CROP, _I_MASK = 11, 12, 13
 
 # Vocabulary tables (value, weight). Malignant masses lean irregular/spiculated, benign ones
 # round/oval/circumscribed, with deliberate overlap so the label is not read off perfectly.
-_PATHOLOGY = {"mass": (("MALIGNANT", 47), ("BENIGN", 43), ("BENIGN_WITHOUT_CALLBACK", 10)),
-              "calc": (("MALIGNANT", 40), ("BENIGN", 35), ("BENIGN_WITHOUT_CALLBACK", 25))}
-_MASS_SHAPE = {True: (("IRREGULAR", 50), ("LOBULATED", 15), ("ARCHITECTURAL_DISTORTION", 8),
-                      ("IRREGULAR-ARCHITECTURAL_DISTORTION", 7), ("OVAL", 10), ("ROUND", 10)),
-               False: (("OVAL", 35), ("ROUND", 20), ("LOBULATED", 25), ("IRREGULAR", 12), ("LYMPH_NODE", 5),
-                       ("ARCHITECTURAL_DISTORTION", 3))}
-_MARGIN_OF_SHAPE = {"ARCHITECTURAL_DISTORTION": (("SPICULATED", 50), ("ILL_DEFINED", 50)),
-                    "IRREGULAR-ARCHITECTURAL_DISTORTION": (("SPICULATED", 60), ("ILL_DEFINED", 40)),
-                    "LYMPH_NODE": (("CIRCUMSCRIBED", 80), ("OBSCURED", 20))}
-_MASS_MARGIN = {True: (("SPICULATED", 40), ("ILL_DEFINED", 30), ("MICROLOBULATED", 10), ("OBSCURED", 10),
-                       ("CIRCUMSCRIBED", 10)),
-                False: (("CIRCUMSCRIBED", 45), ("OBSCURED", 25), ("ILL_DEFINED", 20), ("MICROLOBULATED", 5),
-                        ("SPICULATED", 5))}
-_CALC_TYPE = {True: (("PLEOMORPHIC", 45), ("FINE_LINEAR_BRANCHING", 20), ("AMORPHOUS", 15), ("PUNCTATE", 8),
-                     ("PLEOMORPHIC-FINE_LINEAR_BRANCHING", 7), ("ROUND_AND_REGULAR", 5)),
-              False: (("ROUND_AND_REGULAR", 15), ("LUCENT_CENTER", 15), ("COARSE", 12), ("VASCULAR", 12),
-                      ("PUNCTATE", 15),
-                      ("PLEOMORPHIC", 15), ("AMORPHOUS", 6), ("EGGSHELL", 5), ("LARGE_RODLIKE", 5))}
-_CALC_DIST = {True: (("CLUSTERED", 45), ("LINEAR", 20), ("SEGMENTAL", 25), ("REGIONAL", 10)),
-              False: (("CLUSTERED", 35), ("REGIONAL", 20), ("DIFFUSELY_SCATTERED", 15), ("SEGMENTAL", 5), ("LINEAR", 5),
-                      ("NA", 20))}
-_ASSESSMENT = {"MALIGNANT": (("4", 50), ("5", 35), ("3", 5), ("0", 10)),
-               "BENIGN": (("2", 25), ("3", 30), ("4", 30), ("0", 15)),
-               "BENIGN_WITHOUT_CALLBACK": (("2", 60), ("3", 30), ("0", 10))}
-_SUBTLETY = {"mass": (("1", 5), ("2", 10), ("3", 25), ("4", 25), ("5", 35)),
-             "calc": (("1", 8), ("2", 15), ("3", 32), ("4", 22), ("5", 23))}
+_PATHOLOGY = {
+    "mass": (("MALIGNANT", 47), ("BENIGN", 43), ("BENIGN_WITHOUT_CALLBACK", 10)),
+    "calc": (("MALIGNANT", 40), ("BENIGN", 35), ("BENIGN_WITHOUT_CALLBACK", 25)),
+}
+_MASS_SHAPE = {
+    True: (
+        ("IRREGULAR", 50),
+        ("LOBULATED", 15),
+        ("ARCHITECTURAL_DISTORTION", 8),
+        ("IRREGULAR-ARCHITECTURAL_DISTORTION", 7),
+        ("OVAL", 10),
+        ("ROUND", 10),
+    ),
+    False: (
+        ("OVAL", 35),
+        ("ROUND", 20),
+        ("LOBULATED", 25),
+        ("IRREGULAR", 12),
+        ("LYMPH_NODE", 5),
+        ("ARCHITECTURAL_DISTORTION", 3),
+    ),
+}
+_MARGIN_OF_SHAPE = {
+    "ARCHITECTURAL_DISTORTION": (("SPICULATED", 50), ("ILL_DEFINED", 50)),
+    "IRREGULAR-ARCHITECTURAL_DISTORTION": (("SPICULATED", 60), ("ILL_DEFINED", 40)),
+    "LYMPH_NODE": (("CIRCUMSCRIBED", 80), ("OBSCURED", 20)),
+}
+_MASS_MARGIN = {
+    True: (("SPICULATED", 40), ("ILL_DEFINED", 30), ("MICROLOBULATED", 10), ("OBSCURED", 10), ("CIRCUMSCRIBED", 10)),
+    False: (("CIRCUMSCRIBED", 45), ("OBSCURED", 25), ("ILL_DEFINED", 20), ("MICROLOBULATED", 5), ("SPICULATED", 5)),
+}
+_CALC_TYPE = {
+    True: (
+        ("PLEOMORPHIC", 45),
+        ("FINE_LINEAR_BRANCHING", 20),
+        ("AMORPHOUS", 15),
+        ("PUNCTATE", 8),
+        ("PLEOMORPHIC-FINE_LINEAR_BRANCHING", 7),
+        ("ROUND_AND_REGULAR", 5),
+    ),
+    False: (
+        ("ROUND_AND_REGULAR", 15),
+        ("LUCENT_CENTER", 15),
+        ("COARSE", 12),
+        ("VASCULAR", 12),
+        ("PUNCTATE", 15),
+        ("PLEOMORPHIC", 15),
+        ("AMORPHOUS", 6),
+        ("EGGSHELL", 5),
+        ("LARGE_RODLIKE", 5),
+    ),
+}
+_CALC_DIST = {
+    True: (("CLUSTERED", 45), ("LINEAR", 20), ("SEGMENTAL", 25), ("REGIONAL", 10)),
+    False: (
+        ("CLUSTERED", 35),
+        ("REGIONAL", 20),
+        ("DIFFUSELY_SCATTERED", 15),
+        ("SEGMENTAL", 5),
+        ("LINEAR", 5),
+        ("NA", 20),
+    ),
+}
+_ASSESSMENT = {
+    "MALIGNANT": (("4", 50), ("5", 35), ("3", 5), ("0", 10)),
+    "BENIGN": (("2", 25), ("3", 30), ("4", 30), ("0", 15)),
+    "BENIGN_WITHOUT_CALLBACK": (("2", 60), ("3", 30), ("0", 10)),
+}
+_SUBTLETY = {
+    "mass": (("1", 5), ("2", 10), ("3", 25), ("4", 25), ("5", 35)),
+    "calc": (("1", 8), ("2", 15), ("3", 32), ("4", 22), ("5", 23)),
+}
 _DENSITY = (("1", 18), ("2", 42), ("3", 28), ("4", 12))
-_BLOCK = {"kind": ["mass"] * 5 + ["calc"] * 5, "split": ["Training"] * 8 + ["Test"] * 2,
-          "config": ["single"] * 6 + ["two"] * 2 + ["both"] * 2}  # per block of ten patients
+_BLOCK = {
+    "kind": ["mass"] * 5 + ["calc"] * 5,
+    "split": ["Training"] * 8 + ["Test"] * 2,
+    "config": ["single"] * 6 + ["two"] * 2 + ["both"] * 2,
+}  # per block of ten patients
 
 
 @dataclass(frozen=True)
@@ -125,7 +209,7 @@ class _Row:
 
 
 def _pick(rng: np.random.Generator, table) -> str:
-    names, weights = zip(*table)
+    names, weights = zip(*table, strict=True)
     return names[int(rng.choice(len(names), p=np.asarray(weights, float) / sum(weights)))]
 
 
@@ -159,8 +243,11 @@ def _plan_patient(seed: int, pnum: int, kind: str, split: str, config: str) -> l
     for les in lesions:
         path = _pick(rng, _PATHOLOGY[kind])
         malignant = path == "MALIGNANT"
-        look = ((_pick(rng, _MASS_SHAPE[malignant]), _pick(rng, _MASS_MARGIN[malignant])) if kind == "mass"
-                else (_pick(rng, _CALC_TYPE[malignant]), _pick(rng, _CALC_DIST[malignant])))
+        look = (
+            (_pick(rng, _MASS_SHAPE[malignant]), _pick(rng, _MASS_MARGIN[malignant]))
+            if kind == "mass"
+            else (_pick(rng, _CALC_TYPE[malignant]), _pick(rng, _CALC_DIST[malignant]))
+        )
         if look[0] in _MARGIN_OF_SHAPE:  # distortions are never circumscribed, nodes never spiculated
             look = (look[0], _pick(rng, _MARGIN_OF_SHAPE[look[0]]))
         described[les] = (*look, _pick(rng, _ASSESSMENT[path]), path, _pick(rng, _SUBTLETY[kind]))
@@ -172,8 +259,18 @@ def _plan_patient(seed: int, pnum: int, kind: str, split: str, config: str) -> l
             for abn in sorted(a for s, a in lesions if s is side):
                 crop, mask = _roi_paths(rng, kind, f"{folder}_{abn}")
                 crop, mask = (crop, mask + "\n") if kind == "mass" else (crop + "\n", mask)  # the real files' quirk
-                values = (pid, density, side.value, view.value, str(abn), "mass" if kind == "mass" else "calcification",
-                          *described[(side, abn)], image, crop, mask)
+                values = (
+                    pid,
+                    density,
+                    side.value,
+                    view.value,
+                    str(abn),
+                    "mass" if kind == "mass" else "calcification",
+                    *described[(side, abn)],
+                    image,
+                    crop,
+                    mask,
+                )
                 rows.append(_Row(kind, split, values))
     return rows
 
@@ -185,7 +282,7 @@ def _plan(seed: int, patients: int) -> list[_Row]:
     for block in range(0, patients, 10):
         brng = np.random.default_rng([seed, 12, block])
         mix = {k: list(brng.permutation(v)) for k, v in _BLOCK.items()}
-        for j, pnum in enumerate(pnums[block:block + 10]):
+        for j, pnum in enumerate(pnums[block : block + 10]):
             rows += _plan_patient(seed, int(pnum), str(mix["kind"][j]), str(mix["split"][j]), str(mix["config"][j]))
     return rows
 
@@ -270,7 +367,7 @@ def _positions(rows: list[_Row], seed: int, pnum: int) -> dict[tuple, tuple[floa
 
 
 def _mask_size_quirk(row: _Row, seed: int, pnum: int, view_mlo: bool) -> str:
-    """"": the mask has its image's size; "rescaled" / "cropped": stored at another size (replica only).
+    """ "": the mask has its image's size; "rescaled" / "cropped": stored at another size (replica only).
 
     Real CBIS-DDSM has masks whose size differs from their image: about 2% of these ROIs are
     written rescaled (same aspect ratio, resampled by the pipeline) and 0.5% cropped by an
@@ -291,8 +388,17 @@ def _stored_mask(mask: np.ndarray, quirk: str, rng_key: list[int]) -> np.ndarray
     return mask
 
 
-def _render_image(out: Path, layout: str, rows: list[_Row], seed: int, pnum: int, size: tuple[int, int],
-                  positions: dict, dates: dict, mask_quirks: bool = False) -> int:
+def _render_image(
+    out: Path,
+    layout: str,
+    rows: list[_Row],
+    seed: int,
+    pnum: int,
+    size: tuple[int, int],
+    positions: dict,
+    dates: dict,
+    mask_quirks: bool = False,
+) -> int:
     """Draw one film with all lesions of its rows; write it, each crop and each mask; return files written.
 
     ``rows`` are every row of one (patient, side, view). CBIS-DDSM lists some films under both a
@@ -323,11 +429,20 @@ def _render_image(out: Path, layout: str, rows: list[_Row], seed: int, pnum: int
     for img_path, img_kind in films.items():
         _, study, series, _ = img_path.split("/")
         date = dates[img_kind]
-        write_mammogram(_target(out, layout, img_path, SERIES_FULL, date, img_kind), pixels,
-                        DicomInfo(study_uid=study, series_uid=series, sop_uid=_uid(rng),
-                                  series_description=SERIES_FULL, study_date=f"{date:%Y%m%d}", **base))
+        write_mammogram(
+            _target(out, layout, img_path, SERIES_FULL, date, img_kind),
+            pixels,
+            DicomInfo(
+                study_uid=study,
+                series_uid=series,
+                sop_uid=_uid(rng),
+                series_description=SERIES_FULL,
+                study_date=f"{date:%Y%m%d}",
+                **base,
+            ),
+        )
     written = len(films)
-    for row, (sl, local) in zip(rows, rois):
+    for row, (sl, local) in zip(rows, rois, strict=True):
         mask = np.zeros(size, bool)
         mask[sl] = local
         if not mask.any():  # a lesion squeezed off the image still needs a non-empty ROI
@@ -335,18 +450,30 @@ def _render_image(out: Path, layout: str, rows: list[_Row], seed: int, pnum: int
         if side is Side.RIGHT:
             mask = mask[:, ::-1]
         ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        crop = pixels[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]
+        crop = pixels[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
         quirk = _mask_size_quirk(row, seed, pnum, view is View.MLO) if mask_quirks else ""
         mask = _stored_mask(mask, quirk, [seed, pnum, _int(row[4], 1, 0, 99), 8])
         crop_path, mask_path = row[_I_CROP], row[_I_MASK]
         shared = crop_path.rsplit("/", 1)[0] == mask_path.rsplit("/", 1)[0]
         date = dates[row.kind]
-        for path, desc, write, data in ((crop_path, SERIES_MASK if shared else SERIES_CROP, write_crop, crop),
-                                        (mask_path, SERIES_MASK, write_mask, mask)):
+        for path, desc, write, data in (
+            (crop_path, SERIES_MASK if shared else SERIES_CROP, write_crop, crop),
+            (mask_path, SERIES_MASK, write_mask, mask),
+        ):
             _, study, series, name = path.split("/")
-            write(_target(out, layout, path, desc, date, row.kind), data,
-                  DicomInfo(study_uid=study, series_uid=series, sop_uid=_uid(rng), series_description=desc,
-                            instance_number=1 + int(name != "000000.dcm"), study_date=f"{date:%Y%m%d}", **base))
+            write(
+                _target(out, layout, path, desc, date, row.kind),
+                data,
+                DicomInfo(
+                    study_uid=study,
+                    series_uid=series,
+                    sop_uid=_uid(rng),
+                    series_description=desc,
+                    instance_number=1 + int(name != "000000.dcm"),
+                    study_date=f"{date:%Y%m%d}",
+                    **base,
+                ),
+            )
         written += 2
     return written
 
@@ -360,9 +487,17 @@ def _write_csvs(out: Path, rows: list[_Row]) -> None:
             writer.writerows(r.values for r in rows if (r.kind, r.split) == (kind, split))
 
 
-def synthesize(out_dir: str | Path, *, patients: int = 40, seed: int = 0, size: tuple[int, int] = (832, 512),
-               layout: str = "csv", from_csv: str | Path | None = None, mask_quirks: bool | None = None,
-               progress: bool = True) -> SynthSummary:
+def synthesize(
+    out_dir: str | Path,
+    *,
+    patients: int = 40,
+    seed: int = 0,
+    size: tuple[int, int] = (832, 512),
+    layout: str = "csv",
+    from_csv: str | Path | None = None,
+    mask_quirks: bool | None = None,
+    progress: bool = True,
+) -> SynthSummary:
     """Write a synthetic CBIS-DDSM-shaped dataset (four CSVs + DICOMs) to ``out_dir``.
 
     Args:
@@ -409,7 +544,16 @@ def synthesize(out_dir: str | Path, *, patients: int = 40, seed: int = 0, size: 
             n_images += len({r[_I_IMG] for r in frows})
         n_films += len(films)
     _write_csvs(out, rows)
-    return SynthSummary(out_dir=str(out), csv_dir=str(out), layout=layout, seed=seed, size=size,
-                        patients=len(by_patient), images=n_images, films=n_films, abnormalities=len(rows),
-                        by_type=dict(sorted(Counter(r[5] for r in rows).items())),
-                        by_pathology=dict(sorted(Counter(r[9] for r in rows).items())))
+    return SynthSummary(
+        out_dir=str(out),
+        csv_dir=str(out),
+        layout=layout,
+        seed=seed,
+        size=size,
+        patients=len(by_patient),
+        images=n_images,
+        films=n_films,
+        abnormalities=len(rows),
+        by_type=dict(sorted(Counter(r[5] for r in rows).items())),
+        by_pathology=dict(sorted(Counter(r[9] for r in rows).items())),
+    )

@@ -67,11 +67,27 @@ def breast_geometry(rng: np.random.Generator, size: tuple[int, int], mlo: bool) 
     """Draw a plausible breast outline for a CC or MLO view of an image of ``size``."""
     h, w = size
     if not mlo:
-        return BreastGeometry(h, w, False, h * rng.uniform(0.45, 0.55), w * rng.uniform(0.58, 0.82),
-                              h * rng.uniform(0.3, 0.4), rng.uniform(-0.05, 0.05))
-    return BreastGeometry(h, w, True, h * rng.uniform(0.44, 0.52), w * rng.uniform(0.62, 0.85),
-                          h * rng.uniform(0.46, 0.54), rng.uniform(0.15, 0.3),
-                          w * rng.uniform(0.24, 0.4), h * rng.uniform(0.32, 0.5), rng.uniform(0.8, 1.25))
+        return BreastGeometry(
+            h,
+            w,
+            False,
+            h * rng.uniform(0.45, 0.55),
+            w * rng.uniform(0.58, 0.82),
+            h * rng.uniform(0.3, 0.4),
+            rng.uniform(-0.05, 0.05),
+        )
+    return BreastGeometry(
+        h,
+        w,
+        True,
+        h * rng.uniform(0.44, 0.52),
+        w * rng.uniform(0.62, 0.85),
+        h * rng.uniform(0.46, 0.54),
+        rng.uniform(0.15, 0.3),
+        w * rng.uniform(0.24, 0.4),
+        h * rng.uniform(0.32, 0.5),
+        rng.uniform(0.8, 1.25),
+    )
 
 
 def _fractal_noise(rng: np.random.Generator, shape: tuple[int, int], beta: float, stretch: float = 1.0) -> np.ndarray:
@@ -92,7 +108,9 @@ def _upsample(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if a.shape == tuple(shape):
         return a
     out = ndimage.zoom(a, (shape[0] / a.shape[0], shape[1] / a.shape[1]), order=1, mode="nearest", grid_mode=True)
-    return np.pad(out, [(0, max(0, n - m)) for n, m in zip(shape, out.shape)], mode="edge")[: shape[0], : shape[1]]
+    return np.pad(out, [(0, max(0, n - m)) for n, m in zip(shape, out.shape, strict=True)], mode="edge")[
+        : shape[0], : shape[1]
+    ]
 
 
 def _coarse(geom: BreastGeometry, max_dim: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
@@ -175,8 +193,9 @@ class MassLook:
     seed: int
 
 
-def draw_mass(att: np.ndarray, center: tuple[float, float], look: MassLook, spacing_mm: float,
-              angle: float, scale: float = 1.0) -> tuple[tuple[slice, slice], np.ndarray]:
+def draw_mass(
+    att: np.ndarray, center: tuple[float, float], look: MassLook, spacing_mm: float, angle: float, scale: float = 1.0
+) -> tuple[tuple[slice, slice], np.ndarray]:
     """Add a mass to ``att`` in place; return its window and the binary outline inside it.
 
     Shape sets the outline (round/oval ellipse, lobulated, irregular harmonics, distortion),
@@ -188,8 +207,12 @@ def draw_mass(att: np.ndarray, center: tuple[float, float], look: MassLook, spac
     distortion = "ARCHITECTURAL_DISTORTION" in shape and not shape & {"ROUND", "OVAL", "LOBULATED", "IRREGULAR"}
     asym = bool(shape & {"ASYMMETRIC_BREAST_TISSUE", "FOCAL_ASYMMETRIC_DENSITY"})
     aspect = rng.uniform(1.0, 1.35)
-    for name, lims in (("LOBULATED", (1.05, 1.45)), ("OVAL", (1.35, 1.8)), ("LYMPH_NODE", (1.4, 1.9)),
-                       ("ROUND", (1.0, 1.12))):
+    for name, lims in (
+        ("LOBULATED", (1.05, 1.45)),
+        ("OVAL", (1.35, 1.8)),
+        ("LYMPH_NODE", (1.4, 1.9)),
+        ("ROUND", (1.0, 1.12)),
+    ):
         aspect = rng.uniform(*lims) if name in shape else aspect
     harm = [(k, 0.015, rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)]
     edge, n_spic, spic_len = 0.035, 0, (0.6, 1.6)
@@ -198,8 +221,10 @@ def draw_mass(att: np.ndarray, center: tuple[float, float], look: MassLook, spac
     if shape & {"IRREGULAR", "ARCHITECTURAL_DISTORTION"} or asym:
         harm += [(k, rng.uniform(0.06, 0.15) / k**0.4, rng.uniform(0, 2 * np.pi)) for k in range(2, 13)]
     if "MICROLOBULATED" in margins:
-        harm += [(int(k), rng.uniform(0.025, 0.045), rng.uniform(0, 2 * np.pi))
-                 for k in rng.choice(np.arange(10, 19), 4, replace=False)]
+        harm += [
+            (int(k), rng.uniform(0.025, 0.045), rng.uniform(0, 2 * np.pi))
+            for k in rng.choice(np.arange(10, 19), 4, replace=False)
+        ]
         edge = max(edge, 0.05)
     if "ILL_DEFINED" in margins or asym:
         edge = max(edge, rng.uniform(0.16, 0.3))
@@ -211,8 +236,10 @@ def draw_mass(att: np.ndarray, center: tuple[float, float], look: MassLook, spac
     if "SPICULATED" in margins or distortion:
         n_spic = int(rng.integers(18, 30) if distortion else rng.integers(10, 22))
         spic_len = (1.0, 2.0) if distortion else spic_len
-    spicules = [(rng.uniform(0, 2 * np.pi), rng.uniform(*spic_len), rng.uniform(0.25, 0.6), rng.uniform(0.45, 0.85))
-                for _ in range(n_spic)]  # (angle, length / radius, width mm, amplitude)
+    spicules = [
+        (rng.uniform(0, 2 * np.pi), rng.uniform(*spic_len), rng.uniform(0.25, 0.6), rng.uniform(0.45, 0.85))
+        for _ in range(n_spic)
+    ]  # (angle, length / radius, width mm, amplitude)
     # Infiltrating margins come with a heterogeneous interior; circumscribed masses are homogeneous.
     infiltrating = bool(margins & {"ILL_DEFINED", "SPICULATED", "MICROLOBULATED"}) or distortion
     hetero = 0.45 if infiltrating else 0.05
@@ -265,9 +292,20 @@ class CalcLook:
     seed: int
 
 
-_CALC_COUNT = {"PLEOMORPHIC": (12, 30), "FINE_LINEAR_BRANCHING": (5, 10), "AMORPHOUS": (15, 35), "PUNCTATE": (6, 15),
-               "ROUND_AND_REGULAR": (4, 10), "LUCENT_CENTER": (3, 8), "EGGSHELL": (2, 5), "COARSE": (1, 4),
-               "DYSTROPHIC": (2, 5), "VASCULAR": (1, 3), "LARGE_RODLIKE": (2, 5), "SKIN": (3, 6)}
+_CALC_COUNT = {
+    "PLEOMORPHIC": (12, 30),
+    "FINE_LINEAR_BRANCHING": (5, 10),
+    "AMORPHOUS": (15, 35),
+    "PUNCTATE": (6, 15),
+    "ROUND_AND_REGULAR": (4, 10),
+    "LUCENT_CENTER": (3, 8),
+    "EGGSHELL": (2, 5),
+    "COARSE": (1, 4),
+    "DYSTROPHIC": (2, 5),
+    "VASCULAR": (1, 3),
+    "LARGE_RODLIKE": (2, 5),
+    "SKIN": (3, 6),
+}
 _CALC_ALIAS = {"LUCENT_CENTERED": "LUCENT_CENTER", "MILK_OF_CALCIUM": "PUNCTATE"}
 
 
@@ -291,8 +329,18 @@ def _speck(rng: np.random.Generator, kind: str, y: float, x: float, step: float)
     if kind in ("LUCENT_CENTER", "SKIN", "EGGSHELL"):
         return [(y, x, 0.12, 0.12, o, rng.uniform(1, 2) if kind == "EGGSHELL" else rng.uniform(0.4, 1.0), 0.55)]
     if kind in ("COARSE", "DYSTROPHIC"):
-        return [(y + rng.normal(0, 0.6), x + rng.normal(0, 0.6), rng.uniform(0.3, 0.6), rng.uniform(0.3, 0.6), o, 0,
-                 rng.uniform(0.7, 1.0)) for _ in range(int(rng.integers(3, 7)))]  # popcorn
+        return [
+            (
+                y + rng.normal(0, 0.6),
+                x + rng.normal(0, 0.6),
+                rng.uniform(0.3, 0.6),
+                rng.uniform(0.3, 0.6),
+                o,
+                0,
+                rng.uniform(0.7, 1.0),
+            )
+            for _ in range(int(rng.integers(3, 7)))
+        ]  # popcorn
     if kind == "LARGE_RODLIKE":
         return [(y, x, rng.uniform(0.8, 1.8), rng.uniform(0.2, 0.35), rng.normal(0, 0.3), 0, 0.8)]
     if kind == "FINE_LINEAR_BRANCHING":  # a duct cast with one side branch, broken in places
@@ -300,14 +348,14 @@ def _speck(rng: np.random.Generator, kind: str, y: float, x: float, step: float)
         ys, xs = _line(y, x, length, o, step)
         fork = o + rng.choice([-1, 1]) * rng.uniform(0.4, 0.8)
         by, bx = _line(ys[len(ys) // 2], xs[len(xs) // 2], length / 2, fork, step)
-        pts = [p for p in zip(np.r_[ys, by], np.r_[xs, bx]) if rng.random() > 0.15]
+        pts = [p for p in zip(np.r_[ys, by], np.r_[xs, bx], strict=True) if rng.random() > 0.15]
         return [(py, px, sig, sig, o, 0, rng.uniform(0.4, 0.7)) for py, px in pts]
     if kind == "VASCULAR":  # tram-track calcified vessel walls
         gap, length = rng.uniform(0.8, 1.6), rng.uniform(6, 12)
         out = []
         for side in (-0.5, 0.5):
             ys, xs = _line(y + side * gap * np.cos(o), x - side * gap * np.sin(o), length, o, step)
-            out += [(py, px, 0.1, 0.1, o, 0, 0.45) for py, px in zip(ys, xs) if rng.random() > 0.2]
+            out += [(py, px, 0.1, 0.1, o, 0, 0.45) for py, px in zip(ys, xs, strict=True) if rng.random() > 0.2]
         return out
     s = rng.uniform(0.1, 0.17)  # PUNCTATE and anything unknown
     return [(y, x, s, s, o, 0, rng.uniform(0.5, 0.8))]
@@ -328,8 +376,9 @@ def _distribute(rng: np.random.Generator, dist: str, n: int, ext: float) -> np.n
     return np.clip(rng.normal(0, ext / 4, (n, 2)), -ext / 2, ext / 2)  # CLUSTERED / NA
 
 
-def draw_calcs(att: np.ndarray, center: tuple[float, float], look: CalcLook, spacing_mm: float,
-               angle: float, scale: float = 1.0) -> tuple[tuple[slice, slice], np.ndarray]:
+def draw_calcs(
+    att: np.ndarray, center: tuple[float, float], look: CalcLook, spacing_mm: float, angle: float, scale: float = 1.0
+) -> tuple[tuple[slice, slice], np.ndarray]:
     """Add a calcification cluster to ``att`` in place; return its window and ROI (hull + margin)."""
     rng = np.random.default_rng(look.seed)
     kinds = [_CALC_ALIAS.get(k, k) for k in look.calc_type.upper().split("-")]
@@ -348,7 +397,7 @@ def draw_calcs(att: np.ndarray, center: tuple[float, float], look: CalcLook, spa
     sl, dy, dx = _window(att.shape, center[0], center[1], half)
     patch = np.zeros((dy.shape[0], dx.shape[1]), np.float32)
     oy, ox = center[0] - sl[0].start, center[1] - sl[1].start
-    for (_, _, smaj, smin, orient, ring, amp), yy, xx in zip(stamps, py + oy, px + ox):
+    for (_, _, smaj, smin, orient, ring, amp), yy, xx in zip(stamps, py + oy, px + ox, strict=True):
         sa, sb, rr = max(smaj / spacing_mm, 0.6), max(smin / spacing_mm, 0.6), ring / spacing_mm
         amp *= min(1.0, smaj / spacing_mm / 0.6) ** 0.5 * min(1.0, smin / spacing_mm / 0.6) ** 0.5  # partial volume
         h = int(4 * sa + rr) + 2
