@@ -1,12 +1,16 @@
 # Two commands for a fresh machine with Python 3.11 and pip:
 #   make demo   set up .venv and run the main job on the built-in defaults
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run the test suite (all tiers; CI runs it after `make lint`)
+# And for everyday work:
+#   make test-fast  the unit tests only: no Ray, no PostgreSQL, no training (tests/conftest.py checks the markers)
+#   make lint       ruff (lint + format check) and mypy on mammo_ray/
+#   make format     ruff's formatter and its safe fixes, in place
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-work bench
+.PHONY: demo test test-fast lint format install clean-work bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,18 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not ray and not slow and not gpu" -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 bench: install
 	$(BIN)/python benchmarks/bench_data.py

@@ -29,7 +29,7 @@ import pydicom
 
 from mammo_ray.config import DataConfig
 from mammo_ray.data.cache import prepare_cache
-from mammo_ray.data.cbis_ddsm import index_dataset
+from mammo_ray.data.index import index_dataset
 from mammo_ray.data.splits import make_splits
 from mammo_ray.data.synthetic import csv_source, synthesize
 from mammo_ray.workdir import resolve_workdir

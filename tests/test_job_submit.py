@@ -1,7 +1,8 @@
 """The jobs of docs/walkthrough.md against one `ray start --head` cluster on 127.0.0.1, as a client would run
 them: `ray job submit` of train, of the smoke search and of an ensemble of its best config; `ray job logs`;
 then `serve deploy` of serve/config.yaml (the committed `serve.app:build_app`, shipped with a working_dir
-runtime_env) on the registered ensemble, and one DICOM through /v1/predict. Shrunk to a few Ray Train fits."""
+runtime_env) on the registered ensemble, and one DICOM through /v1/predict. Shrunk to a few Ray Train fits.
+The head (fixture ``ray_cluster``) is the one tests/test_mlflow_server.py uses too, see tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
-from ray_head import RAY, REPO, SHRINK, field, free_port, job_logs, ray_head, sets, submit
+from ray_head import RAY, REPO, SHRINK, field, job_logs, reserved_port, sets, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -36,12 +37,6 @@ def job_id(kind: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with ray_head() as head:
-        yield head
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """The work directory (crop cache, SQLite MLflow store) the search and the ensemble share."""
     return tmp_path_factory.mktemp("jobs") / "work"
@@ -51,10 +46,10 @@ def store(workdir: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
 
 
-def test_job_submit_trains_and_tracks(cluster, tmp_path):
+def test_job_submit_trains_and_tracks(ray_cluster, tmp_path):
     workdir = tmp_path / "work"
     log = submit(
-        cluster,
+        ray_cluster,
         job_id("train"),
         ["mammo-ray", "train", "--config", "tune_configs/smoke.yaml", *sets(SHRINK)],
         {"MAMMO_RAY_WORKDIR": str(workdir)},
@@ -71,10 +66,10 @@ def test_job_submit_trains_and_tracks(cluster, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def searched(cluster, workdir):
+def searched(ray_cluster, workdir):
     submission = job_id("tune")
     log = submit(
-        cluster,
+        ray_cluster,
         submission,
         ["mammo-ray", "tune", "--config", "tune_configs/search_smoke.yaml", *sets(SEARCH)],
         {"MAMMO_RAY_WORKDIR": str(workdir)},
@@ -83,11 +78,11 @@ def searched(cluster, workdir):
     return submission, log
 
 
-def test_job_submit_tune_and_job_logs(cluster, workdir, searched):
+def test_job_submit_tune_and_job_logs(ray_cluster, workdir, searched):
     submission, log = searched
     parent = field(log, "parent run")
     assert "| levynet |" in log  # the leaderboard's row
-    logs = job_logs(cluster, submission)  # read back from the cluster, after the client has gone
+    logs = job_logs(ray_cluster, submission)  # read back from the cluster, after the client has gone
     assert field(logs, "parent run") == parent and "leaderboard" in logs
     client = store(workdir)
     run = client.get_run(parent)
@@ -100,11 +95,11 @@ def test_job_submit_tune_and_job_logs(cluster, workdir, searched):
 
 
 @pytest.fixture(scope="module")
-def ensembled(cluster, workdir, searched):
+def ensembled(ray_cluster, workdir, searched):
     parent = field(searched[1], "parent run")
     submission = job_id("ensemble")
     submit(
-        cluster,
+        ray_cluster,
         submission,
         [
             "mammo-ray",
@@ -118,7 +113,7 @@ def ensembled(cluster, workdir, searched):
         ],
         {"MAMMO_RAY_WORKDIR": str(workdir)},
     )
-    log = job_logs(cluster, submission)
+    log = job_logs(ray_cluster, submission)
     (workdir.parent / "ensemble.log").write_text(log)
     return log
 
@@ -141,88 +136,94 @@ def _test_lesion(ensemble_log: str) -> tuple[Path, str]:
     from mammo_ray.data.splits import Splits
     from mammo_ray.search.trial import read_plan
 
-    prepared = read_plan(field(ensemble_log, "folder")).cells["member"]["prepared"]
-    manifest = pd.read_parquet(prepared["manifest"])
-    row = manifest[
-        (Splits.load(prepared["splits"]).assign(manifest) == "test") & (manifest["roi_mask_path"] != "")
-    ].iloc[0]
+    prepared = read_plan(field(ensemble_log, "folder")).cells["member"].prepared
+    manifest = pd.read_parquet(prepared.manifest)
+    row = manifest[(Splits.load(prepared.splits).assign(manifest) == "test") & (manifest["roi_mask_path"] != "")].iloc[
+        0
+    ]
     box = ",".join(map(str, mask_bbox(read_dicom(row["roi_mask_path"], flip=False)[0] > 0)))
     return Path(row["image_path"]), box
 
 
-def test_serve_deploy_of_the_registered_ensemble(cluster, workdir, ensembled, tmp_path):
-    from mammo_ray.cli_serve import wait_ready
+def test_serve_deploy_of_the_registered_ensemble(ray_cluster, workdir, ensembled, tmp_path):
+    from mammo_ray.cli.serve import wait_ready
 
-    port = free_port()
-    path = tmp_path / "serve-config.yaml"
-    # serve/config.yaml as committed (`serve.app:build_app`), on the registered ensemble and this job's store.
-    # `serve deploy` sends the config to the cluster, so a working_dir must already be there: a
-    # `local://` directory every node has (here the one node; on a cluster, shared storage) or a zip URI.
-    subprocess.run(
-        [
-            sys.executable,
-            "scripts/serve_config.py",
-            "--model",
-            field(ensembled, "registered model"),
-            "--arg",
-            f"tracking_uri=sqlite:///{workdir / 'mlflow' / 'mlflow.db'}",
-            "--arg",
-            f"workdir={workdir}",
-            "--arg",
-            "num_cpus=0.5",
-            "--arg",
-            "max_batch_size=4",
-            "--arg",
-            "execution=loop",
-            "--port",
-            str(port),
-            "--working-dir",
-            f"local://{REPO}",
-            "--out",
-            str(path),
-        ],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    deployed = yaml.safe_load(path.read_text())
-    assert deployed["applications"][0]["import_path"] == "serve.app:build_app"
+    # The port stays reserved until Serve's proxy listens on it (it binds with SO_REUSEPORT, which the
+    # reservation admits; nothing else can take the port meanwhile): see ray_head.reserved_port.
+    with reserved_port() as port:
+        path = tmp_path / "serve-config.yaml"
+        # serve/config.yaml as committed (`serve.app:build_app`), on the registered ensemble and this job's store.
+        # `serve deploy` sends the config to the cluster, so a working_dir must already be there: a
+        # `local://` directory every node has (here the one node; on a cluster, shared storage) or a zip URI.
+        subprocess.run(
+            [
+                sys.executable,
+                "scripts/serve_config.py",
+                "--model",
+                field(ensembled, "registered model"),
+                "--arg",
+                f"tracking_uri=sqlite:///{workdir / 'mlflow' / 'mlflow.db'}",
+                "--arg",
+                f"workdir={workdir}",
+                "--arg",
+                "num_cpus=0.5",
+                "--arg",
+                "max_batch_size=4",
+                "--arg",
+                "execution=loop",
+                "--port",
+                str(port),
+                "--working-dir",
+                f"local://{REPO}",
+                "--out",
+                str(path),
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        deployed = yaml.safe_load(path.read_text())
+        assert deployed["applications"][0]["import_path"] == "serve.app:build_app"
 
-    deploy = subprocess.run(
-        [SERVE, "deploy", str(path), "--address", cluster.address],
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    url = f"http://127.0.0.1:{port}"
-    try:
-        health = wait_ready(url, timeout_s=300)
-        assert health["status"] == "ready", health
-        image, box = _test_lesion(ensembled)
-        curl = subprocess.run(
-            ["curl", "-s", "-w", "\n%{http_code}", "-F", f"file=@{image}", "-F", f"box={box}", f"{url}/v1/predict"],
+        deploy = subprocess.run(
+            [SERVE, "deploy", str(path), "--address", ray_cluster.address],
+            env=ray_cluster.env,
             capture_output=True,
             text=True,
             timeout=120,
         )
-        body, _, code = curl.stdout.rpartition("\n")
-        assert code == "200", curl.stdout + curl.stderr
-        reply = json.loads(body)
-        assert 0 <= reply["probability"] <= 1 and reply["label"] in ("benign", "malignant"), reply
-        (tmp_path / "predict.json").write_text(json.dumps(reply))
-        status_out = subprocess.run(
-            [SERVE, "status", "--address", cluster.address], env=cluster.env, capture_output=True, text=True, timeout=60
-        )
-        assert "RUNNING" in status_out.stdout, status_out.stdout + status_out.stderr
-    finally:
-        shutdown = subprocess.run(
-            [SERVE, "shutdown", "-y", "--address", cluster.address],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        url = f"http://127.0.0.1:{port}"
+        try:
+            health = wait_ready(url, timeout_s=300)
+            assert health["status"] == "ready", health
+            image, box = _test_lesion(ensembled)
+            curl = subprocess.run(
+                ["curl", "-s", "-w", "\n%{http_code}", "-F", f"file=@{image}", "-F", f"box={box}", f"{url}/v1/predict"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            body, _, code = curl.stdout.rpartition("\n")
+            assert code == "200", curl.stdout + curl.stderr
+            reply = json.loads(body)
+            assert 0 <= reply["probability"] <= 1 and reply["label"] in ("benign", "malignant"), reply
+            (tmp_path / "predict.json").write_text(json.dumps(reply))
+            status_out = subprocess.run(
+                [SERVE, "status", "--address", ray_cluster.address],
+                env=ray_cluster.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert "RUNNING" in status_out.stdout, status_out.stdout + status_out.stderr
+        finally:
+            shutdown = subprocess.run(
+                [SERVE, "shutdown", "-y", "--address", ray_cluster.address],
+                env=ray_cluster.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        assert shutdown.returncode == 0, shutdown.stdout + shutdown.stderr

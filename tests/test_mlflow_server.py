@@ -1,8 +1,9 @@
 """An `mlflow server` on PostgreSQL (127.0.0.1) as a team deployment runs it, reached through
 MLFLOW_TRACKING_URI by Ray jobs on a `ray start --head` cluster, and read back through its REST API:
 16 Tune trials logging at once (8 in flight) lose no run, metric or artifact and meet no
-`database is locked`; a `mammo-ray train` job's run arrives whole. PostgreSQL comes from
-scripts/start_postgres.sh; without it these tests fail, they do not skip."""
+`database is locked`; a `mammo-ray train` job's run arrives whole. PostgreSQL (fixture ``postgres_uri``)
+comes from scripts/start_postgres.py; if it cannot start these tests fail, they do not skip. The Ray head
+(fixture ``ray_cluster``) is the one tests/test_job_submit.py uses too, see tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import uuid
 from typing import Any
 
 import pytest
-from mlflow_postgres import fresh_database, mlflow_server, postgres_uri
-from ray_head import SHRINK, field, job_logs, last_json, ray_head, sets, submit
+from mlflow_postgres import fresh_database, mlflow_server
+from ray_head import SHRINK, field, job_logs, last_json, sets, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,19 +28,13 @@ CLIENT_TROUBLE = re.compile(r"database is locked|MlflowException|Retrying \(Retr
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(postgres_uri, tmp_path_factory):
     base = tmp_path_factory.mktemp("mlflow-server")
     with (
-        fresh_database(postgres_uri()) as database,
+        fresh_database(postgres_uri) as database,
         mlflow_server(database, base / "artifacts", base / "server.log") as running,
     ):
         yield running
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with ray_head() as head:
-        yield head
 
 
 def rest(server, endpoint: str, body: dict | None = None, **query: Any) -> dict:
@@ -72,10 +67,10 @@ def most_at_once(runs: list[dict]) -> int:
     return best
 
 
-def test_parallel_trials_lose_nothing(server, cluster, tmp_path):
+def test_parallel_trials_lose_nothing(server, ray_cluster, tmp_path):
     submission = f"mlflow-load-{uuid.uuid4().hex[:8]}"
     log = submit(
-        cluster,
+        ray_cluster,
         submission,
         [
             "python",
@@ -90,7 +85,7 @@ def test_parallel_trials_lose_nothing(server, cluster, tmp_path):
         {"MLFLOW_TRACKING_URI": server.url},
     )
     (tmp_path / "job.log").write_text(log)
-    summary = last_json(job_logs(cluster, submission))
+    summary = last_json(job_logs(ray_cluster, submission))
     assert summary["errored"] == 0 and len(summary["runs"]) == TRIALS, summary
 
     found = rest(
@@ -131,10 +126,10 @@ def test_parallel_trials_lose_nothing(server, cluster, tmp_path):
     assert not SERVER_TROUBLE.search(server.log_text()), server.log_text()[-4000:]
 
 
-def test_job_submit_train_logs_to_the_server(server, cluster, tmp_path):
+def test_job_submit_train_logs_to_the_server(server, ray_cluster, tmp_path):
     workdir = tmp_path / "work"
     log = submit(
-        cluster,
+        ray_cluster,
         f"mammo-ray-train-{uuid.uuid4().hex[:8]}",
         ["mammo-ray", "train", "--config", "tune_configs/smoke.yaml", *sets(SHRINK)],
         {"MAMMO_RAY_WORKDIR": str(workdir), "MLFLOW_TRACKING_URI": server.url},

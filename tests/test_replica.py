@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -135,7 +136,7 @@ def _check_negatives(cache_dir: str, index: pd.DataFrame, manifest: pd.DataFrame
     assert films.isin(shared).any()  # shared films do give negatives, away from their masses
 
 
-def _train_and_evaluate(workdir: Path, out: Path, *overrides: str) -> tuple[dict, pd.DataFrame]:
+def _train_and_evaluate(workdir: Path, out: Path, *overrides: str) -> tuple[Any, pd.DataFrame]:
     from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint
     from mammo_ray.train.evaluation import evaluate_checkpoint
     from mammo_ray.train.loop import build_training, fit
@@ -149,7 +150,7 @@ def _train_and_evaluate(workdir: Path, out: Path, *overrides: str) -> tuple[dict
     payload = checkpoint_payload(model=training.model, config=cfg, spec=training.spec, epoch=0, history=history)
     checkpoint = save_checkpoint(payload, out)
     result = evaluate_checkpoint(checkpoint, "test", workdir, out / "eval", n_boot=50)
-    return result, pd.read_csv(result["predictions"])
+    return result, pd.read_csv(result.predictions)
 
 
 @pytest.mark.parametrize("seed", sorted(SPLIT_SEEDS))
@@ -159,9 +160,9 @@ def test_paper000_trains_and_evaluates_with_the_conflicts_in_val_and_test(workdi
     result, predictions = _train_and_evaluate(
         workdir, tmp_path, f"data.split_seed={seed}", f"model.view_mode={view_mode}"
     )
-    exam = result["exam"]
-    assert exam["n"] > 50 and 0.0 <= exam["auc"] <= 1.0 and math.isfinite(exam["log_loss"])
-    assert exam["auc_ci_low"] <= exam["auc"] <= exam["auc_ci_high"]
+    exam = result.exam
+    assert exam.n > 50 and 0.0 <= exam.auc <= 1.0 and math.isfinite(exam.log_loss)
+    assert exam.auc_ci[0] <= exam.auc <= exam.auc_ci[1]
     places = dict(zip(CONFLICT_PATIENTS, SPLIT_SEEDS[seed], strict=True))
     in_test = [p for p, where in places.items() if where == "test"]
     keys = set(predictions["exam_key"])
@@ -171,7 +172,7 @@ def test_paper000_trains_and_evaluates_with_the_conflicts_in_val_and_test(workdi
         if view_mode == "parallel":
             assert conflicted <= keys
         else:  # one view only: counted as unpaired, never given a guessed label
-            assert not conflicted & keys and result["unpaired"] >= len(conflicted)
+            assert not conflicted & keys and result.unpaired >= len(conflicted)
 
 
 def test_lda_baseline_on_its_own_lesion_masks(workdir, tmp_path):
@@ -180,8 +181,8 @@ def test_lda_baseline_on_its_own_lesion_masks(workdir, tmp_path):
     cfg = config("data.split_seed=22")
     prepared = ensure_prepared(cfg, workdir, progress=False)
     result = run_baseline(cfg, prepared.cache_dir, tmp_path, n_boot=50)
-    test = result["test"]["image"] if "image" in result["test"] else result["test"]
-    assert test["n"] > 50 and 0.0 <= test["auc"] <= 1.0
+    test = result["test"].image
+    assert test.n > 50 and 0.0 <= test.auc <= 1.0
 
 
 def test_froc_of_a_mass_patch_model(workdir, tmp_path, indexed):

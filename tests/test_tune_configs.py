@@ -38,11 +38,32 @@ def test_the_paper_configs_are_there():
     } <= names
 
 
+def _setup(path: Path) -> tuple:
+    """What the training smoke test exercises: model, view mode, input channels, crop and task."""
+    c = load_config(path)
+    return (c.model.name, c.model.view_mode, c.model.in_chans, c.data.crop, c.data.task)
+
+
+# One config per distinct setup: the others would train the same code path again.
+DISTINCT = list({_setup(path): path for path in reversed(CONFIGS)}.values())[::-1]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_config_trains_one_epoch_when_shrunk(path, tmp_path_factory):
+def test_config_and_its_search_cells_validate(path):
     config = load_config(path)
     assert config.model.name and config.train.epochs >= 1
     assert make_cells(config)  # every search cell of the config validates too
+
+
+def test_the_training_smoke_covers_every_setup():
+    assert {_setup(p) for p in DISTINCT} == {_setup(p) for p in CONFIGS}
+    assert len(DISTINCT) < len(CONFIGS)  # some configs share a setup (the search and ensemble configs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", DISTINCT, ids=[p.stem for p in DISTINCT])
+def test_config_trains_one_epoch_when_shrunk(path, tmp_path_factory):
+    config = load_config(path)
     extra = ["data.split_fractions=[0.7, 0.15, 0.15]"] if config.data.split_fractions[1] == 0 else []
     small = load_config(path, [*SHRINK, *extra])
     workdir = tmp_path_factory.getbasetemp() / "tune-configs-work"  # shared: same data, one synthesis

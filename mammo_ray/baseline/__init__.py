@@ -1,1 +1,1 @@
-"""Non-deep-learning baseline of paper 000 §2.4: hand-crafted lesion features + LDA."""
+"""Non-deep-learning baseline of paper 000 §2.4 (see docs/papers.md): hand-crafted lesion features + LDA."""

@@ -1,4 +1,4 @@
-"""Hand-crafted lesion features for the non-deep-learning baseline (paper 000 §2.4).
+"""Hand-crafted lesion features for the non-deep-learning baseline (paper 000 §2.4; see docs/papers.md).
 
 Paper 000 compares its CNNs with two classical methods: Sahiner's texture, morphological
 and run-length features fed to linear discriminant analysis, and Huo's spiculation,

@@ -1,6 +1,6 @@
 """The non-deep-learning baseline of paper 000 §2.4: lesion features + linear discriminant analysis.
 
-Paper 000 recreates Sahiner's method (texture, morphological and run-length features,
+Paper 000 (see docs/papers.md) recreates Sahiner's method (texture, morphological and run-length features,
 linear discriminant analysis) for comparison with its CNNs. ``run_baseline`` does the same
 on a prepared crop cache: ``features.lesion_features`` for every lesion crop, a standardising
 LDA fitted on the train split, and the val and test predictions reported with the CNN's own

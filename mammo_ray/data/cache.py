@@ -120,7 +120,7 @@ def _training_statistics(cache_dir: Path, index: pd.DataFrame) -> dict[str, floa
     train = index[index["split"] == "train"]
     if train.empty:
         return {"train_mean": float("nan"), "train_std": float("nan")}
-    total = None
+    total: np.ndarray | None = None
     sq, count = 0.0, 0
     for shard, group in train.groupby("shard"):
         images = np.load(cache_dir / "shards" / f"shard-{shard:05d}.images.npy", mmap_mode="r")
@@ -128,6 +128,7 @@ def _training_statistics(cache_dir: Path, index: pd.DataFrame) -> dict[str, floa
         total = block.sum(axis=0) if total is None else total + block.sum(axis=0)
         sq += float((block**2).sum())
         count += block.shape[0]
+    assert total is not None  # train is not empty: the loop summed at least one shard
     mean_image = (total / count).astype(np.float32)
     buf = _npy_bytes(mean_image)
     _atomic_write_bytes(cache_dir / "mean_image.npy", buf)

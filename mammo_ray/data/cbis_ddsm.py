@@ -18,12 +18,18 @@ Headers are read first; pixels only when sizes do not decide, or for boxes.
 
 Cost: one directory walk per case folder, one header per file; ``with_boxes=True`` also decodes
 every mask once (≈ 50-100 ms for a 3000×5000 mask, minutes for the full 3,568 rows).
+
+``data.index.index_dataset`` is the entry point that turns this (and generic manifest CSVs) into
+one manifest and its report.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,9 +37,8 @@ from tqdm.auto import tqdm
 
 from mammo_ray.constants import AbnormalityType, Pathology, Side, View
 from mammo_ray.data.dicom import DicomReadError, read_dicom, read_dicom_header
-from mammo_ray.data.manifest import MANIFEST_COLUMNS, build_index_report, conform, read_generic_csv
+from mammo_ray.data.manifest import MANIFEST_COLUMNS
 from mammo_ray.data.masks import mask_fit, mask_fit_reason, scale_box
-from mammo_ray.data.quirks import mark_quirks
 
 CSV_FILES: dict[str, tuple[AbnormalityType, str]] = {
     "mass_case_description_train_set.csv": (AbnormalityType.MASS, "train"),
@@ -61,11 +66,24 @@ _COLUMNS = {
     "roi mask file path": "csv_mask_path",
 }
 _REQUIRED = ("patient_id", "side", "view", "abnormality_id", "abnormality_type", "pathology", "csv_image_path")
-_ENUMS = {"side": Side, "view": View, "abnormality_type": AbnormalityType, "pathology": Pathology}
+_ENUMS: dict[str, type[Side] | type[View] | type[AbnormalityType] | type[Pathology]] = {
+    "side": Side,
+    "view": View,
+    "abnormality_type": AbnormalityType,
+    "pathology": Pathology,
+}
 
 
 class CbisCsvError(ValueError):
     """A CBIS-DDSM CSV that cannot be used: missing, wrong columns, or (strict) a bad row."""
+
+
+@dataclass
+class FileProblems:
+    """What resolving found wrong with files, for the index report (nothing is skipped silently)."""
+
+    unreadable: list[dict[str, str]] = dc_field(default_factory=list)  # {path, reason}: not a readable DICOM
+    warnings: list[dict[str, str]] = dc_field(default_factory=list)  # {lesion_id, path, reason}: a mask dropped, empty
 
 
 def parse_cbis_csvs(csv_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
@@ -179,6 +197,8 @@ class _Resolver:
         self._masks: dict[Path, tuple[bool | None, tuple[int, int, int, int] | None]] = {}
 
     def case_dir(self, name: str) -> Path | None:
+        if self.root is None:  # a generic manifest names its files itself
+            return None
         if self._cases is None:  # one listing of root and root/CBIS-DDSM, not a stat per row
             self._cases = {}
             for base in (self.root, self.root / "CBIS-DDSM"):
@@ -253,16 +273,21 @@ class _Resolver:
 
     def roi(self, crop_rel: str, mask_rel: str, shape: tuple[int, int]) -> tuple[Path | None, Path | None, str]:
         """(mask, crop, reason): mask by content (binary, image-sized), crop = the other file."""
-        folders, missing = [], []
+        folders: list[Path] = []
+        missing: list[str] = []
         for rel in dict.fromkeys(r.split("/")[0] for r in (crop_rel, mask_rel) if r):
             folder = self.case_dir(rel)
-            (folders if folder is not None else missing).append(folder or rel)
+            if folder is None:
+                missing.append(rel)
+            else:
+                folders.append(folder)
         found = {f for d in folders for f in self.files(d)}
-        exact = {
-            self.case_dir(r.split("/")[0]).joinpath(*r.split("/")[1:])
-            for r in (crop_rel, mask_rel)
-            if r and self.case_dir(r.split("/")[0])
-        } & found
+        exact: set[Path] = set()
+        for r in (crop_rel, mask_rel):
+            base = self.case_dir(r.split("/")[0]) if r else None
+            if base is not None:
+                exact.add(base.joinpath(*r.split("/")[1:]))
+        exact &= found
         pool = sorted(exact) if len(exact) == 2 else sorted(found)
         where = ", ".join(str(d) for d in folders)
         if not pool:
@@ -337,41 +362,42 @@ def _progress(items, total: int, progress: bool | None, what: str):
 
 def resolve_paths(
     frame: pd.DataFrame, root: str | Path, *, with_boxes: bool = True, progress: bool | None = None
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, FileProblems]:
     """Fill image/roi_mask/crop paths (absolute), boxes, ``resolved`` and ``unresolved_reason``.
 
-    ``frame`` comes from ``parse_cbis_csvs``. Unreadable DICOMs ({path, reason}) and warnings
-    are returned in ``result.attrs["unreadable"]`` and ``result.attrs["warnings"]``.
+    ``frame`` comes from ``parse_cbis_csvs``. Returns the filled frame and the unreadable DICOMs
+    and warnings met on the way.
     """
     resolver = _Resolver(root, with_boxes)
-    updates = []
+    updates: list[dict[str, Any]] = []
     for row in _progress(frame.to_dict("records"), len(frame), progress, "resolving CBIS-DDSM"):
         image, reason = resolver.image(row["csv_image_path"])
         mask = crop = None
         if image is not None and resolver.header(image) is not None and (row["csv_mask_path"] or row["csv_crop_path"]):
             meta = resolver.header(image)
             mask, crop, reason = resolver.roi(row["csv_crop_path"], row["csv_mask_path"], (meta.rows, meta.columns))
-        if reason:
+        if reason or image is None:  # resolver.image gives a reason whenever it finds no image
             updates.append({"image_path": str(image or ""), "resolved": False, "unresolved_reason": reason})
         else:
             updates.append(resolver.finish(row, image, mask, crop))
     return _apply(frame, updates, resolver)
 
 
-def _apply(frame: pd.DataFrame, updates: list[dict], resolver: _Resolver) -> pd.DataFrame:
+def _apply(frame: pd.DataFrame, updates: list[dict], resolver: _Resolver) -> tuple[pd.DataFrame, FileProblems]:
     out = frame.assign(resolved=False, unresolved_reason="") if frame.empty else frame.copy()
     upd = pd.DataFrame(updates, index=frame.index)
     for column in upd.columns:  # a row's update names only what it changes
         out[column] = upd[column].where(upd[column].notna(), out[column]) if column in out else upd[column]
-    out.attrs["unreadable"] = [{"path": p, "reason": r} for p, r in resolver.unreadable.items()]
-    out.attrs["warnings"] = list(resolver.warnings)
-    return out
+    unreadable = [{"path": p, "reason": r} for p, r in resolver.unreadable.items()]
+    return out, FileProblems(unreadable=unreadable, warnings=list(resolver.warnings))
 
 
-def verify_generic(frame: pd.DataFrame, *, with_boxes: bool = True, progress: bool | None = None) -> pd.DataFrame:
+def verify_generic(
+    frame: pd.DataFrame, *, with_boxes: bool = True, progress: bool | None = None
+) -> tuple[pd.DataFrame, FileProblems]:
     """Check a ``read_generic_csv`` manifest's DICOMs are readable and fill boxes from masks."""
     resolver = _Resolver(None, with_boxes)
-    updates = []
+    updates: list[dict[str, Any]] = []
     for row in _progress(frame.to_dict("records"), len(frame), progress, "checking generic manifest"):
         if not row["resolved"]:
             updates.append({})
@@ -380,43 +406,3 @@ def verify_generic(frame: pd.DataFrame, *, with_boxes: bool = True, progress: bo
         crop = Path(row["crop_path"]) if row["crop_path"] else None
         updates.append(resolver.finish(row, Path(row["image_path"]), mask, crop))
     return _apply(frame, updates, resolver)
-
-
-def index_dataset(
-    root: str | Path | None = None,
-    csv_dir: str | Path | None = None,
-    generic_csv: str | Path | None = None,
-    with_boxes: bool = True,
-    progress: bool | None = None,
-) -> tuple[pd.DataFrame, dict]:
-    """Build the manifest and a JSON-able report (see ``manifest.build_index_report``).
-
-    ``csv_dir`` defaults to ``root`` (or ``root/CBIS-DDSM``) when neither it nor ``generic_csv``
-    is given. Without ``root`` the CSVs are only parsed: every row is unresolved.
-    """
-    if csv_dir is None and generic_csv is None:
-        if root is None:
-            raise ValueError("index_dataset needs root, csv_dir or generic_csv")
-        candidates = [Path(root), Path(root) / "CBIS-DDSM"]
-        csv_dir = next((d for d in candidates if any((d / n).is_file() for n in CSV_FILES)), None)
-        if csv_dir is None:
-            raise CbisCsvError(f"no CBIS-DDSM CSVs in {' or '.join(map(str, candidates))}; pass csv_dir")
-    frames, invalid, unreadable, warnings = [], [], [], []
-    if csv_dir is not None:
-        parsed, invalid = parse_cbis_csvs(csv_dir)
-        if root is None:
-            parsed = parsed.assign(resolved=False, unresolved_reason="no image root given")
-        else:
-            parsed = resolve_paths(parsed, root, with_boxes=with_boxes, progress=progress)
-            unreadable += parsed.attrs["unreadable"]
-            warnings += parsed.attrs["warnings"]
-        frames.append(conform(parsed))
-    if generic_csv is not None:
-        generic = verify_generic(read_generic_csv(generic_csv, root), with_boxes=with_boxes, progress=progress)
-        unreadable += generic.attrs["unreadable"]
-        warnings += generic.attrs["warnings"]
-        frames.append(conform(generic))
-    manifest = mark_quirks(conform(pd.concat(frames, ignore_index=True)))
-    report = build_index_report(manifest, invalid=invalid, unreadable=unreadable, warnings=warnings)
-    report.update(root=str(root or ""), csv_dir=str(csv_dir or ""), generic_csv=str(generic_csv or ""))
-    return manifest, report

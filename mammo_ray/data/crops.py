@@ -1,4 +1,4 @@
-"""Crop geometry for the papers' crop modes: pure numpy, no I/O.
+"""Crop geometry for the papers' crop modes (see docs/papers.md): pure numpy, no I/O.
 
 Boxes are ``(x0, y0, x1, y1)`` in full-image pixels, ``x1``/``y1`` exclusive. A box may
 reach past the image border: ``crop_padded`` pads with a fill value and never fails.

@@ -132,6 +132,7 @@ class SingleViewDataset(Dataset):
         crop = self.cache.image(int(row["entry"]))
         if self.offline:
             spec, seed = self.offline
+            assert self._offline_apply is not None  # built in __init__ whenever offline is given
             x = self._offline_apply(crop, offline_variant_params(seed, int(row["entry"]), spec)[variant])
         elif self.transform is not None:
             x = self.transform(crop)

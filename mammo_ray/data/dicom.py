@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import pydicom
@@ -58,9 +58,11 @@ _VIEW_TOKENS = {"CC", "MLO"}
 _TOKEN_SPLIT = re.compile(r"[_\-/\\.\s]+")
 _SIDE_VIEW_TOKEN = re.compile(r"^([LR])(CC|MLO)$")  # original DDSM style: "LEFT_CC" or "LCC"
 UPLOAD_NAME = "<upload>"  # the name of an in-memory source when the caller gives none
+_SOURCE_TYPES = "path must be a str or os.PathLike, bytes or a binary file object"
 
 # A path, the file's bytes, or a binary file object (seekable, e.g. io.BytesIO).
 DicomSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
+_SideOrView = TypeVar("_SideOrView", Side, View)
 
 
 class DicomReadError(Exception):
@@ -234,7 +236,9 @@ def _resolve(path: DicomSource, name: str | None) -> tuple[str | BinaryIO, int, 
     """``(path or binary stream, stream start, name for errors)``; checks that a path is a file."""
     if isinstance(path, (bytes, bytearray, memoryview)):
         return io.BytesIO(path), 0, name or UPLOAD_NAME
-    if hasattr(path, "read"):
+    if not isinstance(path, (str, os.PathLike)):
+        if not hasattr(path, "read"):
+            raise DicomReadError(name or repr(path), _SOURCE_TYPES)
         name = name or UPLOAD_NAME
         try:
             if path.seekable():
@@ -244,10 +248,8 @@ def _resolve(path: DicomSource, name: str | None) -> tuple[str | BinaryIO, int, 
             raise DicomReadError(name, f"unreadable ({exc})") from exc
     try:
         fs_path = os.fsdecode(os.fspath(path))  # a PathLike may give bytes
-    except TypeError as exc:
-        raise DicomReadError(
-            name or repr(path), "path must be a str or os.PathLike, bytes or a binary file object"
-        ) from exc
+    except TypeError as exc:  # __fspath__ returned neither str nor bytes
+        raise DicomReadError(name or repr(path), _SOURCE_TYPES) from exc
     name = name or fs_path
     if not os.path.exists(fs_path):
         raise DicomReadError(name, "file not found")
@@ -436,7 +438,7 @@ def _side_view_from_header(ds: Dataset) -> tuple[Side | None, View | None]:
     return side, view
 
 
-def _parse(enum: type[Side] | type[View], value: object) -> Side | View | None:
+def _parse(enum: type[_SideOrView], value: object) -> _SideOrView | None:
     """``enum.parse`` that answers None for absent, empty or unknown values ("U", "B")."""
     text = str(value or "").strip()
     if not text:

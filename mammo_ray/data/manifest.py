@@ -71,6 +71,7 @@ import math
 import os
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -340,24 +341,26 @@ def _generic_row(rec: dict, base: Path, per_image: Counter) -> dict:
     return row
 
 
-def _generic_box(rec: dict, number) -> tuple[float, float, float, float]:
+def _generic_box(rec: dict, number: Callable[[str], float]) -> tuple[float, float, float, float]:
     if rec.get("bbox"):
         parts = rec["bbox"].replace(";", ",").split(",")
         try:
-            box = tuple(float(p) for p in parts)
+            values = tuple(float(p) for p in parts)
         except ValueError:
-            box = ()
-        if len(box) != 4:
+            values = ()
+        if len(values) != 4:
             raise _FieldError("bbox", f"expected 'x0,y0,x1,y1', got {rec['bbox']!r}")
+        x0, y0, x1, y1 = values
         field = "bbox"
     else:
-        box = tuple(number(f) for f in _BOX)
-        if all(math.isnan(v) for v in box):
-            return box
-        if any(math.isnan(v) for v in box):
-            raise _FieldError(_BOX[[math.isnan(v) for v in box].index(True)], "give all four bbox columns or none")
+        x0, y0, x1, y1 = (number(f) for f in _BOX)
+        if all(math.isnan(v) for v in (x0, y0, x1, y1)):
+            return x0, y0, x1, y1
+        if any(math.isnan(v) for v in (x0, y0, x1, y1)):
+            nan_at = [math.isnan(v) for v in (x0, y0, x1, y1)].index(True)
+            raise _FieldError(_BOX[nan_at], "give all four bbox columns or none")
         field = "bbox_x1"
-    x0, y0, x1, y1 = box
+    box = (x0, y0, x1, y1)
     if not (0 <= x0 < x1 and 0 <= y0 < y1):
         raise _FieldError(field, f"box {box} must have 0 <= x0 < x1 and 0 <= y0 < y1")
     return box

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mammo_ray.config import Config, DataConfig, save_config
 from mammo_ray.data.cache import prepare_cache
-from mammo_ray.data.cbis_ddsm import index_dataset
+from mammo_ray.data.index import index_dataset
 from mammo_ray.data.manifest import MANIFEST_FORMAT, read_manifest, write_manifest
 from mammo_ray.data.shard_worker import CACHE_FORMAT, CROP_FIELDS
 from mammo_ray.data.splits import Splits, make_splits
@@ -57,7 +57,10 @@ def dataset_key(cfg: DataConfig) -> str:
 def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> Path:
     """The image root: the synthetic dataset is made once in the workdir; real data is used in place."""
     if cfg.source != "synthetic":
-        return Path(cfg.root or Path(cfg.generic_csv).parent).resolve()
+        if cfg.root:
+            return Path(cfg.root).resolve()
+        assert cfg.generic_csv is not None  # DataConfig requires root or generic_csv for a real source
+        return Path(cfg.generic_csv).parent.resolve()
     out = workdir / "datasets" / dataset_key(cfg)
     if not (out / "synth.json").is_file():
         from_csv = csv_source(cfg.synth_from_csv) if cfg.synth_from_csv is not None else None
@@ -65,7 +68,7 @@ def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> 
             out,
             patients=cfg.synth_patients,
             seed=cfg.seed,
-            size=tuple(cfg.synth_size),
+            size=cfg.synth_size,
             layout=cfg.synth_layout,
             from_csv=from_csv,
             progress=progress,
@@ -82,7 +85,7 @@ def ensure_manifest(cfg: DataConfig, root: Path, workdir: Path) -> tuple[Path, P
         csv_dir = None if cfg.source == "generic" else (cfg.csv_dir or root)
         frame, report = index_dataset(root=root, csv_dir=csv_dir, generic_csv=cfg.generic_csv)
         folder.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2, default=str))
+        report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
         write_manifest(frame, manifest_path)
     return manifest_path, report_path
 
@@ -117,7 +120,7 @@ def ensure_splits(cfg: DataConfig, manifest_path: Path, workdir: Path) -> Path:
             raise ValueError(f"{manifest_path}: no {cfg.abnormality} rows to split (data.abnormality)")
         splits = make_splits(
             rows,
-            fractions=tuple(cfg.split_fractions),
+            fractions=cfg.split_fractions,
             seed=seed,
             balance_eval=cfg.balance_eval,
             folds=cfg.folds,

@@ -88,7 +88,7 @@ def roi_crop(
     """
     value_map = source_value_map(image)
     if cfg.crop == "whole":
-        canvas, _, _ = letterbox(image, tuple(cfg.whole_size), fill=value_map.offset)
+        canvas, _, _ = letterbox(image, cfg.whole_size, fill=value_map.offset)
         return store_uint16(canvas, value_map)
     crop_box = roi_box(cfg, image.shape, box=box, seed=seed, flipped=flipped, default=default)
     return store_uint16(crop_resized(image, crop_box, cfg.cache_px, fill=value_map.offset), value_map)

@@ -101,9 +101,10 @@ def _row_box(
     """The ROI box in canonical (possibly mirrored) coordinates: from the mask, else the manifest."""
     if mask is not None and (box := mask_bbox(mask)) is not None:
         return box
-    box = [row.get(k) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")]
-    if all(v is not None and np.isfinite(v) for v in box):
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
+    values = [row.get(k) for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")]
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    if len(finite) == 4:
+        x0, y0, x1, y1 = (int(round(v)) for v in finite)
     elif all(row.get(k) is not None and np.isfinite(row[k]) for k in ("seed_x", "seed_y")):
         x0, y0 = int(round(row["seed_x"])), int(round(row["seed_y"]))
         x1, y1 = x0 + 1, y0 + 1  # a seed point is a one-pixel box: enough for seed750 and patch
@@ -280,7 +281,7 @@ def _process_image(
     masks = {r["lesion_id"]: _read_mask(r, image.shape, meta, p, skipped, stats) for r in rows}
     boxes = {r["lesion_id"]: _row_box(r, masks[r["lesion_id"]], image.shape[1], meta.flipped) for r in rows}
     kept = [r for r in rows if r["keep"]]
-    out = []
+    out: list[tuple] = []  # (stored crop, mask, entry)
     if p["crop"] == "whole":
         if not kept:
             return out, 1
@@ -335,7 +336,10 @@ def process_shard(shard: int, images: list[dict[str, Any]], params: dict[str, An
     folder = Path(cache_dir) / "shards"
     # One generator per shard, seeded by (seed, shard): a resumed run draws the same patches.
     rng = np.random.default_rng([seed, shard])
-    crops, masks, entries, skipped = [], [], [], []
+    crops: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    entries: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     stats = dict.fromkeys(STAT_KEYS, 0)
     decoded = 0
     for item in images:

@@ -1,4 +1,4 @@
-"""Patient-level train/val/test splits, k folds, and the leak check (SPEC §1).
+"""Patient-level train/val/test splits, k folds, and the leak check.
 
 Splits are by patient, never by image or lesion: all rows of a patient land in one split.
 
@@ -252,7 +252,7 @@ def make_splits(
         test=sorted(parts["test"]),
         folds=fold_lists,
         seed=seed,
-        fractions=tuple(fractions),
+        fractions=(fractions[0], fractions[1], fractions[2]),  # a tuple, whatever sequence was given
         stratify=stratify,
         balance_eval=balance_eval,
         label_column=label_column,

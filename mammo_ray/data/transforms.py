@@ -2,7 +2,7 @@
 
 The eval transform is fully described by a ``TransformSpec``; a checkpoint stores
 ``spec.to_state()`` so whoever loads the model (evaluate, Serve) preprocesses exactly as
-evaluation did. Order, following papers 000 and 001:
+evaluation did. Order, following papers 000 and 001 (see docs/papers.md):
 
     normalise (per-crop z-score, or train mean-image subtraction)
     -> resize to cache_px (256)
@@ -99,6 +99,8 @@ class Normalize(torch.nn.Module):
         if self.spec.normalization == "global":  # one affine map for every pixel: commutes with cropping
             return (x - self.spec.train_mean) / max(self.spec.train_std, 1e-6)
         mean = self.mean_image
+        if mean is None:
+            raise ValueError("normalization=mean_image needs TransformSpec.mean_image (the cache's mean_image.npy)")
         if mean.shape[-2:] != x.shape[-2:]:
             mean = F.resize(mean, list(x.shape[-2:]), antialias=True)
         return (x - mean) / max(self.spec.train_std, 1e-6)
@@ -164,8 +166,9 @@ def build_eval_transform(spec: TransformSpec) -> Callable[[np.ndarray], torch.Te
 def build_train_transform(spec: TransformSpec) -> Callable[[np.ndarray], torch.Tensor]:
     """Stored crop -> randomly augmented network input (uses torch's global RNG)."""
     ops = _head(spec)
-    if spec.scale_aug is not None:
-        ops.append(random_zoom(check_scale_aug(spec.scale_aug)))
+    zoom = check_scale_aug(spec.scale_aug)
+    if zoom is not None:
+        ops.append(random_zoom(zoom))
     if spec.rotation_deg:
         ops.append(RandomIntegerRotation(spec.rotation_deg))
     ops.append(v2.RandomCrop(spec.input_px))

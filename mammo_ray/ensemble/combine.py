@@ -1,4 +1,4 @@
-"""Combining ensemble members' predictions, and how much the ensemble gains (paper 000).
+"""Combining ensemble members' predictions, and how much the ensemble gains (paper 000; see docs/papers.md).
 
 Paper 000 trains an ensemble of 100 networks that differ only in their random seed and
 averages their malignancy probabilities; per exam it further averages the CC and MLO views.

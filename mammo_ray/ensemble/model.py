@@ -1,10 +1,10 @@
-"""One model of many members: torch module, MLflow pyfunc, registry version (paper 000).
+"""One model of many members: torch module, MLflow pyfunc, registry version (paper 000; see docs/papers.md).
 
 Paper 000's ensemble is 100 networks that differ only in their random seed; its prediction is
 the mean of their malignancy probabilities (and, per exam, the mean over CC and MLO, which is
 left to the caller: see ``combine``). ``Ensemble`` runs the members one after the other under
 ``torch.inference_mode``: on these CPUs a plain loop is about 1.5x faster than ``vmap`` over
-stacked weights (STACK-NOTES), and it allows members of different architectures.
+stacked weights, and it allows members of different architectures.
 
 The members must agree on what they take and return: view mode, input channels, classes and
 the evaluation transform (so one preprocessed batch feeds them all). ``register_ensemble``
@@ -27,8 +27,10 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.pyfunc.model import PythonModel
 from torch import Tensor, nn
 
+from mammo_ray import tags
 from mammo_ray.config import Config
 from mammo_ray.data.transforms import TransformSpec
 from mammo_ray.train.checkpoint import checkpoint_file, load_checkpoint, restore_model
@@ -126,21 +128,7 @@ class Ensemble(nn.Module):
         return cls(members, spec, config).eval()
 
     def _inputs(self, x: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-        """The members' positional inputs: ``(x,)``, or ``(cc, mlo)`` for multimodal members."""
-        if self.view_mode != "multimodal":
-            if not isinstance(x, Tensor) or x.dim() != 4:
-                raise ValueError(
-                    f"{self.view_mode} ensemble takes one (N, C, H, W) tensor, got "
-                    f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
-                )
-            return (x,)
-        if isinstance(x, Tensor):  # the pyfunc layout: (N, 2, C, H, W), CC then MLO
-            if x.dim() != 5 or x.shape[1] != 2:
-                raise ValueError(f"multimodal ensemble takes (N, 2, C, H, W) or a (cc, mlo) pair, got {tuple(x.shape)}")
-            return x[:, 0], x[:, 1]
-        if len(x) != 2:
-            raise ValueError(f"multimodal ensemble takes a (cc, mlo) pair, got {len(x)} tensors")
-        return x[0], x[1]
+        return member_inputs(self.view_mode, x)
 
     def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
         """Member probabilities of class 1 (malignant), ``(N, M)``.
@@ -155,7 +143,28 @@ class Ensemble(nn.Module):
         return torch.stack(probs, dim=1)
 
 
-class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
+def member_inputs(view_mode: str, x: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """The members' positional inputs: ``(x,)``, or ``(cc, mlo)`` for multimodal members.
+
+    The one input contract of every way to run an ensemble (``Ensemble``, ``execution.StackedEnsemble``).
+    """
+    if view_mode != "multimodal":
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(
+                f"{view_mode} ensemble takes one (N, C, H, W) tensor, got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
+        return (x,)
+    if isinstance(x, Tensor):  # the pyfunc layout: (N, 2, C, H, W), CC then MLO
+        if x.dim() != 5 or x.shape[1] != 2:
+            raise ValueError(f"multimodal ensemble takes (N, 2, C, H, W) or a (cc, mlo) pair, got {tuple(x.shape)}")
+        return x[:, 0], x[:, 1]
+    if len(x) != 2:
+        raise ValueError(f"multimodal ensemble takes a (cc, mlo) pair, got {len(x)} tensors")
+    return x[0], x[1]
+
+
+class EnsemblePyfunc(PythonModel):
     """The ensemble as an MLflow pyfunc; its artifacts ``member_000``, ... are member checkpoints.
 
     ``predict`` takes float32 ``(N, C, H, W)`` already preprocessed with the ensemble's eval
@@ -225,18 +234,18 @@ def register_ensemble(
     Returns:
         ``{"model_uri": "models:/<name>/<version>", "name", "version" (int), "run_id"}``.
     """
-    checkpoints = [checkpoint_file(p) for p in checkpoints]
-    if len(checkpoints) != len(member_run_ids):
-        raise ValueError(f"register_ensemble: {len(checkpoints)} checkpoints but {len(member_run_ids)} member run ids")
+    files = [checkpoint_file(p) for p in checkpoints]
+    if len(files) != len(member_run_ids):
+        raise ValueError(f"register_ensemble: {len(files)} checkpoints but {len(member_run_ids)} member run ids")
     payloads = []
-    for path in checkpoints:  # only the contract is kept, not the weights
+    for path in files:  # only the contract is kept, not the weights
         payload = load_checkpoint(path)
         payloads.append({"config": payload["config"], "eval_transform": payload["eval_transform"]})
-    check_members(payloads, checkpoints)
+    check_members(payloads, files)
 
     client = MlflowClient(uri)
     run = client.get_run(run_id)  # fails early, naming the run, when it does not exist
-    artifacts = {member_name(i): str(path.resolve()) for i, path in enumerate(checkpoints)}
+    artifacts = {member_name(i): str(path.resolve()) for i, path in enumerate(files)}
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
@@ -245,8 +254,8 @@ def register_ensemble(
             artifacts=artifacts,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"],
             metadata={
-                "mammo_ray.members": len(checkpoints),
-                "mammo_ray.view_mode": payloads[0]["config"]["model"]["view_mode"],
+                tags.MEMBERS: len(files),
+                tags.VIEW_MODE: payloads[0]["config"]["model"]["view_mode"],
             },
         )
         client.log_artifacts(run_id, str(target), "model")
@@ -258,8 +267,8 @@ def register_ensemble(
         name,
         source=f"{run.info.artifact_uri.rstrip('/')}/model",
         run_id=run_id,
-        tags={"mammo_ray.member_run_ids": ",".join(member_run_ids), "mammo_ray.members": str(len(checkpoints))},
-        description=f"{text}Average of {len(checkpoints)} members (paper 000):\n{members}",
+        tags={tags.MEMBER_RUN_IDS: ",".join(member_run_ids), tags.MEMBERS: str(len(files))},
+        description=f"{text}Average of {len(files)} members (paper 000):\n{members}",
     )
     return {
         "model_uri": f"models:/{name}/{version.version}",

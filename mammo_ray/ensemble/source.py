@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
+import yaml
+from mlflow import MlflowClient
+
+from mammo_ray import tags
+from mammo_ray.config import Config
 from mammo_ray.train.checkpoint import checkpoint_file
+from mammo_ray.train.tracking import tracking_uri as default_uri
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 MEMBER_FILE = re.compile(r"member_\d{3}")
@@ -55,21 +62,15 @@ class ModelSource:
         }
 
 
-def _client(uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
 def _from_run(spec: str, run_id: str, uri: str) -> ModelSource:
     try:
-        run = _client(uri).get_run(run_id)
+        run = MlflowClient(uri).get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
         raise ModelSourceError(f"--model {spec}: no run {run_id} in {uri} ({exc})") from None
-    checkpoint = run.data.tags.get("mammo_ray.checkpoint")
+    checkpoint = run.data.tags.get(tags.CHECKPOINT)
     if not checkpoint:
         raise ModelSourceError(
-            f"--model {spec}: run {run_id} has no mammo_ray.checkpoint tag (did it finish? "
+            f"--model {spec}: run {run_id} has no {tags.CHECKPOINT} tag (did it finish? "
             "an ensemble's parent run is used through its models:/ URI)"
         )
     if not Path(checkpoint).exists():
@@ -81,8 +82,6 @@ def _from_run(spec: str, run_id: str, uri: str) -> ModelSource:
 
 def _member_files(model_dir: Path) -> list[Path]:
     """The member checkpoints of a saved ensemble pyfunc, in member order (its MLmodel lists them)."""
-    import yaml
-
     try:
         meta = yaml.safe_load((model_dir / "MLmodel").read_text())
         artifacts = meta["flavors"]["python_function"].get("artifacts") or {}
@@ -92,13 +91,11 @@ def _member_files(model_dir: Path) -> list[Path]:
 
 
 def _from_registry(spec: str, uri: str, cache_dir: Path) -> ModelSource:
-    import mlflow.artifacts
-
     parts = spec.split("/")
     if len(parts) != 3 or not parts[1] or not parts[2]:
         raise ModelSourceError(f"--model {spec}: expected models:/<name>/<version>")
     name, version = parts[1], parts[2]
-    client = _client(uri)
+    client = MlflowClient(uri)
     try:
         mv = client.get_model_version(name, version)
     except Exception as exc:  # noqa: BLE001
@@ -121,7 +118,7 @@ def _from_registry(spec: str, uri: str, cache_dir: Path) -> ModelSource:
             f"--model {spec}: the model holds no member_XXX checkpoints (not a mammo-ray "
             f"ensemble?); looked in {local / 'MLmodel'}"
         )
-    runs = [r for r in mv.tags.get("mammo_ray.member_run_ids", "").split(",") if r]
+    runs = [r for r in mv.tags.get(tags.MEMBER_RUN_IDS, "").split(",") if r]
     return ModelSource(
         spec,
         "registered",
@@ -147,9 +144,6 @@ def resolve_model_source(spec: str, workdir: str | Path, *, tracking_uri: str | 
     Raises:
         ModelSourceError: nothing loadable, with what was tried.
     """
-    from mammo_ray.config import Config
-    from mammo_ray.train.tracking import tracking_uri as default_uri
-
     workdir = Path(workdir)
     path = Path(spec)
     if path.exists():

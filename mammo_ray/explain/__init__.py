@@ -3,15 +3,8 @@
 Plain torch/numpy (captum for the gradients, matplotlib/Pillow for the pictures), no Ray.
 """
 
-from .dream import (
-    DreamConfig,
-    DreamFrame,
-    DreamResult,
-    directed_dream,
-    render_dream_frame,
-    save_dream_frame,
-    save_dream_gif,
-)
+from .dream import DreamConfig, DreamFrame, DreamResult, directed_dream
+from .dream_render import render_dream_frame, save_dream_frame, save_dream_gif
 from .filters import filter_grid, first_layer_filters, save_filter_grid
 from .saliency import saliency_map, save_saliency_png
 

@@ -1,4 +1,4 @@
-"""Directed Dream (paper 000, section 2.3, Algorithm 1): push an exam's images towards a class.
+"""Directed Dream (paper 000, section 2.3, Algorithm 1; see docs/papers.md): push an exam's images towards a class.
 
 Algorithm 1, with x = {I_CC, I_MLO} in network input space (mean-variance normalised, about
 -3..3) and S the softmax outputs:
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -182,10 +182,16 @@ class DreamResult:
         return self.frames[-1].images
 
 
+class _ExamModel(Protocol):
+    """A two-view model (``models.views.MultiViewClassifier``): softmax of a (cc, mlo) exam."""
+
+    def predict_exam(self, cc: Tensor, mlo: Tensor) -> Tensor: ...
+
+
 def _probabilities(model: nn.Module, views: list[Tensor]) -> Tensor:
     """Softmax outputs S (B, num_classes): of the image, or of the exam for a (cc, mlo) pair."""
-    if len(views) == 2:
-        return model.predict_exam(views[0], views[1])  # parallel: mean of CC and MLO softmaxes
+    if len(views) == 2:  # parallel: mean of CC and MLO softmaxes; multimodal: the joint softmax
+        return cast(_ExamModel, model).predict_exam(views[0], views[1])
     return F.softmax(model(views[0]), dim=1)
 
 
@@ -269,8 +275,6 @@ def directed_dream(model: nn.Module, views: Tensor | tuple[Tensor, Tensor], conf
     return DreamResult(config, names, tuple(frames))
 
 
-from .dream_render import render_dream_frame, save_dream_frame, save_dream_gif  # noqa: E402  (re-exported)
-
 __all__ = [
     "Alteration",
     "DreamConfig",
@@ -278,8 +282,5 @@ __all__ = [
     "DreamResult",
     "directed_dream",
     "draw_alteration",
-    "render_dream_frame",
-    "save_dream_frame",
-    "save_dream_gif",
     "zscore",
 ]

@@ -1,4 +1,4 @@
-"""Frames, GIF and PNG of a Directed Dream (paper 000, Fig. 4).
+"""Frames, GIF and PNG of a Directed Dream (paper 000, Fig. 4; see docs/papers.md).
 
 Paper 000's Fig. 4 is a video: each frame shows, side by side, the image, the most recent
 saliency map added in the gradient ascent, and the Directed Dream so far. Here one row per
@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 
 from mammo_ray.constants import DISCLAIMER
-
-if TYPE_CHECKING:
-    from .dream import DreamResult
+from mammo_ray.explain.dream import DreamResult
 
 DPI = 80
 PANEL_INCHES = 2.0
@@ -56,9 +55,6 @@ def render_dream_frame(result: DreamResult, step: int = -1, *, view: int | str =
         view: "both" (every view, one row each), a view index, or a view name ("CC", "MLO").
         index: which sample of the batch.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     frame = result.frames[step]
     batch = frame.score.shape[0]
     if not 0 <= index < batch:
@@ -71,15 +67,15 @@ def render_dream_frame(result: DreamResult, step: int = -1, *, view: int | str =
     for row, v in enumerate(rows):
         extent = max(float(f.dream[v][index].abs().max()) for f in result.frames) or 1.0
         sal = frame.saliency[v][index].numpy()
-        panels = (
-            (frame.images[v][index].mean(0).numpy(), dict(cmap="gray", vmin=-clip, vmax=clip)),
-            (sal, dict(cmap="hot", vmin=0.0, vmax=float(sal.max()) or 1.0)),
-            (frame.dream[v][index].mean(0).numpy(), dict(cmap="RdBu_r", vmin=-extent, vmax=extent)),
+        panels = (  # (array, colormap, vmin, vmax)
+            (frame.images[v][index].mean(0).numpy(), "gray", -clip, clip),
+            (sal, "hot", 0.0, float(sal.max()) or 1.0),
+            (frame.dream[v][index].mean(0).numpy(), "RdBu_r", -extent, extent),
         )
         bottom = (FOOTER_INCHES + (len(rows) - 1 - row) * PANEL_INCHES) / height_in
-        for col, (array, style) in enumerate(panels):
+        for col, (array, cmap, vmin, vmax) in enumerate(panels):
             ax = fig.add_axes((col / 3, bottom, 1 / 3, PANEL_INCHES / height_in))
-            ax.imshow(array, interpolation="nearest", **style)
+            ax.imshow(array, interpolation="nearest", cmap=cmap, vmin=vmin, vmax=vmax)
             ax.set_axis_off()
             ax.text(
                 0.02,

@@ -1,4 +1,4 @@
-"""First-layer filter images (paper 001, section 5.5.2, Fig. 6).
+"""First-layer filter images (paper 001, section 5.5.2, Fig. 6; see docs/papers.md).
 
 Paper 001 looks at the first conv layer's weights as a sanity check: smooth, noise-free
 filters mean the network trained well, and on grayscale mammograms (replicated to RGB) an

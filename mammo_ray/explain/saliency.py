@@ -1,4 +1,4 @@
-"""Saliency maps (paper 001, section 5.5.1, after Simonyan et al. 2013).
+"""Saliency maps (paper 001, section 5.5.1, after Simonyan et al. 2013; see docs/papers.md).
 
 The saliency of a pixel is the magnitude of the gradient of the (pre-softmax) class score with
 respect to that input pixel, maximised over the input channels: one (H, W) map per image. The

@@ -1,4 +1,4 @@
-"""Class activation maps (paper 004, section III-D) and Grad-CAM, for every registered backbone.
+"""Class activation maps (paper 004, section III-D; see docs/papers.md) and Grad-CAM, for every registered backbone.
 
 CAM. Paper 004 feeds a full mammogram to the fine-tuned ResNet patch classifier and projects
 the output-layer weights back onto the last conv feature maps f_i (its Eq. 1):
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam
 from torch import Tensor, nn
 
+from mammo_ray.models import Classifier, MultiViewClassifier, ViewModel
+
 METHODS = ("auto", "cam", "gradcam")
 
 Views = Tensor | Sequence[Tensor]
@@ -43,10 +45,6 @@ def _name(model: nn.Module) -> str:
     return info.name if info is not None else type(model).__name__
 
 
-def _is_multimodal(model: nn.Module) -> bool:
-    return getattr(model, "view_mode", "single") == "multimodal"
-
-
 def _views(model: nn.Module, x: Views) -> tuple[Tensor, Tensor]:
     if isinstance(x, Tensor) or len(x) != 2:
         raise ValueError(
@@ -54,6 +52,12 @@ def _views(model: nn.Module, x: Views) -> tuple[Tensor, Tensor]:
             f"got {type(x).__name__}"
         )
     return x[0], x[1]
+
+
+def _image_batch(model: nn.Module, x: Views) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{_name(model)} is a single-view model: pass one (B, C, H, W) tensor, got {type(x).__name__}")
+    return x
 
 
 def _check_target(model: nn.Module, target_class: int) -> None:
@@ -73,7 +77,7 @@ def _weighted_sum(model: nn.Module, weight: Tensor, features: Tensor) -> Tensor:
     return torch.einsum("c,bchw->bhw", weight.to(features.dtype), features)
 
 
-def class_activation_map(model: nn.Module, x: Views, target_class: int = 1) -> Maps:
+def class_activation_map(model: ViewModel, x: Views, target_class: int = 1) -> Maps:
     """CAM = sum_i w_i f_i over ``model.forward_features(x)`` (paper 004, Eq. 1).
 
     Args:
@@ -96,16 +100,18 @@ def class_activation_map(model: nn.Module, x: Views, target_class: int = 1) -> M
             f"one FC, and {info.name}'s head is not (ModelInfo.gap_fc=False); use grad_cam instead"
         )
     _check_target(model, target_class)
-    weight = model.get_classifier().weight[target_class].detach()
+    fc = model.get_classifier()
+    assert isinstance(fc, nn.Linear)  # num_classes > 0 (checked just above): reset_classifier made an nn.Linear
+    weight = fc.weight[target_class].detach()
     with torch.no_grad():
-        if _is_multimodal(model):
+        if isinstance(model, MultiViewClassifier):
             f_cc, f_mlo = model.forward_features(_views(model, x))
             n_cc = f_cc.shape[1]  # the joint FC sees [GAP(cc), GAP(mlo)]
             return _weighted_sum(model, weight[:n_cc], f_cc), _weighted_sum(model, weight[n_cc:], f_mlo)
-        return _weighted_sum(model, weight, model.forward_features(x))
+        return _weighted_sum(model, weight, model.forward_features(_image_batch(model, x)))
 
 
-def _target_layer(branch: nn.Module) -> nn.Module:
+def _target_layer(branch: Classifier) -> nn.Module:
     path = branch.info.cam_target_layer
     try:
         return branch.get_submodule(path)
@@ -116,7 +122,7 @@ def _target_layer(branch: nn.Module) -> nn.Module:
 
 
 def _layer_grad_cam(
-    model: nn.Module, forward: nn.Module, branch: nn.Module, inputs: tuple[Tensor, ...], target_class: int
+    model: ViewModel, forward: nn.Module, branch: Classifier, inputs: tuple[Tensor, ...], target_class: int
 ) -> Tensor:
     """captum LayerGradCam on ``branch``'s CAM layer, checking that layer's output is forward_features."""
     layer = _target_layer(branch)
@@ -153,7 +159,7 @@ def _layer_grad_cam(
     return maps.detach()[:, 0]
 
 
-def grad_cam(model: nn.Module, x: Views, target_class: int = 1) -> Maps:
+def grad_cam(model: ViewModel, x: Views, target_class: int = 1) -> Maps:
     """Grad-CAM on ``ModelInfo.cam_target_layer``, with the ReLU (captum ``LayerGradCam``).
 
     Works for every registered backbone and in_chans (a 9-channel model takes its 1-channel
@@ -175,16 +181,16 @@ def grad_cam(model: nn.Module, x: Views, target_class: int = 1) -> Maps:
             missing or is not the layer that produces ``forward_features``.
     """
     _check_target(model, target_class)
-    if _is_multimodal(model):
+    if isinstance(model, MultiViewClassifier):
         views = _views(model, x)
         return (
             _layer_grad_cam(model, model, model.cc, views, target_class),
             _layer_grad_cam(model, model, model.mlo, views, target_class),
         )
-    return _layer_grad_cam(model, model, model, (x,), target_class)
+    return _layer_grad_cam(model, model, model, (_image_batch(model, x),), target_class)
 
 
-def cam(model: nn.Module, x: Views, target_class: int = 1, method: str = "auto") -> Maps:
+def cam(model: ViewModel, x: Views, target_class: int = 1, method: str = "auto") -> Maps:
     """A class map: ``"cam"`` (paper 004), ``"gradcam"``, or ``"auto"`` (CAM where ``info.gap_fc``)."""
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; expected one of {METHODS}")
@@ -197,9 +203,9 @@ def upsample_map(maps: Tensor, size: int | tuple[int, int]) -> Tensor:
     """Bilinear resize (align_corners=False) of a (B, h, w) or (h, w) map; the rank is kept."""
     if maps.dim() not in (2, 3):
         raise ValueError(f"upsample_map expects a (B, h, w) or (h, w) map, got shape {tuple(maps.shape)}")
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    height, width = (size, size) if isinstance(size, int) else size
     batch = maps if maps.dim() == 3 else maps[None]
-    out = F.interpolate(batch[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    out = F.interpolate(batch[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     return out if maps.dim() == 3 else out[0]
 
 

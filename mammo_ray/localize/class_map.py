@@ -1,6 +1,6 @@
 """A class activation map of a whole mammogram (paper 004, section III-D): CAM or Grad-CAM, boxes.
 
-Paper 004 feeds a full mammogram to its fine-tuned ResNet crop classifier and projects the output
+Paper 004 (see docs/papers.md) feeds a full mammogram to its fine-tuned ResNet crop classifier and projects the output
 layer's weights back onto the last conv feature maps (CAM, its Eq. 1). Here every ensemble member
 does so on the whole image (:func:`mammo_ray.localize.cam.cam`: CAM where ``ModelInfo.gap_fc``,
 Grad-CAM on every backbone), and the members' maps are averaged, as the dense maps are.
@@ -43,6 +43,7 @@ from mammo_ray.data.transforms import TransformSpec
 from mammo_ray.localize.cam import cam, normalize_map, upsample_map
 from mammo_ray.localize.fcn import DenseMap
 from mammo_ray.localize.whole_image import Localization, WindowGeometry, network_input, read_boxes, window_geometry
+from mammo_ray.models import Classifier, ViewModel, as_view_model
 
 __all__ = ["CLASS_MAP_METHODS", "DEFAULT_LONG_SIDE_INPUTS", "class_map_scale", "localize_class_map"]
 
@@ -76,9 +77,9 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
 
 
-def _member_map(model: nn.Module, x: torch.Tensor, method: str, target_class: int) -> tuple[torch.Tensor, float]:
+def _member_map(model: ViewModel, x: torch.Tensor, method: str, target_class: int) -> tuple[torch.Tensor, float]:
     """One member's (h, w) map at feature resolution and its P(target_class) for the image."""
-    if getattr(model, "view_mode", "single") == "multimodal":
+    if not isinstance(model, Classifier):
         raise ValueError(
             f"{model.info.name}: a multimodal model classifies CC+MLO pairs; a whole-image class map takes one view"
         )
@@ -136,16 +137,17 @@ def localize_class_map(
     if image.ndim != 2 or image.size == 0:
         raise ValueError(f"a whole mammogram must be a non-empty 2-D array, got shape {image.shape}")
     scale, _ = class_map_scale(config, spec, image.shape, long_side)
-    smallest = max(m.info.min_input_size for m in models)
+    members = [as_view_model(m) for m in models]
+    smallest = max(m.info.min_input_size for m in members)
     scale = max(scale, smallest / min(image.shape))  # upscale a tiny image uniformly, never stretch it
     size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
     x = network_input(image, spec, size)
-    raw, probs = zip(*(_member_map(m, x, method, target_class) for m in models), strict=True)
+    raw, probs = zip(*(_member_map(m, x, method, target_class) for m in members), strict=True)
     rows = max(int(m.shape[0]) for m in raw)
     cell = size[0] / rows
     cols = max(1, round(size[1] / cell))
     stack = torch.stack([normalize_map(upsample_map(m, (rows, cols))) for m in raw]).numpy()
-    dense = DenseMap(_rescale(stack.mean(0)).astype(np.float32), cell, cell, size)  # type: ignore[arg-type]
+    dense = DenseMap(_rescale(stack.mean(0)).astype(np.float32), cell, cell, size)
     geometry = WindowGeometry(scale=scale, window=0, patch_px=0)
     result = Localization(
         dense,

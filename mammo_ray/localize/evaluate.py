@@ -1,4 +1,4 @@
-"""Paper 003's evaluation over a split of whole mammograms, and its two-stage pipeline.
+"""Paper 003's evaluation (see docs/papers.md) over a split of whole mammograms, and its two-stage pipeline.
 
 For every film of the split (``image_id``: scanned once, whatever its copies; ``rois``): the
 dense mass map of the patch classifier (``whole_image``), one ground-truth ROI per mass lesion
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mammo_ray.localize.froc import FROCResult, evaluate_image, froc, plot_froc
+from mammo_ray.localize.froc import HIT_RULES, FROCResult, Hit, Reduce, evaluate_image, froc, plot_froc
 from mammo_ray.localize.rois import Film, group_films, roi_grids
 from mammo_ray.localize.whole_image import Localization, read_mammogram
 
@@ -56,7 +56,7 @@ class ScannedImage:
     @property
     def mask(self) -> np.ndarray:
         """The union of the ROIs on the map grid (for display; the evaluation keeps them apart)."""
-        return self.rois.any(axis=0)
+        return np.asarray(self.rois.any(axis=0))  # numpy types any(axis=...) as "a bool or an array"
 
 
 @dataclass
@@ -166,8 +166,8 @@ def two_stage(
     image_threshold: float,
     box_threshold: float,
     *,
-    reduce: str = "max",
-    hit: str = "overlap",
+    reduce: Reduce = "max",
+    hit: Hit = "overlap",
 ) -> dict[str, Any]:
     """Stage 1 image call, then localisation at ``box_threshold`` on the images it calls positive."""
     calls = np.array([s.stage1_score >= image_threshold for s in scanned])
@@ -209,7 +209,7 @@ def evaluate_split(
     scan: SplitScan,
     out_dir: str | Path,
     *,
-    reduce: str = "max",
+    reduce: Reduce = "max",
     image_threshold: float = 0.5,
     box_threshold: float = 0.5,
     seed: int = 0,
@@ -222,7 +222,7 @@ def evaluate_split(
     maps, masks = [s.prob_map for s in scanned], [s.rois for s in scanned]
     chance = random_maps(scanned, seed)
     results: dict[str, dict[str, FROCResult]] = {}
-    for hit in ("overlap", "peak"):
+    for hit in HIT_RULES:
         results[hit] = {
             "model": froc(maps, masks, reduce=reduce, hit=hit),
             "random": froc(chance, masks, reduce=reduce, hit=hit),
@@ -230,17 +230,17 @@ def evaluate_split(
     if results["overlap"]["model"].n_rois == 0:
         raise ValueError("no mass ROI among the scanned images: FROC needs at least one")
     plots = []
-    for hit, pair in results.items():
-        path = out / f"froc_{hit}.png"
+    for rule, pair in results.items():
+        path = out / f"froc_{rule}.png"
         plot_froc(
             pair["model"],
             path,
             label=label,
             compare={"random heatmap": pair["random"]},
-            title=f"FROC ({reduce} in ROI, {hit} rule)",
+            title=f"FROC ({reduce} in ROI, {rule} rule)",
         )
         plots.append(str(path))
-    summary = {
+    summary: dict[str, Any] = {
         "n_images": len(scanned),
         "n_rois": results["overlap"]["model"].n_rois,
         "reduce": reduce,

@@ -1,4 +1,4 @@
-"""Fully convolutional dense probability maps (paper 003, sections II.C and III.C).
+"""Fully convolutional dense probability maps (paper 003, sections II.C and III.C; see docs/papers.md).
 
 Paper 003 turns its patch classifier into a fully convolutional net "to slide the original
 network across a larger image in a single forward pass". The equivalent, for any
@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mammo_ray.models import Classifier, MultiViewClassifier
+
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1/y1 exclusive: mammo_ray.data.crops.Box
 
 _MAX_PROBE_PX = 4096  # give up looking for the next feature cell beyond window + this
@@ -56,8 +58,9 @@ class DenseMap:
     """Window probabilities on the s-px grid of an image (paper 003's classification map)."""
 
     probs: np.ndarray  # (h, w) float32: P(target_class) of window (i, j)
-    stride: int  # s, image px between neighbouring windows
-    window: int  # window side in image px (the classifier's input_px)
+    # Whole px for a dense map; a class map's cells (localize/class_map.py) may be fractional.
+    stride: float  # s, image px between neighbouring windows
+    window: float  # window side in image px (the classifier's input_px)
     image_size: tuple[int, int]  # (H, W) of the image the map was computed on
 
     @property
@@ -67,7 +70,7 @@ class DenseMap:
         offset = (self.window - self.stride) / 2
         return offset, offset
 
-    def cell_box(self, i: int, j: int) -> Box:
+    def cell_box(self, i: int, j: int) -> tuple[float, float, float, float]:
         """The image window of cell (i, j): ``(x0, y0, x1, y1) = (j s, i s, j s + window, i s + window)``."""
         h, w = self.probs.shape
         if not (0 <= i < h and 0 <= j < w):
@@ -97,7 +100,7 @@ class DenseMap:
 
 
 class _Trunk(nn.Module):  # forward = forward_features, for functional_call
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Classifier) -> None:
         super().__init__()
         self.model = model
 
@@ -108,7 +111,7 @@ class _Trunk(nn.Module):  # forward = forward_features, for functional_call
 _GEOMETRY: weakref.WeakKeyDictionary[nn.Module, dict[int, Geometry]] = weakref.WeakKeyDictionary()
 
 
-def trunk_geometry(model: nn.Module, window: int) -> Geometry:
+def trunk_geometry(model: Classifier, window: int) -> Geometry:
     """Network stride and feature cells per window, measured on the trunk; cached per (model, window).
 
     The trunk runs on shape-only ("meta") square inputs of ``window`` px and up, finding where
@@ -182,10 +185,15 @@ def trunk_geometry(model: nn.Module, window: int) -> Geometry:
     return cache[window]
 
 
-def _check_model(model: nn.Module, target_class: int) -> None:
+def _check_model(model: nn.Module, target_class: int) -> Classifier:
+    """``model`` itself, once it is a single-view ``Classifier`` in eval mode with a ``target_class`` logit."""
+    if isinstance(model, MultiViewClassifier):
+        raise ValueError(
+            f"{model.info.name}: dense maps run a single-view patch classifier; a multimodal model has none"
+        )
+    if not isinstance(model, Classifier):
+        raise ValueError(f"dense maps run a single-view patch classifier (a Classifier), got {type(model).__name__}")
     name = model.info.name
-    if getattr(model, "view_mode", "single") == "multimodal":
-        raise ValueError(f"{name}: dense maps run a single-view patch classifier; a multimodal model has none")
     if model.training:
         raise ValueError(
             f"{name} is in training mode: call model.eval() before computing a dense map "
@@ -197,9 +205,10 @@ def _check_model(model: nn.Module, target_class: int) -> None:
             f"{name}: target_class {target_class} needs a classifier with more than "
             f"{target_class} classes (num_classes={num_classes}) for the softmax"
         )
+    return model
 
 
-def _as_batch(model: nn.Module, image: Tensor, window: int) -> Tensor:
+def _as_batch(model: Classifier, image: Tensor, window: int) -> Tensor:
     if (
         not isinstance(image, Tensor)
         or not image.is_floating_point()
@@ -223,7 +232,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
 
 
-def _head_probs(model: nn.Module, features: Tensor, k: int, batch_windows: int, target_class: int) -> Tensor:
+def _head_probs(model: Classifier, features: Tensor, k: int, batch_windows: int, target_class: int) -> Tensor:
     """(1, C, h, w) features -> (h - k + 1, w - k + 1) probabilities of every k x k window."""
     fc = model.get_classifier()
     if model.info.gap_fc and isinstance(model.pre_logits, nn.Identity) and isinstance(fc, nn.Linear):
@@ -273,7 +282,7 @@ def dense_map(
     Returns:
         A ``DenseMap`` of ``((H - window) // s + 1, (W - window) // s + 1)`` cells.
     """
-    _check_model(model, target_class)
+    model = _check_model(model, target_class)
     image = _as_batch(model, image, window)
     geo = trunk_geometry(model, window)
     s, k = geo.stride, geo.k
@@ -313,7 +322,7 @@ def sliding_window_map(
     model: nn.Module, image: Tensor, window: int, stride: int, *, batch: int = 64, target_class: int = 1
 ) -> DenseMap:
     """The explicit reference: every ``window`` crop at ``stride`` through the full model, ``batch`` at a time."""
-    _check_model(model, target_class)
+    model = _check_model(model, target_class)
     image = _as_batch(model, image, window)
     if stride < 1 or batch < 1:
         raise ValueError(f"sliding_window_map: stride ({stride}) and batch ({batch}) must be >= 1")
@@ -347,18 +356,17 @@ def ensemble_dense_map(
     """
     if not models:
         raise ValueError("ensemble_dense_map needs at least one model")
-    for model in models:
-        _check_model(model, target_class)
-    strides = [trunk_geometry(model, window).stride for model in models]
+    members = [_check_model(model, target_class) for model in models]
+    strides = [trunk_geometry(model, window).stride for model in members]
     if len(set(strides)) > 1:
-        named = ", ".join(f"#{i} {m.info.name}: {s}" for i, (m, s) in enumerate(zip(models, strides, strict=True)))
+        named = ", ".join(f"#{i} {m.info.name}: {s}" for i, (m, s) in enumerate(zip(members, strides, strict=True)))
         raise ValueError(
             f"ensemble members must share one network stride to share the dense-map grid of "
             f"{window}-px windows; strides: {named}"
         )
     maps = [
         dense_map(model, image, window, tile=tile, halo=halo, batch_windows=batch_windows, target_class=target_class)
-        for model in models
+        for model in members
     ]
     stack = np.stack([m.probs for m in maps])
     mean = DenseMap(stack.mean(0).astype(np.float32), maps[0].stride, window, maps[0].image_size)

@@ -1,6 +1,6 @@
 """Findings from a mass probability map: thresholded, 8-connected blobs as boxes.
 
-Paper 003 (§II.C, §III.C) runs the patch classifier fully convolutionally over a whole
+Paper 003 (§II.C, §III.C; see docs/papers.md) runs the patch classifier fully convolutionally over a whole
 mammogram and reads masses off the resulting probability map. This module turns such a
 map into findings (one box per above-threshold blob) and brings ground-truth masks onto
 the map's grid for the evaluation in :mod:`mammo_ray.localize.froc`. Pure numpy/scipy.

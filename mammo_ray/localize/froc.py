@@ -1,6 +1,6 @@
 """Paper 003's localization evaluation: sensitivity per mass ROI vs false positives per image.
 
-Paper 003 (§II.D, §III.C, Fig. 11-14): a ground-truth mass ROI counts as localized at a
+Paper 003 (§II.D, §III.C, Fig. 11-14; see docs/papers.md): a ground-truth mass ROI counts as localized at a
 threshold ``t`` when the maximum (or the mean) of the probability map inside it is
 ``>= t``; sensitivity is the fraction of ROIs localized (85% at t = 0.4, with 0.9 false
 positives per image). The paper does not spell out how false positives are counted; here
@@ -40,7 +40,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -53,10 +53,11 @@ from mammo_ray.localize.findings import check_map, label_components
 __all__ = ["DEFAULT_THRESHOLDS", "FROCResult", "ImageRecord", "evaluate_image", "froc", "plot_froc"]
 
 DEFAULT_THRESHOLDS = np.linspace(0.0, 1.0, 101)[1:-1]  # 0.01, 0.02, ..., 0.99
-REDUCTIONS = ("max", "mean")
-HIT_RULES = ("overlap", "peak")
 Reduce = Literal["max", "mean"]
 Hit = Literal["overlap", "peak"]
+REDUCTIONS: tuple[Reduce, ...] = ("max", "mean")
+HIT_RULES: tuple[Hit, ...] = ("overlap", "peak")
+_Choice = TypeVar("_Choice", bound=str)
 _FP_TOLERANCE = 1e-9  # fp_per_image is a ratio of counts; don't lose 0.9 <= 0.9 to rounding
 
 
@@ -72,7 +73,7 @@ def _check_thresholds(thresholds: Any) -> np.ndarray:
     return np.unique(values)  # ascending, duplicates dropped
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+def _check_choice(name: str, value: _Choice, allowed: tuple[_Choice, ...]) -> _Choice:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
@@ -123,7 +124,7 @@ def _roi_scores(array: np.ndarray, stack: np.ndarray, reduce: str) -> np.ndarray
 
 def _evaluate(array: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, reduce: str, hit: str) -> ImageRecord:
     stack = _roi_stack(mask)
-    union = stack.any(axis=0)
+    union = np.asarray(stack.any(axis=0))  # (h, w); numpy types any(axis=...) as "a bool or an array"
     roi_scores = _roi_scores(array, stack, reduce)
     with np.errstate(invalid="ignore"):  # NaN (an empty ROI) is below every threshold
         detected = roi_scores[:, None] >= thresholds[None, :]

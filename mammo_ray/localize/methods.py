@@ -25,6 +25,7 @@ from mammo_ray.constants import CLASS_NAMES, Task
 from mammo_ray.data.transforms import TransformSpec
 from mammo_ray.localize.class_map import localize_class_map
 from mammo_ray.localize.whole_image import Localization, localize_image, window_geometry
+from mammo_ray.models import as_view_model
 
 __all__ = ["METHODS", "MethodUnavailable", "choose_method", "default_method", "localize", "map_label", "method_reasons"]
 
@@ -49,7 +50,8 @@ def method_reasons(models: Sequence[nn.Module], config: Config, spec: TransformS
         window_geometry(config, spec)
     except ValueError as exc:
         reasons["dense"] = str(exc)
-    not_gap = sorted({m.info.name for m in models if not m.info.gap_fc})
+    infos = [as_view_model(m).info for m in models]
+    not_gap = sorted({info.name for info in infos if not info.gap_fc})
     if not_gap:
         reasons["cam"] = (
             f"CAM (paper 004, Eq. 1) needs a network ending in global average pooling + one FC, "

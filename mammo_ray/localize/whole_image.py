@@ -1,4 +1,4 @@
-"""A whole mammogram through a patch classifier: preprocessing, dense map, boxes (paper 003).
+"""A whole mammogram through a patch classifier: preprocessing, dense map, boxes (paper 003; see docs/papers.md).
 
 The patch model was trained on ``patch_px``-px squares of the full image (``data.crop=patch``,
 or the 750-px squares of ``seed750``) resized to ``cache_px`` and centre-cropped to
@@ -30,11 +30,11 @@ from torch import nn
 
 from mammo_ray.config import Config
 from mammo_ray.data.crops import breast_region, resize, source_value_map
+from mammo_ray.data.dicom import DEFAULT_MAX_DIM
+from mammo_ray.data.images import read_image
 from mammo_ray.data.transforms import TransformSpec
 from mammo_ray.localize.fcn import DenseMap, ensemble_dense_map
 from mammo_ray.localize.findings import Finding, find_boxes
-
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ def normalise_whole(image: np.ndarray, spec: TransformSpec) -> np.ndarray:
     if spec.normalization == "global":
         return (x - spec.train_mean) / max(spec.train_std, 1e-6)
     if spec.normalization == "mean_image":
+        if spec.mean_image is None:
+            raise ValueError("normalization 'mean_image', but the checkpoint's eval transform holds no mean image")
         return (x - float(np.mean(spec.mean_image))) / max(spec.train_std, 1e-6)
     tissue = x[breast_region(x)]
     tissue = tissue if tissue.size > 1 else x.ravel()
@@ -229,26 +231,11 @@ def read_boxes(result: Localization, *, min_area: int = 1, max_boxes: int | None
 def read_mammogram(path: str | Path, *, max_dim: int | None = None) -> tuple[np.ndarray, bool]:
     """A whole mammogram as (canonical float32 image, mirrored?): DICOM, or PNG/TIFF/JPEG grayscale.
 
+    The one image decoder (``data.images.read_image``) reads it, as the Serve app decodes an upload
+    of the same file: the same array offline and over HTTP. A DICOM without its preamble is read too.
+
     Raises:
-        DicomReadError / ValueError: naming the file and the reason.
+        DicomReadError / ImageReadError (a ValueError): naming the file and the reason.
     """
-    from mammo_ray.data.dicom import DEFAULT_MAX_DIM, breast_on_right, read_dicom
-
-    path = Path(path)
-    limit = max_dim or DEFAULT_MAX_DIM
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as img:
-                if max(img.size) > limit:
-                    raise ValueError(f"{path}: {img.size[0]}x{img.size[1]} exceeds the {limit}-px limit")
-                array = np.asarray(
-                    img.convert("I;16") if img.mode in ("I", "I;16") else img.convert("L"), dtype=np.float32
-                )
-        except OSError as exc:
-            raise ValueError(f"{path}: not a readable image ({exc})") from None
-        mirrored = breast_on_right(array)
-        return (np.ascontiguousarray(np.fliplr(array)) if mirrored else array), mirrored
-    image, meta = read_dicom(path, max_rows=limit, max_cols=limit)
-    return image, meta.flipped
+    decoded = read_image(path, max_dim=max_dim or DEFAULT_MAX_DIM, force_dicom=True)
+    return decoded.image, decoded.flipped

@@ -27,7 +27,7 @@ from .registry import (
     list_models,
     register_model,
 )
-from .views import VIEW_MODES, MultiViewClassifier, build_view_model, create_view_model
+from .views import VIEW_MODES, MultiViewClassifier, ViewModel, as_view_model, build_view_model, create_view_model
 
 __all__ = [
     "DOG_SIGMAS",
@@ -41,6 +41,8 @@ __all__ = [
     "MultiViewClassifier",
     "PretrainedWeightsError",
     "UnknownModelError",
+    "ViewModel",
+    "as_view_model",
     "build_view_model",
     "create_model",
     "create_view_model",

@@ -1,4 +1,4 @@
-"""The backbones of the papers behind one interface, ``Classifier``.
+"""The backbones of the papers (see docs/papers.md) behind one interface, ``Classifier``.
 
 torchvision's AlexNet, VGG16, GoogLeNet, Inception-v3, ResNet-18/50 (always built with
 ``weights=None``; ImageNet weights only from local files, see ``pretrained.py``) and the
@@ -136,9 +136,9 @@ def _torchvision(arch: str, pretrained: str | os.PathLike[str] | None, **kwargs:
     return model
 
 
-def _fc67(classifier: nn.Sequential, dropout: float) -> nn.Sequential:
+def _fc67(classifier: nn.Module, dropout: float) -> nn.Sequential:
     """fc6 - ReLU - dropout - fc7 - ReLU from a torchvision AlexNet/VGG classifier (weights kept)."""
-    linears = [m for m in classifier if isinstance(m, nn.Linear)]
+    linears = [m for m in classifier.children() if isinstance(m, nn.Linear)]
     return nn.Sequential(
         OrderedDict(
             fc6=linears[0],
@@ -180,15 +180,15 @@ def alexnet(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs
     tv = _torchvision("alexnet", pretrained, **kwargs)
     return Classifier(
         ALEXNET,
-        tv.features,
+        tv.get_submodule("features"),
         num_features=256,
         head_features=4096,
         in_chans=in_chans,
         num_classes=num_classes,
         dropout=dropout,
         from_pretrained=pretrained is not None,
-        global_pool=nn.Sequential(tv.avgpool, nn.Flatten(1)),
-        pre_logits=_fc67(tv.classifier, dropout),
+        global_pool=nn.Sequential(tv.get_submodule("avgpool"), nn.Flatten(1)),
+        pre_logits=_fc67(tv.get_submodule("classifier"), dropout),
     )
 
 
@@ -214,15 +214,15 @@ def vgg16(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs) 
     tv = _torchvision("vgg16", pretrained, **kwargs)
     return Classifier(
         VGG16,
-        tv.features,
+        tv.get_submodule("features"),
         num_features=512,
         head_features=4096,
         in_chans=in_chans,
         num_classes=num_classes,
         dropout=dropout,
         from_pretrained=pretrained is not None,
-        global_pool=nn.Sequential(tv.avgpool, nn.Flatten(1)),
-        pre_logits=_fc67(tv.classifier, dropout),
+        global_pool=nn.Sequential(tv.get_submodule("avgpool"), nn.Flatten(1)),
+        pre_logits=_fc67(tv.get_submodule("classifier"), dropout),
     )
 
 

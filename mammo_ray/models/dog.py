@@ -1,4 +1,4 @@
-"""Difference-of-Gaussians input bank (paper 000, section 2.2 and its Eq. 1).
+"""Difference-of-Gaussians input bank (paper 000, section 2.2 and its Eq. 1; see docs/papers.md).
 
 Paper 000 puts "8 scales of Difference of Gaussian filters at
 sigma = {sqrt2, 2, 2sqrt2, 4, 4sqrt2, 8, 8sqrt2, 16}" in front of the network as a constant
@@ -67,6 +67,8 @@ class DoGBank(nn.Module):
         sigmas: the DoG scales; the bank also blurs at ``sigmas[-1] * sqrt2``.
         truncate: kernel radius in sigmas.
     """
+
+    kernels: Tensor  # (len(sigmas) + 1, 2 * radius + 1) buffer: one 1-D Gaussian per blur scale
 
     def __init__(self, sigmas: tuple[float, ...] = DOG_SIGMAS, truncate: float = 3.0) -> None:
         super().__init__()

@@ -7,7 +7,7 @@ word ``"imagenet"``, meaning torchvision's IMAGENET1K_V1 file in the torch hub c
 ``PretrainedWeightsError`` naming the URL to fetch on a connected machine and the path to
 put it at.
 
-Fine-tuning policies (papers 001 and 004) are plain functions over a model's layer groups
+Fine-tuning policies (papers 001 and 004, see docs/papers.md) are plain functions over a model's layer groups
 (``model.layer_groups()``: ordered early to late, the last one the new ``"head"``):
 ``param_groups`` builds optimizer groups with per-group LR multipliers and ``freeze``
 stops gradients to whole groups.
@@ -19,13 +19,16 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from .registry import HEAD_GROUP, get_model_info
+
+if TYPE_CHECKING:
+    from .views import ViewModel
 
 IMAGENET = "imagenet"  # the `pretrained` value meaning "torchvision's ImageNet file from the hub cache"
 
@@ -119,21 +122,28 @@ def adapt_input_conv(conv: nn.Conv2d, in_chans: int, from_pretrained: bool) -> n
     new = nn.Conv2d(
         in_chans,
         conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        _pair(conv.kernel_size),
+        stride=_pair(conv.stride),
+        padding=conv.padding if isinstance(conv.padding, str) else _pair(conv.padding),
+        dilation=_pair(conv.dilation),
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
     )
     with torch.no_grad():
         new.weight.copy_(new_weight)
         if conv.bias is not None:
+            assert new.bias is not None  # built with bias=True just above
             new.bias.copy_(conv.bias)
     return new
 
 
-def _groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A 2-D conv's (height, width) setting; torch types them as tuples of any length."""
+    height, width = value
+    return height, width
+
+
+def _groups(model: ViewModel) -> list[tuple[str, list[str]]]:
     return [(group, list(prefixes)) for group, prefixes in model.layer_groups()]
 
 
@@ -142,19 +152,19 @@ def _in(param_name: str, prefixes: Iterable[str]) -> bool:
     return any(param_name == p or param_name.startswith(p + ".") for p in prefixes)
 
 
-def _check_groups(model: nn.Module, names: Iterable[str], what: str) -> None:
+def _check_groups(model: ViewModel, names: Iterable[str], what: str) -> None:
     known = [group for group, _ in _groups(model)]
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"{what}: unknown layer group(s) {unknown}; this model's groups: {known}")
 
 
-def trunk_groups(model: nn.Module) -> list[str]:
+def trunk_groups(model: ViewModel) -> list[str]:
     """Layer group names, early to late, without the head."""
     return [group for group, _ in _groups(model) if group != HEAD_GROUP]
 
 
-def fine_tune_multipliers(model: nn.Module, train_last: int, early_mult: float = 0.1) -> dict[str, float]:
+def fine_tune_multipliers(model: ViewModel, train_last: int, early_mult: float = 0.1) -> dict[str, float]:
     """LR multipliers: the last ``train_last`` trunk groups at 1.0, the earlier ones at ``early_mult``.
 
     Paper 001: GoogLeNet "shallow" = ``train_last=1`` (inception5b), "deeper" = 2 (5a and 5b);
@@ -167,7 +177,7 @@ def fine_tune_multipliers(model: nn.Module, train_last: int, early_mult: float =
 
 
 def param_groups(
-    model: nn.Module,
+    model: ViewModel,
     base_lr: float,
     weight_decay: float,
     multipliers: Mapping[str, float] | None = None,
@@ -215,7 +225,7 @@ def param_groups(
     return result
 
 
-def freeze(model: nn.Module, groups: Iterable[str]) -> list[str]:
+def freeze(model: ViewModel, groups: Iterable[str]) -> list[str]:
     """Stop gradients to every parameter of the named layer groups (paper 004: frozen trunk).
 
     Only ``requires_grad`` changes: BatchNorm running statistics in frozen groups still update

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from torch import nn
+    from .backbones import Classifier
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,7 +52,7 @@ class ModelInfo:
         return tuple(group for group, _ in self.layer_groups)
 
 
-Builder = Callable[..., "nn.Module"]
+Builder = Callable[..., "Classifier"]
 _MODELS: dict[str, tuple[Builder, ModelInfo]] = {}
 
 
@@ -106,7 +106,7 @@ def create_model(
     dropout: float | None = None,
     pretrained: str | os.PathLike[str] | None = None,
     **kwargs: object,
-) -> nn.Module:
+) -> Classifier:
     """Build a registered model as a ``Classifier`` (see ``backbones.Classifier``).
 
     Arguments left at None are not passed on, so the builder's defaults apply:

@@ -1,4 +1,4 @@
-"""The view modes of paper 000 (section 2.2, Fig. 2) behind one interface.
+"""The view modes of paper 000 (section 2.2, Fig. 2; see docs/papers.md) behind one interface.
 
     single      one view per sample: the ``Classifier`` itself; ``model(x)``, x (B, C, H, W).
     parallel    one network, weights shared by CC and MLO: the same ``Classifier`` (training
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ class MultiViewClassifier(nn.Module):
             raise ValueError("a multimodal model takes a (cc, mlo) pair of (B, C, H, W) tensors")
         return views[0], views[1]
 
-    def forward_features(self, views: Sequence[Tensor], mlo: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward_features(self, views: Tensor | Sequence[Tensor], mlo: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(cc, mlo) -> (cc feature map, mlo feature map)."""
         cc, mlo = self._split(views, mlo)
         return self.cc.forward_features(cc), self.mlo.forward_features(mlo)
@@ -110,6 +110,22 @@ class MultiViewClassifier(nn.Module):
         return [*groups, (HEAD_GROUP, ["fc"])]
 
 
+ViewModel: TypeAlias = Classifier | MultiViewClassifier  # what create_view_model and build_view_model return
+
+
+def as_view_model(model: nn.Module) -> ViewModel:
+    """``model`` itself, typed as a view model (e.g. an ensemble member from an ``nn.ModuleList``).
+
+    Raises:
+        TypeError: ``model`` is not a ``Classifier`` or ``MultiViewClassifier``.
+    """
+    if not isinstance(model, Classifier | MultiViewClassifier):
+        raise TypeError(
+            f"expected a Classifier or MultiViewClassifier (a mammo_ray view model), got {type(model).__name__}"
+        )
+    return model
+
+
 def create_view_model(
     name: str,
     view_mode: str = "single",
@@ -117,7 +133,7 @@ def create_view_model(
     num_classes: int | None = None,
     dropout: float | None = None,
     **kwargs: Any,
-) -> nn.Module:
+) -> ViewModel:
     """A registered model in a view mode; ``kwargs`` go to ``create_model`` (in_chans, pretrained, ...).
 
     For ``multimodal`` both branches are built (and loaded, when ``pretrained`` is given)
@@ -131,20 +147,28 @@ def create_view_model(
         return model
     cc = create_model(name, dropout=dropout, **kwargs)
     mlo = create_model(name, dropout=dropout, **kwargs)
-    head = {key: value for key, value in dict(num_classes=num_classes, dropout=dropout).items() if value is not None}
+    head: dict[str, Any] = {
+        key: value for key, value in dict(num_classes=num_classes, dropout=dropout).items() if value is not None
+    }
     return MultiViewClassifier(cc, mlo, **head)
 
 
-class _ModelSettings(Protocol):  # what build_view_model reads; config.ModelConfig has these
-    name: str
-    view_mode: str
-    in_chans: int
-    num_classes: int
-    dropout: float
-    pretrained: str | os.PathLike[str] | None
+class _ModelSettings(Protocol):  # what build_view_model reads; config.ModelConfig has these (read-only)
+    @property
+    def name(self) -> str: ...
+    @property
+    def view_mode(self) -> str: ...
+    @property
+    def in_chans(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def pretrained(self) -> str | os.PathLike[str] | None: ...
 
 
-def build_view_model(cfg: _ModelSettings) -> nn.Module:
+def build_view_model(cfg: _ModelSettings) -> ViewModel:
     """The model a ``ModelConfig`` describes."""
     return create_view_model(
         cfg.name,

@@ -1,6 +1,6 @@
 """The cells of a search: every backbone x view mode x augmentation combination of the config.
 
-Paper 000 compares five backbones, each trained in the multi-modal and parallel view modes with
+Paper 000 (see docs/papers.md) compares five backbones, each trained in the multi-modal and parallel view modes with
 and without augmentation (its Table 1), and tunes dropout, learning rate and L2. Here the
 categorical axes form a grid; each cell gets the same number of trials and its own seeded
 Optuna study over the continuous axes (``searcher.CellSearcher``), so no combination is starved
@@ -55,7 +55,7 @@ def make_cells(config: Config) -> list[tuple[Cell, Config]]:
     if missing:
         raise ConfigError(f"tune.backbone_overrides: {missing} not in tune.backbones {backbones}")
     view_modes = t.view_modes or [config.model.view_mode]
-    augments = t.augment or [AS_CONFIGURED]
+    augments: list[str] = list(t.augment) if t.augment else [AS_CONFIGURED]
     if (
         len(set(backbones)) != len(backbones)
         or len(set(view_modes)) != len(view_modes)

@@ -1,4 +1,4 @@
-"""The search leaderboard, shaped like paper 000's Table 1.
+"""The search leaderboard, shaped like paper 000's Table 1 (see docs/papers.md).
 
 Rows are backbones (and the non-deep baseline); column groups are view mode x augmentation;
 each cell is the held-out test accuracy / ROC AUC (patient-level bootstrap 95% CI) / log loss of

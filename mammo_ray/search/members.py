@@ -1,4 +1,4 @@
-"""``mammo-ray ensemble``: paper 000's ensemble, its members trained as parallel Tune trials.
+"""``mammo-ray ensemble``: paper 000's ensemble (see docs/papers.md), its members trained as parallel Tune trials.
 
 The members share one configuration (by default the best of a search: the cell winner with the
 lowest exam-level validation loss, ``val_exam_loss``, see ``search.select_best``)
@@ -23,13 +23,18 @@ from typing import Any
 
 import yaml
 from mlflow import MlflowClient
+from ray import tune
 
+from mammo_ray import tags
 from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import ensure_prepared
+from mammo_ray.ensemble.combine import ensemble_report
+from mammo_ray.ensemble.model import register_ensemble
 from mammo_ray.search.cells import AS_CONFIGURED, Cell
 from mammo_ray.search.search import trainable
-from mammo_ray.search.trial import CloseTrialRuns, Plan, find_trial_run, read_plan, run_name, write_plan
+from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_name, write_plan
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE
+from mammo_ray.train.evaluation import predict_checkpoint
 from mammo_ray.train.run import check_resources, storage_path_for
 from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
@@ -55,7 +60,7 @@ def config_from_search(config: Config, parent_run_id: str, workdir: Path) -> Con
         run = client.get_run(parent_run_id)
     except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
         raise ValueError(f"--from-search {parent_run_id}: no such run in {uri} ({exc})") from None
-    if run.data.tags.get("mammo_ray.kind") != "search":
+    if run.data.tags.get(tags.KIND) != "search":
         raise ValueError(f"--from-search {parent_run_id}: not a `mammo-ray tune` parent run")
     try:
         local = client.download_artifacts(parent_run_id, "best/best_config.yaml")
@@ -70,9 +75,7 @@ def config_from_search(config: Config, parent_run_id: str, workdir: Path) -> Con
     return with_values(best, values, f"ensemble from search {parent_run_id}")
 
 
-def build_tuner(plan: Plan, config: Config, *, progress: bool) -> Any:
-    from ray import tune
-
+def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
     e = config.ensemble
     seeds = [e.seed_start + i for i in range(e.members)]
     return tune.Tuner(
@@ -118,18 +121,13 @@ def run_ensemble(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) the members, evaluate and register the ensemble; Ray must be initialised."""
-    from ray import tune
-
-    from mammo_ray.ensemble.combine import ensemble_report
-    from mammo_ray.ensemble.model import register_ensemble
-    from mammo_ray.train.evaluation import predict_checkpoint
-
     workdir = Path(workdir).resolve()
     if resume is not None:
         plan = read_plan(resume)
         config = plan.cell_config("member")
     else:
-        assert config is not None
+        if config is None:
+            raise ValueError("run_ensemble needs a config unless it resumes an ensemble")
         if from_search:
             config = config_from_search(config, from_search, workdir)
         check_resources(config)
@@ -146,27 +144,21 @@ def run_ensemble(
             parent_run_id="",
             metric=config.train.monitor,
             mode=metric_mode(config.train.monitor),
-            cells={
-                "member": {
-                    "cell": cell.to_dict(),
-                    "config": config.model_dump(mode="json"),
-                    "prepared": prepared.to_dict(),
-                }
-            },
+            cells={"member": PlanCell(cell, config, prepared)},
         )
-    tags = {
-        "mammo_ray.kind": "ensemble",
-        "mammo_ray.experiment_dir": plan.experiment_dir,
-        "mammo_ray.members": str(config.ensemble.members),
+    run_tags = {
+        tags.KIND: "ensemble",
+        tags.EXPERIMENT_DIR: plan.experiment_dir,
+        tags.MEMBERS: str(config.ensemble.members),
     }
     if from_search:
-        tags["mammo_ray.from_search"] = from_search
+        run_tags[tags.FROM_SEARCH] = from_search
     with TrackedRun(
         plan.tracking_uri,
         plan.experiment,
         plan.name,
         config=None if resume else config,
-        tags=tags,
+        tags=run_tags,
         artifact_location=artifact_root(plan.tracking_uri, workdir),
         run_id=plan.parent_run_id or None,
     ) as parent:
@@ -183,11 +175,11 @@ def run_ensemble(
                 f"ensemble {plan.name}: no member finished ({len(failed)} failed); see {plan.experiment_dir}"
             )
         split = config.ensemble.split
-        prepared = plan.cells["member"]["prepared"]
+        member_data = plan.cells["member"].prepared
         frames = [
             predict_checkpoint(
-                m["checkpoint"], split, workdir, cache_dir=prepared["cache_dir"], splits_path=prepared["splits"]
-            )["frame"]
+                m["checkpoint"], split, workdir, cache_dir=member_data.cache_dir, splits_path=member_data.splits
+            ).frame
             for m in members
         ]
         out = Path(plan.experiment_dir) / "evaluation"

@@ -1,4 +1,4 @@
-"""``mammo-ray tune``: the hyperparameter search of paper 000 with Ray Tune, Optuna and ASHA.
+"""``mammo-ray tune``: the hyperparameter search of paper 000 (see docs/papers.md) with Ray Tune, Optuna and ASHA.
 
 Every backbone x view mode x augmentation cell (``cells.py``) gets ``tune.num_samples`` trials
 from its own seeded Optuna study over dropout, learning rate and L2 (``searcher.py``). Each trial
@@ -17,6 +17,9 @@ compare. It is saved as ``best_config.yaml`` (and logged to the parent run), whe
 A search killed midway (Ctrl-C, or SIGKILL of the driver) continues with ``--resume DIR``:
 ``Tuner.restore`` keeps the finished trials, restarts the unfinished ones (their Train runs
 resume from their latest checkpoints) and asks the restored searcher for the rest.
+
+``run_search`` returns a ``SearchSummary`` (its ``best`` a ``BestTrial``); ``to_dict`` is the JSON
+of ``search_summary.json`` and of ``mammo-ray tune --json``.
 """
 
 from __future__ import annotations
@@ -25,19 +28,27 @@ import json
 import math
 import time
 import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
+from mlflow import MlflowClient
+from ray import tune
+from ray.util.state import list_actors
 
+from mammo_ray import tags
+from mammo_ray.baseline.lda import run_baseline
 from mammo_ray.config import Config, metric_mode, save_config
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.search.cells import Cell, make_cells, trial_config
 from mammo_ray.search.leaderboard import write_leaderboard
 from mammo_ray.search.searcher import TIME_ATTR, CellScheduler, CellSearcher
-from mammo_ray.search.trial import CloseTrialRuns, Plan, find_trial_run, read_plan, run_trial, write_plan
+from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_trial, write_plan
+from mammo_ray.train.evaluation import evaluate_checkpoint
 from mammo_ray.train.run import check_resources, storage_path_for
-from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
+from mammo_ray.train.tracking import TrackedRun, artifact_root, log_metrics, tracking_uri
 
 TRIAL_CPU = 0.01  # the trial only drives its TorchTrainer; the Train workers hold the cores
 SELECTION_METRIC = "val_exam_loss"  # picks the best configuration overall: one level for every view mode
@@ -51,21 +62,59 @@ METRIC_LEVELS = {
 }
 
 
+@dataclass
+class BestTrial:
+    """The best configuration of a search: the cell winner with the lowest ``SELECTION_METRIC``."""
+
+    trial_id: str
+    cell: str  # its cell's key
+    params: dict[str, float]  # the sampled values (model.dropout, optim.lr, optim.weight_decay)
+    metrics: dict[str, float]  # its best epoch's validation metrics (and best_epoch)
+    selected_by: str  # SELECTION_METRIC
+    selection: str  # the sentence that says how it was chosen (as under the leaderboard)
+    config_path: str  # best_config.yaml, where ``mammo-ray ensemble --from-search`` takes it from
+    checkpoint: str | None  # the checkpoint of its best epoch
+    config: dict[str, Any]  # the full config, as JSON
+
+
+@dataclass
+class SearchSummary:
+    """What ``run_search`` did and where its outputs are."""
+
+    experiment_dir: str  # the Tune experiment folder (``mammo-ray tune --resume`` takes it)
+    parent_run_id: str
+    tracking_uri: str
+    leaderboard: str  # leaderboard.csv
+    leaderboard_markdown: str  # leaderboard.md
+    trials_csv: str
+    trials: int
+    errored: int
+    cells: int
+    best: BestTrial | None
+    leaderboard_text: str = field(default="", repr=False)  # the Markdown table, for printing (not in to_dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able summary (``search_summary.json``, ``mammo-ray tune --json``), without the table text."""
+        data = asdict(self)
+        data.pop("leaderboard_text")
+        return data
+
+
 def describe_metric(metric: str) -> str:
     """``lowest val_exam_loss (validation log loss per exam ...)``: what a selection compared."""
     return f"{'lowest' if metric_mode(metric) == 'min' else 'highest'} {metric} ({METRIC_LEVELS[metric]})"
 
 
-def best_row(frame: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    """The row with the best finite ``metric`` (``mode`` "min" or "max"); None when none has one."""
+def best_row(frame: pd.DataFrame, metric: str) -> pd.Series | None:
+    """The row with the best finite ``metric`` (lowest or highest as ``metric_mode`` says); None when none has one."""
     scored = frame.dropna(subset=[metric])
     if scored.empty:
         return None
-    sign = 1.0 if mode == "min" else -1.0
+    sign = 1.0 if metric_mode(metric) == "min" else -1.0
     return scored.loc[(sign * scored[metric]).idxmin()]
 
 
-def select_best(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+def select_best(trials: pd.DataFrame, metric: str) -> pd.Series | None:
     """The best configuration overall: each cell's best trial by ``metric`` (the leaderboard's
     winners), then the one of those with the lowest ``SELECTION_METRIC`` at that epoch.
 
@@ -73,10 +122,8 @@ def select_best(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | Non
     whatever its level; across cells only an exam-level metric does, which ``SELECTION_METRIC`` is
     for every view mode. None when no cell winner has it.
     """
-    winners = [
-        row for _, cell in trials.groupby("cell", sort=False) if (row := best_row(cell, metric, mode)) is not None
-    ]
-    return best_row(pd.DataFrame(winners), SELECTION_METRIC, "min") if winners else None
+    winners = [row for _, cell in trials.groupby("cell", sort=False) if (row := best_row(cell, metric)) is not None]
+    return best_row(pd.DataFrame(winners), SELECTION_METRIC) if winners else None
 
 
 def selection_text(metric: str, best: pd.Series | None) -> str:
@@ -91,7 +138,7 @@ def selection_text(metric: str, best: pd.Series | None) -> str:
     )
 
 
-def prepare_cells(cells: list[tuple[Any, Config]], workdir: Path, progress: bool) -> dict[str, PreparedData]:
+def prepare_cells(cells: list[tuple[Cell, Config]], workdir: Path, progress: bool) -> dict[str, PreparedData]:
     """Prepare each distinct dataset once, in the driver (trials running at once must not race)."""
     prepared: dict[str, PreparedData] = {}
     by_data: dict[str, PreparedData] = {}
@@ -104,8 +151,6 @@ def prepare_cells(cells: list[tuple[Any, Config]], workdir: Path, progress: bool
 
 
 def trainable(plan: Plan) -> Any:
-    from ray import tune
-
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan.to_dict()), {"cpu": TRIAL_CPU})
 
 
@@ -113,9 +158,6 @@ def check_state_api(config: Config) -> None:
     """ASHA stops trials by killing them; their Train workers' placement groups are then freed by
     Ray Train's placement-group cleaner, which polls Ray's state API (served by the dashboard).
     Without it the freed CPUs/GPUs stay reserved and the search stalls: fail fast instead."""
-    import ray
-    from ray.util.state import list_actors
-
     if config.tune.scheduler != "asha":
         return
     try:
@@ -128,9 +170,7 @@ def check_state_api(config: Config) -> None:
         ) from None
 
 
-def build_tuner(plan: Plan, config: Config, *, progress: bool) -> Any:
-    from ray import tune
-
+def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
     t = config.tune
     searcher = CellSearcher(list(plan.cells), t, metric=plan.metric, mode=plan.mode)
     scheduler = CellScheduler(t, metric=plan.metric, mode=plan.mode, max_epochs=config.train.epochs)
@@ -171,7 +211,7 @@ def trial_table(results: Any, plan: Plan) -> pd.DataFrame:
         }
         if history is not None and len(history) and plan.metric in history:
             row["epochs"] = int(history[TIME_ATTR].max()) if TIME_ATTR in history else len(history)
-            best = best_row(history, plan.metric, plan.mode)
+            best = best_row(history, plan.metric)
             if best is not None:
                 row.update(
                     {
@@ -189,28 +229,23 @@ def trial_table(results: Any, plan: Plan) -> pd.DataFrame:
 
 def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[str, Any]]:
     """Test metrics of each cell's best trial: the leaderboard rows."""
-    from mlflow import MlflowClient
-
-    from mammo_ray.train.evaluation import evaluate_checkpoint
-    from mammo_ray.train.tracking import log_metrics
-
     client = MlflowClient(plan.tracking_uri)
     rows = []
-    for key, cell in plan.cells.items():
-        info = cell["cell"]
+    for key, planned in plan.cells.items():
+        cell = planned.cell
         row: dict[str, Any] = {
             "cell": key,
-            "backbone": info["backbone"],
-            "column": Cell(**info).column,
-            "view_mode": info["view_mode"],
-            "augment": info["augment"],
+            "backbone": cell.backbone,
+            "column": cell.column,
+            "view_mode": cell.view_mode,
+            "augment": cell.augment,
             "trials": int((trials["cell"] == key).sum()),
         }
-        best = best_row(trials[(trials["cell"] == key) & trials["checkpoint"].notna()], plan.metric, plan.mode)
+        best = best_row(trials[(trials["cell"] == key) & trials["checkpoint"].notna()], plan.metric)
         if best is None:
             rows.append({**row, "status": "no finished trial"})
             continue
-        prepared = PreparedData(**cell["prepared"])
+        prepared = planned.prepared
         out_dir = Path(plan.experiment_dir) / "cells" / key
         result = evaluate_checkpoint(
             best["checkpoint"],
@@ -221,11 +256,11 @@ def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[s
             cache_dir=prepared.cache_dir,
             splits_path=prepared.splits,
         )
-        metrics = result["metrics"]
+        metrics = result.metrics
         run_id = find_trial_run(client, plan, best["trial_id"])
         if run_id:
             log_metrics(plan.tracking_uri, run_id, metrics, step=int(best["best_epoch"]))
-            client.set_tag(run_id, "mammo_ray.cell_best", "true")
+            client.set_tag(run_id, tags.CELL_BEST, "true")
         rows.append(
             {
                 **row,
@@ -239,7 +274,7 @@ def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[s
                     k: metrics.get(k, math.nan)
                     for k in ("test_acc", "test_auc", "test_auc_ci_low", "test_auc_ci_high", "test_loss", "test_n")
                 },
-                "plots": result["plots"],
+                "plots": result.plots,
             }
         )
     return rows
@@ -251,8 +286,6 @@ def baseline_rows(
     """The texture + LDA rows of paper 000 (§2.4), on the same split: per image under the single
     view columns, per exam (CC and MLO averaged, as the parallel mode evaluates) under the
     parallel ones. Multi-modal needs a network; those columns stay empty."""
-    from mammo_ray.baseline.lda import run_baseline
-
     name = "texture + LDA (non-deep)"
     targets = [
         (column, view, aug) for column, view, aug in columns if view in ("single", "parallel") and aug != "on"
@@ -266,7 +299,7 @@ def baseline_rows(
         ]
     rows = []
     for column, view, aug in targets:
-        level = result["test"]["image" if view == "single" else "exam"]
+        level = result["test"].level("image" if view == "single" else "exam")
         rows.append(
             {
                 "backbone": name,
@@ -274,28 +307,33 @@ def baseline_rows(
                 "view_mode": view,
                 "augment": aug,
                 "status": "ok",
-                "test_acc": level["accuracy"],
-                "test_auc": level["auc"],
-                "test_auc_ci_low": level["auc_ci_low"],
-                "test_auc_ci_high": level["auc_ci_high"],
-                "test_loss": level["log_loss"],
-                "test_n": level["n"],
+                "test_acc": float(level.accuracy),
+                "test_auc": float(level.auc),
+                "test_auc_ci_low": float(level.auc_ci[0]),
+                "test_auc_ci_high": float(level.auc_ci[1]),
+                "test_loss": float(level.log_loss),
+                "test_n": float(level.n),
             }
         )
     return rows
 
 
 def run_search(
-    config: Config, workdir: str | Path, *, resume: str | Path | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Run (or resume) a search; Ray must be initialised. Returns the ``--json`` summary."""
-    import ray.tune
+    config: Config | None, workdir: str | Path, *, resume: str | Path | None = None, progress: bool = True
+) -> SearchSummary:
+    """Run (or resume) a search; Ray must be initialised.
 
+    Args:
+        config: the search's config; None with ``resume`` (the saved config is used).
+        resume: a search folder (``experiment_dir``) to continue.
+    """
     workdir = Path(workdir).resolve()
     if resume is not None:
         plan = read_plan(resume)
         config = Config.model_validate(json.loads((Path(resume) / "search_config.json").read_text()))
     else:
+        if config is None:
+            raise ValueError("run_search needs a config unless it resumes a search")
         cells = make_cells(config)
         check_resources(cells[0][1])
         check_state_api(config)
@@ -312,21 +350,14 @@ def run_search(
             parent_run_id="",
             metric=config.tune.metric,
             mode=metric_mode(config.tune.metric),
-            cells={
-                cell.key: {
-                    "cell": cell.to_dict(),
-                    "config": c.model_dump(mode="json"),
-                    "prepared": prepared[cell.key].to_dict(),
-                }
-                for cell, c in cells
-            },
+            cells={cell.key: PlanCell(cell, c, prepared[cell.key]) for cell, c in cells},
         )
     parent = TrackedRun(
         plan.tracking_uri,
         plan.experiment,
         plan.name,
         config=None if resume else config,
-        tags={"mammo_ray.kind": "search", "mammo_ray.experiment_dir": plan.experiment_dir},
+        tags={tags.KIND: "search", tags.EXPERIMENT_DIR: plan.experiment_dir},
         artifact_location=artifact_root(plan.tracking_uri, workdir),
         run_id=plan.parent_run_id or None,
     )
@@ -338,12 +369,12 @@ def run_search(
             parent.log_artifact(save_config(config, plan.experiment_dir), "config")
             tuner = build_tuner(plan, config, progress=progress)
         else:
-            tuner = ray.tune.Tuner.restore(plan.experiment_dir, trainable=trainable(plan), resume_errored=True)
+            tuner = tune.Tuner.restore(plan.experiment_dir, trainable=trainable(plan), resume_errored=True)
         results = tuner.fit()
         return summarize(plan, config, results, parent)
 
 
-def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> dict[str, Any]:
+def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> SearchSummary:
     """Trial table, per-cell test evaluation, leaderboard and best config; all logged to the parent."""
     out = Path(plan.experiment_dir)
     trials = trial_table(results, plan)
@@ -353,13 +384,13 @@ def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> d
         first = next(iter(plan.cells.values()))
         columns = list(dict.fromkeys((r["column"], r["view_mode"], r["augment"]) for r in rows))
         rows += baseline_rows(
-            plan.cell_config(next(iter(plan.cells))),
-            PreparedData(**first["prepared"]),
+            first.config,
+            first.prepared,
             columns,
             out / "baseline",
             config.train.eval_bootstrap,
         )
-    best = select_best(trials, plan.metric, plan.mode)
+    best = select_best(trials, plan.metric)
     board = write_leaderboard(
         rows,
         out,
@@ -370,18 +401,19 @@ def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> d
     for row in rows:
         if row.get("plots"):
             parent.log_artifacts(row["plots"], f"cells/{row['cell']}")
-    summary: dict[str, Any] = {
-        "experiment_dir": plan.experiment_dir,
-        "parent_run_id": plan.parent_run_id,
-        "tracking_uri": plan.tracking_uri,
-        "leaderboard": board["csv"],
-        "leaderboard_markdown": board["markdown"],
-        "trials_csv": str(out / "trials.csv"),
-        "trials": int(len(trials)),
-        "errored": int(trials["error"].notna().sum()),
-        "cells": len(plan.cells),
-        "best": None,
-    }
+    summary = SearchSummary(
+        experiment_dir=plan.experiment_dir,
+        parent_run_id=plan.parent_run_id,
+        tracking_uri=plan.tracking_uri,
+        leaderboard=board["csv"],
+        leaderboard_markdown=board["markdown"],
+        trials_csv=str(out / "trials.csv"),
+        trials=int(len(trials)),
+        errored=int(trials["error"].notna().sum()),
+        cells=len(plan.cells),
+        best=None,
+        leaderboard_text=board["text"],
+    )
     if best is not None:
         params = {k: best[k] for k in ("model.dropout", "optim.lr", "optim.weight_decay") if k in best}
         best_config = trial_config(
@@ -397,24 +429,17 @@ def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> d
             "best_epoch": int(best["best_epoch"]),
         }
         parent.log_metrics({f"best_{k}": v for k, v in metrics.items()})
-        parent.set_tags(
-            {
-                "mammo_ray.best_trial": best["trial_id"],
-                "mammo_ray.best_cell": best["cell"],
-                "mammo_ray.best_config": path,
-            }
+        parent.set_tags({tags.BEST_TRIAL: best["trial_id"], tags.BEST_CELL: best["cell"], tags.BEST_CONFIG: path})
+        summary.best = BestTrial(
+            trial_id=best["trial_id"],
+            cell=best["cell"],
+            params=params,
+            metrics=metrics,
+            selected_by=SELECTION_METRIC,
+            selection=selection_text(plan.metric, best),
+            config_path=str(path),
+            checkpoint=best["checkpoint"],
+            config=best_config.model_dump(mode="json"),
         )
-        summary["best"] = {
-            "trial_id": best["trial_id"],
-            "cell": best["cell"],
-            "params": params,
-            "metrics": metrics,
-            "selected_by": SELECTION_METRIC,
-            "selection": selection_text(plan.metric, best),
-            "config_path": str(path),
-            "checkpoint": best["checkpoint"],
-            "config": best_config.model_dump(mode="json"),
-        }
-    (out / "search_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    summary["leaderboard_text"] = board["text"]
+    (out / "search_summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
     return summary

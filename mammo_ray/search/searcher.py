@@ -59,15 +59,20 @@ class CellSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if trial_id in self.trial_cell:  # asked again for the same trial
-            cell = self.trial_cell[trial_id]
-            return {"cell": cell, **self.inner[cell].suggest(trial_id)}
+            return self._suggest_in(self.trial_cell[trial_id], trial_id)
         open_cells = [cell for cell in self.cells if self.issued[cell] < self.budget]
         if not open_cells:
-            return Searcher.FINISHED
+            return Searcher.FINISHED  # type: ignore[return-value]  # Ray's sentinel string; its annotation omits it
         cell = min(open_cells, key=lambda c: (self.issued[c], self.cells.index(c)))
         self.issued[cell] += 1
         self.trial_cell[trial_id] = cell
-        return {"cell": cell, **self.inner[cell].suggest(trial_id)}
+        return self._suggest_in(cell, trial_id)
+
+    def _suggest_in(self, cell: str, trial_id: str) -> dict[str, Any] | None:
+        values = self.inner[cell].suggest(trial_id)
+        if not isinstance(values, dict):  # None (nothing to suggest yet) or Ray's sentinel: passed on as is
+            return values
+        return {"cell": cell, **values}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.trial_cell and self.metric in result:
@@ -93,7 +98,7 @@ class CellScheduler(FIFOScheduler):
         super().__init__()
         self._metric, self._mode = metric, mode
         self.asha = t.scheduler == "asha"
-        self.options = dict(
+        self.options: dict[str, Any] = dict(
             time_attr=TIME_ATTR,
             metric=metric,
             mode=mode,

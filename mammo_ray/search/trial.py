@@ -17,18 +17,47 @@ KILLED with the reason as a tag, and a trial that errored as FAILED, so no run i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from ray import tune
 from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
 
+from mammo_ray import tags
 from mammo_ray.config import Config
 from mammo_ray.data.pipeline import PreparedData
-from mammo_ray.search.cells import trial_config
+from mammo_ray.search.cells import Cell, trial_config
+from mammo_ray.train.run import run_training
 
-TRIAL_TAG = "mammo_ray.trial_id"
+PLAN_FILE = "mammo_ray_plan.json"
+
+
+@dataclass
+class PlanCell:
+    """One cell of a plan: its grid values, its validated config and the data prepared for it."""
+
+    cell: Cell
+    config: Config  # the cell's config: the base config with the cell's values set
+    prepared: PreparedData
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cell": self.cell.to_dict(),
+            "config": self.config.model_dump(mode="json"),
+            "prepared": self.prepared.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanCell:
+        return cls(
+            cell=Cell(**data["cell"]),
+            config=Config.model_validate(data["config"]),
+            prepared=PreparedData(**data["prepared"]),
+        )
 
 
 @dataclass
@@ -44,14 +73,34 @@ class Plan:
     experiment: str  # MLflow experiment name
     parent_run_id: str
     metric: str
-    mode: str
-    cells: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> {cell, config, prepared}
+    mode: str  # "min" or "max": ``config.metric_mode(metric)``, for Tune's searcher and scheduler
+    cells: dict[str, PlanCell] = field(default_factory=dict)  # cell key -> cell
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The plan as JSON-able data (``mammo_ray_plan.json``, and what trials receive)."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "workdir": self.workdir,
+            "experiment_dir": self.experiment_dir,
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "parent_run_id": self.parent_run_id,
+            "metric": self.metric,
+            "mode": self.mode,
+            "cells": {key: cell.to_dict() for key, cell in self.cells.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"plan: unknown keys {unknown}")
+        cells = {key: PlanCell.from_dict(value) for key, value in data.get("cells", {}).items()}
+        return cls(**{**data, "cells": cells})
 
     def cell_config(self, key: str) -> Config:
-        return Config.model_validate(self.cells[key]["config"])
+        return self.cells[key].config
 
 
 def run_name(plan: Plan, trial_id: str) -> str:
@@ -66,33 +115,28 @@ def find_trial_run(client: MlflowClient, plan: Plan, trial_id: str) -> str | Non
     runs = client.search_runs(
         [experiment.experiment_id],
         max_results=1,
-        filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}' and tags.`{tags.TRIAL_ID}` = '{trial_id}'",
     )
     return runs[0].info.run_id if runs else None
 
 
 def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     """The function trainable: one cell's config with this trial's values, trained with Ray Train."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from mammo_ray.train.run import run_training
-
-    plan_ = Plan(**plan)
+    plan_ = Plan.from_dict(plan)
     trial_id = tune.get_context().get_trial_id()
     cell = plan_.cells[params["cell"]]
-    config = trial_config(plan_.cell_config(params["cell"]), params, trial_id)
-    tags = {
-        TRIAL_TAG: trial_id,
-        "mammo_ray.kind": f"{plan_.kind}-trial",
-        "mammo_ray.cell": params["cell"],
-        "mammo_ray.search": plan_.name,
+    config = trial_config(cell.config, params, trial_id)
+    trial_tags = {
+        tags.TRIAL_ID: trial_id,
+        tags.KIND: f"{plan_.kind}-trial",
+        tags.CELL: params["cell"],
+        tags.SEARCH: plan_.name,
     }
     client = MlflowClient(plan_.tracking_uri)
     previous = find_trial_run(client, plan_, trial_id)
     if previous is not None:
         done = client.get_run(previous)
-        if done.info.status == "FINISHED" and done.data.tags.get("mammo_ray.checkpoint"):
+        if done.info.status == "FINISHED" and done.data.tags.get(tags.CHECKPOINT):
             # It finished before the driver died, but Tune had not saved that yet (it writes its
             # state every few seconds): report the finished run's final metrics, do not train again.
             tune.report({**{k: float(v) for k, v in done.data.metrics.items()}, "mammo_ray_restored": 1.0})
@@ -100,12 +144,12 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     run_training(
         config,
         plan_.workdir,
-        prepared=PreparedData(**cell["prepared"]),
+        prepared=cell.prepared,
         parent_run_id=plan_.parent_run_id,
         run_name=run_name(plan_, trial_id),
         progress=False,
         callbacks=[TuneReportCallback()],
-        tags=tags,
+        extra_tags=trial_tags,
         resume_run_id=previous,
     )
 
@@ -121,7 +165,7 @@ class CloseTrialRuns(Callback):
         run_id = find_trial_run(client, self.plan, trial.trial_id)
         if run_id is None or client.get_run(run_id).info.status != "RUNNING":
             return  # finished by the trial itself, or never started
-        client.set_tag(run_id, "mammo_ray.stop_reason", reason)
+        client.set_tag(run_id, tags.STOP_REASON, reason)
         client.set_terminated(run_id, status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -132,18 +176,14 @@ class CloseTrialRuns(Callback):
 
 
 def read_plan(experiment_dir: str | Path) -> Plan:
-    import json
-
-    path = Path(experiment_dir) / "mammo_ray_plan.json"
+    path = Path(experiment_dir) / PLAN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{experiment_dir}: no mammo_ray_plan.json; not a mammo-ray tune/ensemble folder")
-    return Plan(**json.loads(path.read_text()))
+        raise FileNotFoundError(f"{experiment_dir}: no {PLAN_FILE}; not a mammo-ray tune/ensemble folder")
+    return Plan.from_dict(json.loads(path.read_text()))
 
 
 def write_plan(plan: Plan) -> Path:
-    import json
-
-    path = Path(plan.experiment_dir) / "mammo_ray_plan.json"
+    path = Path(plan.experiment_dir) / PLAN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(plan.to_dict(), indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -19,8 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from mammo_ray.constants import DISCLAIMER
-from mammo_ray.data.uploads import UploadError, check_fields, read_capped
-from mammo_ray.serving.runtime import PredictItem, ServeSettings
+from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
+from mammo_ray.serving.uploads import UploadError, check_fields, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,6 @@ class ErrorReply(BaseModel):
 
 
 def _error(status: int, reason: str, field: str | None = None, error: str | None = None) -> JSONResponse:
-    from http import HTTPStatus
-
     return JSONResponse(
         status_code=status,
         content={
@@ -114,9 +113,11 @@ def _error(status: int, reason: str, field: str | None = None, error: str | None
 
 def _unwrap(exc: BaseException) -> BaseException:
     """The original exception inside Ray's wrappers (``RayTaskError.cause``), if any."""
-    seen = 0
-    while getattr(exc, "cause", None) is not None and seen < 5:
-        exc, seen = exc.cause, seen + 1  # type: ignore[assignment]
+    for _ in range(5):
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        exc = cause
     return exc
 
 
@@ -202,10 +203,14 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
         check_fields(given, PREDICT_FILES | PREDICT_ROIS, set())
         if file is not None and (cc is not None or mlo is not None):
             raise UploadError(422, "send either 'file' or the pair 'cc' and 'mlo', not both", "file")
-        if file is None and (cc is None or mlo is None):
+        uploads: dict[str, UploadFile]
+        if file is not None:
+            uploads = {"file": file}
+        elif cc is not None and mlo is not None:
+            uploads = {"cc": cc, "mlo": mlo}
+        else:
             missing = "file" if cc is None and mlo is None else ("mlo" if mlo is None else "cc")
             raise UploadError(422, f"missing required form field {missing!r} (send 'file', or 'cc' and 'mlo')", missing)
-        uploads = {"file": file} if file is not None else {"cc": cc, "mlo": mlo}
         files = {name: await _read(up, name, settings.max_bytes) for name, up in uploads.items()}
         rois = {
             k: v
@@ -283,8 +288,6 @@ class RuntimeBackend:
         self.error: BaseException | None = None
 
     async def load(self) -> None:
-        from mammo_ray.serving.runtime import ModelRuntime
-
         try:
             self.runtime = await asyncio.to_thread(ModelRuntime, self.settings)
         except Exception as exc:

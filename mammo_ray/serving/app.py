@@ -17,14 +17,15 @@ For research use only. Not for use in diagnostic procedures.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
+from ray.serve import Deployment
 from ray.serve.handle import DeploymentHandle
 
-from mammo_ray.data.uploads import UploadError
 from mammo_ray.serving.api import build_api
 from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
+from mammo_ray.serving.uploads import UploadError
 
 STATUS_TIMEOUT_S = 3.0
 
@@ -34,8 +35,9 @@ class EnsembleModel:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.runtime = ModelRuntime(settings)  # loads, chooses loop/stacked, warms: once per replica
         s = self.runtime.settings
-        self.predict.set_max_batch_size(s.max_batch_size)
-        self.predict.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        # @serve.batch's wrapper has these setters; its type annotation does not say so
+        self.predict.set_max_batch_size(s.max_batch_size)  # type: ignore[attr-defined]
+        self.predict.set_batch_wait_timeout_s(s.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def predict(self, items: list[PredictItem]) -> list[dict[str, Any] | UploadError]:
@@ -105,8 +107,9 @@ def build_app(args: dict[str, Any]) -> Any:
         model_options["autoscaling_config"] = settings.autoscaling
     else:
         model_options["num_replicas"] = settings.num_replicas
-    model = EnsembleModel.options(**model_options).bind(data)
-    ingress = Ingress.options(
+    # @serve.deployment made both classes Deployments; type checkers still see the classes
+    model = cast(Deployment, EnsembleModel).options(**model_options).bind(data)
+    ingress = cast(Deployment, Ingress).options(
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=4 * settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,

@@ -2,10 +2,10 @@
 
 ``ModelRuntime`` is what one Serve replica holds (``serve/app.py`` wraps it in a deployment with
 ``@serve.batch``); the tests use it in-process. Every input goes through the same steps as the
-offline evaluation: the upload is decoded like ``read_dicom`` (``data.uploads``), the ROI is
-cropped as the crop cache crops it (``data.roi``), and the eval transform stored in the
-checkpoint does the rest, so a served probability equals ``mammo-ray evaluate``'s for the same
-lesion.
+offline evaluation: the upload is decoded by the one image decoder every entry point uses
+(``data.images.read_image``, as ``mammo-ray localize`` reads files), the ROI is cropped as the crop
+cache crops it (``data.roi``), and the eval transform stored in the checkpoint does the rest, so a
+served probability equals ``mammo-ray evaluate``'s for the same lesion.
 """
 
 from __future__ import annotations
@@ -19,10 +19,18 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from mlflow import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from mammo_ray.constants import CLASS_NAMES, DISCLAIMER, Task
-from mammo_ray.data.uploads import (
+from mammo_ray.data.roi import roi_crop
+from mammo_ray.data.transforms import build_eval_transform
+from mammo_ray.ensemble.execution import choose_execution
+from mammo_ray.ensemble.model import Ensemble
+from mammo_ray.ensemble.source import resolve_model_source
+from mammo_ray.localize.methods import default_method, localize, map_label, method_reasons
+from mammo_ray.localize.render import overlay_base64
+from mammo_ray.serving.uploads import (
     DEFAULT_MAX_UPLOAD_BYTES,
     UploadError,
     check_in_bounds,
@@ -30,6 +38,8 @@ from mammo_ray.data.uploads import (
     parse_box,
     parse_point,
 )
+from mammo_ray.train.checkpoint import load_checkpoint
+from mammo_ray.workdir import resolve_workdir
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -122,12 +132,6 @@ class ModelRuntime:
     """The ensemble of one replica, loaded, measured and warmed in ``__init__``."""
 
     def __init__(self, settings: ServeSettings | dict[str, Any]) -> None:
-        from mammo_ray.data.transforms import build_eval_transform
-        from mammo_ray.ensemble.execution import choose_execution
-        from mammo_ray.ensemble.model import Ensemble
-        from mammo_ray.ensemble.source import resolve_model_source
-        from mammo_ray.workdir import resolve_workdir
-
         started = time.perf_counter()
         self.settings = s = settings if isinstance(settings, ServeSettings) else ServeSettings(**settings)
         self.source = resolve_model_source(s.model, resolve_workdir(s.workdir), tracking_uri=s.tracking_uri)
@@ -156,8 +160,6 @@ class ModelRuntime:
 
     def _check_localizable(self) -> tuple[dict[str, str], str | None]:
         """Per localization method, why this model cannot use it ("" if it can), and its default method."""
-        from mammo_ray.localize.methods import default_method, method_reasons
-
         reasons = method_reasons(self.members, self.config, self.spec)
         return reasons, default_method(self.config, reasons)
 
@@ -175,8 +177,6 @@ class ModelRuntime:
     # ------------------------------------------------------------------ predict
 
     def _view_tensor(self, name: str, data: bytes, rois: dict[str, str], prefix: str) -> tuple[torch.Tensor, str]:
-        from mammo_ray.data.roi import roi_crop
-
         field = prefix.rstrip("_") or "file"
         decoded = decode_upload(
             data, name=name, field=field, max_bytes=self.settings.max_bytes, max_dim=self.settings.max_dim
@@ -222,7 +222,8 @@ class ModelRuntime:
                 prepared.append(exc)
         good = [p for p in prepared if not isinstance(p, UploadError)]
         probs = self._forward(good) if good else []
-        out, k = [], 0
+        out: list[dict[str, Any] | UploadError] = []
+        k = 0
         for p in prepared:
             if isinstance(p, UploadError):
                 out.append(p)
@@ -287,9 +288,6 @@ class ModelRuntime:
             UploadError: 422 naming ``file`` when the model has no localization method at all, or
                 ``method`` when it cannot use the one asked for (with the reason); the upload's 4xx.
         """
-        from mammo_ray.localize.methods import localize, map_label
-        from mammo_ray.localize.render import overlay_base64
-
         if not self.localizable:
             raise UploadError(422, f"this model cannot localize: {self.localize_note}", "file")
         chosen = method or self.localize_method
@@ -345,16 +343,12 @@ class ModelRuntime:
     def _metrics(self) -> dict[str, Any]:
         """The model run's MLflow metrics (the ensemble's for a registered version), and member 0's
         last-epoch validation metrics from its checkpoint."""
-        from mammo_ray.train.checkpoint import load_checkpoint
-
         history = load_checkpoint(self.source.checkpoints[0]).get("history") or [{}]
         out: dict[str, Any] = {
             "member_0_last_epoch": {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
         }
         if self.source.run_id and self.source.tracking_uri:
             try:
-                from mlflow import MlflowClient
-
                 out["run"] = dict(MlflowClient(self.source.tracking_uri).get_run(self.source.run_id).data.metrics)
             except Exception as exc:  # noqa: BLE001 - the store may be unreachable from a replica
                 out["run_error"] = f"{type(exc).__name__}: {exc}"

@@ -18,7 +18,7 @@ from torch import nn
 
 from mammo_ray.config import Config, config_to_dict
 from mammo_ray.data.transforms import TransformSpec
-from mammo_ray.models import build_view_model
+from mammo_ray.models import ViewModel, build_view_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "mammo-ray-checkpoint/1"
@@ -41,10 +41,11 @@ def checkpoint_payload(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to resume training (``epoch`` = the last finished one) or to serve."""
-    model = model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", None)  # the module under DDP
+    state = (inner if isinstance(inner, nn.Module) else model).state_dict()
     return {
         "format": FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in state.items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -94,7 +95,7 @@ def checkpoint_config(payload: dict[str, Any]) -> Config:
 
 def restore_model(
     payload: dict[str, Any], device: str | torch.device = "cpu"
-) -> tuple[nn.Module, TransformSpec, Config]:
+) -> tuple[ViewModel, TransformSpec, Config]:
     """The trained model (in eval mode), its evaluation preprocessing and its config.
 
     The model is rebuilt from the config without the pretrained file: the weights come

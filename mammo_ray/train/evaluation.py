@@ -4,11 +4,16 @@ The model and its preprocessing come from the checkpoint alone (``restore_model`
 data come from the checkpoint's own config, prepared in the workdir when absent. AUC CIs are
 cluster bootstraps over patients (``metrics``): a patient's cases are resampled together, because
 they are correlated and are not independent evidence.
+
+Results are typed: ``CheckpointPredictions`` (the prediction table and what made it) and
+``EvaluationResult`` (metrics per level, files written); ``EvaluationResult.to_dict`` is the JSON
+written as ``metrics_<split>.json`` and printed by ``mammo-ray evaluate --json``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +21,71 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from mammo_ray.config import Config
 from mammo_ray.constants import CLASS_NAMES, Task
 from mammo_ray.data.datasets import CropCache, PairedViewDataset, SingleViewDataset
 from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.data.transforms import build_eval_transform
 from mammo_ray.train.checkpoint import load_checkpoint, restore_model
 from mammo_ray.train.loop import evaluate, relabel_fold
-from mammo_ray.train.metrics import CLUSTER, PRIMARY_LEVEL, evaluate_predictions, exam_level, summarize_levels
+from mammo_ray.train.metrics import (
+    CLUSTER,
+    PRIMARY_LEVEL,
+    BinaryMetrics,
+    evaluate_predictions,
+    exam_level,
+    summarize_levels,
+)
 from mammo_ray.train.plots import plot_confusion, plot_rocs, plot_training_curves
+
+
+@dataclass
+class CheckpointPredictions:
+    """A checkpoint's prediction table on one split, and what produced it."""
+
+    frame: pd.DataFrame  # one row per case, columns as ``loop.evaluate`` makes them (label, prob, ...)
+    config: Config  # the checkpoint's own config
+    history: list[dict[str, Any]]  # its training history (per-epoch metrics)
+    unpaired: int  # multimodal: cases left out for lacking their other view; 0 otherwise
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of one prediction table per image and per exam, and the files written for it."""
+
+    split: str
+    view_mode: str
+    n: int  # cases predicted (images, or exams for a multimodal model)
+    unpaired: int
+    bootstrap_unit: str  # "patient" (cluster bootstrap) or "case"
+    metrics: dict[str, float]  # flat ``<split>_auc``, ... at the view mode's primary level (and both levels)
+    image: BinaryMetrics  # every metric per image
+    exam: BinaryMetrics  # ... and per exam (CC and MLO averaged)
+    predictions: str  # predictions_<split>.csv
+    plots: list[str]  # ROC, confusion matrix (and training curves) PNGs
+
+    def level(self, name: str) -> BinaryMetrics:
+        """``"image"`` or ``"exam"``."""
+        if name not in ("image", "exam"):
+            raise ValueError(f"unknown level {name!r}: expected 'image' or 'exam'")
+        return self.image if name == "image" else self.exam
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``metrics_<split>.json``: each level flat (``BinaryMetrics.to_dict``) with its confusion."""
+        return {
+            "split": self.split,
+            "view_mode": self.view_mode,
+            "n": self.n,
+            "unpaired": self.unpaired,
+            "bootstrap_unit": self.bootstrap_unit,
+            "metrics": self.metrics,
+            **{
+                name: {**m.to_dict(), "confusion": m.confusion}
+                for name, m in (("image", self.image), ("exam", self.exam))
+            },
+            "predictions": self.predictions,
+            "plots": self.plots,
+        }
 
 
 def predict_checkpoint(
@@ -35,12 +97,8 @@ def predict_checkpoint(
     fold: int | None = None,
     splits_path: str | Path | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
-    """The prediction table of ``checkpoint`` on ``split`` (columns as ``loop.evaluate`` makes them).
-
-    Returns:
-        ``{"frame", "config", "history", "unpaired"}``.
-    """
+) -> CheckpointPredictions:
+    """The prediction table of ``checkpoint`` on ``split`` (columns as ``loop.evaluate`` makes them)."""
     payload = load_checkpoint(checkpoint)
     model, spec, config = restore_model(payload, "cuda" if torch.cuda.is_available() else "cpu")
     if cache_dir is None:
@@ -48,20 +106,23 @@ def predict_checkpoint(
         cache_dir, splits_path = prepared.cache_dir, splits_path or prepared.splits
     cache = CropCache(cache_dir)
     if fold is not None:
+        if splits_path is None:
+            raise ValueError(f"predict_checkpoint: fold {fold} needs splits_path (the splits JSON with the folds)")
         cache.index = relabel_fold(cache.index, splits_path, fold)
     transform = build_eval_transform(spec)  # exactly the preprocessing stored with the model
+    dataset: PairedViewDataset | SingleViewDataset
     if config.model.view_mode == "multimodal":
         dataset = PairedViewDataset(cache, split, config.data.task, transform=transform)
     else:
         dataset = SingleViewDataset(cache, split, config.data.task, transform=transform)
     loader = DataLoader(dataset, batch_size=config.train.batch_size, shuffle=False)
     device = next(model.parameters()).device
-    return {
-        "frame": evaluate(model, loader, device=device),
-        "config": config,
-        "history": payload["history"],
-        "unpaired": getattr(dataset, "unpaired", 0),
-    }
+    return CheckpointPredictions(
+        frame=evaluate(model, loader, device=device),
+        config=config,
+        history=payload["history"],
+        unpaired=int(getattr(dataset, "unpaired", 0)),
+    )
 
 
 def evaluate_checkpoint(
@@ -75,27 +136,25 @@ def evaluate_checkpoint(
     fold: int | None = None,
     splits_path: str | Path | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Evaluate ``checkpoint`` on ``split`` and write predictions, metrics and plots to ``out_dir``.
 
-    Returns:
-        ``{"metrics": {"<split>_auc": ..., ...}, "image": {...}, "exam": {...}, "plots": [...],
-        "predictions": path, "n": ...}``. The flat ``metrics`` use the view mode's primary level
-        (see ``loop.summarize_predictions``); ``image`` and ``exam`` hold every SPEC §5 metric.
+    The flat ``metrics`` of the result use the view mode's primary level (see
+    ``loop.summarize_predictions``); ``image`` and ``exam`` hold every ``BinaryMetrics`` value.
     """
     predicted = predict_checkpoint(
         checkpoint, split, workdir, cache_dir=cache_dir, fold=fold, splits_path=splits_path, progress=progress
     )
-    config = predicted["config"]
+    config = predicted.config
     return report_predictions(
-        predicted["frame"],
+        predicted.frame,
         config.model.view_mode,
         split,
         out_dir,
         n_boot=n_boot,
         task=config.data.task,
-        history=predicted["history"],
-        unpaired=predicted["unpaired"],
+        history=predicted.history,
+        unpaired=predicted.unpaired,
     )
 
 
@@ -109,7 +168,7 @@ def report_predictions(
     task: str = "pathology",
     history: list[dict] | None = None,
     unpaired: int = 0,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Metrics and PNG plots of one prediction table (see ``evaluate_checkpoint``).
 
     The CIs resample patients when the frame has ``patient_id`` (``bootstrap_unit`` says which)."""
@@ -144,18 +203,19 @@ def report_predictions(
                 metrics=("train_loss", "val_loss", "val_auc", "val_acc", "train_acc"),
             )
         )
-    result = {
-        "split": split,
-        "view_mode": view_mode,
-        "n": int(len(frame)),
-        "unpaired": int(unpaired),
-        "bootstrap_unit": "patient" if CLUSTER in frame.columns else "case",
-        "metrics": flat,
-        **{level: {**m.to_dict(), "confusion": m.confusion} for level, m in levels.items()},
-        "predictions": str(predictions),
-        "plots": [str(p) for p in plots],
-    }
-    (out_dir / f"metrics_{split}.json").write_text(json.dumps(result, indent=2, default=str))
+    result = EvaluationResult(
+        split=split,
+        view_mode=view_mode,
+        n=int(len(frame)),
+        unpaired=int(unpaired),
+        bootstrap_unit="patient" if CLUSTER in frame.columns else "case",
+        metrics=flat,
+        image=levels["image"],
+        exam=levels["exam"],
+        predictions=str(predictions),
+        plots=[str(p) for p in plots],
+    )
+    (out_dir / f"metrics_{split}.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
 
 

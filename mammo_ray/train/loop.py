@@ -25,13 +25,20 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from mammo_ray.config import Config, metric_mode
 from mammo_ray.data.datasets import CropCache, PairedViewDataset, SingleViewDataset
 from mammo_ray.data.splits import Splits
 from mammo_ray.data.transforms import TransformSpec, build_eval_transform, build_train_transform
-from mammo_ray.models import build_view_model, fine_tune_multipliers, freeze, get_model_info, param_groups
+from mammo_ray.models import (
+    ViewModel,
+    build_view_model,
+    fine_tune_multipliers,
+    freeze,
+    get_model_info,
+    param_groups,
+)
 from mammo_ray.train.metrics import evaluate_predictions, summarize_levels
 
 
@@ -116,7 +123,9 @@ def relabel_fold(index: pd.DataFrame, splits_path: str | Path, fold: int) -> pd.
     return index
 
 
-def build_dataset(cache: CropCache, config: Config, split: str, *, train: bool) -> Dataset:
+def build_dataset(
+    cache: CropCache, config: Config, split: str, *, train: bool
+) -> SingleViewDataset | PairedViewDataset:
     spec = cache.transform_spec(config.data)
     transform = build_train_transform(spec) if train else build_eval_transform(spec)
     if config.model.view_mode == "multimodal":
@@ -125,7 +134,7 @@ def build_dataset(cache: CropCache, config: Config, split: str, *, train: bool) 
     return SingleViewDataset(cache, split, config.data.task, transform=None if offline else transform, offline=offline)
 
 
-def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: ViewModel, config: Config) -> torch.optim.Optimizer:
     """Adam (paper 000) or SGD (001 poly, 004 momentum), with the fine-tuning LR multipliers."""
     m, o = config.model, config.optim
     multipliers = None
@@ -180,7 +189,7 @@ def build_training(
     train_set = build_dataset(cache, config, "train", train=True)
     val_set = build_dataset(cache, config, "val", train=False)
     t = config.train
-    loader_args = dict(
+    loader_args: dict[str, Any] = dict(
         batch_size=t.batch_size,
         num_workers=config.data.num_workers,
         persistent_workers=config.data.num_workers > 0,
@@ -286,7 +295,8 @@ def _world() -> int:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP: evaluation and checkpoints use it (no collective calls)."""
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 @torch.no_grad()
@@ -313,15 +323,16 @@ def evaluate(
         probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
         labels.append(y)
     dataset = loader.dataset
-    frame = (
-        (
-            dataset.pairs[["exam_key", "patient_id"]]
-            if isinstance(dataset, PairedViewDataset)
-            else dataset.frame[["exam_key", "view", "patient_id"]]
+    if isinstance(dataset, PairedViewDataset):
+        keys = dataset.pairs[["exam_key", "patient_id"]]
+    elif isinstance(dataset, SingleViewDataset):
+        keys = dataset.frame[["exam_key", "view", "patient_id"]]
+    else:
+        raise TypeError(
+            f"evaluate: the loader's dataset must be a SingleViewDataset or a PairedViewDataset, "
+            f"got {type(dataset).__name__}"
         )
-        .reset_index(drop=True)
-        .copy()
-    )
+    frame = keys.reset_index(drop=True).copy()
     frame["prob"] = torch.cat(probs).numpy().astype(np.float64)
     frame["label"] = torch.cat(labels).numpy().astype(np.int64)
     return frame
@@ -382,7 +393,13 @@ def fit(
     for epoch in range(start_epoch, t.epochs):
         if before_epoch is not None:
             before_epoch(epoch)
-        training.train_loader.sampler.set_epoch(epoch)
+        sampler = training.train_loader.sampler
+        if not isinstance(sampler, EpochSampler):
+            raise TypeError(
+                f"fit: the train loader's sampler must be the EpochSampler build_training makes, "
+                f"got {type(sampler).__name__}"
+            )
+        sampler.set_epoch(epoch)
         lr = training.optimizer.param_groups[0]["lr"] / training.optimizer.param_groups[0].get("lr_mult", 1.0)
         metrics = train_one_epoch(
             training.model,

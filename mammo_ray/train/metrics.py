@@ -1,4 +1,4 @@
-"""Binary malignancy metrics per image and per exam, with patient-level bootstrap CIs (SPEC §5).
+"""Binary malignancy metrics per image and per exam, with patient-level bootstrap CIs.
 
 Everything takes ``labels`` (1 malignant, 0 benign) and ``probs`` = P(malignant); numpy arrays,
 lists or torch tensors. Recall (sensitivity) is what clinicians care most about (paper 001),
@@ -308,7 +308,7 @@ def binary_metrics(
     ci: float = 0.95,
     seed: int = 0,
 ) -> BinaryMetrics:
-    """All SPEC §5 metrics of one set of predictions.
+    """Every ``BinaryMetrics`` value of one set of predictions.
 
     A case is predicted malignant when ``prob >= threshold``. With a single class present the
     AUC and its CI are nan (no exception), and so are the ratios that class leaves undefined.
@@ -434,14 +434,16 @@ def evaluate_predictions(
     Returns:
         ``{"image": BinaryMetrics, "exam": BinaryMetrics}``.
     """
-    options = dict(threshold=threshold, n_boot=n_boot, ci=ci, seed=seed)
     exams = exam_level(frame, key=key, prob=prob, label=label, cluster=cluster)
     return {
         level: binary_metrics(
             rows[label].to_numpy(),
             rows[prob].to_numpy(),
             groups=rows[cluster].to_numpy() if cluster in rows.columns else None,
-            **options,
+            threshold=threshold,
+            n_boot=n_boot,
+            ci=ci,
+            seed=seed,
         )
         for level, rows in (("image", frame), ("exam", exams))
     }

@@ -48,7 +48,7 @@ def plot_rocs(curves: Mapping[str, Sequence[Any]], path: str | Path, *, title: s
 
     Args:
         curves: ``name -> (labels, probs)`` or ``name -> (labels, probs, (ci_low, ci_high))``;
-            a ``None`` name gives an unnamed curve (legend shows the AUC only).
+            an empty name gives an unnamed curve (legend shows the AUC only).
         path: where to save the figure.
         title: axes title.
     """
@@ -90,7 +90,7 @@ def plot_roc(
     title: str = "ROC curve",
 ) -> Path:
     """One ROC curve with its AUC (and ``ci``, e.g. ``BinaryMetrics.auc_ci``) in the legend."""
-    return plot_rocs({label: (labels, probs, ci)}, path, title=title)
+    return plot_rocs({label or "": (labels, probs, ci)}, path, title=title)
 
 
 def plot_confusion(

@@ -7,6 +7,10 @@ failure, and ``ray.train.get_checkpoint()`` then hands the worker the latest che
 finished epochs are not repeated. (An epoch counts as finished once the controller has
 collected its report; it polls every 2 s, so a worker that dies within 2 s of reporting
 can cost that one epoch.)
+
+Fault injection, for the tests of that resume: ``inject_fault(FaultInjection(...))`` around a
+``run_training`` call has one worker SIGKILL itself once, mid-epoch. It is a context manager, not
+a parameter of ``run_training``, so the public call stays what a user runs.
 """
 
 from __future__ import annotations
@@ -15,15 +19,56 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
+
+# The Train V2 classes, which `ray.train` and `ray.train.torch` re-export at run time (V2 is the default in
+# Ray 2.60); imported from their own modules so that type checks see them too.
+from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from mammo_ray.config import Config, metric_mode
 from mammo_ray.train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from mammo_ray.train.loop import EarlyStopping, build_training, fit
 from mammo_ray.train.tracking import log_metrics
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook: worker ``rank`` SIGKILLs itself once, ``delay_s`` into epoch ``epoch``.
+
+    The marker file makes it once: the worker writes its pid there before dying, and a restarted
+    worker that finds it carries on. The delay matters: the controller collects reports when it
+    polls the workers (every 2 s), so a report made just before a worker dies can be lost, and that
+    epoch is trained again. Killing the worker well after its last report tests a kill of an epoch
+    in progress.
+    """
+
+    rank: int  # the world rank that dies
+    epoch: int  # the epoch (0-based) it dies in
+    marker: str  # file written once the kill happened
+    delay_s: float = 0.0  # seconds into the epoch
+
+
+_FAULT: ContextVar[FaultInjection | None] = ContextVar("mammo_ray_fault", default=None)
+
+
+@contextmanager
+def inject_fault(fault: FaultInjection) -> Iterator[FaultInjection]:
+    """Runs started inside this block (``run_training``) carry ``fault`` to their workers."""
+    token = _FAULT.set(fault)
+    try:
+        yield fault
+    finally:
+        _FAULT.reset(token)
 
 
 def loop_config(
@@ -34,9 +79,9 @@ def loop_config(
     run_id: str | None = None,
     fold: int | None = None,
     splits_path: str | Path | None = None,
-    fault: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The plain-data ``train_loop_config`` handed to every worker."""
+    """The plain-data ``train_loop_config`` handed to every worker (with the ``inject_fault`` in effect)."""
+    fault = _FAULT.get()
     return {
         "config": config.model_dump(mode="json"),
         "cache_dir": str(cache_dir),
@@ -44,33 +89,26 @@ def loop_config(
         "run_id": run_id,
         "fold": fold,
         "splits_path": str(splits_path) if splits_path else None,
-        "fault": fault,
+        "fault": asdict(fault) if fault is not None else None,
     }
 
 
-def _maybe_inject_fault(fault: dict[str, Any] | None, rank: int, epoch: int) -> None:
-    """Test hook: SIGKILL one worker once, ``delay_s`` into an epoch (the marker file makes it once).
-
-    The delay matters: the controller collects reports when it polls the workers (every 2 s),
-    so a report made just before a worker dies can be lost, and that epoch is trained again.
-    Killing the worker well after its last report tests a kill of an epoch in progress.
-    """
-    if not fault or rank != fault["rank"] or epoch != fault["epoch"]:
+def _maybe_inject_fault(fault: FaultInjection | None, rank: int, epoch: int) -> None:
+    """Kill this worker if ``fault`` says so for this rank and epoch, and it has not happened yet."""
+    if fault is None or rank != fault.rank or epoch != fault.epoch:
         return
-    marker = Path(fault["marker"])
+    marker = Path(fault.marker)
     if marker.exists():
         return
-    time.sleep(float(fault.get("delay_s", 0)))
+    time.sleep(fault.delay_s)
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """One Ray Train worker: build, restore the latest checkpoint if any, train, report."""
-    import ray.train
-    import ray.train.torch
-
     config = Config.model_validate(cfg["config"])
+    fault = FaultInjection(**cfg["fault"]) if cfg.get("fault") else None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -146,7 +184,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         start_epoch=start_epoch,
         stopper=stopper,
         on_epoch=on_epoch,
-        before_epoch=lambda epoch: _maybe_inject_fault(cfg["fault"], rank, epoch),
+        before_epoch=lambda epoch: _maybe_inject_fault(fault, rank, epoch),
     )
 
 
@@ -157,13 +195,10 @@ def build_trainer(
     name: str,
     storage_path: str | Path,
     callbacks: list[Any] | None = None,
-):
+) -> TorchTrainer:
     """A ``TorchTrainer`` whose scaling, failure and checkpoint policies come from the config.
 
     ``callbacks`` go to the ``RunConfig`` (a Tune trial passes ``TuneReportCallback``)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     t = config.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:

@@ -10,6 +10,9 @@ Which checkpoint a run reports (``checkpoint_rule``): a plain run reports its be
 the patients it reports, and a score on the data that picked the epoch is optimistic. So a fold
 trains a fixed ``train.epochs`` with early stopping off and reports its last epoch; the
 outcome's ``selection`` says so.
+
+Results are typed: ``TrainOutcome`` for one run, ``FoldsOutcome`` for a cross-validation; their
+``to_dict`` is what ``mammo-ray train --json`` prints.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.pytorch
 import numpy as np
+import ray
+import torch
 
+from mammo_ray import tags
 from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model
@@ -45,6 +52,33 @@ class TrainOutcome:
     epochs_run: int  # less than train.epochs after an early stop
     status: str
     selection: str = ""  # how the checkpoint was chosen (``CheckpointRule.selection``)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MetricSpread:
+    """One metric over the folds of a cross-validation."""
+
+    mean: float  # nanmean over the folds
+    std: float  # nanstd (population) over the folds
+    values: list[float]  # per fold, in fold order
+
+
+@dataclass
+class FoldsOutcome:
+    """A K-fold cross-validation: the parent run, each fold's outcome, and every metric's spread."""
+
+    run_id: str  # the parent MLflow run
+    run_name: str
+    tracking_uri: str
+    folds: int
+    selection: str  # how each fold's checkpoint was chosen (the same for every fold)
+    output_dir: str
+    summary: dict[str, MetricSpread]  # metric -> spread over the folds
+    fold_runs: list[TrainOutcome]  # in fold order
+    metrics: dict[str, float]  # metric -> mean over the folds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,9 +128,6 @@ def storage_path_for(config: Config, workdir: Path) -> Path:
 
 def log_model(run: TrackedRun, checkpoint: Path) -> None:
     """An MLflow PyTorch model (``runs:/<id>/model``) from the checkpoint's weights."""
-    import mlflow.pytorch
-    import torch
-
     model, _, _ = restore_model(load_checkpoint(checkpoint))
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "model"
@@ -111,8 +142,6 @@ def log_model(run: TrackedRun, checkpoint: Path) -> None:
 
 def check_resources(config: Config, fold: int | None = None) -> None:
     """Fail fast on what would otherwise hang or fail deep inside a worker."""
-    import ray
-
     t = config.train
     if fold is None and config.data.split_fractions[1] == 0:
         raise ValueError(
@@ -142,9 +171,8 @@ def run_training(
     fold: int | None = None,
     run_name: str | None = None,
     progress: bool = True,
-    fault: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
-    tags: dict[str, str] | None = None,
+    extra_tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
 ) -> TrainOutcome:
     """Train one model with Ray Train and track it in MLflow (Ray must be initialised).
@@ -153,9 +181,8 @@ def run_training(
         prepared: the prepared data (made from ``config.data`` in the workdir when None).
         parent_run_id: nest this run (a cross-validation fold) under a parent MLflow run.
         fold: train on the other folds and validate on this one (needs ``data.folds``).
-        fault: test hook, see ``ray_train._maybe_inject_fault``.
         callbacks: Ray Train ``RunConfig`` callbacks (a Tune trial's ``TuneReportCallback``).
-        tags: extra MLflow tags.
+        extra_tags: more MLflow tags (names in ``mammo_ray.tags``).
         resume_run_id: continue this MLflow run (a restarted trial) instead of opening a new one;
             the Train run of the same name resumes from its latest checkpoint by itself.
     """
@@ -167,21 +194,21 @@ def run_training(
     name = run_name or run_name_for(config, fold)
     out_dir = workdir / "runs" / name
     config_path = save_config(config, out_dir)
-    tags = {
-        "mammo_ray.cache_dir": prepared.cache_dir,
-        "mammo_ray.splits": prepared.splits,
-        "mammo_ray.output_dir": str(out_dir),
-        "mammo_ray.kind": "fold" if fold is not None else "train",
-        **(tags or {}),
+    run_tags = {
+        tags.CACHE_DIR: prepared.cache_dir,
+        tags.SPLITS: prepared.splits,
+        tags.OUTPUT_DIR: str(out_dir),
+        tags.KIND: "fold" if fold is not None else "train",
+        **(extra_tags or {}),
     }
     if fold is not None:
-        tags["mammo_ray.fold"] = str(fold)
+        run_tags[tags.FOLD] = str(fold)
     with TrackedRun(
         uri,
         config.train.experiment,
         name,
         config=config,
-        tags=tags,
+        tags=run_tags,
         parent_run_id=parent_run_id,
         artifact_location=artifact_root(uri, workdir),
         run_id=resume_run_id,
@@ -196,7 +223,6 @@ def run_training(
                 run_id=run.run_id,
                 fold=fold,
                 splits_path=prepared.splits,
-                fault=fault,
             ),
             name=name,
             storage_path=storage_path_for(config, workdir),
@@ -228,17 +254,17 @@ def run_training(
             fold=fold,
             splits_path=prepared.splits,
         )
-        metrics = evaluation["metrics"]
+        metrics = evaluation.metrics
         run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=payload["epoch"])
         run.set_tags(
             {
-                "mammo_ray.best_epoch": payload["epoch"],
-                "mammo_ray.checkpoint": checkpoint,
-                "mammo_ray.selection": rule.selection,
+                tags.BEST_EPOCH: payload["epoch"],
+                tags.CHECKPOINT: checkpoint,
+                tags.SELECTION: rule.selection,
             }
         )
-        run.log_artifacts(evaluation["plots"], "plots")
-        run.log_artifacts([evaluation["predictions"], out_dir / "metrics_val.json"], "evaluation")
+        run.log_artifacts(evaluation.plots, "plots")
+        run.log_artifacts([evaluation.predictions, out_dir / "metrics_val.json"], "evaluation")
         run.log_artifact(checkpoint, "checkpoint")
         log_model(run, checkpoint)
     return TrainOutcome(
@@ -257,9 +283,9 @@ def run_training(
 
 def _fold_task(
     config_dict: dict[str, Any], workdir: str, prepared: dict[str, Any], parent_run_id: str, fold: int
-) -> dict[str, Any]:
+) -> TrainOutcome:
     """One fold, run as a Ray task that drives its own TorchTrainer."""
-    outcome = run_training(
+    return run_training(
         Config.model_validate(config_dict),
         workdir,
         prepared=PreparedData(**prepared),
@@ -267,17 +293,14 @@ def _fold_task(
         fold=fold,
         progress=False,
     )
-    return outcome.to_dict()
 
 
-def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool = True) -> dict[str, Any]:
+def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool = True) -> FoldsOutcome:
     """K-fold cross-validation by patient (paper 004): the folds train in parallel as Ray tasks,
     each nested under one parent MLflow run, which gets the mean and std of every metric.
 
     Each fold reports its last epoch after a fixed ``train.epochs`` (``checkpoint_rule``), so the
     fold that scores a model never chose it; ``selection`` in the result says so."""
-    import ray
-
     workdir = Path(workdir).resolve()
     config = config.model_copy(update={"data": config.data.model_copy(update={"folds": folds})})
     prepared = ensure_prepared(config, workdir, progress=progress)
@@ -293,34 +316,32 @@ def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool
         config.train.experiment,
         name,
         config=config,
-        tags={"mammo_ray.kind": "cv", "mammo_ray.folds": str(folds), "mammo_ray.selection": selection},
+        tags={tags.KIND: "cv", tags.FOLDS: str(folds), tags.SELECTION: selection},
         artifact_location=artifact_root(uri, workdir),
     ) as parent:
         refs = [
             task.remote(config.model_dump(mode="json"), str(workdir), prepared.to_dict(), parent.run_id, k)
             for k in range(folds)
         ]
-        outcomes = ray.get(refs)
-        keys = sorted(set.intersection(*(set(o["metrics"]) for o in outcomes)))
+        outcomes: list[TrainOutcome] = ray.get(refs)
+        keys = sorted(set.intersection(*(set(o.metrics) for o in outcomes)))
         summary = {}
         for key in keys:
-            values = np.array([o["metrics"][key] for o in outcomes], dtype=float)
-            summary[key] = {
-                "mean": float(np.nanmean(values)),
-                "std": float(np.nanstd(values)),
-                "values": values.tolist(),
-            }
+            values = np.array([o.metrics[key] for o in outcomes], dtype=float)
+            summary[key] = MetricSpread(
+                mean=float(np.nanmean(values)), std=float(np.nanstd(values)), values=values.tolist()
+            )
         parent.log_metrics(
-            {f"{k}_mean": v["mean"] for k, v in summary.items()} | {f"{k}_std": v["std"] for k, v in summary.items()}
+            {f"{k}_mean": v.mean for k, v in summary.items()} | {f"{k}_std": v.std for k, v in summary.items()}
         )
-    return {
-        "run_id": parent.run_id,
-        "run_name": name,
-        "tracking_uri": uri,
-        "folds": folds,
-        "selection": selection,
-        "output_dir": str(out_dir),
-        "summary": summary,
-        "fold_runs": outcomes,
-        "metrics": {k: v["mean"] for k, v in summary.items()},
-    }
+    return FoldsOutcome(
+        run_id=parent.run_id,
+        run_name=name,
+        tracking_uri=uri,
+        folds=folds,
+        selection=selection,
+        output_dir=str(out_dir),
+        summary=summary,
+        fold_runs=outcomes,
+        metrics={k: v.mean for k, v in summary.items()},
+    )

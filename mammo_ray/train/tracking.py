@@ -26,6 +26,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mammo_ray.config import Config, flatten
+from mammo_ray.tags import ERROR as ERROR_TAG
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
 
@@ -173,6 +174,6 @@ class TrackedRun:
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
-            self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+            self.client.set_tag(self.run_id, ERROR_TAG, f"{exc_type.__name__}: {exc}"[:5000])
         self.status = RunStatus.to_string(status)
         self.client.set_terminated(self.run_id, self.status)

@@ -41,12 +41,12 @@ def baseline(prepared, tmp_path_factory):
 
 def test_baseline_beats_chance_on_test(baseline):
     result, _ = baseline
-    metrics = result["test"]["metrics"]
+    metrics = result["test"].metrics
     assert metrics["test_n"] >= 30
     assert metrics["test_auc"] > 0.65  # 0.86 measured; 0.69 to 0.92 over data seeds 0 to 4
     assert metrics["test_auc_ci_low"] > 0.5
     assert metrics["test_acc"] > 0.6  # 0.85 measured
-    assert result["test"]["image"]["auc"] == metrics["test_auc"]  # single view: per image is primary
+    assert result["test"].image.auc == metrics["test_auc"]  # single view: per image is primary
 
 
 def test_reports_and_files(baseline, prepared):
@@ -58,10 +58,10 @@ def test_reports_and_files(baseline, prepared):
     assert result["skipped"] == {"train": 0, "val": 0, "test": 0}
     assert result["n_train"] == int((frame["split"] == "train").sum())
     for split in ("val", "test"):
-        assert result[split]["view_mode"] == "single" and result[split]["n"] == int((frame["split"] == split).sum())
+        assert result[split].view_mode == "single" and result[split].n == int((frame["split"] == split).sum())
         for name in (f"metrics_{split}.json", f"roc_{split}.png", f"confusion_{split}.png", f"predictions_{split}.csv"):
             assert (out / name).is_file(), name
-        assert json.loads((out / f"metrics_{split}.json").read_text())["metrics"] == result[split]["metrics"]
+        assert json.loads((out / f"metrics_{split}.json").read_text())["metrics"] == result[split].metrics
         predictions = pd.read_csv(out / f"predictions_{split}.csv")
         assert list(predictions.columns) == ["exam_key", "view", "patient_id", "prob", "label"]
         assert predictions["prob"].between(0, 1).all() and set(predictions["label"]) == {0, 1}
@@ -99,7 +99,7 @@ def test_empty_masks_are_skipped_and_counted(prepared, tmp_path):
     assert result["skipped"] == {"train": 1, "val": 0, "test": 1}
     assert result["skipped_entries"] == {"train": [entries["train"]], "val": [], "test": [entries["test"]]}
     assert result["n_train"] == int((frame["split"] == "train").sum()) - 1
-    assert result["test"]["n"] == int((frame["split"] == "test").sum()) - 1
+    assert result["test"].n == int((frame["split"] == "test").sum()) - 1
 
 
 def test_mass_presence_is_rejected(prepared, tiny_config, tmp_path):

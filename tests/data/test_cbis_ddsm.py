@@ -12,7 +12,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mammo_ray.data.cbis_ddsm import CbisCsvError, index_dataset, parse_cbis_csvs, read_cbis_csvs, resolve_paths
+from mammo_ray.data.cbis_ddsm import CbisCsvError, parse_cbis_csvs, read_cbis_csvs, resolve_paths
+from mammo_ray.data.index import index_dataset
 from mammo_ray.data.synthetic import REAL_CBIS_CSVS
 
 REAL = REAL_CBIS_CSVS  # the real CSVs
@@ -162,13 +163,13 @@ def test_real_known_rows(real):
 
 def test_parse_only_index_reports_every_row_unresolved():
     manifest, report = index_dataset(csv_dir=REAL)
-    assert report["rows"] == 3568 and report["resolved"] == 0 and report["invalid"] == []
-    assert report["unresolved_by_reason"] == {"no image root given": 3568}
-    assert report["by_type"] == {"CALCIFICATION": 1872, "MASS": 1696}
-    assert report["by_pathology"] == {"BENIGN": 1429, "BENIGN_WITHOUT_CALLBACK": 682, "MALIGNANT": 1457}
-    assert report["by_label"] == {"0": 2111, "1": 1457}
-    assert report["patients_in_both_source_splits"] == 31
-    json.dumps(report)
+    assert report.rows == 3568 and report.resolved == 0 and report.invalid == []
+    assert report.unresolved_by_reason == {"no image root given": 3568}
+    assert report.by_type == {"CALCIFICATION": 1872, "MASS": 1696}
+    assert report.by_pathology == {"BENIGN": 1429, "BENIGN_WITHOUT_CALLBACK": 682, "MALIGNANT": 1457}
+    assert report.by_label == {"0": 2111, "1": 1457}
+    assert report.patients_in_both_source_splits == 31
+    json.dumps(report.to_dict())
     assert list(manifest["image_path"].unique()) == [""]
 
 
@@ -188,7 +189,7 @@ def test_bad_rows_are_reported_with_file_row_and_field(tmp_path):
     with pytest.raises(CbisCsvError, match=rf"{MASS_TRAIN}: row 2: field 'side'"):
         read_cbis_csvs(tmp_path)
     _, report = index_dataset(csv_dir=tmp_path)
-    assert report["rows"] == 1 and len(report["invalid"]) == 3
+    assert report.rows == 1 and len(report.invalid) == 3
     with pytest.raises(CbisCsvError, match="none of the CBIS-DDSM CSVs"):
         read_cbis_csvs(tmp_path / "empty")
 
@@ -290,34 +291,34 @@ def test_csv_layout_resolves_every_quirk(csv_tree):
     odd = get("odd_mask")
     assert odd.resolved and odd.roi_mask_path.endswith("000001.dcm") and np.isnan(odd.bbox_x0)
     assert odd.mask_dropped and not odd.mask_resampled  # 60x40 has another aspect ratio than 64x48
-    assert report["warnings"] == [
+    assert report.warnings == [
         {
             "lesion_id": odd.lesion_id,
             "path": odd.roi_mask_path,
             "reason": "ROI mask 60x40 has another aspect ratio than its image 64x48: cannot be placed, dropped",
         }
     ]
-    assert report["quirks"]["dropped_masks"] == 1 and report["quirks"]["resampled_masks"] == 0
+    assert report.quirks["dropped_masks"] == 1 and report.quirks["resampled_masks"] == 0
     assert get("no_image").unresolved_reason == f"image folder not found: Mass-Training_P_00006_LEFT_CC under {root}"
     assert get("no_roi").unresolved_reason == (f"ROI folder not found: Mass-Training_P_00010_LEFT_CC_1 under {root}")
     assert get("garbage").unresolved_reason.startswith("image unreadable: ")
-    assert [u["path"] for u in report["unreadable"]] == [str(root / rows["garbage"]["image file path"])]
-    assert "not a DICOM" in report["unreadable"][0]["reason"]
-    assert report["rows"] == len(rows) and report["resolved"] == len(rows) - 4
-    assert {u["lesion_id"] for u in report["unresolved"]} == {
+    assert [u["path"] for u in report.unreadable] == [str(root / rows["garbage"]["image file path"])]
+    assert "not a DICOM" in report.unreadable[0]["reason"]
+    assert report.rows == len(rows) and report.resolved == len(rows) - 4
+    assert {u["lesion_id"] for u in report.unresolved} == {
         get(n).lesion_id for n in ("twins", "no_image", "no_roi", "garbage")
     }
-    assert all(u["source_file"] == MASS_TRAIN and u["source_row"] >= 1 for u in report["unresolved"])
-    json.dumps(report)
+    assert all(u["source_file"] == MASS_TRAIN and u["source_row"] >= 1 for u in report.unresolved)
+    json.dumps(report.to_dict())
 
 
 def test_without_boxes_masks_are_still_told_apart_by_size(csv_tree):
     root, csv_dir, rows = csv_tree
-    frame = resolve_paths(read_cbis_csvs(csv_dir), root, with_boxes=False)
+    frame, problems = resolve_paths(read_cbis_csvs(csv_dir), root, with_boxes=False)
     swapped = frame[frame.patient_id == "P_00002"].iloc[0]
     assert swapped.resolved and swapped.roi_mask_path.endswith("/000000.dcm")
     assert "bbox_x0" not in frame or frame["bbox_x0"].isna().all()
-    assert frame.attrs["unreadable"][0]["path"].endswith("000000.dcm")
+    assert problems.unreadable[0]["path"].endswith("000000.dcm")
 
 
 def test_index_finds_csvs_in_root(csv_tree, tmp_path):
@@ -325,7 +326,7 @@ def test_index_finds_csvs_in_root(csv_tree, tmp_path):
     for name in csv_dir.iterdir():
         (root / name.name).write_bytes(name.read_bytes())
     manifest, report = index_dataset(root=root)
-    assert report["rows"] == len(rows) and report["resolved"] == len(rows) - 4
+    assert report.rows == len(rows) and report.resolved == len(rows) - 4
     with pytest.raises(CbisCsvError, match="no CBIS-DDSM CSVs"):
         index_dataset(root=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere is not a directory"):
@@ -372,7 +373,7 @@ def test_tcia_layout_tells_mask_from_crop_by_content(tmp_path, point_at):
     write_csv(tmp_path / "csv", rows)
     root = base.parent if point_at == "root" else base
     manifest, report = index_dataset(root=root, csv_dir=tmp_path / "csv")
-    assert report["resolved"] == 3 and report["unresolved"] == [] and report["unreadable"] == []
+    assert report.resolved == 3 and report.unresolved == [] and report.unreadable == []
     first, second, third = manifest.itertuples()
     assert first.image_path.endswith(f"full mammogram images-{uid(101)[-5:]}/1-1.dcm")
     assert first.roi_mask_path.endswith("ROI mask images-" + uid(103)[-5:] + "/1-1.dcm")
@@ -389,6 +390,6 @@ def test_tcia_empty_case_folder_is_reported(tmp_path):
     (base / "Mass-Training_P_00001_LEFT_CC" / "07-20-2016-DDSM-NA-00101").mkdir(parents=True)
     write_csv(tmp_path / "csv", [row])
     manifest, report = index_dataset(root=tmp_path, csv_dir=tmp_path / "csv")
-    assert report["unresolved"][0]["reason"] == f"no DICOM in image folder: {base / 'Mass-Training_P_00001_LEFT_CC'}"
-    assert report["unresolved"][0]["source_row"] == 1
-    assert report["unresolved_by_reason"] == {"no DICOM in image folder": 1}
+    assert report.unresolved[0]["reason"] == f"no DICOM in image folder: {base / 'Mass-Training_P_00001_LEFT_CC'}"
+    assert report.unresolved[0]["source_row"] == 1
+    assert report.unresolved_by_reason == {"no DICOM in image folder": 1}

@@ -78,7 +78,7 @@ def test_offline_augmentation_is_25x_and_fixed(patch_cache):
 
 
 def test_paired_views(patch_cache):
-    cache, cfg, _, split_of = patch_cache
+    cache, cfg, manifest, _ = patch_cache
     spec = cache.transform_spec(cfg)
     ds = PairedViewDataset(cache, "train", "pathology", build_eval_transform(spec))
     (cc, mlo), label = ds[0]
@@ -88,6 +88,16 @@ def test_paired_views(patch_cache):
     lesions = task_frame(cache.index, "pathology")
     train_keys = lesions.loc[lesions["split"] == "train", "exam_key"].nunique()
     assert len(ds) + ds.unpaired == train_keys  # every lesion is paired or counted
+    # Each sample is exactly its exam's CC and MLO crops, through the transform, with the manifest's label.
+    transform, truth = build_eval_transform(spec), dict(zip(manifest["lesion_id"], manifest["label"], strict=True))
+    by_view = lesions[lesions["split"] == "train"].set_index(["exam_key", "view"])
+    for i, key in enumerate(ds.pairs["exam_key"]):
+        (cc, mlo), label = ds[i]
+        cc_row, mlo_row = by_view.loc[(key, "CC")], by_view.loc[(key, "MLO")]
+        torch.testing.assert_close(cc, transform(cache.image(int(cc_row["entry"]))), rtol=0, atol=0)
+        torch.testing.assert_close(mlo, transform(cache.image(int(mlo_row["entry"]))), rtol=0, atol=0)
+        assert not torch.equal(cc, mlo)
+        assert label == truth[cc_row["lesion_id"]] == truth[mlo_row["lesion_id"]]
 
 
 def test_unpaired_lesions_are_counted(patch_cache):

@@ -9,12 +9,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless, generate_uid
+from pydicom.uid import (
+    MPEG2MPML,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from mammo_ray.constants import Side, View
 from mammo_ray.data.dicom import (
@@ -219,7 +233,6 @@ def test_rle_round_trip(tmp_path):
 
 
 def _jpeg2000_file(tmp_path: Path, pixels: np.ndarray) -> Path:
-    pytest.importorskip("openjpeg")
     ds = make_dataset(pixels, bits_stored=12)
     ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     return write(ds, tmp_path / "j2k.dcm")
@@ -233,10 +246,9 @@ def test_jpeg2000_lossless_round_trip(tmp_path):
 
 
 def test_jpeg_baseline_decodes(tmp_path):
-    pil = pytest.importorskip("PIL.Image")
     pixels = left_heavy(16, 16, dtype=np.uint8, top=240)
     buffer = io.BytesIO()
-    pil.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
     ds = make_dataset(pixels, PixelData=encapsulate([buffer.getvalue()]))
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     image, _ = read_dicom(write(ds, tmp_path / "jpeg.dcm"), flip=False)
@@ -251,6 +263,97 @@ def test_missing_plugin_names_the_package(tmp_path, monkeypatch):
         read_dicom(path)
     assert "pylibjpeg-openjpeg" in info.value.reason and "j2k.dcm" in str(info.value)
     assert read_dicom_header(path).rows == 32  # the header needs no codec
+
+
+def _jpeg_lossless_stream(pixels: np.ndarray, precision: int) -> bytes:
+    """A JPEG Lossless codestream (ITU-T T.81 process 14, predictor 1, point transform 0) of one
+    grayscale frame. pydicom encodes no JPEG Lossless and ships no grayscale file of it, so the test
+    writes its own: one Huffman table that gives each difference category 0..16 a 5-bit code."""
+    x = pixels.astype(np.int64)
+    pred = np.empty_like(x)
+    pred[0, 0] = 1 << (precision - 1)  # T.81 H.1.1: the first sample's predictor
+    pred[0, 1:] = x[0, :-1]  # first row: the sample to the left
+    pred[1:, 0] = x[:-1, 0]  # first column: the sample above
+    pred[1:, 1:] = x[1:, :-1]  # predictor 1 elsewhere: the sample to the left
+    diff = (x - pred) % 65536  # differences are taken modulo 2^16 ...
+    diff = np.where(diff >= 32768, diff - 65536, diff)  # ... and coded as signed values
+    bits = []
+    for d in diff.ravel().tolist():
+        category = abs(d).bit_length()  # 0..16; 16 (d = -32768) has no extra bits
+        bits.append(format(category, "05b"))
+        if 0 < category < 16:  # a negative difference is sent as the low bits of d - 1
+            bits.append(format((d if d > 0 else d - 1) & ((1 << category) - 1), f"0{category}b"))
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)  # pad the last byte with 1-bits
+    entropy = bytearray()
+    for i in range(0, len(stream), 8):
+        entropy.append(int(stream[i : i + 8], 2))
+        if entropy[-1] == 0xFF:
+            entropy.append(0x00)  # byte stuffing
+    rows, cols = pixels.shape
+    sof3 = (
+        b"\xff\xc3\x00\x0b"
+        + bytes([precision])
+        + rows.to_bytes(2, "big")
+        + cols.to_bytes(2, "big")
+        + b"\x01\x01\x11\x00"
+    )
+    dht = b"\xff\xc4\x00\x24\x00" + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))
+    sos = b"\xff\xda\x00\x08\x01\x01\x00\x01\x00\x00"  # one component, table 0, predictor 1, Se 0, Al 0
+    return b"\xff\xd8" + sof3 + dht + sos + bytes(entropy) + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("syntax", [JPEGLossless, JPEGLosslessSV1])
+@pytest.mark.parametrize("bits_stored", [12, 16])
+def test_jpeg_lossless_decodes_exactly(tmp_path, syntax, bits_stored):
+    rng = np.random.default_rng(bits_stored)
+    pixels = rng.integers(0, 2**bits_stored, (24, 33)).astype(np.uint16)
+    pixels[:, :8] = np.arange(8, dtype=np.uint16) * (2**bits_stored // 9)  # a smooth band: small differences too
+    ds = make_dataset(
+        pixels, bits_stored=bits_stored, PixelData=encapsulate([_jpeg_lossless_stream(pixels, bits_stored)])
+    )
+    ds.file_meta.TransferSyntaxUID = syntax
+    image, meta = read_dicom(write(ds, tmp_path / "jpeg-lossless.dcm"), flip=False)
+    assert meta.transfer_syntax == syntax.name and meta.bits_stored == bits_stored
+    np.testing.assert_array_equal(image, pixels)
+    assert "pylibjpeg" in get_decoder(syntax).available_plugins  # pylibjpeg-libjpeg, a hard dependency
+
+
+def test_the_jpeg_lossless_file_pydicom_ships_is_colour_and_refused_by_name():
+    path = get_testdata_file("SC_rgb_jpeg_gdcm.dcm")  # pydicom's only JPEG Lossless (.70) file: RGB
+    with pytest.raises(DicomReadError, match="SamplesPerPixel is 3: mammograms are grayscale"):
+        read_dicom(path)
+
+
+def test_jpeg_ls_lossless_decodes_to_the_uncompressed_pixels():
+    """pydicom ships MR_small twice: uncompressed and JPEG-LS lossless; pylibjpeg-libjpeg decodes the latter."""
+    compressed, compressed_meta = read_dicom(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), flip=False)
+    plain, plain_meta = read_dicom(get_testdata_file("MR_small.dcm"), flip=False)
+    assert compressed_meta.transfer_syntax == JPEGLSLossless.name
+    assert plain_meta.transfer_syntax == ExplicitVRLittleEndian.name
+    assert compressed.shape == (64, 64) and np.ptp(plain) > 1000
+    np.testing.assert_array_equal(compressed, plain)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("JPEGLSNearLossless_08.dcm", np.uint8), ("JPEGLSNearLossless_16.dcm", np.uint16)]
+)
+def test_jpeg_ls_near_lossless_decodes(name, dtype):
+    path = get_testdata_file(name)
+    image, meta = read_dicom(path, flip=False)
+    assert meta.transfer_syntax == JPEGLSNearLossless.name
+    decoded = dcmread(path).pixel_array  # no rescale, no VOI, MONOCHROME2: read_dicom returns the samples
+    assert decoded.dtype == dtype and image.shape == decoded.shape
+    np.testing.assert_array_equal(image, decoded.astype(np.float32))
+    assert image.min() == 0 and image.max() == np.iinfo(dtype).max  # the full range survives
+
+
+def test_missing_jpeg_ls_plugin_names_the_package(monkeypatch):
+    path = get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    monkeypatch.setattr(get_decoder(JPEGLSLossless), "_available", {})  # as if pylibjpeg-libjpeg were absent
+    with pytest.raises(DicomReadError) as info:
+        read_dicom(path)
+    assert "pylibjpeg-libjpeg" in info.value.reason
 
 
 # --- rejections -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mammo_ray.data.cbis_ddsm import index_dataset
+from mammo_ray.data.index import index_dataset
 from mammo_ray.data.manifest import (
     MANIFEST_COLUMNS,
     ManifestError,
@@ -144,11 +144,11 @@ def test_index_generic_csv_reads_dicoms_and_boxes(tmp_path):
     first = manifest.iloc[0]
     assert first.resolved and (first.bbox_x0, first.bbox_y0, first.bbox_x1, first.bbox_y1) == (30, 3, 40, 9)
     assert (first.seed_x, first.seed_y) == (35.0, 6.0)
-    assert report["rows"] == 3 and report["resolved"] == 1
-    assert [u["reason"].split(":")[0] for u in report["unresolved"]] == ["image unreadable", "image not found"]
-    assert [u["path"] for u in report["unreadable"]] == [str(tmp_path / "d" / "junk.dcm")]
-    assert report["by_label"] == {"0": 2, "1": 1}
-    json.dumps(report)
+    assert report.rows == 3 and report.resolved == 1
+    assert [u["reason"].split(":")[0] for u in report.unresolved] == ["image unreadable", "image not found"]
+    assert [u["path"] for u in report.unreadable] == [str(tmp_path / "d" / "junk.dcm")]
+    assert report.by_label == {"0": 2, "1": 1}
+    json.dumps(report.to_dict())
 
 
 def test_manifest_round_trip_and_report(tmp_path):

@@ -308,8 +308,9 @@ def test_full_size_image(tmp_path):
 
 def test_replica_keeps_the_real_structure(tmp_path):
     """The first 40 real patients: shared films hold the same pixels, masks of another size, quirk counts."""
-    from mammo_ray.data.cbis_ddsm import index_dataset, parse_cbis_csvs
+    from mammo_ray.data.cbis_ddsm import parse_cbis_csvs
     from mammo_ray.data.dicom import read_dicom
+    from mammo_ray.data.index import index_dataset
     from mammo_ray.data.manifest import conform
     from mammo_ray.data.quirks import mark_quirks, quirk_counts
 
@@ -317,9 +318,9 @@ def test_replica_keeps_the_real_structure(tmp_path):
     manifest, report = index_dataset(root=tmp_path, csv_dir=tmp_path, progress=False)
     real, _ = parse_cbis_csvs(REAL_CSV_DIR)
     real = mark_quirks(conform(real[real["patient_id"].isin(set(manifest["patient_id"]))].assign(resolved=True)))
-    assert report["resolved"] == report["rows"] == len(real) == summary.abnormalities
+    assert report.resolved == report.rows == len(real) == summary.abnormalities
     assert summary.films == real["image_id"].nunique() < summary.images  # some films are stored twice
-    quirks, expected = report["quirks"], quirk_counts(real)
+    quirks, expected = report.quirks, quirk_counts(real)
     for key in ("view_label_conflicts", "shared_films", "multi_roi_images", "official_split_overlap_patients"):
         assert quirks[key] == expected[key], key
     assert quirks["shared_films"] >= 2 and quirks["resampled_masks"] >= 1 and quirks["dropped_masks"] >= 1
@@ -332,4 +333,4 @@ def test_replica_keeps_the_real_structure(tmp_path):
     assert mask.shape != (128, 80) and np.isfinite(resampled["bbox_x0"])
     dropped = manifest[manifest["mask_dropped"]]
     assert dropped["bbox_x0"].isna().all()
-    assert {w["lesion_id"] for w in report["warnings"]} >= set(dropped["lesion_id"])
+    assert {w["lesion_id"] for w in report.warnings} >= set(dropped["lesion_id"])

@@ -1,4 +1,5 @@
-"""Tests for mammo_ray.data.uploads: every rejection has its status and names the problem."""
+"""Tests for mammo_ray.serving.uploads (and the decoder it calls, mammo_ray.data.images): every
+rejection has its status and names the problem."""
 
 from __future__ import annotations
 
@@ -23,20 +24,16 @@ from pydicom.uid import MPEG2MPML, RLELossless
 
 from mammo_ray.constants import Side, View
 from mammo_ray.data.dicom import read_dicom, read_dicom_header
+from mammo_ray.data.images import NOT_AN_IMAGE, DecodedImage, canonical_box, canonical_point, sniff
 from mammo_ray.data.synthetic.dicom_write import DicomInfo, write_mammogram
-from mammo_ray.data.uploads import (
-    NOT_AN_IMAGE,
-    DecodedImage,
+from mammo_ray.serving.uploads import (
     UploadError,
-    canonical_box,
-    canonical_point,
     check_fields,
     check_in_bounds,
     decode_upload,
     parse_box,
     parse_point,
     read_capped,
-    sniff,
 )
 
 INFO = DicomInfo(
@@ -145,7 +142,7 @@ def test_empty_upload_is_400():
 
 def test_oversized_upload_is_413_before_parsing(tmp_path, monkeypatch):
     data = dicom_bytes(tmp_path)
-    monkeypatch.setattr("mammo_ray.data.uploads.read_dicom", None)  # never reached
+    monkeypatch.setattr("mammo_ray.data.images.read_dicom", None)  # never reached
     error = rejected(data, max_bytes=len(data) - 1)
     assert error.status == 413 and f"over the size limit of {len(data) - 1} bytes" in error.reason
     monkeypatch.undo()

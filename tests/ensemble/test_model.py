@@ -16,6 +16,8 @@ from mammo_ray.train.checkpoint import checkpoint_payload, load_checkpoint, rest
 from mammo_ray.train.loop import build_training, fit
 from mammo_ray.train.tracking import TrackedRun, ensure_experiment
 
+pytestmark = pytest.mark.slow  # every test uses trained (or built and saved) members
+
 
 @pytest.fixture(scope="module")
 def make_member(tiny_workdir, tiny_config, tmp_path_factory):

@@ -82,6 +82,7 @@ def _check_frames(result, x0):
         assert (result.frames[-1].saliency[view] > 0).any() and (result.final[view] != start).any()
 
 
+@pytest.mark.slow
 def test_single_view_dream_moves_the_score_both_ways(blob_levynet, blob_exam):
     blob, plain = blob_exam()
     x = torch.cat([plain, blob])  # a batch: samples dreamed independently
@@ -98,6 +99,7 @@ def test_single_view_dream_moves_the_score_both_ways(blob_levynet, blob_exam):
     assert not blob_levynet.training and all(p.grad is None for p in blob_levynet.parameters())
 
 
+@pytest.mark.slow
 def test_parallel_exam_dream_and_reproducibility(blob_levynet, blob_exam):
     blob, plain = blob_exam()
     blob_levynet.view_mode = "parallel"
@@ -126,6 +128,7 @@ def test_parallel_exam_dream_and_reproducibility(blob_levynet, blob_exam):
     assert not torch.equal(other.frames[1].images[0], up.frames[1].images[0])
 
 
+@pytest.mark.slow
 def test_multimodal_dream_moves_the_joint_score(blob_multimodal, blob_exam):
     blob, plain = blob_exam(seed=11)
     start = blob_multimodal.predict_exam(blob, plain)[:, 1].detach()
@@ -151,6 +154,7 @@ def test_nine_channel_resnet_and_two_class_check():
         directed_dream(create_view_model("levynet", in_chans=1, num_classes=3), x, DreamConfig("benign", steps=1))
 
 
+@pytest.mark.slow
 def test_gif_and_png_have_every_frame_and_three_panels(blob_levynet, blob_exam, tmp_path):
     blob, plain = blob_exam()
     blob_levynet.view_mode = "parallel"

@@ -160,6 +160,31 @@ def test_dense_runs_through_the_same_entry_point():
     assert found.image_score == pytest.approx(float(found.dense.probs.max()))
 
 
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_members_that_disagree_are_averaged_and_their_spread_is_their_std(method):
+    """Three resnet18 members of different seeds: the map is the mean of the members' own (min-max)
+    maps, scaled again, the spread their std and the image score their mean probability; neither
+    the first member, the maximum nor the median would give these."""
+    config = load_config(None, [*CROP, "model.name=resnet18"])
+    spec = TransformSpec.from_config(config.data, train_mean=100.0, train_std=50.0)
+    members = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        members.append(build_view_model(config.model).eval())
+    image = _mammogram()
+    singles = [localize_class_map([m], spec, config, image, method=method) for m in members]
+    together = localize_class_map(members, spec, config, image, method=method)
+    maps = np.stack([s.dense.probs for s in singles])
+    assert maps.min() == 0 and maps.max() == 1  # each member's map is min-max scaled on its own
+    mean = maps.mean(axis=0)
+    np.testing.assert_allclose(together.dense.probs, (mean - mean.min()) / (mean.max() - mean.min()), atol=1e-6)
+    np.testing.assert_allclose(together.spread, maps.std(axis=0), atol=1e-6)
+    assert together.spread.max() > 0.1  # they do disagree
+    scores = [s.image_score for s in singles]
+    assert together.image_score == pytest.approx(np.mean(scores), abs=1e-6)
+    assert np.ptp(scores) > 1e-4 and together.to_dict()["max_spread"] == pytest.approx(float(together.spread.max()))
+
+
 # ---- CLI -------------------------------------------------------------------------------------
 
 

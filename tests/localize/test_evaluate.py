@@ -22,7 +22,7 @@ import pytest
 
 from mammo_ray.constants import Side, View
 from mammo_ray.data.synthetic.dicom_write import SERIES_FULL, SERIES_MASK, DicomInfo, write_mammogram, write_mask
-from mammo_ray.localize.evaluate import evaluate_split, scan_split, split_images
+from mammo_ray.localize.evaluate import ScannedImage, evaluate_split, scan_split, split_images, two_stage
 from mammo_ray.localize.fcn import DenseMap
 from mammo_ray.localize.froc import froc
 from mammo_ray.localize.whole_image import Localization, WindowGeometry
@@ -194,3 +194,70 @@ def test_evaluate_split_reports_the_roi_accounting(scan, tmp_path):
     assert saved["n_rois"] == 6
     per_image = pd.read_csv(tmp_path / "froc" / "per_image.csv")
     assert per_image["n_masses"].tolist() == [3, 1, 0, 1, 1] and per_image["image_id"].is_unique
+
+
+def _two_stage_case() -> list[ScannedImage]:
+    """Four 8 x 8 maps whose two-stage figures are worked out by hand (box and image thresholds 0.5).
+
+    A  two masses, stage 1 calls it (0.8). ROI 1 (rows 1-2, cols 1-2) peaks at 0.9, mean 0.45.
+       ROI 2 (rows 5-6, cols 1-2) is 0.2 but for 0.6 at (5, 2), where a blob starts that runs out of
+       the ROI to its peak 0.8 at (5, 4). A blob of 0.7 at rows 1-2, cols 5-6 touches no ROI.
+    B  one mass (0.9) that stage 1 misses (0.2); a blob of 0.9 elsewhere: neither counts.
+    C  no mass, called (0.7): a blob of 0.8, one false positive.
+    D  no mass, not called (0.1): a blob of 0.9 that does not count.
+    """
+
+    def layer(rows: slice, cols: slice) -> np.ndarray:
+        roi = np.zeros((8, 8), dtype=bool)
+        roi[rows, cols] = True
+        return roi
+
+    a = np.zeros((8, 8), np.float32)
+    a[1:3, 1:3] = 0.3
+    a[1, 1] = 0.9
+    a[5:7, 1:3] = 0.2
+    a[5, 2:5] = (0.6, 0.7, 0.8)
+    a[1:3, 5:7] = 0.7
+    b = np.zeros((8, 8), np.float32)
+    b[3:5, 3:5], b[0, 7] = 0.9, 0.9
+    c = np.zeros((8, 8), np.float32)
+    c[3:5, 3:5] = 0.8
+    d = np.zeros((8, 8), np.float32)
+    d[2:4, 2:4] = 0.9
+    no_roi = np.zeros((0, 8, 8), dtype=bool)
+    cases = [
+        ("A", a, np.stack([layer(slice(1, 3), slice(1, 3)), layer(slice(5, 7), slice(1, 3))]), 0.8),
+        ("B", b, layer(slice(3, 5), slice(3, 5))[None], 0.2),
+        ("C", c, no_roi, 0.7),
+        ("D", d, no_roi, 0.1),
+    ]
+    return [
+        ScannedImage(name, f"{name}.dcm", f"P_{name}", prob, rois, tuple(f"{name}{i}" for i in range(len(rois))), score)
+        for name, prob, rois, score in cases
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reduce", "hit", "sensitivity", "fp_per_image"),
+    [
+        ("max", "overlap", 2 / 3, 2 / 4),  # A's ROIs both reach 0.5; FPs: A's lone blob and C's
+        ("mean", "overlap", 0 / 3, 2 / 4),  # A's ROI means are 0.45 and 0.3; blobs do not depend on reduce
+        ("max", "peak", 1 / 3, 3 / 4),  # the blob through ROI 2 peaks outside it: a miss and a false positive
+    ],
+)
+def test_two_stage_figures_of_a_hand_built_case(reduce, hit, sensitivity, fp_per_image):
+    result = two_stage(_two_stage_case(), image_threshold=0.5, box_threshold=0.5, reduce=reduce, hit=hit)
+    assert result == {
+        "image_threshold": 0.5,
+        "box_threshold": 0.5,
+        "reduce": reduce,
+        "hit": hit,
+        "stage1_accuracy": 2 / 4,  # calls A, C; masses in A, B
+        "stage1_sensitivity": 1 / 2,
+        "stage1_specificity": 1 / 2,
+        "images_called_positive": 2,
+        "n_images": 4,
+        "n_rois": 3,  # B's mass counts, missed, though stage 1 never passed B on
+        "sensitivity": pytest.approx(sensitivity),
+        "fp_per_image": pytest.approx(fp_per_image),  # over all four images
+    }

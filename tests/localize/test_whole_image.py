@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from member_variants import shifted_members
 from mlflow import MlflowClient
 from PIL import Image
 from setups import TINY_TRAIN
@@ -226,45 +227,39 @@ def test_unknown_model_source_is_a_clear_error(tmp_path, capfd):
 
 
 def test_a_registered_ensemble_averages_its_members_maps(patch_model, mass_image, tmp_path, capfd):
+    """Three members that disagree (the patch model with its mass logit moved by -1.5, 0 and +2):
+    the ensemble's map is their mean cell by cell, and its spread their std; the first member, the
+    maximum or the median would give other maps."""
     from mammo_ray.ensemble.model import register_ensemble
 
+    members = shifted_members(patch_model[0], tmp_path / "members", (-1.5, 0.0, 2.0))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("ens", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment)
-    registered = register_ensemble(uri, parent.info.run_id, [patch_model[0]] * 2, ["", ""], "patch-ensemble")
-    single = _run(
-        capfd,
-        "localize",
-        "--model",
-        str(patch_model[0]),
-        "--image",
-        mass_image[0],
-        "--out",
-        str(tmp_path / "one"),
-        "--workdir",
-        str(tmp_path),
-        "--threshold",
-        "0.25",
-    )
-    pair = _run(
+    registered = register_ensemble(uri, parent.info.run_id, members, [""] * len(members), "patch-ensemble")
+    common = ["--image", mass_image[0], "--workdir", str(tmp_path), "--threshold", "0.25"]
+    singles = [
+        _run(capfd, "localize", "--model", str(member), "--out", str(tmp_path / f"one-{i}"), *common)
+        for i, member in enumerate(members)
+    ]
+    together = _run(
         capfd,
         "localize",
         "--model",
         registered["model_uri"],
         "--tracking-uri",
         uri,
-        "--image",
-        mass_image[0],
         "--out",
-        str(tmp_path / "two"),
-        "--workdir",
-        str(tmp_path),
-        "--threshold",
-        "0.25",
+        str(tmp_path / "together"),
+        *common,
     )
-    np.testing.assert_allclose(np.load(pair["map"]), np.load(single["map"]), atol=1e-6)  # the members' mean
-    assert pair["max_spread"] == pytest.approx(0, abs=1e-6) and single["spread_overlay"] is None
-    with Image.open(pair["spread_overlay"]) as png:
+    maps = np.stack([np.load(single["map"]) for single in singles])
+    assert np.abs(maps[2] - maps[0]).max() > 0.2  # the members disagree
+    np.testing.assert_allclose(np.load(together["map"]), maps.mean(axis=0), atol=1e-6)  # the members' mean
+    assert together["max_spread"] == pytest.approx(float(maps.std(axis=0).max()), abs=1e-6)
+    assert together["image_score"] == pytest.approx(float(maps.mean(axis=0).max()), abs=1e-6)
+    assert all(single["spread_overlay"] is None for single in singles)
+    with Image.open(together["spread_overlay"]) as png:
         assert png.size[0] > 200
-    assert pair["mlflow_run"] == parent.info.run_id  # logged to the ensemble's run
+    assert together["mlflow_run"] == parent.info.run_id  # logged to the ensemble's run

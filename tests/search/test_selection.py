@@ -62,7 +62,7 @@ def trials_frame() -> pd.DataFrame:
 
 
 def test_better_image_loss_loses_to_better_exam_loss():
-    best = select_best(trials_frame(), "val_exam_loss", "min")
+    best = select_best(trials_frame(), "val_exam_loss")
     assert (best["cell"], best["trial_id"]) == ("resnet18-parallel-aug_on", "p1")
     assert best[SELECTION_METRIC] == pytest.approx(0.50)
 
@@ -71,22 +71,22 @@ def test_cell_winners_by_the_tune_metric_then_exam_loss_across_cells():
     # Ranking cells by val_loss (per image for single, per exam for parallel) would pick s1 (0.40).
     # Within a cell val_loss is fine (one level); across cells the exam loss decides.
     trials = trials_frame()
-    assert best_row(trials, "val_loss", "min")["trial_id"] == "s1"  # what the search used to pick
-    best = select_best(trials, "val_loss", "min")
+    assert best_row(trials, "val_loss")["trial_id"] == "s1"  # what the search used to pick
+    best = select_best(trials, "val_loss")
     assert best["trial_id"] == "p1"
     # With val_auc per cell the single cell's winner is s1 (exam loss 0.62): parallel still wins.
-    assert select_best(trials, "val_auc", "max")["trial_id"] == "p1"
+    assert select_best(trials, "val_auc")["trial_id"] == "p1"
 
 
 def test_no_scored_trial_gives_none():
     trials = trials_frame().assign(val_exam_loss=math.nan)
-    assert select_best(trials, "val_loss", "min") is None
-    assert select_best(trials.iloc[:0], "val_exam_loss", "min") is None
+    assert select_best(trials, "val_loss") is None
+    assert select_best(trials.iloc[:0], "val_exam_loss") is None
     assert "none (no cell's best trial reported val_exam_loss)" in selection_text("val_loss", None)
 
 
 def test_selection_text_names_metric_and_level():
-    best = select_best(trials_frame(), "val_exam_loss", "min")
+    best = select_best(trials_frame(), "val_exam_loss")
     text = selection_text("val_exam_loss", best)
     assert text.startswith("Each cell's best trial: lowest val_exam_loss (validation log loss per exam")
     assert "in every view mode" in text
@@ -113,7 +113,7 @@ def test_leaderboard_says_what_chose_the_winners(tmp_path):
             "val_exam_loss": 0.5,
         }
     ]
-    note = selection_text("val_exam_loss", select_best(trials_frame(), "val_exam_loss", "min"))
+    note = selection_text("val_exam_loss", select_best(trials_frame(), "val_exam_loss"))
     board = write_leaderboard(rows, tmp_path, title="t", selection=note)
     text = (tmp_path / "leaderboard.md").read_text()
     assert note in text and "bootstrap over patients" in text and "Not for use in diagnostic procedures" in text

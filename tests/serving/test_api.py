@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from member_variants import shifted_members
 from PIL import Image
 from pydicom import dcmread
 from pydicom.pixels.decoders.base import get_decoder
@@ -49,7 +50,7 @@ def test_lesions(lesion_model):
     dataset = SingleViewDataset(cache, "test", "pathology")
     frame = predict_checkpoint(
         checkpoint, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir, splits_path=prepared.splits
-    )["frame"]
+    ).frame
     rows = dataset.frame.assign(prob=frame["prob"].to_numpy())
     manifest = pd.read_parquet(prepared.manifest).set_index("lesion_id")
     rows["roi_mask_path"] = manifest.loc[rows["lesion_id"], "roi_mask_path"].to_numpy()
@@ -284,3 +285,80 @@ def test_model_endpoint_and_openapi(lesion_client, lesion_model):
     form = localize["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
     method = fields[form]["properties"]["method"]
     assert "gradcam" in json.dumps(method) and "422" in method["description"]
+
+
+MEMBER_SHIFTS = (-2.0, 0.0, 0.7, 2.5)  # class-1 logit shifts: four members that disagree, unevenly spaced
+
+
+@pytest.fixture(scope="module")
+def disagreeing_members(lesion_model, tmp_path_factory):
+    """(models:/ URI, tracking URI, offline P(malignant) of every test lesion per member (lesions x members))."""
+    checkpoint, prepared = lesion_model
+    out = tmp_path_factory.mktemp("members")
+    members = shifted_members(checkpoint, out, MEMBER_SHIFTS)
+    probs = np.stack(
+        [
+            predict_checkpoint(
+                member, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir, splits_path=prepared.splits
+            ).frame["prob"]
+            for member in members
+        ],
+        axis=1,
+    )
+    model_uri, uri = _registered_ensemble(members, out, "disagreeing-members")
+    return model_uri, uri, probs
+
+
+def assert_member_statistics(reported: dict, members: np.ndarray) -> None:
+    """What /v1/predict says about the members' probabilities is numpy's mean, std and quantiles of them."""
+    assert reported["count"] == len(members)
+    assert reported["mean"] == pytest.approx(np.mean(members), abs=1e-5)
+    assert reported["std"] == pytest.approx(np.std(members), abs=1e-5)
+    quantiles = {f"q{q:02d}": np.quantile(members, q / 100) for q in (5, 25, 50, 75, 95)}
+    assert reported["quantiles"] == pytest.approx(quantiles, abs=1e-5)
+
+
+@pytest.mark.parametrize("execution", ["loop", "stacked"])
+def test_served_member_statistics_are_numpys_over_members_that_disagree(
+    disagreeing_members, test_lesions, tmp_path, execution
+):
+    model_uri, uri, probs = disagreeing_members
+    settings = ServeSettings(model=model_uri, tracking_uri=uri, workdir=str(tmp_path), execution=execution)
+    backend = RuntimeBackend(settings)
+    asyncio.run(backend.load())
+    client = TestClient(build_api(backend, settings))
+    assert backend.runtime.execution["chosen"] == execution and len(backend.runtime.members) == len(MEMBER_SHIFTS)
+    for i, row in enumerate(test_lesions.head(4).itertuples()):
+        members = probs[i]
+        assert np.ptp(members) > 0.3, members  # the members really disagree: mean, median and max differ
+        reply = client.post(
+            "/v1/predict", files={"file": ("scan.dcm", _dicom(row.image_path))}, data={"box": _box(row.roi_mask_path)}
+        )
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert_member_statistics(body["members"], members)
+        assert body["probability"] == pytest.approx(np.mean(members), abs=1e-5)
+        assert body["views"] == {row.view: pytest.approx(np.mean(members), abs=1e-5)}
+    # A CC+MLO pair: each member's exam probability is the mean of its two views (paper 000), and the
+    # statistics are over those per-member means.
+    exam = test_lesions.groupby("exam_key").filter(lambda g: set(g["view"]) == {"CC", "MLO"})
+    cc, mlo = (exam.index[exam["view"] == view][0] for view in ("CC", "MLO"))
+    reply = client.post(
+        "/v1/predict",
+        files={
+            "cc": ("cc.dcm", _dicom(test_lesions.loc[cc, "image_path"])),
+            "mlo": ("mlo.dcm", _dicom(test_lesions.loc[mlo, "image_path"])),
+        },
+        data={
+            "cc_box": _box(test_lesions.loc[cc, "roi_mask_path"]),
+            "mlo_box": _box(test_lesions.loc[mlo, "roi_mask_path"]),
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    per_member = (probs[test_lesions.index.get_loc(cc)] + probs[test_lesions.index.get_loc(mlo)]) / 2
+    assert_member_statistics(body["members"], per_member)
+    assert body["views"] == pytest.approx(
+        {"CC": np.mean(probs[test_lesions.index.get_loc(cc)]), "MLO": np.mean(probs[test_lesions.index.get_loc(mlo)])},
+        abs=1e-5,
+    )

@@ -28,7 +28,6 @@ def test_shared_users_overlap_and_an_exclusive_one_runs_alone():
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=10)
-    assert not any(t.is_alive() for t in threads)  # no deadlock
+        t.join()  # a deadlock hangs here, and the suite timeout reports it
     assert seen["overlap_with_exclusive"] == 0
     assert seen["max_shared"] >= 2  # predictions and dense maps still run side by side

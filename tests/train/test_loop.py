@@ -51,6 +51,7 @@ def test_balanced_sampling_draws_classes_equally():
     assert 0.45 < share < 0.55  # 0.10 without balancing
 
 
+@pytest.mark.slow
 def test_adam_exponential_decay_paper000(tiny_config):
     from mammo_ray.models import create_model
 
@@ -65,6 +66,7 @@ def test_adam_exponential_decay_paper000(tiny_config):
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * 0.99**3)
 
 
+@pytest.mark.slow
 def test_sgd_poly_decay_paper001(tiny_config):
     from mammo_ray.models import create_model
 
@@ -115,6 +117,7 @@ def test_early_stopping():
     assert not any(auc.update({"val_auc": v}) for v in (0.5, 0.4, 0.3, 0.2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("view_mode", ["single", "parallel", "multimodal"])
 def test_fit_every_view_mode(tiny_workdir, tiny_config, view_mode):
     config = tiny_config(f"model.view_mode={view_mode}", "train.epochs=2")
@@ -139,6 +142,7 @@ def test_fit_every_view_mode(tiny_workdir, tiny_config, view_mode):
         assert metrics["val_auc"] == pytest.approx(metrics[level], nan_ok=True)
 
 
+@pytest.mark.slow
 def test_stop_at_train_accuracy_paper004(tiny_workdir, tiny_config):
     config = tiny_config("train.epochs=5", "train.stop_train_acc=0.01", "train.stop_train_window=3")
     prepared = ensure_prepared(config, tiny_workdir, progress=False)
@@ -153,6 +157,7 @@ def test_dog_input_needs_one_channel(tiny_config):
     assert config.model.in_chans == 9
 
 
+@pytest.mark.slow
 def test_channels_last_changes_only_the_layout_on_cpu(tiny_workdir, tiny_config):
     """The GPU option channels_last changes the memory layout only: the same initial model gives the
     same outputs in both layouts, and an epoch trains (AMP is CUDA-only: amp_dtype stays None on CPU)."""

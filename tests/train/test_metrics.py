@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -162,7 +163,6 @@ def test_bad_input_is_named(labels, probs, needle):
 
 
 def test_accepts_tensors():
-    torch = pytest.importorskip("torch")
     m = binary_metrics(torch.tensor(HAND_LABELS), torch.tensor(HAND_PROBS).unsqueeze(1), n_boot=0)
     assert m.confusion == [[4, 2], [1, 3]]
 

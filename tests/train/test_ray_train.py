@@ -18,6 +18,8 @@ from mlflow import MlflowClient
 from mammo_ray.cli import main
 from mammo_ray.config import load_config
 from mammo_ray.train.checkpoint import load_checkpoint, restore_model
+from mammo_ray.train.loop import EarlyStopping
+from mammo_ray.train.ray_train import FaultInjection, inject_fault
 from mammo_ray.train.run import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -56,9 +58,8 @@ def killed_run(ray_session, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("work")
     marker = workdir / "killed.pid"
     config = load_config(None, LEARNABLE)
-    outcome = run_training(
-        config, workdir, progress=False, fault={"rank": 1, "epoch": KILL_EPOCH, "marker": str(marker), "delay_s": 5}
-    )
+    with inject_fault(FaultInjection(rank=1, epoch=KILL_EPOCH, marker=str(marker), delay_s=5)):
+        outcome = run_training(config, workdir, progress=False)
     return outcome, marker, workdir
 
 
@@ -78,6 +79,35 @@ def test_killed_worker_resumes_without_repeating_epochs(killed_run):
     resumed = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "resumed_from_epoch")}
     assert resumed[KILL_EPOCH - 1] == -1 and resumed[KILL_EPOCH] == KILL_EPOCH
     assert outcome.epochs_run == EPOCHS
+
+
+def test_optimizer_schedule_history_and_stopping_state_survive_the_kill(killed_run):
+    """The learning rate lives in the optimizer's and the scheduler's state: across the restart it
+    keeps to the schedule (restarted without them it would jump back to optim.lr). The last
+    checkpoint's history and early-stopping state cover the whole run, the epochs before the kill too."""
+    outcome, _, workdir = killed_run
+    config = load_config(None, LEARNABLE)
+    client = MlflowClient(outcome.tracking_uri)
+    logged_lr = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "lr")}
+    schedule = [config.optim.lr * config.optim.gamma**epoch for epoch in range(EPOCHS)]  # exponential
+    assert [logged_lr[epoch] for epoch in range(EPOCHS)] == pytest.approx(schedule, rel=1e-9)
+    latest = max(
+        (load_checkpoint(path) for path in (workdir / "ray_results").rglob("checkpoint.pt")), key=lambda p: p["epoch"]
+    )
+    assert latest["epoch"] == EPOCHS - 1
+    history = latest["history"]
+    assert [h["epoch"] for h in history] == list(range(EPOCHS))
+    assert [h["lr"] for h in history] == pytest.approx(schedule, rel=1e-9)
+    logged_loss = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "val_loss")}
+    assert [h["val_loss"] for h in history] == pytest.approx([logged_loss[e] for e in range(EPOCHS)], rel=1e-9)
+    replay = EarlyStopping(config.train.monitor, config.train.early_stop_patience)
+    for metrics in history:
+        replay.update(metrics)
+    assert latest["extra"]["stopper"] == pytest.approx(replay.state_dict())  # the best of all 12 epochs
+    group = latest["optimizer"]["param_groups"][0]  # stepped once more after the last epoch
+    assert group["lr"] / group.get("lr_mult", 1.0) == pytest.approx(config.optim.lr * config.optim.gamma**EPOCHS)
+    assert latest["optimizer"]["state"]  # Adam's moments travel with it
+    assert latest["scheduler"]["last_epoch"] == EPOCHS
 
 
 def test_mlflow_run_has_params_metrics_artifacts_and_model(killed_run, monkeypatch):

@@ -35,12 +35,12 @@ def predictions(patients: int = 30, seed: int = 0) -> pd.DataFrame:
 def test_report_resamples_patients_and_reports_exam_loss(tmp_path):
     frame = predictions()
     result = report_predictions(frame, "single", "test", tmp_path, n_boot=200)
-    assert result["bootstrap_unit"] == "patient"
-    assert (result["image"]["n"], result["image"]["clusters"]) == (120, 30)
-    assert (result["exam"]["n"], result["exam"]["clusters"]) == (60, 30)
-    flat = result["metrics"]
-    assert flat["test_loss"] == pytest.approx(result["image"]["log_loss"])  # single: primary level is the image
-    assert flat["test_exam_loss"] == pytest.approx(result["exam"]["log_loss"])
+    assert result.bootstrap_unit == "patient"
+    assert (result.image.n, result.image.clusters) == (120, 30)
+    assert (result.exam.n, result.exam.clusters) == (60, 30)
+    flat = result.metrics
+    assert flat["test_loss"] == pytest.approx(result.image.log_loss)  # single: primary level is the image
+    assert flat["test_exam_loss"] == pytest.approx(result.exam.log_loss)
     assert flat["test_clusters"] == 30 and flat["test_auc_ci_low"] <= flat["test_auc"] <= flat["test_auc_ci_high"]
     saved = json.loads((tmp_path / "metrics_test.json").read_text())
     assert saved["bootstrap_unit"] == "patient" and saved["exam"]["clusters"] == 30
@@ -48,5 +48,5 @@ def test_report_resamples_patients_and_reports_exam_loss(tmp_path):
 
 def test_report_without_patient_ids_resamples_cases(tmp_path):
     result = report_predictions(predictions().drop(columns="patient_id"), "parallel", "val", tmp_path, n_boot=100)
-    assert result["bootstrap_unit"] == "case"
-    assert (result["exam"]["clusters"], result["metrics"]["val_clusters"]) == (60, 60)
+    assert result.bootstrap_unit == "case"
+    assert (result.exam.clusters, result.metrics["val_clusters"]) == (60, 60)

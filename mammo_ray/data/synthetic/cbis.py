@@ -33,6 +33,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -229,8 +230,8 @@ def _roi_paths(rng: np.random.Generator, kind: str, folder: str) -> tuple[str, s
     if rng.random() < 0.08:
         return f"{folder}/{study}/{series}/000000.dcm", f"{folder}/{_uid(rng)}/{_uid(rng)}/000000.dcm"
     crop_first = rng.random() < (0.7 if kind == "mass" else 0.3)
-    names = ("000000.dcm", "000001.dcm") if crop_first else ("000001.dcm", "000000.dcm")
-    return tuple(f"{folder}/{study}/{series}/{n}" for n in names)
+    crop_name, mask_name = ("000000.dcm", "000001.dcm") if crop_first else ("000001.dcm", "000000.dcm")
+    return f"{folder}/{study}/{series}/{crop_name}", f"{folder}/{study}/{series}/{mask_name}"
 
 
 def _plan_patient(seed: int, pnum: int, kind: str, split: str, config: str) -> list[_Row]:
@@ -342,6 +343,7 @@ def _lesion_draw(row: _Row, seed: int, pnum: int, spacing: float):
     subtle = _int(row[10], 3, 1, 5)
     angle, detail = rng.uniform(0, np.pi), int(rng.integers(2**31))
     mlo_turn, mlo_scale = rng.uniform(0.5, 1.0) * rng.choice([-1, 1]), rng.uniform(0.92, 1.08)
+    look: si.MassLook | si.CalcLook
     if row.kind == "mass":
         look = si.MassLook(row[6], row[7], rng.uniform(8, 28), rng.uniform(0.75, 1.25) * (0.03 + 0.04 * subtle), detail)
     else:
@@ -424,7 +426,7 @@ def _render_image(
     del att
     if side is Side.RIGHT:  # standard display: a right breast's chest wall is on the right
         pixels = np.ascontiguousarray(pixels[:, ::-1])
-    base = dict(patient_id=first[0], side=side, view=view, spacing_mm=spacing)
+    base: dict[str, Any] = dict(patient_id=first[0], side=side, view=view, spacing_mm=spacing)
     films = {row[_I_IMG]: row.kind for row in rows}  # one path per folder that lists the film
     for img_path, img_kind in films.items():
         _, study, series, _ = img_path.split("/")

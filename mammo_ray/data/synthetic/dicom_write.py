@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from mammo_ray.constants import DISCLAIMER, Side, View
 
-DIGITAL_MAMMOGRAPHY_STORAGE = "1.2.840.10008.5.1.4.1.1.1.2"  # ... For Presentation
+DIGITAL_MAMMOGRAPHY_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.2")  # ... For Presentation
 SERIES_FULL = "full mammogram images"
 SERIES_MASK = "ROI mask images"
 SERIES_CROP = "cropped images"
@@ -53,7 +53,7 @@ def patient_orientation(side: Side, view: View) -> list[str]:
 def _dataset(path: Path, info: DicomInfo) -> FileDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DIGITAL_MAMMOGRAPHY_STORAGE
-    meta.MediaStorageSOPInstanceUID = info.sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(info.sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = DIGITAL_MAMMOGRAPHY_STORAGE
@@ -86,7 +86,7 @@ def _dataset(path: Path, info: DicomInfo) -> FileDataset:
     return ds
 
 
-def _write(path: Path, pixels: np.ndarray, info: DicomInfo) -> Path:
+def _write(path: str | Path, pixels: np.ndarray, info: DicomInfo) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = _dataset(path, info)

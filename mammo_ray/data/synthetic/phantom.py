@@ -160,7 +160,7 @@ def lesion_center(geom: BreastGeometry, u: float, w: float, radius_px: float) ->
     """Pixel centre of a lesion at breast coordinates (u, w), kept off the pectoral muscle."""
     for _ in range(20):
         y, x = geom.point(u, w)
-        clear = -geom.pectoral_depth(np.float32(y), np.float32(x)) - 1.3 * radius_px
+        clear = -geom.pectoral_depth(np.asarray(y, np.float32), np.asarray(x, np.float32)) - 1.3 * radius_px
         if clear >= 0 or u > 0.85:
             break
         u += 0.05

@@ -1,4 +1,5 @@
-"""``mammo-ray serve``: the Ray Serve app on a local Ray (or ``$RAY_ADDRESS``), until Ctrl-C / SIGTERM."""
+"""The serving command: ``mammo-ray serve``, the Ray Serve app on a local Ray (or ``$RAY_ADDRESS``) until
+Ctrl-C / SIGTERM; ``start_app`` and ``wait_ready`` also serve ``mammo-ray demo``, the tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mammo_ray.cli.output import AddCommand, CommandResult
 
 APP_NAME = "mammo-ray"
 
@@ -18,16 +20,16 @@ APP_NAME = "mammo-ray"
 def _settings(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import yaml
 
+    from mammo_ray.serving.runtime import ServeSettings
+
     values: dict[str, Any] = {"model": args.model, "workdir": str(workdir)}
     if args.tracking_uri:
         values["tracking_uri"] = args.tracking_uri
     for item in args.options:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"--option {item!r}: expected KEY=VALUE (a ServeSettings field)")
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE (a ServeSettings field)")
         values[key.strip()] = yaml.safe_load(text)
-    from mammo_ray.serving.runtime import ServeSettings
-
     try:
         return ServeSettings(**values).model_dump(mode="json")
     except Exception as exc:  # noqa: BLE001 - pydantic names the field
@@ -64,7 +66,7 @@ def start_app(settings: dict[str, Any], host: str, port: int, address: str | Non
     return url
 
 
-def cmd_serve(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from ray import serve
 
     settings = _settings(args, workdir)
@@ -90,7 +92,7 @@ def cmd_serve(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
     return result, f"stopped serving {info['version']}"
 
 
-def add_serve_command(add: Callable[..., argparse.ArgumentParser]) -> None:
+def add_serve_command(add: AddCommand) -> None:
     p = add(
         "serve",
         cmd_serve,
@@ -106,12 +108,14 @@ def add_serve_command(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
+        "--set",
         "--option",
         dest="options",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a ServeSettings value (repeatable), e.g. --option max_batch_size=16 --option num_gpus=0.25",
+        help="a ServeSettings value (repeatable; the override flag of every command, --option is its old "
+        "name), e.g. --set max_batch_size=16 --set num_gpus=0.25",
     )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--for-seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")

@@ -12,12 +12,18 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from mammo_ray.cli.output import AddCommand, CommandResult
+
+if TYPE_CHECKING:
+    import torch
+
+    from mammo_ray.ensemble.model import Ensemble
+    from mammo_ray.ensemble.source import ModelSource
 
 
-def _members(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
+def _members(args: argparse.Namespace, workdir: Path) -> tuple[ModelSource, Ensemble]:
     from mammo_ray.ensemble.model import Ensemble
     from mammo_ray.ensemble.source import resolve_model_source
 
@@ -25,7 +31,7 @@ def _members(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
     return source, Ensemble.from_checkpoints(source.checkpoints)
 
 
-def _log_outputs(source: Any, out: Path, artifact_path: str) -> str | None:
+def _log_outputs(source: ModelSource, out: Path, artifact_path: str) -> str | None:
     """Log ``out`` to the model's MLflow run; returns the run id, or None for a bare checkpoint."""
     if not source.run_id:
         return None
@@ -47,7 +53,7 @@ def _parse_box(text: str | None) -> tuple[int, int, int, int] | None:
     return x0, y0, x1, y1
 
 
-def _network_input(path: str, ensemble: Any, box: tuple[int, int, int, int] | None) -> tuple[Any, bool]:
+def _network_input(path: str, ensemble: Ensemble, box: tuple[int, int, int, int] | None) -> tuple[torch.Tensor, bool]:
     """An image file as the members' evaluation input (1, C, H, W): the crop the config's crop mode
     takes around ``box`` (as the crop cache does), or the whole file (a lesion crop)."""
     from mammo_ray.data.roi import roi_crop
@@ -59,7 +65,9 @@ def _network_input(path: str, ensemble: Any, box: tuple[int, int, int, int] | No
     return build_eval_transform(ensemble.spec)(crop)[None], flipped
 
 
-def cmd_localize(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+def cmd_localize(args: argparse.Namespace, workdir: Path) -> CommandResult:
+    import numpy as np
+
     from mammo_ray.localize.methods import localize, map_label
     from mammo_ray.localize.render import save_overlay
     from mammo_ray.localize.whole_image import read_mammogram
@@ -138,7 +146,7 @@ def cmd_localize(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any
     return result, "\n".join(lines)
 
 
-def cmd_froc(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+def cmd_froc(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from mammo_ray.data.manifest import read_manifest
     from mammo_ray.data.splits import Splits
     from mammo_ray.localize.evaluate import evaluate_split, scan_split, split_images
@@ -148,7 +156,7 @@ def cmd_froc(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], s
     manifest = read_manifest(args.manifest)
     rows = split_images(manifest, Splits.load(args.splits).assign(manifest), args.split)
 
-    def localizer(members: Any) -> Callable[[np.ndarray, bool], Any]:
+    def localizer(members: Ensemble) -> Callable[[Any, bool], Any]:
         return lambda image, flipped: localize_image(
             list(members.members),
             members.spec,
@@ -199,7 +207,8 @@ def cmd_froc(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], s
     return result, text
 
 
-def cmd_explain(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+def cmd_explain(args: argparse.Namespace, workdir: Path) -> CommandResult:
+    import numpy as np
     import torch
 
     from mammo_ray.explain.filters import save_filter_grid
@@ -238,7 +247,7 @@ def cmd_explain(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any]
     return result, f"P(malignant) {prob:.3f}\n" + "\n".join(f"wrote {p}" for p in written)
 
 
-def cmd_dream(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+def cmd_dream(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from mammo_ray.explain.dream import DreamConfig, directed_dream
     from mammo_ray.explain.dream_render import save_dream_frame, save_dream_gif
 
@@ -280,7 +289,7 @@ def cmd_dream(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
     return summary, text
 
 
-def add_localize_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+def add_localize_commands(add: AddCommand) -> None:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--model",

@@ -1,9 +1,12 @@
-"""Checking and decoding HTTP uploads (DICOM, PNG, TIFF, JPEG) into canonical mammograms.
+"""HTTP uploads: the multipart form's files and fields, checked, with every rejection a 4xx.
 
 Pure Python, no Serve or FastAPI: the Serve ingress reads the multipart form, then calls
 ``check_fields``, ``read_capped`` / ``decode_upload``, ``parse_box`` / ``parse_point`` and
-``check_in_bounds``. Every rejection is an ``UploadError`` carrying the HTTP status to answer
-with and a reason that names the problem, so that a bad input gets a 4xx JSON reply:
+``check_in_bounds``. The pixels come from the one image decoder every entry point uses
+(``mammo_ray.data.images.read_image``), so an upload decodes exactly as ``mammo-ray localize``
+reads the same file from disk; this module only maps its errors to HTTP statuses. Every rejection
+is an ``UploadError`` carrying the HTTP status to answer with and a reason that names the problem,
+so that a bad input gets a 4xx JSON reply:
 
     400  bytes that are not an image, truncated or corrupt files, unreadable DICOM headers
     413  an upload over the byte cap, image dimensions over the cap (checked before any pixel
@@ -12,54 +15,41 @@ with and a reason that names the problem, so that a bad input gets a 4xx JSON re
          an image mode that cannot be made grayscale
     422  unknown or missing form fields, malformed or out-of-bounds ROI boxes and seed points
 
-Images come out as ``read_dicom`` returns them: float32 (H, W), higher is denser, mirrored so
-that the breast lies on the left. Coordinates are pixels of the image as uploaded, x the
-column and y the row; a box is half-open, ``image[y0:y1, x0:x1]``. ``canonical_box`` and
-``canonical_point`` follow the mirroring.
+Coordinates are pixels of the image as uploaded, x the column and y the row; a box is half-open,
+``image[y0:y1, x0:x1]`` (``data.images.canonical_box`` follows the decoder's mirroring).
 """
 
 from __future__ import annotations
 
 import difflib
-import io
 import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from dataclasses import field as dc_field
 from http import HTTPStatus
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO
 
-import numpy as np
-from PIL import Image, ImageOps
-
-from mammo_ray.constants import View
 from mammo_ray.data.dicom import (
     DEFAULT_MAX_DIM,
     UPLOAD_NAME,
-    DicomMeta,
     DicomReadError,
     DicomTooLargeError,
     DicomUnsupportedError,
-    breast_on_right,
-    read_dicom,
+)
+from mammo_ray.data.images import (
+    Box,
+    DecodedImage,
+    ImageReadError,
+    ImageTooLargeError,
+    ImageUnsupportedError,
+    Point,
+    read_image,
 )
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 2**20
-NOT_AN_IMAGE = "not a DICOM, PNG, TIFF or JPEG image"
 _MAX_COORD_TEXT = 256  # longer box/seed strings are rejected before parsing
 _INTEGRAL = re.compile(r"[+-]?[0-9]+(?:\.0*)?")  # "12", "-3", "12.0"; not "1_000", "1e3", "١٢"
 
-# Magic bytes at offset 0 (DICOM's "DICM" sits at 128, after the preamble).
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"II*\x00", "tiff"),
-    (b"MM\x00*", "tiff"),
-    (b"II+\x00", "tiff"),
-    (b"MM\x00+", "tiff"),  # + BigTIFF
-    (b"\xff\xd8\xff", "jpeg"),
-)
 # The reply's "error": fixed here, since http.HTTPStatus phrases change between Pythons
 # (413 is "Request Entity Too Large" in 3.11, "Content Too Large" in 3.13).
 _ERROR_NAMES = {
@@ -68,12 +58,6 @@ _ERROR_NAMES = {
     415: "Unsupported Media Type",
     422: "Unprocessable Entity",
 }
-_PIL_FORMAT = {"png": "PNG", "tiff": "TIFF", "jpeg": "JPEG"}
-_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}  # kept as stored, not cut to 8 bits
-
-Kind = Literal["dicom", "png", "tiff", "jpeg"]
-Box = tuple[int, int, int, int]
-Point = tuple[int, int]
 
 
 class UploadError(ValueError):
@@ -85,27 +69,13 @@ class UploadError(ValueError):
         self.status, self.reason, self.field = int(status), reason, field
         super().__init__(f"{field}: {reason}" if field else reason)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The JSON body of the reply, e.g. ``{"error": "Payload Too Large", ...}``."""
         error = _ERROR_NAMES.get(self.status) or HTTPStatus(self.status).phrase
         return {"error": error, "field": self.field, "reason": self.reason, "status": self.status}
 
-    def __reduce__(self):  # survives pickling, e.g. out of a Ray Serve replica
+    def __reduce__(self) -> tuple[type[UploadError], tuple[int, str, str | None]]:  # survives pickling (Serve)
         return type(self), (self.status, self.reason, self.field)
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    image: np.ndarray  # float32 (H, W), canonical: denser is higher, breast on the left
-    flipped: bool  # mirrored left-right into canonical orientation
-    kind: Kind  # the format the bytes were sniffed as
-    name: str  # the upload's file name (or "<upload>")
-    view: View | None  # DICOM header (or file-name tokens, as read_dicom); None otherwise
-    meta: DicomMeta | None = None  # the DICOM header, for side and pixel spacing; None otherwise
-    shape: tuple[int, int] = dc_field(init=False)  # (H, W), the same before and after mirroring
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", (int(self.image.shape[0]), int(self.image.shape[1])))
 
 
 def read_capped(
@@ -127,7 +97,7 @@ def decode_upload(
     max_dim: int = DEFAULT_MAX_DIM,
     force_dicom: bool = False,
 ) -> DecodedImage:
-    """Check and decode one uploaded image; every failure is an ``UploadError``.
+    """Check and decode one uploaded image (``data.images.read_image``); every failure is an ``UploadError``.
 
     Args:
         data: the uploaded bytes.
@@ -141,96 +111,16 @@ def decode_upload(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_upload takes the file's bytes, got {type(data).__name__}")
     name = name or UPLOAD_NAME  # UploadFile.filename may be None
-    if len(data) > max_bytes:
-        raise UploadError(413, f"{name}: upload is {len(data)} bytes, over the size limit of {max_bytes} bytes", field)
-    if len(data) == 0:
-        raise UploadError(400, f"{name}: empty upload (0 bytes): {NOT_AN_IMAGE}", field)
-    kind = sniff(data)
-    if kind == "dicom" or (kind is None and force_dicom):
-        return _decode_dicom(bytes(data), name, field, max_dim)
-    if kind is None:
-        raise UploadError(400, f"{name}: {NOT_AN_IMAGE} (unrecognised leading bytes {bytes(data[:8]).hex(' ')})", field)
-    return _decode_pillow(bytes(data), kind, name, field, max_dim)
-
-
-def sniff(data: bytes) -> Kind | None:
-    """The format by magic bytes, or None. A DICOM preamble wins (it may hold a TIFF header)."""
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "dicom"
-    for magic, kind in _MAGIC:
-        if data[: len(magic)] == magic:
-            return kind
-    return None
-
-
-def _decode_dicom(data: bytes, name: str, field: str, max_dim: int) -> DecodedImage:
-    try:  # read_dicom checks the header (dimensions included) before decoding any pixel
-        image, meta = read_dicom(data, name=name, max_rows=max_dim, max_cols=max_dim)
-    except DicomTooLargeError as exc:
+    try:
+        return read_image(data, name=name, max_bytes=max_bytes, max_dim=max_dim, force_dicom=force_dicom)
+    except (DicomTooLargeError, ImageTooLargeError) as exc:
         raise UploadError(413, str(exc), field) from exc
-    except DicomUnsupportedError as exc:
+    except (DicomUnsupportedError, ImageUnsupportedError) as exc:
         raise UploadError(415, str(exc), field) from exc
-    except DicomReadError as exc:
+    except (DicomReadError, ImageReadError) as exc:
         raise UploadError(400, str(exc), field) from exc
-    except Exception as exc:  # a pydicom path that escaped read_dicom's mapping: still the input's fault
-        raise UploadError(400, f"{name}: cannot read the DICOM ({type(exc).__name__}: {exc})", field) from exc
-    return DecodedImage(image=image, flipped=meta.flipped, kind="dicom", name=name, view=meta.view, meta=meta)
-
-
-def _decode_pillow(data: bytes, kind: Kind, name: str, field: str, max_dim: int) -> DecodedImage:
-    label = kind.upper()
-    try:
-        # Image.open parses the header only (and applies Pillow's own pixel-count bomb check);
-        # nothing is decoded before load(), so our dimension cap comes first.
-        with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[kind]]) as im:
-            width, height = im.size
-            if width > max_dim or height > max_dim:
-                raise UploadError(
-                    413,
-                    f"{name}: image dimensions {height}x{width} (rows x columns) exceed the limit {max_dim}x{max_dim}",
-                    field,
-                )
-            if width <= 0 or height <= 0:
-                raise UploadError(400, f"{name}: zero image dimensions ({height}x{width})", field)
-            if getattr(im, "n_frames", 1) != 1:
-                raise UploadError(400, f"{name}: {label} has {im.n_frames} frames: expected one 2-D mammogram", field)
-            im.load()
-            pixels = _grayscale(_upright(im), name, label, field)
-    except UploadError:
-        raise
-    except Image.UnidentifiedImageError as exc:  # its message is only the BytesIO's repr
-        raise UploadError(400, f"{name}: cannot read the {label} header (truncated or corrupt)", field) from exc
-    except Image.DecompressionBombError as exc:
-        raise UploadError(413, f"{name}: {label} is too large to decode ({exc})", field) from exc
-    except Exception as exc:  # OSError "truncated", SyntaxError, zlib/struct errors, ...
-        raise UploadError(400, f"{name}: cannot decode the {label} image ({type(exc).__name__}: {exc})", field) from exc
-    image = np.asarray(pixels, dtype=np.float32)
-    if image.ndim != 2:
-        raise UploadError(415, f"{name}: {label} decodes to shape {image.shape}, not a 2-D image", field)
-    if not np.isfinite(image).all():
-        raise UploadError(400, f"{name}: {label} holds NaN or infinite pixel values", field)
-    flipped = breast_on_right(image)
-    if flipped:
-        image = np.fliplr(image)
-    return DecodedImage(image=np.ascontiguousarray(image), flipped=flipped, kind=kind, name=name, view=None)
-
-
-def _upright(im: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation, as a viewer (and the client placing a box) shows it."""
-    try:
-        return ImageOps.exif_transpose(im)
-    except Exception:  # noqa: BLE001 - a malformed EXIF block is no reason to reject the pixels
-        return im
-
-
-def _grayscale(im: Image.Image, name: str, label: str, field: str) -> np.ndarray:
-    """One channel at the stored depth: 16-bit, 32-bit int and float modes keep their values."""
-    if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("L", "I", "F"):
-        return np.asarray(im)
-    try:
-        return np.asarray(im.convert("L"))  # 1, P, LA, RGB(A), CMYK, YCbCr: luminance
-    except (ValueError, OSError) as exc:
-        raise UploadError(415, f"{name}: {label} mode {im.mode!r} cannot be made grayscale ({exc})", field) from exc
+    except Exception as exc:  # a decoder path that escaped the mapping: still the input's fault
+        raise UploadError(400, f"{name}: cannot decode the upload ({type(exc).__name__}: {exc})", field) from exc
 
 
 # --- form values ----------------------------------------------------------------------------
@@ -294,22 +184,6 @@ def check_in_bounds(box: Box | Point | None, shape: tuple[int, ...], field: str)
         what = f"point {tuple(box)} (x,y)"
     if not inside:
         raise UploadError(422, f"{what} lies outside the image of {width} columns x {height} rows", field)
-
-
-def canonical_box(box: Box | None, decoded: DecodedImage) -> Box | None:
-    """A box on the uploaded image in the coordinates of ``decoded.image`` (mirrored if it was)."""
-    if box is None or not decoded.flipped:
-        return box
-    x0, y0, x1, y1 = box
-    width = decoded.shape[1]
-    return width - x1, y0, width - x0, y1
-
-
-def canonical_point(point: Point | None, decoded: DecodedImage) -> Point | None:
-    """A point on the uploaded image in the coordinates of ``decoded.image``."""
-    if point is None or not decoded.flipped:
-        return point
-    return decoded.shape[1] - 1 - point[0], point[1]
 
 
 def _parse_ints(text: object, count: int, field: str, form: str) -> tuple[int, ...] | None:

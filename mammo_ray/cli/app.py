@@ -1,0 +1,112 @@
+"""The ``mammo-ray`` parser and ``main``: shared options, the command groups, errors with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mammo_ray.cli.data import add_data_commands
+from mammo_ray.cli.demo import add_demo_command
+from mammo_ray.cli.localize import add_localize_commands
+from mammo_ray.cli.output import Command, JsonOutput
+from mammo_ray.cli.search import add_search_commands
+from mammo_ray.cli.serve import add_serve_command
+from mammo_ray.cli.train import add_train_commands
+from mammo_ray.constants import DISCLAIMER
+from mammo_ray.workdir import resolve_workdir
+
+EPILOG = DISCLAIMER
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--workdir",
+        help="work directory for outputs, caches and the MLflow store (default: $MAMMO_RAY_WORKDIR or ./work)",
+    )
+    common.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    return common
+
+
+def _configurable() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", help="YAML config (see tune_configs/); default: built-in defaults")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set data.crop=fixed",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mammo-ray",
+        description="Train, search, ensemble, track and serve mammogram lesion CNNs on Ray. " + DISCLAIMER,
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common, configurable = _common(), _configurable()
+
+    def add(name: str, func: Command, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_text, description=f"{help_text} {DISCLAIMER}", epilog=EPILOG, parents=[common, *parents]
+        )
+        p.set_defaults(func=func)
+        return p
+
+    add_data_commands(add, configurable)  # synth, index, split, prepare
+    add_train_commands(add, configurable)  # train, evaluate
+    add_demo_command(add, configurable)  # demo
+    add_search_commands(add, configurable)  # tune, ensemble
+    add_localize_commands(add)  # localize, froc, explain, dream
+    add_serve_command(add)  # serve
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that name the bad input: reported in one line with exit code 2, not as a traceback."""
+    from mammo_ray.config import ConfigError
+    from mammo_ray.data.cache import CacheError
+    from mammo_ray.data.dicom import DicomReadError
+    from mammo_ray.data.manifest import ManifestError
+    from mammo_ray.data.splits import SplitLeakError
+    from mammo_ray.models import PretrainedWeightsError
+    from mammo_ray.train.checkpoint import CheckpointError
+
+    return (
+        ConfigError,
+        CacheError,
+        DicomReadError,
+        ManifestError,
+        SplitLeakError,
+        PretrainedWeightsError,
+        CheckpointError,
+        FileNotFoundError,
+        ValueError,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.json:
+        try:
+            _, text = args.func(args, resolve_workdir(args.workdir))
+        except _known_errors() as exc:
+            print(f"mammo-ray {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        print(text)
+        print(DISCLAIMER)
+        return 0
+    with JsonOutput() as output:
+        try:
+            result, _ = args.func(args, resolve_workdir(args.workdir))
+        except _known_errors() as exc:
+            print(f"mammo-ray {args.command}: error: {exc}", file=sys.stderr)
+            output.emit({"error": str(exc), "command": args.command})
+            return 2
+        output.emit({**result, "disclaimer": DISCLAIMER})
+    return 0

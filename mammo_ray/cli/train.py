@@ -1,0 +1,122 @@
+"""The training commands: ``train`` (one run, or K folds) and ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mammo_ray.cli.output import AddCommand, CommandResult, mlflow_ui_command
+
+if TYPE_CHECKING:
+    from mammo_ray.train.run import FoldsOutcome, TrainOutcome
+
+
+def train_text(outcome: TrainOutcome) -> str:
+    """The summary of one training run: its MLflow run, checkpoint and validation metrics."""
+    m = outcome.metrics
+    nan = float("nan")
+    lines = [
+        f"MLflow run      {outcome.run_id} ({outcome.run_name})",
+        f"tracking URI    {outcome.tracking_uri}",
+        f"checkpoint      {outcome.checkpoint} (epoch {outcome.best_epoch}: "
+        f"{outcome.selection or 'best by train.monitor'})",
+        f"outputs         {outcome.output_dir}",
+        f"validation      AUC {m['val_auc']:.3f} [{m.get('val_auc_ci_low', nan):.3f}, "
+        f"{m.get('val_auc_ci_high', nan):.3f}]  accuracy {m['val_acc']:.3f}  "
+        f"log loss {m['val_loss']:.3f}  recall {m['val_recall']:.3f}  "
+        f"specificity {m['val_specificity']:.3f}",
+        f"MLflow UI       {mlflow_ui_command(outcome.tracking_uri)}",
+    ]
+    return "\n".join(lines)
+
+
+def folds_text(outcome: FoldsOutcome) -> str:
+    """The summary of a cross-validation: mean and std of the main metrics over the folds."""
+    lines = [
+        f"MLflow run      {outcome.run_id} ({outcome.run_name})",
+        f"tracking URI    {outcome.tracking_uri}",
+        f"{outcome.folds}-fold cross-validation (mean ± std over folds):",
+    ]
+    if outcome.selection:
+        lines.append(f"  checkpoint      {outcome.selection}")
+    for key in ("val_auc", "val_acc", "val_loss", "val_recall", "val_specificity"):
+        if key in outcome.summary:
+            spread = outcome.summary[key]
+            lines.append(f"  {key:<16}{spread.mean:.3f} ± {spread.std:.3f}")
+    lines.append(f"MLflow UI       {mlflow_ui_command(outcome.tracking_uri)}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace, workdir: Path) -> CommandResult:
+    from mammo_ray.config import load_config
+    from mammo_ray.ray_session import init_ray
+    from mammo_ray.train.run import run_folds, run_training
+
+    config = load_config(args.config, args.overrides)
+    init_ray(args.address)
+    if args.folds:
+        folds = run_folds(config, workdir, args.folds, progress=not args.json)
+        return folds.to_dict(), folds_text(folds)
+    outcome = run_training(config, workdir, progress=not args.json)
+    return outcome.to_dict(), train_text(outcome)
+
+
+def cmd_evaluate(args: argparse.Namespace, workdir: Path) -> CommandResult:
+    from mammo_ray.train.evaluation import evaluate_checkpoint
+
+    checkpoint, tag = args.checkpoint, None
+    if args.run:
+        from mlflow import MlflowClient
+
+        from mammo_ray import tags
+        from mammo_ray.config import Config
+        from mammo_ray.train.tracking import tracking_uri
+
+        uri = args.tracking_uri or tracking_uri(Config(), workdir)
+        try:
+            run = MlflowClient(uri).get_run(args.run)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+            raise ValueError(f"--run {args.run}: no such run in {uri} ({exc})") from None
+        checkpoint = run.data.tags.get(tags.CHECKPOINT)
+        if not checkpoint:
+            raise ValueError(f"--run {args.run}: the run has no checkpoint (did it finish?)")
+        tag = args.run
+    out = (
+        Path(args.out) if args.out else workdir / "evaluations" / f"{tag or Path(checkpoint).parent.name}-{args.split}"
+    )
+    evaluation = evaluate_checkpoint(
+        checkpoint, args.split, workdir, out, n_boot=args.bootstrap, progress=not args.json
+    )
+    result = {"checkpoint": str(checkpoint), "run_id": tag, **evaluation.to_dict()}
+    m, image, exam = result["metrics"], result["image"], result["exam"]  # the printed numbers are the JSON's
+    text = (
+        f"{args.split} split, {evaluation.view_mode} view mode, checkpoint {checkpoint}\n"
+        f"  per image (n={image['n']}): AUC {image['auc']:.3f}  accuracy {image['accuracy']:.3f}  "
+        f"recall {image['recall']:.3f}  specificity {image['specificity']:.3f}\n"
+        f"  per exam  (n={exam['n']}): AUC {exam['auc']:.3f}  accuracy {exam['accuracy']:.3f}  "
+        f"recall {exam['recall']:.3f}  specificity {exam['specificity']:.3f}\n"
+        f"  plots and predictions in {out}\n" + json.dumps(m, indent=2)
+    )
+    return result, text
+
+
+def add_train_commands(add: AddCommand, configurable: argparse.ArgumentParser) -> None:
+    p = add("train", cmd_train, "Train one model with Ray Train and track it in MLflow.", configurable)
+    p.add_argument(
+        "--folds",
+        type=int,
+        help="K-fold cross-validation by patient (paper 004: 5); folds run in "
+        "parallel as Ray tasks under one parent MLflow run",
+    )
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+    p = add("evaluate", cmd_evaluate, "Evaluate a trained model on a split: metrics (JSON) and plots.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="MLflow run id of a `mammo-ray train` run")
+    source.add_argument("--checkpoint", help="a checkpoint.pt file (or its folder)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--out", help="folder for predictions, metrics and plots (default: under the workdir)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for --run (default: as `train` uses)")

@@ -1,0 +1,208 @@
+"""The commands a user runs first, end to end at tiny size: `mammo-ray demo` and `mammo-ray serve`.
+
+Each runs as the user runs it, the console script in a subprocess with a Ray of its own: its own
+temp dir (``RAY_TMPDIR``) and home (where Ray keeps its token), so it neither joins nor disturbs
+another Ray on the machine, and nothing lands in the user's home. Every process it starts carries
+that temp dir in its environment, which is how the tests find any it leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ray_head import reserved_port
+from setups import TINY_TRAIN
+
+from mammo_ray.config import load_config
+from mammo_ray.constants import Side, View
+from mammo_ray.data.synthetic.dicom_write import SERIES_FULL, DicomInfo, write_mammogram
+from mammo_ray.data.transforms import TransformSpec
+from mammo_ray.models.views import build_view_model
+from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
+from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+MAMMO_RAY = str(Path(sys.executable).parent / "mammo-ray")  # the console script pyproject declares
+DEMO_SHRINK = [  # tune_configs/search_smoke.yaml cut to one levynet trial of one epoch on 32-px crops
+    "data.synth_patients=40",
+    "data.synth_size=[384, 240]",
+    "data.cache_px=40",
+    "data.input_px=32",
+    "train.epochs=1",
+    "train.eval_bootstrap=20",
+    "tune.backbones=[levynet]",
+    "tune.view_modes=[single]",
+    "tune.num_samples=1",
+    "tune.max_concurrent_trials=1",
+    "tune.baseline=false",
+]
+
+
+@contextmanager
+def own_ray_environment() -> Iterator[tuple[dict[str, str], str]]:
+    """(environment, marker) for a command that starts its own Ray: a short temp dir of its own
+    (Unix socket paths are limited), a home of its own, none of the caller's Ray or MLflow settings.
+    On exit every process still carrying the marker is killed and the folder removed."""
+    root = Path(tempfile.mkdtemp(prefix="mr-first-", dir="/tmp"))
+    (root / "home").mkdir()
+    marker = f"MAMMO_RAY_TEST_RUN={uuid.uuid4().hex}"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN_PATH")
+    }
+    env.update(
+        {
+            "RAY_TMPDIR": str(root),
+            "HOME": str(root / "home"),
+            "MAMMO_RAY_TEST_RUN": marker.split("=", 1)[1],
+            "SERVE_SOCKET_REUSE_PORT_ENABLED": "1",  # Serve's proxy may bind the port reserved_port holds
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    try:
+        yield env, marker
+    finally:
+        for pid in processes_with(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def processes_with(marker: str) -> list[int]:
+    """The processes (not this one) whose environment holds ``marker``: the command and all it started."""
+    found, needle = [], marker.encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_for_exit_of_all(marker: str) -> None:
+    """Return once no process carries ``marker`` (Ray's workers end a moment after their driver).
+    No deadline here: an orphan that never ends is the test timeout's to report."""
+    while processes_with(marker):
+        time.sleep(0.5)
+
+
+def predict_in_process(model: str, path: Path, workdir: Path, tracking_uri: str | None = None, box: str | None = None):
+    """P(malignant) of one upload through the served code path, without Ray or HTTP."""
+    runtime = ModelRuntime(
+        ServeSettings(model=model, tracking_uri=tracking_uri, workdir=str(workdir), execution="loop")
+    )
+    item = PredictItem(files={"file": (path.name, path.read_bytes())}, rois={"box": box} if box else {})
+    return runtime.predict_items([item])[0]["probability"]
+
+
+@pytest.mark.timeout(600)
+def test_demo_runs_the_main_job_and_serves_its_ensemble(tmp_path):
+    workdir = tmp_path / "work"
+    args = [MAMMO_RAY, "demo", "--config", "tune_configs/search_smoke.yaml", "--members", "1"]
+    args += ["--workdir", str(workdir), "--json", *[a for o in DEMO_SHRINK for a in ("--set", o)]]
+    with own_ray_environment() as (env, marker):
+        done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-4000:]
+        wait_for_exit_of_all(marker)
+    result = json.loads(done.stdout)
+    search, ensemble, served = result["search"], result["ensemble"], result["serve"]
+    assert search["trials"] == 1 and search["errored"] == 0
+    assert search["best"]["cell"] == "levynet-single-aug_as-configured"
+    assert ensemble["members"] == 1 and not ensemble["members_failed"]
+    assert ensemble["model_uri"] == "models:/mammo-ray-demo-ensemble/1"
+    reply = served["reply"]
+    assert reply["members"]["count"] == 1 and reply["label"] in ("benign", "malignant")
+    # What the demo's curl got from Serve is what the served code computes in-process for that lesion.
+    fields = dict(arg.split("=", 1) for arg in shlex.split(served["curl"]) if arg.startswith(("file=", "box=")))
+    image, box = Path(fields["file"].removeprefix("@")), fields["box"]
+    expected = predict_in_process(ensemble["model_uri"], image, workdir, ensemble["tracking_uri"], box)
+    assert reply["probability"] == pytest.approx(expected, abs=1e-5)
+    assert served["localize_reply"]["method"] == "gradcam"  # levynet crop classifier: Grad-CAM
+    assert result["disclaimer"].startswith("For research use only")
+
+
+@pytest.fixture
+def checkpoint_and_scan(tmp_path) -> tuple[Path, Path]:
+    """An untrained levynet lesion classifier on 32-px crops, and a synthetic 16-bit mammogram."""
+    config = load_config(None, TINY_TRAIN)
+    torch.manual_seed(0)
+    model = build_view_model(config.model).eval()
+    spec = TransformSpec.from_config(config.data, train_mean=1000.0, train_std=300.0)
+    checkpoint = save_checkpoint(checkpoint_payload(model=model, config=config, spec=spec, epoch=0), tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(900, 120, (200, 120))
+    yy, xx = np.mgrid[:200, :120]
+    pixels[(yy - 100) ** 2 + (xx - 40) ** 2 <= 15**2] += 1500  # a bright mass in the breast
+    pixels[:, 80:] = 40  # background on the right: a left breast
+    info = DicomInfo("P_00001", Side.LEFT, View.CC, "1.2.3", "1.2.3.4", "1.2.3.4.5", SERIES_FULL, "20200101", 0.1)
+    scan = write_mammogram(tmp_path / "scan.dcm", np.clip(pixels, 0, 65535).astype(np.uint16), info)
+    return checkpoint, scan
+
+
+def _multipart(path: Path) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+        "Content-Type: application/dicom\r\n\r\n"
+    ).encode()
+    body += path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.timeout(300)
+def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(checkpoint_and_scan, tmp_path):
+    checkpoint, scan = checkpoint_and_scan
+    workdir = tmp_path / "work"
+    with own_ray_environment() as (env, marker):
+        with reserved_port() as port:  # held until Serve's proxy has bound it (SO_REUSEPORT)
+            args = [MAMMO_RAY, "serve", "--model", str(checkpoint), "--workdir", str(workdir), "--port", str(port)]
+            args += ["--option", "num_cpus=0.5", "--option", "execution=loop"]
+            server = subprocess.Popen(
+                args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            # `serve` prints its "serving ..." line once /v1/health answered 200.
+            lines = []
+            while not (lines and lines[-1].startswith("serving ")):
+                line = server.stdout.readline()
+                assert line, f"mammo-ray serve exited {server.wait()}: {server.stderr.read()[-4000:]}"
+                lines.append(line)
+        url = f"http://127.0.0.1:{port}"
+        assert f"at {url}" in lines[-1] and "1 members" in lines[-1]
+        with urllib.request.urlopen(f"{url}/v1/health", timeout=60) as reply:
+            assert reply.status == 200 and json.loads(reply.read())["status"] == "ready"
+        body, content_type = _multipart(scan)
+        request = urllib.request.Request(
+            f"{url}/v1/predict", data=body, headers={"Content-Type": content_type}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            answer = json.loads(reply.read())
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate()
+        assert server.returncode == 0, err[-4000:]
+        assert "stopped serving" in out and "For research use only" in out
+        wait_for_exit_of_all(marker)  # no Serve replica or raylet outlives the command
+    assert answer["members"]["count"] == 1 and answer["views"].keys() == {"CC"}
+    assert answer["probability"] == pytest.approx(predict_in_process(str(checkpoint), scan, workdir), abs=1e-5)
