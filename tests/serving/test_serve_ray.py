@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 from ray import serve
 from ray_head import reserved_port
 
@@ -35,19 +34,16 @@ SMALL = {"num_cpus": 0.5, "max_batch_size": 4, "max_ongoing_requests": 4, "max_q
 
 
 @pytest.fixture(scope="module")
-def served(lesion_model, patch_model, tmp_path_factory):
+def served(local_ray, lesion_model, patch_model, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("serve-ray")
     lesion = {"model": str(lesion_model[0]), "workdir": str(workdir), **SMALL}
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("RAY_API_SERVER_ADDRESS", raising=False)  # init_ray sets it for this Ray; restored after
-        with reserved_port() as port:  # held until Serve's proxy binds it (SO_REUSEPORT, Serve's default)
-            url = start_app(ServeSettings(**lesion).model_dump(), "127.0.0.1", port)
-        patch = ServeSettings(model=str(patch_model[0]), workdir=str(workdir), localize_threshold=0.3, **SMALL)
-        serve.run(build_app(patch.model_dump()), name="loc", route_prefix="/loc", blocking=False)
-        wait_ready(f"{url}/loc")
-        yield url
-        serve.shutdown()
-        ray.shutdown()
+    with reserved_port() as port:  # held until Serve's proxy binds it (SO_REUSEPORT, Serve's default)
+        url = start_app(ServeSettings(**lesion).model_dump(), "127.0.0.1", port)  # on the session's Ray
+    patch = ServeSettings(model=str(patch_model[0]), workdir=str(workdir), localize_threshold=0.3, **SMALL)
+    serve.run(build_app(patch.model_dump()), name="loc", route_prefix="/loc", blocking=False)
+    wait_ready(f"{url}/loc")
+    yield url
+    serve.shutdown()  # Ray itself stays up for the next module that uses it
 
 
 def _multipart(fields: dict[str, tuple[str, bytes] | str]) -> tuple[bytes, str]:

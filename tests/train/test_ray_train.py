@@ -11,7 +11,6 @@ import json
 import mlflow.pytorch
 import pandas as pd
 import pytest
-import ray
 import torch
 from mlflow import MlflowClient
 
@@ -46,10 +45,8 @@ LEARNABLE = [  # synthetic masses big enough to learn in a dozen short epochs
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_session(local_ray):
+    """The session's in-process Ray (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
