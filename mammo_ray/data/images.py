@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mammo_ray.constants import View
+from mammo_ray.data.crops import Box
 from mammo_ray.data.dicom import (
     DEFAULT_MAX_DIM,
     UPLOAD_NAME,
@@ -50,7 +51,6 @@ from mammo_ray.data.dicom import (
 NOT_AN_IMAGE = "not a DICOM, PNG, TIFF or JPEG image"
 
 Kind = Literal["dicom", "png", "tiff", "jpeg"]
-Box = tuple[int, int, int, int]
 Point = tuple[int, int]
 # A path, or the file's bytes (an upload).
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview
