@@ -175,13 +175,12 @@ ALEXNET = ModelInfo(
 )
 
 
-@register_model("alexnet", ALEXNET)
-def alexnet(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs) -> Classifier:
-    tv = _torchvision("alexnet", pretrained, **kwargs)
+def _with_fc67(info, tv, num_features, in_chans, num_classes, dropout, pretrained) -> Classifier:
+    """AlexNet and VGG16: torchvision's ``features`` trunk, its avgpool, and its FC6/FC7 kept as pre-logits."""
     return Classifier(
-        ALEXNET,
+        info,
         tv.get_submodule("features"),
-        num_features=256,
+        num_features=num_features,
         head_features=4096,
         in_chans=in_chans,
         num_classes=num_classes,
@@ -189,6 +188,13 @@ def alexnet(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs
         from_pretrained=pretrained is not None,
         global_pool=nn.Sequential(tv.get_submodule("avgpool"), nn.Flatten(1)),
         pre_logits=_fc67(tv.get_submodule("classifier"), dropout),
+    )
+
+
+@register_model("alexnet", ALEXNET)
+def alexnet(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs) -> Classifier:
+    return _with_fc67(
+        ALEXNET, _torchvision("alexnet", pretrained, **kwargs), 256, in_chans, num_classes, dropout, pretrained
     )
 
 
@@ -211,18 +217,8 @@ VGG16 = ModelInfo(
 
 @register_model("vgg16", VGG16)
 def vgg16(*, in_chans=3, num_classes=2, dropout=0.5, pretrained=None, **kwargs) -> Classifier:
-    tv = _torchvision("vgg16", pretrained, **kwargs)
-    return Classifier(
-        VGG16,
-        tv.get_submodule("features"),
-        num_features=512,
-        head_features=4096,
-        in_chans=in_chans,
-        num_classes=num_classes,
-        dropout=dropout,
-        from_pretrained=pretrained is not None,
-        global_pool=nn.Sequential(tv.get_submodule("avgpool"), nn.Flatten(1)),
-        pre_logits=_fc67(tv.get_submodule("classifier"), dropout),
+    return _with_fc67(
+        VGG16, _torchvision("vgg16", pretrained, **kwargs), 512, in_chans, num_classes, dropout, pretrained
     )
 
 
