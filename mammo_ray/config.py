@@ -153,6 +153,9 @@ class TuneConfig(_Section):
     reduction_factor: float = Field(2.0, gt=1)  # ASHA: keep the top 1/rf at each rung
     seed: int = 0  # seeds the samplers (cell i uses seed + i)
     baseline: bool = True  # add the texture + LDA row (paper 000 §2.4) to the leaderboard
+    # A 1-worker trial (search trial or ensemble member) trains in its Tune trial's own process, which holds
+    # the worker's CPUs and GPU share, skipping a TorchTrainer's ~15 s start-up; false: always a TorchTrainer
+    in_process_trials: bool = True
 
     @field_validator("augment", mode="before")
     @classmethod

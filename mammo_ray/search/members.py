@@ -2,7 +2,7 @@
 
 The members share one configuration (by default the best of a search: the cell winner with the
 lowest exam-level validation loss, ``val_exam_loss``, see ``search.select_best``)
-and differ only in ``train.seed``. They run as a Tune grid over seeds: each member a Ray Train
+and differ only in ``train.seed``. They run as a Tune grid over seeds: each member a training
 run (``trial.run_trial``) holding the resources the config gives its workers, so Ray packs
 as many as fit (a fractional ``train.gpus_per_worker`` puts several members on one GPU), up to
 ``ensemble.max_concurrent_trials``. Each member is a child MLflow run of the ensemble's run.
@@ -31,7 +31,7 @@ from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.ensemble.combine import ensemble_report
 from mammo_ray.ensemble.model import register_ensemble
 from mammo_ray.search.cells import AS_CONFIGURED, Cell
-from mammo_ray.search.search import trainable
+from mammo_ray.search.search import trainable, trial_failures
 from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_name, write_plan
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE
 from mammo_ray.train.evaluation import predict_checkpoint
@@ -49,6 +49,7 @@ RUNTIME_FIELDS = (
     "train.mlflow_uri",
     "train.experiment",
     "train.max_failures",
+    "tune.in_process_trials",
 )
 
 
@@ -86,6 +87,7 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
             name=plan.name,
             storage_path=str(Path(plan.experiment_dir).parent),
             callbacks=[CloseTrialRuns(plan)],
+            failure_config=trial_failures(config),
             verbose=1 if progress else 0,
         ),
     )

@@ -2,7 +2,8 @@
 
 Every backbone x view mode x augmentation cell (``cells.py``) gets ``tune.num_samples`` trials
 from its own seeded Optuna study over dropout, learning rate and L2 (``searcher.py``). Each trial
-is one Ray Train run (``trial.py``), stopped early by its cell's ASHA when it trails its cell at
+is one training run (``trial.py``: in the trial's own process for one worker, a Ray Train run for
+more), stopped early by its cell's ASHA when it trails its cell at
 the same epoch. One parent MLflow run holds a child run per trial.
 
 Afterwards each cell's best trial (best ``tune.metric`` over all its epochs) is evaluated on
@@ -15,7 +16,7 @@ compare. It is saved as ``best_config.yaml`` (and logged to the parent run), whe
 ``mammo-ray ensemble --from-search`` picks it up.
 
 A search killed midway (Ctrl-C, or SIGKILL of the driver) continues with ``--resume DIR``:
-``Tuner.restore`` keeps the finished trials, restarts the unfinished ones (their Train runs
+``Tuner.restore`` keeps the finished trials, restarts the unfinished ones (their training runs
 resume from their latest checkpoints) and asks the restored searcher for the rest.
 
 ``run_search`` returns a ``SearchSummary`` (its ``best`` a ``BestTrial``); ``to_dict`` is the JSON
@@ -47,10 +48,11 @@ from mammo_ray.search.leaderboard import write_leaderboard
 from mammo_ray.search.searcher import TIME_ATTR, CellScheduler, CellSearcher
 from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_trial, write_plan
 from mammo_ray.train.evaluation import evaluate_checkpoint
+from mammo_ray.train.in_process import runs_in_process, trial_resources
 from mammo_ray.train.run import check_resources, storage_path_for
 from mammo_ray.train.tracking import TrackedRun, artifact_root, log_metrics, tracking_uri
 
-TRIAL_CPU = 0.01  # the trial only drives its TorchTrainer; the Train workers hold the cores
+TRIAL_CPU = 0.01  # a trial that only drives its TorchTrainer; the Train workers hold the cores
 SELECTION_METRIC = "val_exam_loss"  # picks the best configuration overall: one level for every view mode
 METRIC_LEVELS = {
     "val_exam_loss": "validation log loss per exam (the CC and MLO probabilities of a lesion averaged) in every "
@@ -151,14 +153,24 @@ def prepare_cells(cells: list[tuple[Cell, Config]], workdir: Path, progress: boo
 
 
 def trainable(plan: Plan) -> Any:
-    return tune.with_resources(tune.with_parameters(run_trial, plan=plan.to_dict()), {"cpu": TRIAL_CPU})
+    """The trial function with its resources: the worker's own when it trains in process (every cell
+    of a plan has the same ``train`` and ``tune`` sections), else a sliver to drive its TorchTrainer."""
+    config = next(iter(plan.cells.values())).config
+    resources = trial_resources(config, driver_cpu=TRIAL_CPU)
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan.to_dict()), resources)
+
+
+def trial_failures(config: Config) -> tune.FailureConfig:
+    """Trials that train in process are restarted by Tune (from their latest checkpoint) up to
+    ``train.max_failures`` times; a TorchTrainer restarts its own workers instead."""
+    return tune.FailureConfig(max_failures=config.train.max_failures if runs_in_process(config) else 0)
 
 
 def check_state_api(config: Config) -> None:
     """ASHA stops trials by killing them; their Train workers' placement groups are then freed by
     Ray Train's placement-group cleaner, which polls Ray's state API (served by the dashboard).
     Without it the freed CPUs/GPUs stay reserved and the search stalls: fail fast instead."""
-    if config.tune.scheduler != "asha":
+    if config.tune.scheduler != "asha" or runs_in_process(config):
         return
     try:
         list_actors(address=ray.get_runtime_context().gcs_address, limit=1, raise_on_missing_output=False)
@@ -186,6 +198,7 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
             name=plan.name,
             storage_path=str(Path(plan.experiment_dir).parent),
             callbacks=[CloseTrialRuns(plan)],
+            failure_config=trial_failures(config),
             verbose=1 if progress else 0,
         ),
     )

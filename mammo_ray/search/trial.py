@@ -1,14 +1,18 @@
-"""A Tune trial that is one Ray Train run, tracked as a child MLflow run (Ray 2.60, Train V2).
+"""A Tune trial that is one training run, tracked as a child MLflow run (Ray 2.60, Train V2).
 
-The V2 pattern: the trial is a function that builds and fits a ``TorchTrainer`` whose
-``RunConfig`` carries ``TuneReportCallback``, so every epoch the Train workers report reaches
-Tune (and its scheduler) as a trial result. The trial itself only drives the trainer and holds
-a sliver of a CPU (``tune.with_resources(..., {"cpu": 0.01})``); the Train workers hold the
+A 1-worker trial (``in_process.runs_in_process``: ``train.num_workers: 1`` and
+``tune.in_process_trials``, the default) trains in the trial's own process, which holds the
+worker's CPUs and GPU share, and reports each epoch to Tune itself: no Ray Train start-up.
+
+A multi-worker trial follows the V2 pattern: the trial is a function that builds and fits a
+``TorchTrainer`` whose ``RunConfig`` carries ``TuneReportCallback``, so every epoch the Train
+workers report reaches Tune (and its scheduler) as a trial result. The trial then only drives
+the trainer and holds a sliver of a CPU (``search.TRIAL_CPU``); the Train workers hold the
 cores (and fractional GPUs) the config gives them.
 
-Names are stable across restarts: the Train run and the MLflow run are named after the trial
-id, so a trial restarted by ``mammo-ray tune --resume`` continues its Train run from the latest
-checkpoint and its MLflow run, instead of starting both again.
+Names are stable across restarts: the training run's checkpoint folder and the MLflow run are named after the trial
+id, so a trial restarted by ``mammo-ray tune --resume`` (or by Tune after a failure) continues its
+training from the latest checkpoint and its MLflow run, instead of starting both again.
 
 ``CloseTrialRuns`` is a Tune callback in the driver. A trial that the scheduler stops early is
 torn down without reaching the end of its ``TrackedRun``; the callback ends that MLflow run as
@@ -31,6 +35,7 @@ from mammo_ray import tags
 from mammo_ray.config import Config
 from mammo_ray.data.pipeline import PreparedData
 from mammo_ray.search.cells import Cell, trial_config
+from mammo_ray.train.in_process import runs_in_process
 from mammo_ray.train.run import run_training
 
 PLAN_FILE = "mammo_ray_plan.json"
@@ -121,7 +126,7 @@ def find_trial_run(client: MlflowClient, plan: Plan, trial_id: str) -> str | Non
 
 
 def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
-    """The function trainable: one cell's config with this trial's values, trained with Ray Train."""
+    """The function trainable: one cell's config with this trial's values, trained here or with Ray Train."""
     plan_ = Plan.from_dict(plan)
     trial_id = tune.get_context().get_trial_id()
     cell = plan_.cells[params["cell"]]
@@ -141,6 +146,7 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
             # state every few seconds): report the finished run's final metrics, do not train again.
             tune.report({**{k: float(v) for k, v in done.data.metrics.items()}, "mammo_ray_restored": 1.0})
             return
+    in_process = runs_in_process(config)
     run_training(
         config,
         plan_.workdir,
@@ -148,9 +154,10 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         parent_run_id=plan_.parent_run_id,
         run_name=run_name(plan_, trial_id),
         progress=False,
-        callbacks=[TuneReportCallback()],
+        callbacks=None if in_process else [TuneReportCallback()],
         extra_tags=trial_tags,
         resume_run_id=previous,
+        in_process=tune.report if in_process else None,
     )
 
 

@@ -39,6 +39,7 @@ from mammo_ray.models import (
     get_model_info,
     param_groups,
 )
+from mammo_ray.train.checkpoint import checkpoint_payload
 from mammo_ray.train.metrics import evaluate_predictions, summarize_levels
 
 
@@ -431,3 +432,42 @@ def fit(
         if stop:
             break
     return training.history
+
+
+def restore_training(training: Training, payload: dict[str, Any], stopper: EarlyStopping) -> int:
+    """Load a checkpoint's model, optimizer, scheduler, scaler, history and early-stopping state
+    into ``training`` and ``stopper``; returns the epoch to continue from."""
+    training.model.load_state_dict(payload["model"])
+    training.optimizer.load_state_dict(payload["optimizer"])
+    training.scheduler.load_state_dict(payload["scheduler"])
+    if training.scaler is not None and payload["scaler"]:
+        training.scaler.load_state_dict(payload["scaler"])
+    training.history = payload["history"]
+    stopper.load_state_dict(payload["extra"]["stopper"])
+    return int(payload["epoch"]) + 1
+
+
+def training_payload(training: Training, stopper: EarlyStopping, epoch: int, **extra: Any) -> dict[str, Any]:
+    """The checkpoint of ``training`` after ``epoch``: everything ``restore_training`` needs, and a model to serve."""
+    return checkpoint_payload(
+        model=training.model,
+        config=training.config,
+        spec=training.spec,
+        epoch=epoch,
+        optimizer=training.optimizer,
+        scheduler=training.scheduler,
+        scaler=training.scaler,
+        history=training.history,
+        extra={"stopper": stopper.state_dict(), **extra},
+    )
+
+
+def epoch_line(config: Config, epoch: int, metrics: dict[str, float]) -> str:
+    """The one progress line a run prints per epoch."""
+    return (
+        f"[{config.model.name}] epoch {epoch + 1}/{config.train.epochs}: "
+        f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.3f} | "
+        f"val loss {metrics['val_loss']:.4f} "
+        f"AUC {metrics['val_auc']:.3f} acc {metrics['val_acc']:.3f} | "
+        f"{metrics['train_images_per_s']:.0f} images/s"
+    )

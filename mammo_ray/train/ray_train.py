@@ -36,8 +36,8 @@ from ray.train.v2.api.config import CheckpointConfig, FailureConfig, LoggingConf
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 
 from mammo_ray.config import Config, metric_mode
-from mammo_ray.train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
-from mammo_ray.train.loop import EarlyStopping, build_training, fit
+from mammo_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from mammo_ray.train.loop import EarlyStopping, build_training, epoch_line, fit, restore_training, training_payload
 from mammo_ray.train.tracking import log_metrics
 
 
@@ -93,7 +93,7 @@ def loop_config(
     }
 
 
-def _maybe_inject_fault(fault: FaultInjection | None, rank: int, epoch: int) -> None:
+def maybe_inject_fault(fault: FaultInjection | None, rank: int, epoch: int) -> None:
     """Kill this worker if ``fault`` says so for this rank and epoch, and it has not happened yet."""
     if fault is None or rank != fault.rank or epoch != fault.epoch:
         return
@@ -128,15 +128,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            payload = load_checkpoint(directory, map_location=device)
-        training.model.load_state_dict(payload["model"])
-        training.optimizer.load_state_dict(payload["optimizer"])
-        training.scheduler.load_state_dict(payload["scheduler"])
-        if training.scaler is not None and payload["scaler"]:
-            training.scaler.load_state_dict(payload["scaler"])
-        training.history = payload["history"]
-        stopper.load_state_dict(payload["extra"]["stopper"])
-        start_epoch = resumed_from = payload["epoch"] + 1
+            start_epoch = restore_training(training, load_checkpoint(directory, map_location=device), stopper)
+        resumed_from = start_epoch
 
     training.model = ray.train.torch.prepare_model(training.model)  # Ray 1/3: DDP (and device placement)
     training.train_loader = ray.train.torch.prepare_data_loader(
@@ -154,27 +147,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)  # Ray 3/3: every rank reports (a barrier)
             return
-        print(
-            f"[{config.model.name}] epoch {epoch + 1}/{config.train.epochs}: "
-            f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.3f} | "
-            f"val loss {metrics['val_loss']:.4f} "
-            f"AUC {metrics['val_auc']:.3f} acc {metrics['val_acc']:.3f} | "
-            f"{metrics['train_images_per_s']:.0f} images/s",
-            flush=True,
-        )
+        print(epoch_line(config, epoch, metrics), flush=True)
         if cfg["run_id"]:
             log_metrics(cfg["mlflow_uri"], cfg["run_id"], metrics, step=epoch)
-        payload = checkpoint_payload(
-            model=training.model,
-            config=config,
-            spec=training.spec,
-            epoch=epoch,
-            optimizer=training.optimizer,
-            scheduler=training.scheduler,
-            scaler=training.scaler,
-            history=training.history,
-            extra={"stopper": stopper.state_dict(), "rank0_pid": os.getpid()},
-        )
+        payload = training_payload(training, stopper, epoch, rank0_pid=os.getpid())
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(payload, directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -184,7 +160,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         start_epoch=start_epoch,
         stopper=stopper,
         on_epoch=on_epoch,
-        before_epoch=lambda epoch: _maybe_inject_fault(fault, rank, epoch),
+        before_epoch=lambda epoch: maybe_inject_fault(fault, rank, epoch),
     )
 
 

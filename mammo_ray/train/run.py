@@ -36,6 +36,7 @@ from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model
 from mammo_ray.train.evaluation import evaluate_checkpoint
+from mammo_ray.train.in_process import CheckpointFolder, Report, train_in_process
 from mammo_ray.train.ray_train import build_trainer, loop_config
 from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
@@ -174,6 +175,7 @@ def run_training(
     callbacks: list[Any] | None = None,
     extra_tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
+    in_process: Report | None = None,
 ) -> TrainOutcome:
     """Train one model with Ray Train and track it in MLflow (Ray must be initialised).
 
@@ -185,6 +187,9 @@ def run_training(
         extra_tags: more MLflow tags (names in ``mammo_ray.tags``).
         resume_run_id: continue this MLflow run (a restarted trial) instead of opening a new one;
             the Train run of the same name resumes from its latest checkpoint by itself.
+        in_process: train one worker in this process instead of a ``TorchTrainer`` (``in_process.py``:
+            a 1-worker Tune trial, which holds the worker's resources), handing each epoch's metrics to
+            this function (Tune's ``report``); ``callbacks`` are then unused.
     """
     workdir = Path(workdir).resolve()
     config, rule = checkpoint_rule(config, fold)
@@ -214,36 +219,16 @@ def run_training(
         run_id=resume_run_id,
     ) as run:
         run.log_artifact(config_path)
-        trainer = build_trainer(
-            config,
-            loop_config(
-                config,
-                prepared.cache_dir,
-                mlflow_uri=uri,
-                run_id=run.run_id,
-                fold=fold,
-                splits_path=prepared.splits,
-            ),
-            name=name,
-            storage_path=storage_path_for(config, workdir),
-            callbacks=callbacks,
+        cfg = loop_config(
+            config, prepared.cache_dir, mlflow_uri=uri, run_id=run.run_id, fold=fold, splits_path=prepared.splits
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        monitor = config.train.monitor
-        best = (
-            result.checkpoint
-            if rule.last
-            else (result.get_best_checkpoint(monitor, metric_mode(monitor)) or result.checkpoint)
-        )
-        if best is None:
-            raise RuntimeError(f"run {name}: training reported no checkpoint")
+        storage = storage_path_for(config, workdir)
         checkpoint = out_dir / CHECKPOINT_FILE
-        with best.as_directory() as directory:
-            shutil.copy2(Path(directory) / CHECKPOINT_FILE, checkpoint)
+        if in_process is not None:
+            epochs_run = _fit_in_process(config, cfg, name, storage, rule, in_process, checkpoint)
+        else:
+            epochs_run = _fit_ray_train(config, cfg, name, storage, rule, callbacks, checkpoint)
         payload = load_checkpoint(checkpoint)
-        epochs_run = int(result.metrics["epoch"]) + 1 if result.metrics else len(payload["history"])
         evaluation = evaluate_checkpoint(
             checkpoint,
             "val",
@@ -279,6 +264,50 @@ def run_training(
         status=run.status or "",
         selection=rule.selection,
     )
+
+
+def _fit_ray_train(
+    config: Config,
+    cfg: dict[str, Any],
+    name: str,
+    storage: Path,
+    rule: CheckpointRule,
+    callbacks: list[Any] | None,
+    target: Path,
+) -> int:
+    """Fit a ``TorchTrainer``, copy the checkpoint ``rule`` picks to ``target``; returns the epochs run."""
+    result = build_trainer(config, cfg, name=name, storage_path=storage, callbacks=callbacks).fit()
+    if result.error is not None:
+        raise result.error
+    monitor = config.train.monitor
+    best = (
+        result.checkpoint
+        if rule.last
+        else (result.get_best_checkpoint(monitor, metric_mode(monitor)) or result.checkpoint)
+    )
+    if best is None:
+        raise RuntimeError(f"run {name}: training reported no checkpoint")
+    with best.as_directory() as directory:
+        shutil.copy2(Path(directory) / CHECKPOINT_FILE, target)
+    return int(result.metrics["epoch"]) + 1 if result.metrics else len(load_checkpoint(target)["history"])
+
+
+def _fit_in_process(
+    config: Config, cfg: dict[str, Any], name: str, storage: Path, rule: CheckpointRule, report: Report, target: Path
+) -> int:
+    """Train one worker here (``in_process.py``), copy the checkpoint ``rule`` picks to ``target``;
+    returns the epochs run."""
+    if config.train.num_workers != 1:
+        raise ValueError(
+            f"run {name}: in-process training is for one worker, not train.num_workers={config.train.num_workers}"
+        )
+    folder = train_in_process(cfg, CheckpointFolder(storage / name), report)
+    latest = folder.latest()
+    if latest is None:
+        raise RuntimeError(f"run {name}: training reported no checkpoint")
+    best = latest if rule.last else (folder.best(config.train.monitor) or latest)
+    shutil.copy2(best.directory / CHECKPOINT_FILE, target)
+    return latest.epoch + 1
 
 
 def _fold_task(

@@ -23,6 +23,7 @@ from crop_caches import mlo_signal_cache
 
 from mammo_ray.config import load_config
 from mammo_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from mammo_ray.train.in_process import CheckpointFolder, train_in_process
 from mammo_ray.train.ray_train import loop_config, train_loop_per_worker
 
 pytestmark = pytest.mark.slow
@@ -156,3 +157,46 @@ def test_a_resumed_worker_keeps_its_early_stopping_count(monkeypatch, tmp_path, 
     assert [m["epoch"] for m, _ in resumed.reports] == [1.0]  # stopped at its first epoch, not at EPOCHS
     assert resumed.payload(0)["extra"]["stopper"] == {"best": 0.0, "bad_epochs": 2}
     assert len(resumed.payload(0)["history"]) == 2  # epoch 0 from the checkpoint, epoch 1 trained here
+
+
+class Interrupted(Exception):
+    """Stands in for a trial process that dies once its epoch-``RESUME_AFTER`` checkpoint is saved."""
+
+
+def test_an_in_process_trial_resumes_from_its_checkpoint_folder_exactly(tmp_path, cache_dir, threads):
+    """The in-process path of a 1-worker Tune trial (train/in_process.py) keeps the same promise, with
+    its own checkpoint folder: a rerun of the same name continues where the interrupted run stopped."""
+    config = load_config(None, [*DETERMINISTIC, "train.keep_checkpoints=1"])
+    whole_reports: list[dict] = []
+    whole = train_in_process(loop_config(config, cache_dir), CheckpointFolder(tmp_path / "whole"), whole_reports.append)
+    assert [m["epoch"] for m in whole_reports] == list(range(EPOCHS))
+    best = min(whole_reports, key=lambda m: m["val_loss"])
+    kept = {c.directory for c in whole.checkpoints()}  # keep_checkpoints=1: the best by val_loss, and the latest
+    assert kept == {Path(best["checkpoint_path"]), Path(whole_reports[-1]["checkpoint_path"])}
+    assert whole.best("val_loss").epoch == best["epoch"]
+
+    folder, cut_reports = CheckpointFolder(tmp_path / "cut"), []
+
+    def report_then_die(metrics: dict) -> None:
+        cut_reports.append(metrics)
+        if metrics["epoch"] == RESUME_AFTER:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_in_process(loop_config(config, cache_dir), folder, report_then_die)
+    resumed_reports: list[dict] = []
+    train_in_process(loop_config(config, cache_dir), folder, resumed_reports.append)
+    assert [m["epoch"] for m in resumed_reports] == list(range(RESUME_AFTER + 1, EPOCHS))
+    schedule = [config.optim.lr * (1 - epoch / EPOCHS) ** config.optim.poly_power for epoch in range(EPOCHS)]
+    skip = (TIMING, "resumed_from_epoch", "checkpoint_path")
+    for metrics in resumed_reports:
+        epoch = int(metrics["epoch"])
+        assert metrics["resumed_from_epoch"] == RESUME_AFTER + 1 and metrics["lr"] == pytest.approx(schedule[epoch])
+        _assert_same_state(
+            {k: v for k, v in metrics.items() if k not in skip},
+            {k: v for k, v in whole_reports[epoch].items() if k not in skip},
+        )
+    last_whole, last_resumed = (load_checkpoint(f.latest().directory) for f in (whole, folder))
+    _assert_same_state(_without_timing(last_resumed["history"]), _without_timing(last_whole["history"]))
+    for part in ("model", "optimizer", "scheduler", "epoch"):
+        _assert_same_state(last_resumed[part], last_whole[part])
