@@ -21,7 +21,8 @@ from ray_head import RAY, REPO, SHRINK, field, job_logs, reserved_port, sets, su
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SERVE = str(Path(RAY).parent / "serve")
-# The smoke search cut to one cell of one trial of one epoch, without the texture baseline.
+# The smoke search cut to one cell of one trial of one epoch, without the texture baseline. Its trial drives a
+# TorchTrainer (the multi-worker path, with TuneReportCallback); the ensemble's members train in process.
 SEARCH = [
     *SHRINK,
     "train.epochs=1",
@@ -29,6 +30,7 @@ SEARCH = [
     "tune.view_modes=[single]",
     "tune.num_samples=1",
     "tune.baseline=false",
+    "tune.in_process_trials=false",
 ]
 
 
@@ -92,6 +94,8 @@ def test_job_submit_tune_and_job_logs(ray_cluster, workdir, searched):
     assert children[0].data.params["model.name"] == "levynet"
     folder = Path(field(log, "search folder"))
     assert (folder / "leaderboard.md").is_file() and (folder / "best_config.yaml").is_file()
+    checkpoint = Path(pd.read_csv(folder / "trials.csv")["checkpoint"].item())
+    assert checkpoint.is_dir() and not checkpoint.name.startswith("checkpoint_epoch_")  # Ray Train's, not in process
 
 
 @pytest.fixture(scope="module")

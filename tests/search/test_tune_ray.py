@@ -73,6 +73,8 @@ def test_search_runs_every_cell_with_child_runs_in_mlflow(search):
     trials = pd.read_csv(search.trials_csv)
     assert trials["cell"].value_counts().to_dict() == {cell: 2 for cell in trials["cell"].unique()}
     assert trials["cell"].nunique() == 4
+    for checkpoint in trials["checkpoint"].dropna():  # 1-worker trials train in process (train/in_process.py)
+        assert Path(checkpoint).name.startswith("checkpoint_epoch_") and (Path(checkpoint) / "checkpoint.pt").is_file()
     for run in children:
         assert run.info.status in ("FINISHED", "KILLED"), run.info
         assert "model.dropout" in run.data.params and "val_loss" in run.data.metrics
