@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from mammo_ray.cli.output import AddCommand, CommandResult
@@ -43,6 +44,7 @@ def cmd_synth(args: argparse.Namespace, workdir: Path) -> CommandResult:
         layout=args.layout,
         from_csv=csv_source(args.from_csv) if args.from_csv else None,
         progress=not args.json,
+        workers=args.workers,
     ).to_dict()
     (Path(summary["out_dir"]) / "synth.json").write_text(json.dumps(summary, indent=2))
     text = (
@@ -163,6 +165,12 @@ def add_data_commands(add: AddCommand, configurable: argparse.ArgumentParser) ->
         help="draw images for the rows of real CBIS-DDSM CSVs in this folder; "
         "'cbis-ddsm' takes the real CSVs shipped with mammo-ray (all 3568 rows with "
         "--patients 1566): a replica with every structural quirk of the real data",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes drawing patients at once (default: one per CPU); the files do not depend on it",
     )
 
     p = add("index", cmd_index, "Index CBIS-DDSM (or a generic manifest CSV) into one manifest.")

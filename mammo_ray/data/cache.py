@@ -95,18 +95,11 @@ def _select_rows(manifest: pd.DataFrame, split_of: pd.Series, cfg: DataConfig) -
 
 def _shards(rows: pd.DataFrame, per_shard: int) -> list[list[dict[str, Any]]]:
     """Films in groups of ``per_shard``; a film is decoded from its first image path (sorted order)."""
-    films = list(dict.fromkeys(rows["image_id"]))
-    groups = dict(tuple(rows.groupby("image_id", sort=False)))
-    shards = []
-    for start in range(0, len(films), per_shard):
-        chunk = films[start : start + per_shard]
-        shards.append(
-            [
-                {"image_id": f, "image_path": groups[f]["image_path"].iloc[0], "rows": groups[f].to_dict("records")}
-                for f in chunk
-            ]
-        )
-    return shards
+    films: dict[str, list[dict[str, Any]]] = {}  # in order of first appearance
+    for record in rows.to_dict("records"):  # one conversion: per-film pandas calls cost ms each
+        films.setdefault(record["image_id"], []).append(record)
+    items = [{"image_id": f, "image_path": group[0]["image_path"], "rows": group} for f, group in films.items()]
+    return [items[start : start + per_shard] for start in range(0, len(items), per_shard)]
 
 
 def _shard_done(folder: Path, shard: int) -> bool:

@@ -72,6 +72,7 @@ def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> 
             layout=cfg.synth_layout,
             from_csv=from_csv,
             progress=progress,
+            workers=max(1, cfg.num_workers),
         )
         (out / "synth.json").write_text(json.dumps(summary.to_dict(), indent=2))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import re
 from collections import Counter, defaultdict
@@ -12,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from mammo_ray.data.synthetic import REAL_CBIS_CSVS
+from mammo_ray.data.synthetic import REAL_CBIS_CSVS, cbis
 from mammo_ray.data.synthetic.cbis import CALC_COLUMNS, CSV_NAMES, MASS_COLUMNS, SynthSummary, synthesize
 
 REAL_CSV_DIR = REAL_CBIS_CSVS  # the real CSVs
@@ -49,6 +50,15 @@ def test_same_seed_identical_files_other_seed_differs(tmp_path):
     assert da == db
     assert not {k for k in da if k.endswith(".dcm")} & set(dc)  # other UIDs, so other paths
     assert [da[k] != dc[k] for k in CSV_NAMES.values()].count(True) >= 2
+
+
+def test_any_number_of_processes_writes_the_same_files(tmp_path, monkeypatch):
+    one = synthesize(tmp_path / "one", patients=6, seed=7, size=SMALL, progress=False, workers=1)
+    monkeypatch.setattr(cbis, "PATIENTS_PER_WORKER", 2)  # 6 patients: 2 processes (3 allowed, 2 asked for) ...
+    monkeypatch.setattr(cbis, "PATIENTS_PER_CHUNK", 1)  # ... taking one patient per task, in any order
+    two = synthesize(tmp_path / "two", patients=6, seed=7, size=SMALL, progress=False, workers=2)
+    assert two == dataclasses.replace(one, out_dir=str(tmp_path / "two"), csv_dir=str(tmp_path / "two"))
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
 
 
 def test_summary_counts_match_csvs(dataset):

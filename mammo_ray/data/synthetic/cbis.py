@@ -27,10 +27,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import multiprocessing as mp
 import re
 import warnings
 import zlib
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,8 @@ CSV_NAMES = {
 LAYOUTS = ("csv", "tcia")
 UID_ROOT = "1.3.6.1.4.1.9590.100.1.2."  # the root CBIS-DDSM's UIDs use
 IMAGE_HEIGHT_MM = 250.0  # physical height of a full-field image: 0.05 mm pixels at 5000 rows
+PATIENTS_PER_WORKER = 40  # synthesize starts a process per this many patients (up to ``workers``)
+PATIENTS_PER_CHUNK = 16  # patients per task of a process
 _CASES = tuple(CSV_NAMES)
 _I_IMG, _I_CROP, _I_MASK = 11, 12, 13
 
@@ -480,6 +484,32 @@ def _render_image(
     return written
 
 
+def _render_patients(
+    patients: list[tuple[str, list[_Row]]],
+    *,
+    out: Path,
+    layout: str,
+    seed: int,
+    size: tuple[int, int],
+    dates: dict,
+    mask_quirks: bool,
+) -> tuple[int, int]:
+    """Draw every film of these patients (one task of ``synthesize``); returns (images, films)."""
+    n_images = n_films = 0
+    for pid, prows in patients:
+        pnum = _pnum(pid)
+        positions = _positions(prows, seed, pnum)
+        films: dict[tuple[str, str], list[_Row]] = {}  # (side, view): every row of that film, any folder
+        for row in prows:
+            films.setdefault((row[2].upper(), row[3].upper()), []).append(row)
+        for frows in films.values():
+            frows.sort(key=lambda r: _CASES.index((r.kind, r.split)))  # the film's look: its first folder's draw
+            _render_image(out, layout, frows, seed, pnum, size, positions, dates, mask_quirks=mask_quirks)
+            n_images += len({r[_I_IMG] for r in frows})
+        n_films += len(films)
+    return n_images, n_films
+
+
 def _write_csvs(out: Path, rows: list[_Row]) -> None:
     """The four case-description CSVs, CRLF lines, minimal quoting (so only newline paths are quoted)."""
     for (kind, split), name in CSV_NAMES.items():
@@ -499,6 +529,7 @@ def synthesize(
     from_csv: str | Path | None = None,
     mask_quirks: bool | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> SynthSummary:
     """Write a synthetic CBIS-DDSM-shaped dataset (four CSVs + DICOMs) to ``out_dir``.
 
@@ -514,6 +545,8 @@ def synthesize(
         mask_quirks: Store some ROI masks at another size than their image, as real CBIS-DDSM
             does (see ``_mask_size_quirk``). Default: on for a ``from_csv`` replica, off otherwise.
         progress: Show a tqdm bar over patients.
+        workers: Processes that draw patients at once (at most one per ``PATIENTS_PER_WORKER``
+            patients); the files are the same for any number.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
@@ -533,18 +566,30 @@ def synthesize(
     by_patient: dict[str, list[_Row]] = {}
     for row in rows:
         by_patient.setdefault(row[0], []).append(row)
-    n_images, n_films = 0, 0
-    for pid in tqdm(sorted(by_patient), desc="synthesize", unit="patient", disable=not progress):
-        prows, pnum = by_patient[pid], _pnum(pid)
-        positions = _positions(prows, seed, pnum)
-        films: dict[tuple[str, str], list[_Row]] = {}  # (side, view): every row of that film, any folder
-        for row in prows:
-            films.setdefault((row[2].upper(), row[3].upper()), []).append(row)
-        for frows in films.values():
-            frows.sort(key=lambda r: _CASES.index((r.kind, r.split)))  # the film's look: its first folder's draw
-            _render_image(out, layout, frows, seed, pnum, size, positions, dates, mask_quirks=mask_quirks)
-            n_images += len({r[_I_IMG] for r in frows})
-        n_films += len(films)
+    pids = sorted(by_patient)
+    job = dict(out=out, layout=layout, seed=seed, size=size, dates=dates, mask_quirks=mask_quirks)
+    # Every film's pixels, UIDs and masks are a function of (seed, patient), so the patients can be drawn
+    # in any order and by any number of processes: the files are the same. A process pays ~1 s to start,
+    # so a small set stays in this one.
+    workers = max(1, min(workers, len(pids) // PATIENTS_PER_WORKER))
+    chunks = [pids[i : i + PATIENTS_PER_CHUNK] for i in range(0, len(pids), PATIENTS_PER_CHUNK)]
+    n_images = n_films = 0
+    with tqdm(total=len(pids), desc="synthesize", unit="patient", disable=not progress) as bar:
+        if workers == 1:
+            counts = (_render_patients([(pid, by_patient[pid]) for pid in chunk], **job) for chunk in chunks)
+            for (images, films), chunk in zip(counts, chunks, strict=True):
+                n_images, n_films = n_images + images, n_films + films
+                bar.update(len(chunk))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = {
+                    pool.submit(_render_patients, [(pid, by_patient[pid]) for pid in chunk], **job): len(chunk)
+                    for chunk in chunks
+                }
+                for future in as_completed(futures):
+                    images, films = future.result()
+                    n_images, n_films = n_images + images, n_films + films
+                    bar.update(futures[future])
     _write_csvs(out, rows)
     return SynthSummary(
         out_dir=str(out),
