@@ -34,6 +34,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -567,7 +568,9 @@ def synthesize(
     for row in rows:
         by_patient.setdefault(row[0], []).append(row)
     pids = sorted(by_patient)
-    job = dict(out=out, layout=layout, seed=seed, size=size, dates=dates, mask_quirks=mask_quirks)
+    render = partial(
+        _render_patients, out=out, layout=layout, seed=seed, size=size, dates=dates, mask_quirks=mask_quirks
+    )
     # Every film's pixels, UIDs and masks are a function of (seed, patient), so the patients can be drawn
     # in any order and by any number of processes: the files are the same. A process pays ~1 s to start,
     # so a small set stays in this one.
@@ -576,15 +579,14 @@ def synthesize(
     n_images = n_films = 0
     with tqdm(total=len(pids), desc="synthesize", unit="patient", disable=not progress) as bar:
         if workers == 1:
-            counts = (_render_patients([(pid, by_patient[pid]) for pid in chunk], **job) for chunk in chunks)
+            counts = (render([(pid, by_patient[pid]) for pid in chunk]) for chunk in chunks)
             for (images, films), chunk in zip(counts, chunks, strict=True):
                 n_images, n_films = n_images + images, n_films + films
                 bar.update(len(chunk))
         else:
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
                 futures = {
-                    pool.submit(_render_patients, [(pid, by_patient[pid]) for pid in chunk], **job): len(chunk)
-                    for chunk in chunks
+                    pool.submit(render, [(pid, by_patient[pid]) for pid in chunk]): len(chunk) for chunk in chunks
                 }
                 for future in as_completed(futures):
                     images, films = future.result()
