@@ -64,7 +64,12 @@ def cmd_index(args: argparse.Namespace, workdir: Path) -> CommandResult:
     out = Path(args.out) if args.out else workdir / "index" / "manifest.parquet"
     csv_dir = args.csv or (None if args.generic else args.root)
     frame, indexed = index_dataset(
-        root=args.root, csv_dir=csv_dir, generic_csv=args.generic, with_boxes=not args.no_boxes, progress=not args.json
+        root=args.root,
+        csv_dir=csv_dir,
+        generic_csv=args.generic,
+        with_boxes=not args.no_boxes,
+        progress=not args.json,
+        workers=args.workers,
     )
     write_manifest(frame, out)
     report_path = out.with_name(out.stem + ".report.json")
@@ -179,6 +184,12 @@ def add_data_commands(add: AddCommand, configurable: argparse.ArgumentParser) ->
     p.add_argument("--generic", help="a generic manifest CSV (patient_id, image_path, side, view, label, ...)")
     p.add_argument("--out", help="manifest Parquet file (default: WORKDIR/index/manifest.parquet)")
     p.add_argument("--no-boxes", action="store_true", help="skip reading masks for ROI boxes (faster)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes reading DICOM headers and masks (default: one per CPU); the manifest does not depend on it",
+    )
 
     p = add("split", cmd_split, "Split a manifest by patient into train/val/test (and k folds).")
     p.add_argument("--manifest", required=True, help="manifest written by `mammo-ray index`")

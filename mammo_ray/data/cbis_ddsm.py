@@ -25,7 +25,9 @@ one manifest and its report.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -360,36 +362,77 @@ def _progress(items, total: int, progress: bool | None, what: str):
     return tqdm(items, total=total, desc=what, unit="row", disable=not (total >= 200 if progress is None else progress))
 
 
+ROWS_PER_WORKER = 400  # resolve_paths starts a process per this many rows (up to ``workers``)
+ROWS_PER_CHUNK = 100  # rows per task of a process
+
+
+def _resolve_row(resolver: _Resolver, row: dict[str, Any]) -> dict[str, Any]:
+    image, reason = resolver.image(row["csv_image_path"])
+    mask = crop = None
+    if image is not None and resolver.header(image) is not None and (row["csv_mask_path"] or row["csv_crop_path"]):
+        meta = resolver.header(image)
+        mask, crop, reason = resolver.roi(row["csv_crop_path"], row["csv_mask_path"], (meta.rows, meta.columns))
+    if reason or image is None:  # resolver.image gives a reason whenever it finds no image
+        return {"image_path": str(image or ""), "resolved": False, "unresolved_reason": reason}
+    return resolver.finish(row, image, mask, crop)
+
+
+def _resolve_rows(
+    records: list[dict[str, Any]], root: str | Path, with_boxes: bool
+) -> tuple[list[dict[str, Any]], dict[str, str], list[dict]]:
+    """One task of ``resolve_paths``: (updates, unreadable files, warnings) of these rows."""
+    resolver = _Resolver(root, with_boxes)
+    return [_resolve_row(resolver, row) for row in records], resolver.unreadable, resolver.warnings
+
+
 def resolve_paths(
-    frame: pd.DataFrame, root: str | Path, *, with_boxes: bool = True, progress: bool | None = None
+    frame: pd.DataFrame,
+    root: str | Path,
+    *,
+    with_boxes: bool = True,
+    progress: bool | None = None,
+    workers: int = 1,
 ) -> tuple[pd.DataFrame, FileProblems]:
     """Fill image/roi_mask/crop paths (absolute), boxes, ``resolved`` and ``unresolved_reason``.
 
     ``frame`` comes from ``parse_cbis_csvs``. Returns the filled frame and the unreadable DICOMs
-    and warnings met on the way.
+    and warnings met on the way. ``workers`` processes (at most one per ``ROWS_PER_WORKER`` rows)
+    read the headers and masks of consecutive runs of rows; the result does not depend on it.
     """
-    resolver = _Resolver(root, with_boxes)
+    records = frame.to_dict("records")
+    chunks = [records[i : i + ROWS_PER_CHUNK] for i in range(0, len(records), ROWS_PER_CHUNK)]
+    workers = max(1, min(workers, len(records) // ROWS_PER_WORKER))
     updates: list[dict[str, Any]] = []
-    for row in _progress(frame.to_dict("records"), len(frame), progress, "resolving CBIS-DDSM"):
-        image, reason = resolver.image(row["csv_image_path"])
-        mask = crop = None
-        if image is not None and resolver.header(image) is not None and (row["csv_mask_path"] or row["csv_crop_path"]):
-            meta = resolver.header(image)
-            mask, crop, reason = resolver.roi(row["csv_crop_path"], row["csv_mask_path"], (meta.rows, meta.columns))
-        if reason or image is None:  # resolver.image gives a reason whenever it finds no image
-            updates.append({"image_path": str(image or ""), "resolved": False, "unresolved_reason": reason})
+    unreadable: dict[str, str] = {}
+    warnings: list[dict] = []
+    with _progress(None, len(frame), progress, "resolving CBIS-DDSM") as bar:
+        if workers == 1:
+            results: Any = (_resolve_rows(chunk, root, with_boxes) for chunk in chunks)
         else:
-            updates.append(resolver.finish(row, image, mask, crop))
-    return _apply(frame, updates, resolver)
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            results = pool.map(_resolve_rows, chunks, [root] * len(chunks), [with_boxes] * len(chunks))
+        try:
+            for (chunk_updates, chunk_unreadable, chunk_warnings), chunk in zip(results, chunks, strict=True):
+                updates += chunk_updates  # in row order: map keeps the chunks' order
+                for path, reason in chunk_unreadable.items():
+                    unreadable.setdefault(path, reason)
+                warnings += chunk_warnings
+                bar.update(len(chunk))
+        finally:
+            if workers > 1:
+                pool.shutdown(cancel_futures=True)
+    return _apply(frame, updates, unreadable, warnings)
 
 
-def _apply(frame: pd.DataFrame, updates: list[dict], resolver: _Resolver) -> tuple[pd.DataFrame, FileProblems]:
+def _apply(
+    frame: pd.DataFrame, updates: list[dict], unreadable: dict[str, str], warnings: list[dict]
+) -> tuple[pd.DataFrame, FileProblems]:
     out = frame.assign(resolved=False, unresolved_reason="") if frame.empty else frame.copy()
     upd = pd.DataFrame(updates, index=frame.index)
     for column in upd.columns:  # a row's update names only what it changes
         out[column] = upd[column].where(upd[column].notna(), out[column]) if column in out else upd[column]
-    unreadable = [{"path": p, "reason": r} for p, r in resolver.unreadable.items()]
-    return out, FileProblems(unreadable=unreadable, warnings=list(resolver.warnings))
+    problems = [{"path": p, "reason": r} for p, r in unreadable.items()]
+    return out, FileProblems(unreadable=problems, warnings=list(warnings))
 
 
 def verify_generic(
@@ -405,4 +448,4 @@ def verify_generic(
         mask = Path(row["roi_mask_path"]) if row["roi_mask_path"] else None
         crop = Path(row["crop_path"]) if row["crop_path"] else None
         updates.append(resolver.finish(row, Path(row["image_path"]), mask, crop))
-    return _apply(frame, updates, resolver)
+    return _apply(frame, updates, resolver.unreadable, resolver.warnings)

@@ -54,11 +54,13 @@ def index_dataset(
     generic_csv: str | Path | None = None,
     with_boxes: bool = True,
     progress: bool | None = None,
+    workers: int = 1,
 ) -> tuple[pd.DataFrame, IndexReport]:
     """Build the manifest of CBIS-DDSM CSVs and/or a generic manifest CSV, and its report.
 
     ``csv_dir`` defaults to ``root`` (or ``root/CBIS-DDSM``) when neither it nor ``generic_csv``
-    is given. Without ``root`` the CSVs are only parsed: every row is unresolved.
+    is given. Without ``root`` the CSVs are only parsed: every row is unresolved. ``workers``
+    processes read the CBIS-DDSM headers and masks (``cbis_ddsm.resolve_paths``).
 
     Raises:
         ValueError: none of ``root``, ``csv_dir`` and ``generic_csv`` given.
@@ -82,7 +84,7 @@ def index_dataset(
         if root is None:
             parsed = parsed.assign(resolved=False, unresolved_reason="no image root given")
         else:
-            parsed, problems = resolve_paths(parsed, root, with_boxes=with_boxes, progress=progress)
+            parsed, problems = resolve_paths(parsed, root, with_boxes=with_boxes, progress=progress, workers=workers)
             unreadable += problems.unreadable
             warnings += problems.warnings
         frames.append(conform(parsed))

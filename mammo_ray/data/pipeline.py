@@ -84,7 +84,9 @@ def ensure_manifest(cfg: DataConfig, root: Path, workdir: Path) -> tuple[Path, P
     manifest_path, report_path = folder / "manifest.parquet", folder / "index_report.json"
     if not manifest_path.is_file():
         csv_dir = None if cfg.source == "generic" else (cfg.csv_dir or root)
-        frame, report = index_dataset(root=root, csv_dir=csv_dir, generic_csv=cfg.generic_csv)
+        frame, report = index_dataset(
+            root=root, csv_dir=csv_dir, generic_csv=cfg.generic_csv, workers=max(1, cfg.num_workers)
+        )
         folder.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
         write_manifest(frame, manifest_path)

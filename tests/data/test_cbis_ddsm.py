@@ -12,6 +12,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from mammo_ray.data import cbis_ddsm
 from mammo_ray.data.cbis_ddsm import CbisCsvError, parse_cbis_csvs, read_cbis_csvs, resolve_paths
 from mammo_ray.data.index import index_dataset
 from mammo_ray.data.synthetic import REAL_CBIS_CSVS
@@ -253,6 +254,17 @@ def csv_tree(tmp_path):
     (root / rows["garbage"]["image file path"]).write_text("not a DICOM file\n")
     write_csv(tmp_path / "csv", list(rows.values()))
     return root, tmp_path / "csv", rows
+
+
+def test_processes_resolve_every_quirk_as_one_process_does(csv_tree, monkeypatch):
+    root, csv_dir, _ = csv_tree
+    serial, serial_report = index_dataset(root=root, csv_dir=csv_dir, workers=1)
+    monkeypatch.setattr(cbis_ddsm, "ROWS_PER_WORKER", 1)  # two processes ...
+    monkeypatch.setattr(cbis_ddsm, "ROWS_PER_CHUNK", 3)  # ... on runs of three rows
+    parallel, parallel_report = index_dataset(root=root, csv_dir=csv_dir, workers=2)
+    pd.testing.assert_frame_equal(parallel, serial)
+    assert parallel_report == serial_report
+    assert serial_report.unreadable and serial_report.warnings and serial_report.unresolved  # the quirks are there
 
 
 def test_csv_layout_resolves_every_quirk(csv_tree):
