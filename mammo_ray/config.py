@@ -120,6 +120,10 @@ class TrainConfig(_Section):
     stop_train_acc: float | None = Field(None, gt=0, le=1)  # paper 004: stop at this mean train accuracy ...
     stop_train_window: int = Field(50, ge=1)  # ... over the last N batches
     max_failures: int = Field(1, ge=0)  # worker-group restarts from the latest checkpoint
+    # A 1-worker search trial, ensemble member or --folds fold trains in its own Ray process, which holds the
+    # worker's CPUs and GPU share, without a TorchTrainer's ~15 s start-up (train/in_process.py); false: always
+    # a TorchTrainer. `mammo-ray train` always uses a TorchTrainer.
+    in_process: bool = True
     keep_checkpoints: int = Field(2, ge=1)  # best ones by `monitor` (the latest is kept too, for resuming)
     eval_bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the final AUC CI
     storage_path: str | None = None  # Ray Train storage; absolute, or <workdir>/ray_results when unset
@@ -153,9 +157,6 @@ class TuneConfig(_Section):
     reduction_factor: float = Field(2.0, gt=1)  # ASHA: keep the top 1/rf at each rung
     seed: int = 0  # seeds the samplers (cell i uses seed + i)
     baseline: bool = True  # add the texture + LDA row (paper 000 §2.4) to the leaderboard
-    # A 1-worker trial (search trial or ensemble member) trains in its Tune trial's own process, which holds
-    # the worker's CPUs and GPU share, skipping a TorchTrainer's ~15 s start-up; false: always a TorchTrainer
-    in_process_trials: bool = True
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -30,7 +30,7 @@ SEARCH = [
     "tune.view_modes=[single]",
     "tune.num_samples=1",
     "tune.baseline=false",
-    "tune.in_process_trials=false",
+    "train.in_process=false",
 ]
 
 

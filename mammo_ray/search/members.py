@@ -49,7 +49,7 @@ RUNTIME_FIELDS = (
     "train.mlflow_uri",
     "train.experiment",
     "train.max_failures",
-    "tune.in_process_trials",
+    "train.in_process",
 )
 
 

@@ -1,7 +1,7 @@
 """A Tune trial that is one training run, tracked as a child MLflow run (Ray 2.60, Train V2).
 
 A 1-worker trial (``in_process.runs_in_process``: ``train.num_workers: 1`` and
-``tune.in_process_trials``, the default) trains in the trial's own process, which holds the
+``train.in_process``, the default) trains in the trial's own process, which holds the
 worker's CPUs and GPU share, and reports each epoch to Tune itself: no Ray Train start-up.
 
 A multi-worker trial follows the V2 pattern: the trial is a function that builds and fits a
@@ -157,7 +157,8 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         callbacks=None if in_process else [TuneReportCallback()],
         extra_tags=trial_tags,
         resume_run_id=previous,
-        in_process=tune.report if in_process else None,
+        in_process=in_process,
+        report=tune.report,
     )
 
 

@@ -1,11 +1,11 @@
 """A 1-worker training run in the calling process: the plain loop with Ray Train's checkpoint policy.
 
-A search trial or an ensemble member that trains on one worker needs no Ray Train. A
-``TorchTrainer`` starts a controller, a placement group and a worker actor every time, about
-15 s on 2 cores, which is most of a small trial and a real share of a large one. So a Tune
-trial whose config says ``train.num_workers: 1`` (and ``tune.in_process_trials: true``, the
-default) holds the worker's CPUs and GPU share itself and runs ``loop.fit`` here, keeping what
-Ray Train gave it:
+A search trial, an ensemble member or a cross-validation fold that trains on one worker needs
+no Ray Train. A ``TorchTrainer`` starts a controller, a placement group and a worker actor
+every time, about 15 s on 2 cores, which is most of a small trial and a real share of a large
+one. So a Tune trial (or a fold's Ray task) whose config says ``train.num_workers: 1`` (and
+``train.in_process: true``, the default) holds the worker's CPUs and GPU share itself
+(``trial_resources``) and runs ``loop.fit`` here, keeping what Ray Train gave it:
 
 - one checkpoint per epoch under ``<storage_path>/<run name>/``, of which the
   ``train.keep_checkpoints`` best by ``train.monitor`` are kept, and the latest too;
@@ -45,8 +45,8 @@ Report = Callable[[dict[str, Any]], None]
 
 
 def runs_in_process(config: Config) -> bool:
-    """Whether a Tune trial of ``config`` trains in its own process instead of a ``TorchTrainer``."""
-    return config.tune.in_process_trials and config.train.num_workers == 1
+    """Whether a Tune trial or fold task of ``config`` trains in its own process instead of a ``TorchTrainer``."""
+    return config.train.in_process and config.train.num_workers == 1
 
 
 def trial_resources(config: Config, *, driver_cpu: float) -> dict[str, float]:

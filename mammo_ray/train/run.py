@@ -36,7 +36,7 @@ from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model
 from mammo_ray.train.evaluation import evaluate_checkpoint
-from mammo_ray.train.in_process import CheckpointFolder, Report, train_in_process
+from mammo_ray.train.in_process import CheckpointFolder, Report, runs_in_process, train_in_process, trial_resources
 from mammo_ray.train.ray_train import build_trainer, loop_config
 from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
@@ -175,7 +175,8 @@ def run_training(
     callbacks: list[Any] | None = None,
     extra_tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
-    in_process: Report | None = None,
+    in_process: bool = False,
+    report: Report | None = None,
 ) -> TrainOutcome:
     """Train one model with Ray Train and track it in MLflow (Ray must be initialised).
 
@@ -187,9 +188,10 @@ def run_training(
         extra_tags: more MLflow tags (names in ``mammo_ray.tags``).
         resume_run_id: continue this MLflow run (a restarted trial) instead of opening a new one;
             the Train run of the same name resumes from its latest checkpoint by itself.
-        in_process: train one worker in this process instead of a ``TorchTrainer`` (``in_process.py``:
-            a 1-worker Tune trial, which holds the worker's resources), handing each epoch's metrics to
-            this function (Tune's ``report``); ``callbacks`` are then unused.
+        in_process: train one worker in this process instead of a ``TorchTrainer`` (``in_process.py``),
+            for a Tune trial or Ray task that holds the worker's resources itself (``trial_resources``);
+            ``callbacks`` are then unused.
+        report: with ``in_process``, gets each epoch's metrics (Tune's ``report`` in a trial).
     """
     workdir = Path(workdir).resolve()
     config, rule = checkpoint_rule(config, fold)
@@ -224,8 +226,8 @@ def run_training(
         )
         storage = storage_path_for(config, workdir)
         checkpoint = out_dir / CHECKPOINT_FILE
-        if in_process is not None:
-            epochs_run = _fit_in_process(config, cfg, name, storage, rule, in_process, checkpoint)
+        if in_process:
+            epochs_run = _fit_in_process(config, cfg, name, storage, rule, report, checkpoint)
         else:
             epochs_run = _fit_ray_train(config, cfg, name, storage, rule, callbacks, checkpoint)
         payload = load_checkpoint(checkpoint)
@@ -293,7 +295,13 @@ def _fit_ray_train(
 
 
 def _fit_in_process(
-    config: Config, cfg: dict[str, Any], name: str, storage: Path, rule: CheckpointRule, report: Report, target: Path
+    config: Config,
+    cfg: dict[str, Any],
+    name: str,
+    storage: Path,
+    rule: CheckpointRule,
+    report: Report | None,
+    target: Path,
 ) -> int:
     """Train one worker here (``in_process.py``), copy the checkpoint ``rule`` picks to ``target``;
     returns the epochs run."""
@@ -313,14 +321,17 @@ def _fit_in_process(
 def _fold_task(
     config_dict: dict[str, Any], workdir: str, prepared: dict[str, Any], parent_run_id: str, fold: int
 ) -> TrainOutcome:
-    """One fold, run as a Ray task that drives its own TorchTrainer."""
+    """One fold, run as a Ray task: it trains itself when it holds the worker's resources
+    (``in_process.runs_in_process``), else it drives its own TorchTrainer."""
+    config = Config.model_validate(config_dict)
     return run_training(
-        Config.model_validate(config_dict),
+        config,
         workdir,
         prepared=PreparedData(**prepared),
         parent_run_id=parent_run_id,
         fold=fold,
         progress=False,
+        in_process=runs_in_process(config),
     )
 
 
@@ -338,8 +349,10 @@ def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool
     out_dir = workdir / "runs" / name
     save_config(config, out_dir)
     selection = checkpoint_rule(config, 0)[1].selection  # the same for every fold
-    # The task only drives a trainer: a sliver of CPU, so the Train workers get the cores.
-    task = ray.remote(num_cpus=0.01)(_fold_task)
+    # A 1-worker fold trains in its task, which holds the worker's CPUs (and GPU share); else the task only
+    # drives a trainer and holds a sliver of a CPU, so the Train workers get the cores.
+    resources = trial_resources(config, driver_cpu=0.01)
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources.get("gpu", 0))(_fold_task)
     with TrackedRun(
         uri,
         config.train.experiment,

@@ -63,7 +63,7 @@ def test_a_checkpoint_without_its_metrics_file_is_not_complete(tmp_path):
             {"cpu": 2.0, "gpu": 0.25},
         ),
         (["train.num_workers=2"], False, {"cpu": 0.01}),
-        (["tune.in_process_trials=false"], False, {"cpu": 0.01}),
+        (["train.in_process=false"], False, {"cpu": 0.01}),
     ],
 )
 def test_a_one_worker_trial_holds_its_workers_resources(overrides, in_process, resources):

@@ -189,6 +189,9 @@ def test_cli_train_folds_in_parallel(ray_session, tmp_path, capsys):
     # Each fold reports its last epoch: the fold it is scored on did not pick it.
     assert result["selection"] == "fixed epochs (train.epochs=2): the fold is not used to pick the checkpoint"
     assert all(r["best_epoch"] == 1 and r["selection"] == result["selection"] for r in result["fold_runs"])
+    for r in result["fold_runs"]:  # a 1-worker fold trains in its own Ray task (train/in_process.py)
+        saved = sorted(p.name for p in (tmp_path / "ray_results" / r["run_name"]).glob("checkpoint_epoch_*"))
+        assert saved == ["checkpoint_epoch_000000", "checkpoint_epoch_000001"]
     auc = result["summary"]["val_auc"]
     assert len(auc["values"]) == 2 and auc["std"] >= 0
     client = MlflowClient(result["tracking_uri"])
