@@ -55,7 +55,7 @@ def indexed(workdir):
     """(manifest, index report) of the replica."""
     cfg = config().data
     root = ensure_dataset(cfg, workdir, progress=False)
-    manifest_path, report_path = ensure_manifest(cfg, root, workdir)
+    manifest_path, report_path = ensure_manifest(cfg, root, workdir, progress=False)
     return read_manifest(manifest_path), json.loads(report_path.read_text())
 
 

@@ -78,14 +78,18 @@ def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> 
     return out
 
 
-def ensure_manifest(cfg: DataConfig, root: Path, workdir: Path) -> tuple[Path, Path]:
+def ensure_manifest(cfg: DataConfig, root: Path, workdir: Path, *, progress: bool = True) -> tuple[Path, Path]:
     """Index the dataset once; return the manifest and the index report paths."""
     folder = workdir / "index" / f"{dataset_key(cfg)}-{MANIFEST_FORMAT}"  # a new format re-indexes
     manifest_path, report_path = folder / "manifest.parquet", folder / "index_report.json"
     if not manifest_path.is_file():
         csv_dir = None if cfg.source == "generic" else (cfg.csv_dir or root)
         frame, report = index_dataset(
-            root=root, csv_dir=csv_dir, generic_csv=cfg.generic_csv, workers=max(1, cfg.num_workers)
+            root=root,
+            csv_dir=csv_dir,
+            generic_csv=cfg.generic_csv,
+            progress=progress,
+            workers=max(1, cfg.num_workers),
         )
         folder.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
@@ -148,7 +152,7 @@ def ensure_prepared(config: Config, workdir: str | Path, *, progress: bool = Tru
     workdir = Path(workdir).resolve()
     cfg = config.data
     root = ensure_dataset(cfg, workdir, progress=progress)
-    manifest_path, report_path = ensure_manifest(cfg, root, workdir)
+    manifest_path, report_path = ensure_manifest(cfg, root, workdir, progress=progress)
     splits_path = ensure_splits(cfg, manifest_path, workdir)
     cache_dir = cache_dir_for(cfg, splits_path, workdir)
     manifest = read_manifest(manifest_path)
