@@ -3,6 +3,7 @@
     python benchmarks/bench_tune.py [--part overhead|search|both]
     python benchmarks/bench_tune.py --part overhead --trials-overhead 200 --work-s 0.5 --concurrency 8
     python benchmarks/bench_tune.py --part search --trials 8 --epochs 6 --patients 120 --seed 0
+    python benchmarks/bench_tune.py --part members --members 6 --member-epochs 2
     python benchmarks/bench_tune.py --smoke        # both parts, tiny: a check that it runs
 
 overhead   N function trials (``--trials-overhead``), each doing ``--work-s`` seconds of work
@@ -30,6 +31,18 @@ search     Two ``mammo_ray.search.search.run_search`` calls on one cell (levynet
            ``--seed`` values before reading much into the ratio. At most 2 trials run at once;
            with ``--cpus-per-worker 1`` (the default) on 2 CPUs the second trial's Train run
            waits for the first (1 + 1 CPU + 0.01 per trial > 2), so trials train one at a time.
+
+members   Two ``mammo_ray.search.members.run_ensemble`` calls on the same tiny data, in the same Ray:
+           ``--members`` levynet members of ``--member-epochs`` epochs, ``--member-concurrency`` at
+           once, first with ``train.in_process=true`` (each 1-worker member trains in its Tune
+           trial's own process), then with ``train.in_process=false`` (each member drives a
+           TorchTrainer: the path before, for comparison). Per path: the wall time of the members'
+           ``Tuner.fit()``, the members' work (the sum of every epoch's ``epoch_seconds``: training
+           and validation), ideal = work / concurrency, wall / ideal, and the fixed cost per member
+           = (wall x concurrency - work) / members: everything a member pays besides its epochs
+           (process, MLflow run, data and model set-up, TorchTrainer start-up, final evaluation,
+           checkpoint and model logging). ``--member-cpus`` 0.99 lets two TorchTrainer members run
+           at once on 2 CPUs (their trials hold 0.01 each); in process, each trial holds that much.
 
 It starts its own local Ray (``--num-cpus``, default 2) unless ``RAY_ADDRESS`` is set, and shuts
 it down at the end: without a dashboard for the overhead part; with one, on 127.0.0.1, for the
@@ -467,6 +480,123 @@ def print_search(s: dict[str, Any], args: argparse.Namespace) -> None:
     )
 
 
+# --- members: a 1-worker ensemble member in process against a TorchTrainer --------------------------
+
+MEMBER_PATHS = (("in process", True), ("TorchTrainer", False))
+
+
+def member_overrides(args: argparse.Namespace, in_process: bool) -> list[str]:
+    return [
+        *TINY_TRAIN,
+        f"data.synth_patients={args.patients}",
+        f"train.epochs={args.member_epochs}",
+        f"train.cpus_per_worker={args.member_cpus:g}",
+        f"train.in_process={str(in_process).lower()}",
+        "train.keep_checkpoints=1",
+        "train.eval_bootstrap=0",
+        "train.experiment=bench-members",
+        f"ensemble.members={args.members}",
+        f"ensemble.max_concurrent_trials={args.member_concurrency}",
+        "ensemble.split=val",
+        f"ensemble.registered_model=bench-members-{'in-process' if in_process else 'torchtrainer'}",
+    ]
+
+
+def epoch_seconds(experiment_dir: str | Path) -> list[list[float]]:
+    """Per trial of a Tune experiment, the ``epoch_seconds`` of each epoch it reported."""
+    trials = []
+    for result_file in sorted(Path(experiment_dir).glob("*/result.json")):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        trials.append([float(r["epoch_seconds"]) for r in rows if "epoch_seconds" in r])
+    return trials
+
+
+def run_members(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    import mammo_ray.search.members as members
+    from mammo_ray.config import load_config
+    from mammo_ray.data.pipeline import ensure_prepared
+
+    member_dir = workdir / "tune-members"
+    configs = {label: load_config(None, member_overrides(args, flag)) for label, flag in MEMBER_PATHS}
+    prepared = ensure_prepared(next(iter(configs.values())), member_dir, progress=False)  # before timing
+    print(f"[members] data ready: {prepared.entries} crops, {args.patients} patients", flush=True)
+    fit_s: dict[str, float] = {}
+    build_tuner = members.build_tuner
+
+    def timed_build_tuner(plan: Any, config: Any, *, progress: bool) -> Any:
+        """The ensemble's own tuner, its fit() timed: the members' phase alone, without the
+        evaluation and registration run_ensemble does afterwards."""
+        tuner = build_tuner(plan, config, progress=progress)
+        fit = tuner.fit
+
+        def timed_fit() -> Any:
+            start = time.perf_counter()
+            try:
+                return fit()
+            finally:
+                fit_s["last"] = time.perf_counter() - start
+
+        tuner.fit = timed_fit
+        return tuner
+
+    members.build_tuner = timed_build_tuner
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        for label, _ in MEMBER_PATHS:
+            print(f"[members] {label}: {args.members} members x {args.member_epochs} epochs", flush=True)
+            start = time.perf_counter()
+            summary = members.run_ensemble(configs[label], member_dir, progress=False)
+            total = time.perf_counter() - start
+            per_trial = epoch_seconds(summary["experiment_dir"])
+            work = sum(sum(t) for t in per_trial)
+            wall = fit_s.pop("last")
+            ideal = work / args.member_concurrency
+            rows[label] = {
+                "members_finished": summary["members"],
+                "members_failed": len(summary["members_failed"]),
+                "epochs": sum(len(t) for t in per_trial),
+                "fit_wall_s": round(wall, 2),
+                "work_s": round(work, 2),
+                "ideal_s": round(ideal, 2),
+                "wall_over_ideal": round(wall / ideal, 3) if ideal else None,
+                "fixed_s_per_member": round((wall * args.member_concurrency - work) / args.members, 2),
+                "run_ensemble_s": round(total, 1),
+                "experiment_dir": summary["experiment_dir"],
+            }
+            print(f"[members] {label}: fit {wall:.1f} s, work {work:.1f} s", flush=True)
+    finally:
+        members.build_tuner = build_tuner
+    a, b = rows["in process"], rows["TorchTrainer"]
+    return {
+        "paths": rows,
+        "fixed_cost_ratio": round(b["fixed_s_per_member"] / a["fixed_s_per_member"], 2)
+        if a["fixed_s_per_member"] > 0
+        else None,
+        "fit_wall_ratio": round(b["fit_wall_s"] / a["fit_wall_s"], 2),
+    }
+
+
+def print_members(m: dict[str, Any], args: argparse.Namespace) -> None:
+    print(
+        f"\nMembers: {args.members} levynet members x {args.member_epochs} epochs, {args.member_concurrency} at once, "
+        f"{args.member_cpus:g} CPU each, {args.patients} synthetic patients"
+    )
+    print(
+        f"{'path':<14}{'members':>8}{'fit wall s':>12}{'work s':>9}{'ideal s':>9}{'wall/ideal':>12}"
+        f"{'fixed s/member':>16}{'run_ensemble s':>16}"
+    )
+    for label, row in m["paths"].items():
+        print(
+            f"{label:<14}{row['members_finished']:>8}{row['fit_wall_s']:>12.1f}{row['work_s']:>9.1f}"
+            f"{row['ideal_s']:>9.1f}{row['wall_over_ideal']:>12.2f}{row['fixed_s_per_member']:>16.2f}"
+            f"{row['run_ensemble_s']:>16.1f}"
+        )
+    print(
+        f"TorchTrainer / in process: fixed cost per member {m['fixed_cost_ratio']}x, "
+        f"members' wall {m['fit_wall_ratio']}x"
+    )
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -487,7 +617,12 @@ def machine_info() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("overhead", "search", "both"), default="both")
+    parser.add_argument(
+        "--part",
+        choices=("overhead", "search", "members", "both", "all"),
+        default="both",
+        help="both: overhead and search",
+    )
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray this script starts")
     overhead = parser.add_argument_group("overhead")
     overhead.add_argument("--trials-overhead", type=int, default=200, help="number of tiny trials")
@@ -514,8 +649,15 @@ def main() -> None:
         help="tune.metric: what TPE and ASHA optimise (the target is a val AUC either way)",
     )
     search.add_argument("--target-auc", type=float, help="default: the lower of the two searches' best val AUC")
+    members = parser.add_argument_group("members")
+    members.add_argument("--members", type=int, default=6, help="ensemble members per path")
+    members.add_argument("--member-epochs", type=int, default=2, help="train.epochs of each member")
+    members.add_argument("--member-concurrency", type=int, default=2, help="ensemble.max_concurrent_trials")
+    members.add_argument("--member-cpus", type=float, default=0.99, help="train.cpus_per_worker of each member")
     parser.add_argument(
-        "--smoke", action="store_true", help="overhead 20 trials x 0.2 s; search 2 trials x 2 epochs, 40 patients"
+        "--smoke",
+        action="store_true",
+        help="overhead 20 trials x 0.2 s; search 2 trials x 2 epochs, 40 patients; members 2 x 1 epoch",
     )
     parser.add_argument("--keep", action="store_true", help="keep the overhead experiment folder")
     parser.add_argument("--workdir")
@@ -523,6 +665,7 @@ def main() -> None:
     if args.smoke:
         args.trials_overhead, args.work_s = 20, 0.2
         args.trials, args.epochs, args.patients = 2, 2, 40
+        args.members, args.member_epochs = 2, 1
     if args.reports < 1 or args.concurrency < 1 or args.trials_overhead < 1 or args.work_s <= 0:
         parser.error("--reports, --concurrency and --trials-overhead must be >= 1, --work-s > 0")
 
@@ -530,16 +673,22 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result: dict[str, Any] = {"machine": machine_info(), "settings": {**vars(args), "workdir": str(workdir)}}
-    if args.part in ("overhead", "both"):
+    if args.part in ("overhead", "both", "all"):
         info = start_ray(args.num_cpus, dashboard=False)
         try:
             result["overhead"] = run_overhead(args, workdir)
         finally:
             stop_ray(info)
-    if args.part in ("search", "both"):
+    if args.part in ("search", "both", "all"):
         info = start_ray(args.num_cpus, dashboard=True)
         try:
             result["search"] = run_searches(args, workdir)
+        finally:
+            stop_ray(info)
+    if args.part in ("members", "all"):
+        info = start_ray(args.num_cpus, dashboard=True)
+        try:
+            result["members"] = run_members(args, workdir)
         finally:
             stop_ray(info)
     result["total_s"] = round(time.perf_counter() - started, 1)
@@ -550,6 +699,8 @@ def main() -> None:
         print_overhead(result["overhead"])
     if "search" in result:
         print_search(result["search"], args)
+    if "members" in result:
+        print_members(result["members"], args)
     print(f"\ntotal {result['total_s']:.0f} s; written to {out}")
 
 

@@ -402,6 +402,7 @@ def fit(
             )
         sampler.set_epoch(epoch)
         lr = training.optimizer.param_groups[0]["lr"] / training.optimizer.param_groups[0].get("lr_mult", 1.0)
+        started = time.perf_counter()
         metrics = train_one_epoch(
             training.model,
             training.train_loader,
@@ -420,7 +421,7 @@ def fit(
             channels_last=t.channels_last,
         )
         metrics.update(summarize_predictions(frame, view_mode))
-        metrics.update(epoch=float(epoch), lr=lr)
+        metrics.update(epoch=float(epoch), lr=lr, epoch_seconds=time.perf_counter() - started)  # train + validate
         training.scheduler.step()
         stop = stopper.update(metrics)
         if t.stop_train_acc is not None and metrics["train_window_acc"] >= t.stop_train_acc:
