@@ -178,7 +178,7 @@ def run_training(
     in_process: bool = False,
     report: Report | None = None,
 ) -> TrainOutcome:
-    """Train one model with Ray Train and track it in MLflow (Ray must be initialised).
+    """Train one model with Ray Train (or here, with ``in_process``) and track it in MLflow (Ray must be initialised).
 
     Args:
         prepared: the prepared data (made from ``config.data`` in the workdir when None).
