@@ -152,11 +152,23 @@ def prepare_cells(cells: list[tuple[Cell, Config]], workdir: Path, progress: boo
     return prepared
 
 
+def cell_resources(configs: dict[str, Config]) -> dict[str, float]:
+    """What every trial of these cells holds (``in_process.trial_resources``): the worker's own when
+    it trains in process, else a sliver to drive its TorchTrainer. One trial function serves every
+    cell, so the cells must agree; a per-backbone override that makes them differ is an error."""
+    by_cell = {key: trial_resources(config, driver_cpu=TRIAL_CPU) for key, config in configs.items()}
+    if len({json.dumps(r, sort_keys=True) for r in by_cell.values()}) > 1:
+        raise ValueError(
+            f"search cells ask for different trial resources ({by_cell}): keep train.num_workers, "
+            "train.cpus_per_worker, train.use_gpu, train.gpus_per_worker and train.in_process the same "
+            "for every backbone (tune.backbone_overrides)"
+        )
+    return next(iter(by_cell.values()))
+
+
 def trainable(plan: Plan) -> Any:
-    """The trial function with its resources: the worker's own when it trains in process (every cell
-    of a plan has the same ``train`` and ``tune`` sections), else a sliver to drive its TorchTrainer."""
-    config = next(iter(plan.cells.values())).config
-    resources = trial_resources(config, driver_cpu=TRIAL_CPU)
+    """The trial function with its resources (``cell_resources``)."""
+    resources = cell_resources({key: cell.config for key, cell in plan.cells.items()})
     return tune.with_resources(tune.with_parameters(run_trial, plan=plan.to_dict()), resources)
 
 

@@ -12,6 +12,7 @@ from ray.tune.search import Searcher
 from mammo_ray.config import ConfigError, load_config
 from mammo_ray.search.cells import make_cells, trial_config
 from mammo_ray.search.leaderboard import write_leaderboard
+from mammo_ray.search.search import cell_resources
 from mammo_ray.search.searcher import CellScheduler, CellSearcher
 
 SEARCH = [
@@ -40,6 +41,15 @@ def test_cells_cover_the_grid_with_validated_configs():
         "parallel w/ aug",
         "parallel w/o aug",
     }
+
+
+def test_every_cell_must_ask_for_the_same_trial_resources():
+    same = {cell.key: c for cell, c in make_cells(load_config(None, [*SEARCH, "train.cpus_per_worker=2"]))}
+    assert cell_resources(same) == {"cpu": 2.0}  # 1-worker trials train in process: the worker's CPUs
+    override = "tune.backbone_overrides={resnet18: {train.num_workers: 2}}"
+    differ = {cell.key: c for cell, c in make_cells(load_config(None, [*SEARCH, override]))}
+    with pytest.raises(ValueError, match="different trial resources.*tune.backbone_overrides"):
+        cell_resources(differ)
 
 
 def test_cells_reject_impossible_combinations_by_name():
