@@ -71,6 +71,12 @@ class SavedCheckpoint:
         return int(self.metrics["epoch"])
 
 
+def _score(checkpoint: SavedCheckpoint, metric: str) -> float:
+    """``metric`` signed so that higher is better; -inf for a missing or NaN value (it never wins)."""
+    value = float(checkpoint.metrics.get(metric, math.nan))
+    return -math.inf if math.isnan(value) else (-value if metric_mode(metric) == "min" else value)
+
+
 @dataclass(frozen=True)
 class CheckpointFolder:
     """``<storage_path>/<run name>``: the run's checkpoints, one folder per epoch."""
@@ -92,9 +98,8 @@ class CheckpointFolder:
 
     def best(self, metric: str) -> SavedCheckpoint | None:
         """The checkpoint with the best finite ``metric`` (a NaN never wins); None when none has one."""
-        sign = -1.0 if metric_mode(metric) == "min" else 1.0
-        scored = [c for c in self.checkpoints() if not math.isnan(float(c.metrics.get(metric, math.nan)))]
-        return max(scored, key=lambda c: (sign * float(c.metrics[metric]), c.epoch)) if scored else None
+        best = max(self.checkpoints(), key=lambda c: (_score(c, metric), c.epoch), default=None)
+        return best if best is not None and _score(best, metric) > -math.inf else None
 
     def save(self, payload: dict[str, Any], metrics: dict[str, float]) -> SavedCheckpoint:
         """Write epoch ``metrics["epoch"]``'s checkpoint; the metrics file last, so it marks a complete one."""
@@ -108,13 +113,7 @@ class CheckpointFolder:
     def prune(self, keep: int, metric: str) -> None:
         """Keep the ``keep`` best by ``metric`` (NaN last) and the latest; delete the rest."""
         saved = self.checkpoints()
-        sign = -1.0 if metric_mode(metric) == "min" else 1.0
-
-        def score(c: SavedCheckpoint) -> float:
-            value = float(c.metrics.get(metric, math.nan))
-            return -math.inf if math.isnan(value) else sign * value
-
-        kept = {c.directory for c in sorted(saved, key=score, reverse=True)[:keep]}
+        kept = {c.directory for c in sorted(saved, key=lambda c: _score(c, metric), reverse=True)[:keep]}
         if saved:
             kept.add(saved[-1].directory)
         for c in saved:
