@@ -37,14 +37,22 @@ def reserved_port() -> Iterator[int]:
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``, as set by ``ray job submit``), or
-    start a local Ray with its dashboard on 127.0.0.1. Does nothing when Ray is already up."""
+    start a local Ray with its dashboard on 127.0.0.1. Does nothing when Ray is already up.
+
+    Either way the MLflow runs that trials and tasks create name this command as their source
+    (``tracking.driver_source``): its description is put in this process's environment, which a
+    local Ray's processes inherit, and in the job's ``runtime_env`` on a cluster, whose processes
+    do not inherit it (Ray merges it with the ``runtime_env`` of ``ray job submit``)."""
     import ray
+
+    from mammo_ray.train.tracking import share_driver_source
 
     if ray.is_initialized():
         return
+    source = share_driver_source()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env={"env_vars": source})
         return
     # The dashboard serves Ray's state API. Train's placement-group cleaner polls it to free the
     # resources of a trial that ASHA stops (without it they stay reserved and a search stalls).

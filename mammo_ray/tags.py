@@ -40,5 +40,17 @@ MEMBERS = "mammo_ray.members"  # member count
 MEMBER_RUN_IDS = "mammo_ray.member_run_ids"  # comma-separated member runs (lineage)
 VIEW_MODE = "mammo_ray.view_mode"  # the members' view mode
 
-# MLflow's own tag for a failed run's error (set next to status FAILED).
+# Where a run came from, next to MLflow's own mlflow.source.name/type, mlflow.source.git.commit and
+# mlflow.user (``tracking.driver_source``): the same for a driver's run and for its trials' runs.
+VERSION = "mammo_ray.version"  # the mammo-ray package version of the command
+RAY_JOB = "mammo_ray.ray_job"  # the Ray job submission id, when the command ran under `ray job submit`
+
+# The process that holds a run open (a driver, or a trial's process): ``tracking.reap_dead_runs`` ends
+# FAILED a RUNNING run whose process on this host is gone. Set when the run is created or reopened.
+OWNER_HOST = "mammo_ray.owner.host"  # socket.gethostname() of that process
+OWNER_PID = "mammo_ray.owner.pid"  # its pid
+OWNER_STARTED = "mammo_ray.owner.started"  # its start time (ISO 8601, UTC): a reused pid is not the owner
+
+# MLflow's own tag for a failed run's error (set next to status FAILED): an exception's text, or why
+# ``tracking.reap_dead_runs`` ended the run.
 ERROR = "error"

@@ -233,6 +233,7 @@ def local_ray():
     with _shared("local_ray") as stack:
         env = stack.enter_context(pytest.MonkeyPatch.context())
         env.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+        env.delenv("MAMMO_RAY_SOURCE", raising=False)  # init_ray shares the driver's command with its workers
         init_ray(num_cpus=2)
         stack.callback(ray.shutdown)
         yield
