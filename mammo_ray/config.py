@@ -8,6 +8,7 @@ run is fully described by its config and seed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,6 +187,21 @@ class EnsembleConfig(_Section):
     max_concurrent_trials: int = Field(4, ge=1)  # members in flight at once (Ray packs them by resources)
     split: Literal["val", "test"] = "test"  # where the ensemble is compared with its members
     registered_model: str = "mammo-ray-ensemble"  # MLflow model registry name
+    alias: str | None = "champion"  # registry alias moved to each new version (models:/<name>@<alias>); null: none
+
+    @field_validator("alias")
+    @classmethod
+    def _check_alias(cls, value: str | None) -> str | None:
+        """MLflow's alias rules, checked before any member trains: letters, digits, _ and -; not
+        ``latest`` and not ``v<number>`` (both name versions)."""
+        if value is None:
+            return None
+        if not re.fullmatch(r"[\w\-]{1,255}", value) or value.lower() == "latest" or re.fullmatch(r"v\d+", value):
+            raise ValueError(
+                f"ensemble.alias {value!r}: an MLflow alias is 1-255 letters, digits, '_' or '-', and not "
+                "'latest' or 'v<number>' (reserved for versions)"
+            )
+        return value
 
 
 class Config(_Section):

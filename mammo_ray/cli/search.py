@@ -43,12 +43,14 @@ def ensemble_text(result: dict[str, Any]) -> str:
     def ci(pair: Any) -> str:
         return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
+    alias = result.get("alias_uri") or result["model_uri"]
+    alias = f" (now also {alias})" if alias != result["model_uri"] else ""
     lines = [
         f"ensemble of {result['members']} members ({len(result['members_failed'])} failed), {result['split']} split",
         f"  ensemble AUC     {result['ensemble_auc']:.3f} {ci(result['ensemble_auc_ci'])}",
         f"  mean member AUC  {result['mean_member_auc']:.3f} {ci(result['mean_member_auc_ci'])}",
         f"  gain             {result['diff']:+.3f} {ci(result['diff_ci'])} (paired bootstrap)",
-        f"registered model   {result['model_uri']}",
+        f"registered model   {result['model_uri']}{alias}",
         f"parent run         {result['parent_run_id']}",
         f"folder             {result['experiment_dir']}",
         f"plots              {', '.join(result['plots'])}",

@@ -64,32 +64,29 @@ def cmd_train(args: argparse.Namespace, workdir: Path) -> CommandResult:
 
 
 def cmd_evaluate(args: argparse.Namespace, workdir: Path) -> CommandResult:
-    from mammo_ray.train.evaluation import evaluate_checkpoint
+    from mammo_ray.ensemble.source import resolve_model_source
+    from mammo_ray.train.evaluation import evaluate_checkpoint, evaluate_members
 
-    checkpoint, tag = args.checkpoint, None
-    if args.run:
-        from mlflow import MlflowClient
-
-        from mammo_ray import tags
-        from mammo_ray.config import Config
-        from mammo_ray.train.tracking import tracking_uri
-
-        uri = args.tracking_uri or tracking_uri(Config(), workdir)
-        try:
-            run = MlflowClient(uri).get_run(args.run)
-        except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
-            raise ValueError(f"--run {args.run}: no such run in {uri} ({exc})") from None
-        checkpoint = run.data.tags.get(tags.CHECKPOINT)
-        if not checkpoint:
-            raise ValueError(f"--run {args.run}: the run has no checkpoint (did it finish?)")
-        tag = args.run
-    out = (
-        Path(args.out) if args.out else workdir / "evaluations" / f"{tag or Path(checkpoint).parent.name}-{args.split}"
-    )
-    evaluation = evaluate_checkpoint(
-        checkpoint, args.split, workdir, out, n_boot=args.bootstrap, progress=not args.json
-    )
-    result = {"checkpoint": str(checkpoint), "run_id": tag, **evaluation.to_dict()}
+    spec = args.model or args.checkpoint or args.run
+    source = resolve_model_source(spec, workdir, tracking_uri=args.tracking_uri)
+    checkpoint, tag = str(source.checkpoints[0]), source.run_id
+    name = (source.model_uri or "").removeprefix("models:/").replace("/", "-v") or tag or Path(checkpoint).parent.name
+    out = Path(args.out) if args.out else workdir / "evaluations" / f"{name}-{args.split}"
+    if len(source.checkpoints) == 1:
+        evaluation = evaluate_checkpoint(
+            checkpoint, args.split, workdir, out, n_boot=args.bootstrap, progress=not args.json
+        )
+    else:  # a registered ensemble: the members' mean probability (paper 000)
+        evaluation = evaluate_members(
+            source.checkpoints, args.split, workdir, out, n_boot=args.bootstrap, progress=not args.json
+        )
+        checkpoint = f"{source.model_uri} ({len(source.checkpoints)} members)"
+    result = {
+        "checkpoint": str(source.checkpoints[0]),
+        "model": source.to_dict(),
+        "run_id": tag,
+        **evaluation.to_dict(),
+    }
     m, image, exam = result["metrics"], result["image"], result["exam"]  # the printed numbers are the JSON's
     text = (
         f"{args.split} split, {evaluation.view_mode} view mode, checkpoint {checkpoint}\n"
@@ -112,11 +109,21 @@ def add_train_commands(add: AddCommand, configurable: argparse.ArgumentParser) -
     )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
-    p = add("evaluate", cmd_evaluate, "Evaluate a trained model on a split: metrics (JSON) and plots.")
+    p = add(
+        "evaluate",
+        cmd_evaluate,
+        "Evaluate a trained model on a split: metrics (JSON) and plots. A registered ensemble is "
+        "evaluated on its members' mean probability.",
+    )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="MLflow run id of a `mammo-ray train` run")
-    source.add_argument("--checkpoint", help="a checkpoint.pt file (or its folder)")
+    source.add_argument(
+        "--model",
+        help="a checkpoint (file or folder), an MLflow run id (runs:/<id>), or a registered ensemble "
+        "(models:/<name>/<version> or models:/<name>@<alias>)",
+    )
+    source.add_argument("--run", help="MLflow run id of a `mammo-ray train` run (the same as --model RUN_ID)")
+    source.add_argument("--checkpoint", help="a checkpoint.pt file or its folder (the same as --model PATH)")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--out", help="folder for predictions, metrics and plots (default: under the workdir)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC CI")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI for --run (default: as `train` uses)")
+    p.add_argument("--tracking-uri", help="MLflow store of --model / --run (default: as `train` uses)")

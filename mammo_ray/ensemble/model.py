@@ -216,6 +216,7 @@ def register_ensemble(
     name: str,
     *,
     description: str = "",
+    alias: str | None = None,
 ) -> dict[str, Any]:
     """Save the members as one pyfunc model, log it to run ``run_id`` and register one version.
 
@@ -230,9 +231,12 @@ def register_ensemble(
         member_run_ids: the MLflow run of each member, same order (lineage tags).
         name: the registered model; created when missing.
         description: prepended to the version description (which lists the member runs).
+        alias: a registry alias (e.g. ``champion``) moved to the new version, so that
+            ``models:/<name>@<alias>`` names it; None: no alias.
 
     Returns:
-        ``{"model_uri": "models:/<name>/<version>", "name", "version" (int), "run_id"}``.
+        ``{"model_uri": "models:/<name>/<version>", "name", "version" (int), "run_id", "alias",
+        "alias_uri"}`` (``alias_uri`` is ``models:/<name>@<alias>``, or the version's URI without an alias).
     """
     files = [checkpoint_file(p) for p in checkpoints]
     if len(files) != len(member_run_ids):
@@ -270,9 +274,14 @@ def register_ensemble(
         tags={tags.MEMBER_RUN_IDS: ",".join(member_run_ids), tags.MEMBERS: str(len(files))},
         description=f"{text}Average of {len(files)} members (paper 000):\n{members}",
     )
+    model_uri = f"models:/{name}/{version.version}"
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
     return {
-        "model_uri": f"models:/{name}/{version.version}",
+        "model_uri": model_uri,
         "name": name,
         "version": int(version.version),
         "run_id": run_id,
+        "alias": alias,
+        "alias_uri": f"models:/{name}@{alias}" if alias else model_uri,
     }

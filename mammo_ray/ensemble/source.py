@@ -6,7 +6,7 @@ single network and a 100-member ensemble go through the same code:
 
     work/runs/<run>/checkpoint.pt  or its folder     one member (the file itself)
     runs:/<RUN_ID>  or a bare 32-hex run id            the run's ``mammo_ray.checkpoint``
-    models:/<name>/<version>                           every ``member_XXX`` of the registered pyfunc
+    models:/<name>/<version>  or  models:/<name>@<alias>  every ``member_XXX`` of the registered pyfunc
 
 Checkpoints are always opened with ``torch.load(weights_only=True)`` (``train.checkpoint``);
 the pickled MLflow model itself is never loaded.
@@ -22,10 +22,12 @@ from typing import Any
 import mlflow.artifacts
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
 from mammo_ray import tags
 from mammo_ray.config import Config
 from mammo_ray.train.checkpoint import checkpoint_file
+from mammo_ray.train.tracking import reap_dead_runs_once
 from mammo_ray.train.tracking import tracking_uri as default_uri
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -90,18 +92,34 @@ def _member_files(model_dir: Path) -> list[Path]:
     return [model_dir / artifacts[name]["path"] for name in sorted(artifacts) if MEMBER_FILE.fullmatch(name)]
 
 
-def _from_registry(spec: str, uri: str, cache_dir: Path) -> ModelSource:
-    parts = spec.split("/")
-    if len(parts) != 3 or not parts[1] or not parts[2]:
-        raise ModelSourceError(f"--model {spec}: expected models:/<name>/<version>")
-    name, version = parts[1], parts[2]
-    client = MlflowClient(uri)
+def _registry_version(spec: str, client: MlflowClient, uri: str) -> ModelVersion:
+    """The model version ``spec`` names: ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
+    rest = spec[len("models:/") :]
+    name, at, alias = rest.partition("@")
+    if at:
+        if not name or not alias or "/" in name or "/" in alias:
+            raise ModelSourceError(f"--model {spec}: expected models:/<name>/<version> or models:/<name>@<alias>")
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+            raise ModelSourceError(
+                f"--model {spec}: registered model {name!r} has no alias {alias!r} in {uri} ({exc})"
+            ) from None
+    parts = rest.split("/")
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise ModelSourceError(f"--model {spec}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    name, version = parts
     try:
-        mv = client.get_model_version(name, version)
+        return client.get_model_version(name, version)
     except Exception as exc:  # noqa: BLE001
         raise ModelSourceError(
             f"--model {spec}: no version {version} of registered model {name!r} in {uri} ({exc})"
         ) from None
+
+
+def _from_registry(spec: str, uri: str, cache_dir: Path) -> ModelSource:
+    mv = _registry_version(spec, MlflowClient(uri), uri)
+    name, version = mv.name, mv.version
     target = cache_dir / f"{name}-v{version}"
     target.mkdir(parents=True, exist_ok=True)
     try:
@@ -135,7 +153,8 @@ def resolve_model_source(spec: str, workdir: str | Path, *, tracking_uri: str | 
     """Resolve ``--model`` to member checkpoints.
 
     Args:
-        spec: a checkpoint file or folder, ``runs:/<id>`` or a bare run id, or ``models:/<name>/<version>``.
+        spec: a checkpoint file or folder, ``runs:/<id>`` or a bare run id, ``models:/<name>/<version>``
+            or ``models:/<name>@<alias>`` (the version the alias points at now).
         workdir: the work directory (its default MLflow store, and where registered models are
             downloaded to: ``workdir/models/``).
         tracking_uri: the MLflow store for runs and registered models; default as ``train`` uses
@@ -152,6 +171,7 @@ def resolve_model_source(spec: str, workdir: str | Path, *, tracking_uri: str | 
             raise ModelSourceError(f"--model {spec}: a folder without {file.name}")
         return ModelSource(spec, "checkpoint", [file])
     uri = tracking_uri or default_uri(Config(), workdir)
+    reap_dead_runs_once(uri)  # opening the store ends the runs that dead processes left RUNNING
     if spec.startswith("models:/"):
         return _from_registry(spec, uri, workdir / "models")
     run_id = spec[len("runs:/") :].split("/")[0] if spec.startswith("runs:/") else spec
@@ -159,5 +179,5 @@ def resolve_model_source(spec: str, workdir: str | Path, *, tracking_uri: str | 
         return _from_run(spec, run_id, uri)
     raise ModelSourceError(
         f"--model {spec}: not a checkpoint file or folder, a run id (runs:/<id>) or a "
-        "registered model (models:/<name>/<version>)"
+        "registered model (models:/<name>/<version> or models:/<name>@<alias>)"
     )

@@ -211,6 +211,7 @@ def run_ensemble(
             config.ensemble.registered_model,
             description=f"{len(members)}-member ensemble of {config.model.name} "
             f"({config.model.view_mode}), members differ only in seed",
+            alias=config.ensemble.alias,
         )
         summary = {
             "experiment_dir": plan.experiment_dir,
@@ -228,6 +229,7 @@ def run_ensemble(
             "diff_ci": report["diff_ci"],
             "plots": report["plots"],
             "model_uri": registered["model_uri"],
+            "alias_uri": registered["alias_uri"],
             "registered_model": registered,
         }
         (Path(plan.experiment_dir) / "ensemble_summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -13,6 +13,7 @@ written as ``metrics_<split>.json`` and printed by ``mammo-ray evaluate --json``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from mammo_ray.constants import CLASS_NAMES, Task
 from mammo_ray.data.datasets import CropCache, PairedViewDataset, SingleViewDataset
 from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.data.transforms import build_eval_transform
+from mammo_ray.ensemble.combine import average_members
 from mammo_ray.train.checkpoint import load_checkpoint, restore_model
 from mammo_ray.train.loop import evaluate, relabel_fold
 from mammo_ray.train.metrics import (
@@ -155,6 +157,39 @@ def evaluate_checkpoint(
         task=config.data.task,
         history=predicted.history,
         unpaired=predicted.unpaired,
+    )
+
+
+def evaluate_members(
+    checkpoints: Sequence[str | Path],
+    split: str,
+    workdir: str | Path,
+    out_dir: str | Path,
+    *,
+    n_boot: int = 1000,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Evaluate an ensemble on ``split``: the members' mean probability per case (paper 000), reported
+    as ``evaluate_checkpoint`` reports one model. The members must share their data (they differ only
+    in their seed), which ``average_members`` checks row by row."""
+    if not checkpoints:
+        raise ValueError("evaluate_members: no member checkpoints given")
+    first = predict_checkpoint(checkpoints[0], split, workdir, progress=progress)
+    prepared = ensure_prepared(first.config, workdir, progress=False)
+    frames = [first.frame] + [
+        predict_checkpoint(c, split, workdir, cache_dir=prepared.cache_dir, splits_path=prepared.splits).frame
+        for c in checkpoints[1:]
+    ]
+    config = first.config
+    return report_predictions(
+        average_members(frames),
+        config.model.view_mode,
+        split,
+        out_dir,
+        n_boot=n_boot,
+        task=config.data.task,
+        history=None,
+        unpaired=first.unpaired,
     )
 
 

@@ -106,6 +106,8 @@ def test_register_and_load_pyfunc(members, tiny_workdir, tiny_config, tmp_path, 
         "name": "mass-ensemble",
         "version": 1,
         "run_id": parent.run_id,
+        "alias": None,
+        "alias_uri": "models:/mass-ensemble/1",
     }
     version = client.get_model_version("mass-ensemble", "1")
     assert version.tags["mammo_ray.member_run_ids"] == ",".join(member_runs)

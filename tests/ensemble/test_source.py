@@ -71,6 +71,36 @@ def test_registered_ensemble_gives_every_member(checkpoints, store, tmp_path):
         resolve_model_source("models:/source-test", tmp_path, tracking_uri=uri)
 
 
+def test_an_alias_names_the_version_it_points_at_now(checkpoints, store, tmp_path):
+    uri, client, experiment = store
+    first, second = (
+        register_ensemble(
+            uri,
+            client.create_run(experiment).info.run_id,
+            members,
+            [client.create_run(experiment).info.run_id for _ in members],
+            "alias-test",
+            alias="champion",
+        )
+        for members in (checkpoints, checkpoints[:1])
+    )
+    assert first["alias_uri"] == second["alias_uri"] == "models:/alias-test@champion"
+    source = resolve_model_source("models:/alias-test@champion", tmp_path / "work", tracking_uri=uri)
+    assert source.version == "2" and source.model_uri == "models:/alias-test/2"  # the alias moved to version 2
+    assert len(source.checkpoints) == 1 and source.spec == "models:/alias-test@champion"
+    client.set_registered_model_alias("alias-test", "champion", "1")  # moved back by hand: the next load follows
+    again = resolve_model_source("models:/alias-test@champion", tmp_path / "work", tracking_uri=uri)
+    assert again.version == "1" and len(again.checkpoints) == 2
+    with pytest.raises(ModelSourceError, match="has no alias 'staging'"):
+        resolve_model_source("models:/alias-test@staging", tmp_path, tracking_uri=uri)
+    with pytest.raises(ModelSourceError, match="models:/<name>@<alias>"):
+        resolve_model_source("models:/@champion", tmp_path, tracking_uri=uri)
+    unaliased = register_ensemble(
+        uri, client.create_run(experiment).info.run_id, checkpoints[:1], ["r"], "alias-test-none"
+    )
+    assert unaliased["alias"] is None and unaliased["alias_uri"] == unaliased["model_uri"]
+
+
 def test_anything_else_is_named(tmp_path):
     with pytest.raises(ModelSourceError, match="--model nope: not a checkpoint"):
         resolve_model_source("nope", tmp_path)

@@ -143,6 +143,16 @@ def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_w
     version = client.get_model_version("tiny-ensemble", result["registered_model"]["version"])
     assert set(version.tags["mammo_ray.member_run_ids"].split(",")) == {run.info.run_id for run in members}
     assert version.run_id == result["parent_run_id"]
+    assert result["alias_uri"] == "models:/tiny-ensemble@champion"  # ensemble.alias, by default
+    assert client.get_model_version_by_alias("tiny-ensemble", "champion").version == version.version
+
+    # `evaluate --model` takes the registered ensemble by its alias: its members' mean, as the ensemble reported
+    evaluate = ["evaluate", "--model", result["alias_uri"], "--split", "test", "--bootstrap", "0"]
+    assert main([*evaluate, "--workdir", str(tiny_workdir), "--tracking-uri", result["tracking_uri"], "--json"]) == 0
+    evaluated = json.loads(capfd.readouterr().out)
+    assert evaluated["model"]["model_uri"] == f"models:/tiny-ensemble/{version.version}"
+    assert len(evaluated["model"]["checkpoints"]) == 3
+    assert evaluated["metrics"]["test_auc"] == pytest.approx(result["ensemble_auc"], abs=1e-9)
 
     with pytest.MonkeyPatch.context() as env:  # the caller's value, if any, comes back after
         env.setenv("MLFLOW_TRACKING_URI", result["tracking_uri"])
