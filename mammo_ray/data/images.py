@@ -50,7 +50,7 @@ from mammo_ray.data.dicom import (
 
 NOT_AN_IMAGE = "not a DICOM, PNG, TIFF or JPEG image"
 
-Kind = Literal["dicom", "png", "tiff", "jpeg"]
+Kind = Literal["dicom", "png", "tiff", "jpeg", "array"]
 Point = tuple[int, int]
 # A path, or the file's bytes (an upload).
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview
@@ -201,7 +201,34 @@ def _read_pillow(data: bytes, kind: Kind, name: str, max_dim: int) -> DecodedIma
         raise ImageTooLargeError(name, f"{label} is too large to decode ({exc})") from exc
     except Exception as exc:  # OSError "truncated", SyntaxError, zlib/struct errors, ...
         raise ImageReadError(name, f"cannot decode the {label} image ({type(exc).__name__}: {exc})") from exc
-    image = np.asarray(pixels, dtype=np.float32)
+    return _canonical(np.asarray(pixels, dtype=np.float32), kind, name, label)
+
+
+def decode_array(array: np.ndarray, *, name: str = "<array>", max_dim: int = DEFAULT_MAX_DIM) -> DecodedImage:
+    """A 2-D grayscale image given as an array (the Python API), made canonical as a PNG or TIFF of the
+    same pixels is: float32, breast on the left (mirrored when it was on the right).
+
+    Raises:
+        ImageReadError: not 2-D, empty, not numeric, NaN or infinite values; ``ImageTooLargeError``
+            over ``max_dim``.
+    """
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise ImageUnsupportedError(name, f"array of shape {array.shape}: expected one 2-D grayscale image (H, W)")
+    height, width = array.shape
+    if height == 0 or width == 0:
+        raise ImageReadError(name, f"zero image dimensions ({height}x{width})")
+    if height > max_dim or width > max_dim:
+        raise ImageTooLargeError(
+            name, f"image dimensions {height}x{width} (rows x columns) exceed the limit {max_dim}x{max_dim}"
+        )
+    if array.dtype.kind not in "uif" or array.dtype == np.bool_:
+        raise ImageUnsupportedError(name, f"array of dtype {array.dtype}: expected integer or float pixels")
+    return _canonical(array.astype(np.float32), "array", name, "the array")
+
+
+def _canonical(image: np.ndarray, kind: Kind, name: str, label: str) -> DecodedImage:
+    """Decoded pixels made canonical: 2-D, finite, breast on the left."""
     if image.ndim != 2:
         raise ImageUnsupportedError(name, f"{label} decodes to shape {image.shape}, not a 2-D image")
     if not np.isfinite(image).all():

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from mammo_ray import __version__
 from mammo_ray.constants import DISCLAIMER
 from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import UploadError, check_fields, read_capped
@@ -135,7 +136,7 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
     """The FastAPI app over ``backend``; ``settings`` gives the upload cap."""
     app = FastAPI(
         title="mammo-ray",
-        version="0.1.0",
+        version=__version__,
         description=f"Mammogram lesion classification and mass localization by a CNN ensemble. **{DISCLAIMER}**",
     )
 

@@ -1,8 +1,8 @@
 """The Ray Serve app: the ensemble behind a FastAPI ingress (predict, localize, health, model).
 
-    serve run serve.app:build_app model=models:/mammo-ray-ensemble/1        # or: serve run serve/config.yaml
+    serve run serve.app:build_app model=models:/mammo-ray-ensemble@champion        # or: serve run serve/config.yaml
     (serve/app.py re-exports this module's build_app for `serve run` from the repository root)
-    mammo-ray serve --model models:/mammo-ray-ensemble/1 [--host 127.0.0.1] [--port 8000]
+    mammo-ray serve --model models:/mammo-ray-ensemble@champion [--host 127.0.0.1] [--port 8000]
 
 Two deployments. ``EnsembleModel`` loads the members once per replica in ``__init__`` (from a
 checkpoint, a run or a registered version), measures loop against stacked execution on its own

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from mammo_ray.constants import CLASS_NAMES, DISCLAIMER, Task
+from mammo_ray.data.images import DecodedImage
 from mammo_ray.data.roi import roi_crop
 from mammo_ray.data.transforms import build_eval_transform
 from mammo_ray.ensemble.execution import choose_execution
@@ -30,6 +31,7 @@ from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.ensemble.source import resolve_model_source
 from mammo_ray.localize.methods import default_method, localize, map_label, method_reasons
 from mammo_ray.localize.render import overlay_base64
+from mammo_ray.localize.whole_image import Localization
 from mammo_ray.serving.uploads import (
     DEFAULT_MAX_UPLOAD_BYTES,
     UploadError,
@@ -49,7 +51,7 @@ class ServeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str  # checkpoint file or folder, MLflow run id, or models:/<name>/<version>
+    model: str  # checkpoint file or folder, MLflow run id, models:/<name>/<version> or models:/<name>@<alias>
     tracking_uri: str | None = None  # MLflow store of `model` (default: as `train` uses)
     workdir: str | None = None  # where registered models are downloaded (default: $MAMMO_RAY_WORKDIR or ./work)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the replica has a GPU
@@ -78,9 +80,11 @@ class ServeSettings(BaseModel):
 
 @dataclass
 class PredictItem:
-    """One /v1/predict request: uploads by field ("file", or "cc" and "mlo") and ROI texts by field."""
+    """One /v1/predict request (or one ``Predictor.predict`` call): images by field ("file", or "cc" and
+    "mlo") and ROI texts by field. An image is its file's bytes, decoded here, or already decoded
+    (``mammo_ray.load``'s paths and arrays)."""
 
-    files: dict[str, tuple[str, bytes]]  # field -> (file name, bytes)
+    files: Mapping[str, tuple[str, bytes | DecodedImage]]  # field -> (file name, bytes or decoded image)
     rois: dict[str, str] = field(default_factory=dict)  # "box", "seed", "cc_box", "mlo_seed", ...
 
 
@@ -176,11 +180,19 @@ class ModelRuntime:
 
     # ------------------------------------------------------------------ predict
 
-    def _view_tensor(self, name: str, data: bytes, rois: dict[str, str], prefix: str) -> tuple[torch.Tensor, str]:
-        field = prefix.rstrip("_") or "file"
-        decoded = decode_upload(
+    def decode(self, name: str, data: bytes | DecodedImage, field: str) -> DecodedImage:
+        """An upload's bytes decoded under this app's caps (an ``UploadError`` when they are bad)."""
+        if isinstance(data, DecodedImage):
+            return data
+        return decode_upload(
             data, name=name, field=field, max_bytes=self.settings.max_bytes, max_dim=self.settings.max_dim
         )
+
+    def _view_tensor(
+        self, name: str, data: bytes | DecodedImage, rois: dict[str, str], prefix: str
+    ) -> tuple[torch.Tensor, str]:
+        field = prefix.rstrip("_") or "file"
+        decoded = self.decode(name, data, field)
         box = parse_box(rois.get(f"{prefix}box"), f"{prefix}box")
         seed = parse_point(rois.get(f"{prefix}seed"), f"{prefix}seed")
         check_in_bounds(box, decoded.shape, f"{prefix}box")
@@ -272,17 +284,16 @@ class ModelRuntime:
 
     # ------------------------------------------------------------------ localize
 
-    def localize(
+    def locate(
         self,
         name: str,
-        data: bytes,
+        data: bytes | DecodedImage,
         *,
         threshold: float | None = None,
-        heatmap: str = "png",
         method: str | None = None,
-        max_side: int = 768,
-    ) -> dict[str, Any]:
-        """A map of one whole mammogram by ``method`` (None: the model's default), its boxes and heatmap.
+    ) -> tuple[Localization, DecodedImage]:
+        """The map of one whole mammogram by ``method`` (None: the model's default) and its boxes,
+        with the decoded image (``localize`` is this as a JSON reply).
 
         Raises:
             UploadError: 422 naming ``file`` when the model has no localization method at all, or
@@ -299,9 +310,7 @@ class ModelRuntime:
             raise UploadError(
                 422, f"method {chosen!r} is not available for this model: {self.localize_reasons[chosen]}", "method"
             )
-        decoded = decode_upload(
-            data, name=name, field="file", max_bytes=self.settings.max_bytes, max_dim=self.settings.max_dim
-        )
+        decoded = self.decode(name, data, "file")
         t = self.settings.localize_threshold if threshold is None else threshold
         with self.guard.exclusive() if chosen == "gradcam" else self.guard.shared():
             found = localize(
@@ -315,6 +324,21 @@ class ModelRuntime:
                 tile=self.settings.localize_tile or None,
                 long_side=self.settings.localize_long_side,
             )
+        return found, decoded
+
+    def localize(
+        self,
+        name: str,
+        data: bytes | DecodedImage,
+        *,
+        threshold: float | None = None,
+        heatmap: str = "png",
+        method: str | None = None,
+        max_side: int = 768,
+    ) -> dict[str, Any]:
+        """``locate`` as the /v1/localize reply: boxes, scores, and the heatmap as ``heatmap`` asks
+        (a PNG overlay in base64, the map grid, both, or none)."""
+        found, decoded = self.locate(name, data, threshold=threshold, method=method)
         result = {**found.to_dict(), "model_version": self.version, "disclaimer": DISCLAIMER}
         if heatmap in ("png", "both"):
             stored = np.fliplr(decoded.image) if decoded.flipped else decoded.image

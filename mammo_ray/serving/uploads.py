@@ -21,11 +21,12 @@ Coordinates are pixels of the image as uploaded, x the column and y the row; a b
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from typing import Any, BinaryIO
 
@@ -111,16 +112,25 @@ def decode_upload(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_upload takes the file's bytes, got {type(data).__name__}")
     name = name or UPLOAD_NAME  # UploadFile.filename may be None
-    try:
+    with upload_errors(field, name):
         return read_image(data, name=name, max_bytes=max_bytes, max_dim=max_dim, force_dicom=force_dicom)
+
+
+@contextlib.contextmanager
+def upload_errors(field: str, name: str) -> Iterator[None]:
+    """Decoder errors as ``UploadError``: 413 too large, 415 no decoder or no grayscale, 400 the rest."""
+    try:
+        yield
     except (DicomTooLargeError, ImageTooLargeError) as exc:
         raise UploadError(413, str(exc), field) from exc
     except (DicomUnsupportedError, ImageUnsupportedError) as exc:
         raise UploadError(415, str(exc), field) from exc
     except (DicomReadError, ImageReadError) as exc:
         raise UploadError(400, str(exc), field) from exc
+    except UploadError:
+        raise
     except Exception as exc:  # a decoder path that escaped the mapping: still the input's fault
-        raise UploadError(400, f"{name}: cannot decode the upload ({type(exc).__name__}: {exc})", field) from exc
+        raise UploadError(400, f"{name}: cannot decode the image ({type(exc).__name__}: {exc})", field) from exc
 
 
 # --- form values ----------------------------------------------------------------------------
