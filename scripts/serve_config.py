@@ -1,7 +1,7 @@
 """Write a copy of serve/config.yaml for one deployment: the model, ServeSettings values, the port, a working_dir.
 
     python scripts/serve_config.py --model models:/mammo-ray-ensemble/1 \
-        --arg num_gpus=0.25 --arg tracking_uri=$MLFLOW_TRACKING_URI --out work/serve-gpu.yaml
+        --set num_gpus=0.25 --set tracking_uri=$MLFLOW_TRACKING_URI --out work/serve-gpu.yaml
     serve deploy work/serve-gpu.yaml
 
 Everything else stays as committed (``import_path: serve.app:build_app``, HTTP on 127.0.0.1).
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="models:/<name>/<version>, a run id or a checkpoint")
     parser.add_argument(
-        "--arg",
+        "--set",
         dest="args",
         action="append",
         default=[],
@@ -46,7 +46,7 @@ def main() -> None:
     for item in args.args:
         key, sep, text = item.partition("=")
         if not sep:
-            parser.error(f"--arg {item!r}: expected KEY=VALUE")
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
         app["args"][key.strip()] = yaml.safe_load(text)
     if args.port:
         config["http_options"]["port"] = args.port

@@ -74,7 +74,7 @@ def test_pipeline_through_the_cli(tmp_path, capsys, monkeypatch):
 
 
 def test_errors_name_the_input(tmp_path, capsys):
-    assert main(["split", "--manifest", str(tmp_path / "missing.parquet"), "--json", "--workdir", str(tmp_path)]) == 2
+    assert main(["split", "--manifest", str(tmp_path / "missing.parquet"), "--json", "--workdir", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert json.loads(captured.out)["error"].startswith(str(tmp_path / "missing.parquet"))
     assert "missing.parquet" in captured.err

@@ -3,7 +3,7 @@
 One module per command group, each adding its subcommands to the parser ``app.build_parser``
 builds, and one shared output module:
 
-    app.py       the parser, ``main``, the errors that end a command with exit code 2
+    app.py       the parser, ``main``, the exit codes (2 usage, 1 an explained failure)
     output.py    ``--json`` output (exactly one JSON object on stdout) and shared text helpers
     data.py      synth, index, split, prepare
     train.py     train, evaluate

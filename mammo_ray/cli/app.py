@@ -1,10 +1,16 @@
-"""The ``mammo-ray`` parser and ``main``: shared options, the command groups, errors with exit code 2."""
+"""The ``mammo-ray`` parser and ``main``: shared options, the command groups, and the exit codes.
+
+Exit codes: 0 success; 2 a usage error (argparse's, or a ``--config`` / ``--set`` value the config
+rejects); 1 a failure the command explains in one line naming the input (a missing file, a bad
+DICOM, a model that cannot be found). Anything else is a bug and ends with a traceback (1).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from mammo_ray import __version__
 from mammo_ray.cli.data import add_data_commands
 from mammo_ray.cli.demo import add_demo_command
 from mammo_ray.cli.localize import add_localize_commands
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, search, ensemble, track and serve mammogram lesion CNNs on Ray. " + DISCLAIMER,
         epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"mammo-ray {__version__}. {DISCLAIMER}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common, configurable = _common(), _configurable()
 
@@ -68,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that name the bad input: reported in one line with exit code 2, not as a traceback."""
+    """Errors that name the bad input: reported in one line with exit code 1 (2 for a ``ConfigError``), not
+    as a traceback."""
     from mammo_ray.config import ConfigError
     from mammo_ray.data.cache import CacheError
     from mammo_ray.data.dicom import DicomReadError
@@ -90,6 +98,15 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+USAGE_ERROR, FAILURE = 2, 1
+
+
+def _exit_code(exc: BaseException) -> int:
+    from mammo_ray.config import ConfigError
+
+    return USAGE_ERROR if isinstance(exc, ConfigError) else FAILURE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.json:
@@ -97,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             _, text = args.func(args, resolve_workdir(args.workdir))
         except _known_errors() as exc:
             print(f"mammo-ray {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return _exit_code(exc)
         print(text)
         print(DISCLAIMER)
         return 0
@@ -107,6 +124,6 @@ def main(argv: list[str] | None = None) -> int:
         except _known_errors() as exc:
             print(f"mammo-ray {args.command}: error: {exc}", file=sys.stderr)
             output.emit({"error": str(exc), "command": args.command})
-            return 2
+            return _exit_code(exc)
         output.emit({**result, "disclaimer": DISCLAIMER})
     return 0

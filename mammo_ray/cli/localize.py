@@ -1,6 +1,6 @@
 """The localisation and explanation side of the CLI: ``localize``, ``froc``, ``explain``, ``dream``.
 
-Each takes ``--model`` as a checkpoint, a run id or ``models:/<name>/<version>``
+Each takes ``--model`` as a checkpoint, a run id, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``
 (``ensemble.source``); an ensemble's maps are averaged over its members. When the model comes
 from an MLflow run (or a registered version, whose run is the ensemble's), every file written is
 also logged to that run under ``<command>/<name>``.
@@ -295,7 +295,7 @@ def add_localize_commands(add: AddCommand) -> None:
             "--model",
             required=True,
             help="a checkpoint (file or folder), an MLflow run id "
-            "(runs:/<id>), or a registered ensemble (models:/<name>/<version>)",
+            "(runs:/<id>), or a registered ensemble (models:/<name>/<version> or models:/<name>@<alias>)",
         )
         p.add_argument("--tracking-uri", help="MLflow store of --model (default: as `train` uses)")
 

@@ -102,20 +102,20 @@ def add_serve_command(add: AddCommand) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help="a checkpoint (file or folder), an MLflow run id, or a registered ensemble (models:/<name>/<version>)",
+        help="a checkpoint (file or folder), an MLflow run id, or a registered ensemble "
+        "(models:/<name>/<version> or models:/<name>@<alias>)",
     )
     p.add_argument("--tracking-uri", help="MLflow store of --model (default: as `train` uses)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--set",
-        "--option",
         dest="options",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a ServeSettings value (repeatable; the override flag of every command, --option is its old "
-        "name), e.g. --set max_batch_size=16 --set num_gpus=0.25",
+        help="a ServeSettings value (repeatable; the override flag of every command), "
+        "e.g. --set max_batch_size=16 --set num_gpus=0.25",
     )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--for-seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")

@@ -254,4 +254,4 @@ def test_localize_cli_refuses_a_method_the_model_cannot_do(files, tmp_path, capf
         "--method",
         "dense",
     )
-    assert code == 2 and "method 'dense' is not available" in out["error"] and "proportional" in out["error"]
+    assert code == 1 and "method 'dense' is not available" in out["error"] and "proportional" in out["error"]

@@ -221,7 +221,7 @@ def test_unknown_model_source_is_a_clear_error(tmp_path, capfd):
                 "--json",
             ]
         )
-        == 2
+        == 1
     )
     assert "--model not-a-model" in json.loads(capfd.readouterr().out)["error"]
 
