@@ -48,7 +48,10 @@ _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 # The pip package that brings a pydicom decoding plugin, per transfer syntax (RLE is native).
 _PLUGIN_PACKAGE = {
-    **dict.fromkeys(dcm_uid.JPEGTransferSyntaxes + dcm_uid.JPEGLSTransferSyntaxes, "pylibjpeg-libjpeg"),
+    **dict.fromkeys(  # GPL-3.0, so an opt-in extra of mammo-ray
+        dcm_uid.JPEGTransferSyntaxes + dcm_uid.JPEGLSTransferSyntaxes,
+        "pylibjpeg-libjpeg (pip install 'mammo-ray[jpeg]')",
+    ),
     **dict.fromkeys(dcm_uid.JPEG2000TransferSyntaxes, "pylibjpeg-openjpeg"),
 }
 # ViewCodeSequence code values (SNOMED-RT, then SNOMED CT) for the two standard views.
