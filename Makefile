@@ -5,12 +5,18 @@
 #   make test-fast  the unit tests only: no Ray, no PostgreSQL, no training (tests/conftest.py checks the markers)
 #   make lint       ruff (lint + format check) and mypy on mammo_ray/
 #   make format     ruff's formatter and its safe fixes, in place
+# After `make demo`:
+#   make serve      serve the demo's registered ensemble (MODEL=... for another) on http://127.0.0.1:8000
+#   make ui         the MLflow UI on the work directory's store, http://127.0.0.1:5000
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format install clean-work bench
+MODEL ?= models:/mammo-ray-demo-ensemble@champion
+WORKDIR ?= work
+
+.PHONY: demo test test-fast lint format install clean-work bench serve ui
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +31,12 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/mammo-ray demo --config tune_configs/search_smoke.yaml
+
+serve: install
+	$(BIN)/mammo-ray serve --model $(MODEL) --workdir $(WORKDIR)
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 test: install
 	$(BIN)/python -m pytest

@@ -8,8 +8,10 @@ that temp dir in its environment, which is how the tests find any it leaves behi
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -118,21 +120,42 @@ def predict_in_process(model: str, path: Path, workdir: Path, tracking_uri: str 
     return runtime.predict_items([item])[0]["probability"]
 
 
-@pytest.mark.timeout(600)
-def test_demo_runs_the_main_job_and_serves_its_ensemble(tmp_path):
-    workdir = tmp_path / "work"
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, dict]:
+    """(workdir, JSON result) of `mammo-ray demo` at tiny size, as a user runs it."""
+    workdir = tmp_path_factory.mktemp("demo") / "work"
     args = [MAMMO_RAY, "demo", "--config", "tune_configs/search_smoke.yaml", "--members", "1"]
     args += ["--workdir", str(workdir), "--json", *[a for o in DEMO_SHRINK for a in ("--set", o)]]
     with own_ray_environment() as (env, marker):
-        done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         wait_for_exit_of_all(marker)
-    result = json.loads(done.stdout)
+    return workdir, json.loads(done.stdout)
+
+
+@pytest.mark.timeout(600)
+def test_demo_runs_the_main_job_and_serves_its_ensemble(demo):
+    workdir, result = demo
     search, ensemble, served = result["search"], result["ensemble"], result["serve"]
     assert search["trials"] == 1 and search["errored"] == 0
     assert search["best"]["cell"] == "levynet-single-aug_as-configured"
     assert ensemble["members"] == 1 and not ensemble["members_failed"]
     assert ensemble["model_uri"] == "models:/mammo-ray-demo-ensemble/1"
+    assert ensemble["alias_uri"] == "models:/mammo-ray-demo-ensemble@champion"
+    example = result["example"]  # the lesion it asked about, where the README's commands expect it
+    assert Path(example["image"]) == workdir / "demo" / "example.dcm" and Path(example["image"]).is_file()
+    assert (workdir / "demo" / "example-box.txt").read_text().strip() == example["box"]
+    steps = result["next_steps"]  # the exact commands, with this run's non-default workdir
+    assert steps["serve"] == f"mammo-ray serve --model {ensemble['alias_uri']} --workdir {workdir}"
+    assert f"file=@{example['image']}" in steps["ask"] and f"box={example['box']}" in steps["ask"]
+    assert steps["MLflow UI"].startswith(f"mlflow ui --backend-store-uri {ensemble['tracking_uri']} ")
+    assert f"mammo_ray.load({ensemble['alias_uri']!r}, workdir={str(workdir)!r})" in steps["Python"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's python
+    env.pop("MLFLOW_TRACKING_URI", None)
+    printed = subprocess.run(["bash", "-c", steps["Python"]], env=env, capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    reply = ast.literal_eval(printed.stdout.strip().splitlines()[-1])  # as printed, it answers as served
+    assert reply["probability"] == pytest.approx(result["serve"]["reply"]["probability"], abs=1e-5)
     reply = served["reply"]
     assert reply["members"]["count"] == 1 and reply["label"] in ("benign", "malignant")
     # What the demo's curl got from Serve is what the served code computes in-process for that lesion.
@@ -179,7 +202,7 @@ def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(checkpoint_and_scan
     with own_ray_environment() as (env, marker):
         with reserved_port() as port:  # held until Serve's proxy has bound it (SO_REUSEPORT)
             args = [MAMMO_RAY, "serve", "--model", str(checkpoint), "--workdir", str(workdir), "--port", str(port)]
-            args += ["--option", "num_cpus=0.5", "--option", "execution=loop"]
+            args += ["--set", "num_cpus=0.5", "--set", "execution=loop"]
             server = subprocess.Popen(
                 args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
@@ -206,3 +229,76 @@ def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(checkpoint_and_scan
         wait_for_exit_of_all(marker)  # no Serve replica or raylet outlives the command
     assert answer["members"]["count"] == 1 and answer["views"].keys() == {"CC"}
     assert answer["probability"] == pytest.approx(predict_in_process(str(checkpoint), scan, workdir), abs=1e-5)
+
+
+# --- the README's commands -------------------------------------------------------------------------
+
+README = REPO / "README.md"
+BLOCK = re.compile(r"<!-- readme-test: (run|check) -->\s*```bash\n(.*?)```", re.S)
+
+
+def readme_blocks(kind: str) -> list[str]:
+    """The README's ```bash blocks marked ``<!-- readme-test: KIND -->``: ``run`` blocks are run as printed
+    after the demo, ``check`` blocks (long-running: a server, a UI) have their models and files checked."""
+    blocks = [body for marked, body in BLOCK.findall(README.read_text()) if marked == kind]
+    assert blocks, f"README.md has no block marked <!-- readme-test: {kind} -->"
+    return blocks
+
+
+def test_the_readme_marks_its_commands():
+    assert len(readme_blocks("run")) >= 1 and len(readme_blocks("check")) >= 1
+    assert "models:/mammo-ray-demo-ensemble@champion" in readme_blocks("run")[0]
+
+
+def _user_checkout(demo_workdir: Path, tmp_path: Path) -> Path:
+    """A directory laid out as the user's clone after `make demo`: ``work`` (the demo's) and ``.venv``."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "work").symlink_to(demo_workdir)
+    (checkout / ".venv").symlink_to(Path(sys.executable).parents[1])
+    return checkout
+
+
+@pytest.mark.timeout(600)
+def test_the_readme_commands_work_as_printed_after_the_demo(demo, tmp_path):
+    workdir, result = demo
+    checkout = _user_checkout(workdir, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MAMMO_RAY_WORKDIR")}
+    env["HOME"] = str(tmp_path)  # nothing lands in the user's home
+    for block in readme_blocks("run"):
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=500,
+        )
+        assert done.returncode == 0, f"{block}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert "For research use only" in done.stdout
+    out = done.stdout
+    # evaluate: the registered ensemble's test AUC is the one the demo's ensemble reported
+    assert f"AUC {result['ensemble']['ensemble_auc']:.3f}" in out
+    # mammo_ray.load: a probability, equal to the one the demo's served ensemble answered for this lesion
+    printed = ast.literal_eval(next(line for line in out.splitlines() if line.startswith("{'probability'")))
+    assert printed["probability"] == pytest.approx(result["serve"]["reply"]["probability"], abs=1e-5)
+
+
+def test_the_readme_long_running_commands_name_what_the_demo_made(demo, tmp_path):
+    """``check`` blocks (serve, curl, the MLflow UI) are not run; what they name must exist after the demo."""
+    from mammo_ray.ensemble.source import resolve_model_source
+
+    workdir, result = demo
+    checkout = _user_checkout(workdir, tmp_path)
+    text = "\n".join(readme_blocks("check"))
+    uris = set(re.findall(r"models:/[\w.\-]+(?:@[\w\-]+|/\d+)", text))
+    assert uris == {result["ensemble"]["alias_uri"]}
+    for uri in uris:
+        source = resolve_model_source(uri, workdir, tracking_uri=result["ensemble"]["tracking_uri"])
+        assert source.model_uri == result["ensemble"]["model_uri"]
+    for path in re.findall(r"(?:file=@|cat |--config )([\w./\-]+)", text):
+        assert (checkout / path).exists() or (REPO / path).exists(), path
+    assert "sqlite:///$PWD/work/mlflow/mlflow.db" in text and (workdir / "mlflow" / "mlflow.db").is_file()
+    makefile = (REPO / "Makefile").read_text()  # `make serve` / `make ui`, which the block mentions
+    assert "\nserve: " in makefile and "\nui: " in makefile
+    assert f"MODEL ?= {result['ensemble']['alias_uri']}" in makefile

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mammo_ray.cli.output import AddCommand, CommandResult
+from mammo_ray.cli.output import AddCommand, CommandResult, mlflow_ui_command
 from mammo_ray.cli.search import ensemble_text, search_text
 from mammo_ray.cli.serve import APP_NAME, start_app
+from mammo_ray.workdir import default_workdir
 
 if TYPE_CHECKING:
     from mammo_ray.config import Config
@@ -73,25 +75,26 @@ def demo_search_and_ensemble(args: argparse.Namespace, config: Config, workdir: 
             ensemble_text(ensembled),
         ]
     )
-    result: dict[str, Any] = {"search": searched.to_dict(), "ensemble": ensembled}
+    example = demo_example(ensembled, workdir)
+    result: dict[str, Any] = {"search": searched.to_dict(), "ensemble": ensembled, "example": example}
     if not args.no_serve:
-        served, serve_text = demo_serve(ensembled, workdir, progress=not args.json)
+        served, serve_text = demo_serve(ensembled, example, workdir, progress=not args.json)
         result["serve"] = served
         text += "\n\n" + serve_text
+    result["next_steps"] = next_steps(ensembled, example, workdir)
+    text += "\n\nnext steps (the venv's commands: `source .venv/bin/activate` first, or the make targets):\n"
+    text += "\n".join(f"  {what:<12} {command}" for what, command in result["next_steps"].items())
     return result, text
 
 
-def demo_serve(ensembled: dict[str, Any], workdir: Path, *, progress: bool) -> CommandResult:
-    """Serve the registered ensemble, send one synthetic test DICOM with curl, print the reply, stop."""
-    from ray import serve
-
+def demo_example(ensembled: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """A test-split lesion to ask the ensemble about, copied to ``<workdir>/demo/example.dcm`` with its
+    ROI box (stored pixels) in ``example-box.txt``, so the printed and documented commands name stable files."""
     from mammo_ray.data.crops import mask_bbox
     from mammo_ray.data.dicom import read_dicom
     from mammo_ray.data.manifest import read_manifest
     from mammo_ray.data.splits import Splits
-    from mammo_ray.ray_session import reserved_port
     from mammo_ray.search.trial import read_plan
-    from mammo_ray.serving.runtime import ServeSettings
 
     prepared = read_plan(ensembled["experiment_dir"]).cells["member"].prepared
     manifest = read_manifest(prepared.manifest)
@@ -102,6 +105,47 @@ def demo_serve(ensembled: dict[str, Any], workdir: Path, *, progress: bool) -> C
     box = mask_bbox(read_dicom(row["roi_mask_path"], flip=False)[0] > 0)
     if box is None:
         raise ValueError(f"{row['roi_mask_path']}: the ROI mask of test lesion {row['lesion_id']} is empty")
+    folder = workdir / "demo"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / "example.dcm"
+    shutil.copyfile(row["image_path"], image)
+    boxed = ",".join(map(str, box))
+    (folder / "example-box.txt").write_text(boxed + "\n")
+    return {"image": str(image), "box": boxed, "lesion": row["lesion_id"], "source": row["image_path"]}
+
+
+def _shown(path: str | Path) -> str:
+    """A path as a user types it: relative to the current directory when it lies under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def next_steps(ensembled: dict[str, Any], example: dict[str, Any], workdir: Path) -> dict[str, str]:
+    """The exact commands to serve what the demo registered, ask it, open the MLflow UI and load it in Python."""
+    model = ensembled.get("alias_uri") or ensembled["model_uri"]
+    default = default_workdir() == workdir
+    with_workdir = "" if default else f" --workdir {shlex.quote(_shown(workdir))}"
+    image = _shown(example["image"])
+    box = "(" + ", ".join(example["box"].split(",")) + ")"
+    load_args = repr(model) + ("" if default else f", workdir={_shown(workdir)!r}")
+    python = f"import mammo_ray; m = mammo_ray.load({load_args}); print(m.predict({image!r}, box={box}))"
+    return {
+        "serve": f"mammo-ray serve --model {model}{with_workdir}" + ("   (or: make serve)" if default else ""),
+        "ask": f"curl -F file=@{shlex.quote(image)} -F box={example['box']} http://127.0.0.1:8000/v1/predict",
+        "MLflow UI": mlflow_ui_command(ensembled["tracking_uri"]) + ("   (or: make ui)" if default else ""),
+        "Python": f'python -c "{python}"' if not set(python) & set('"$`\\!') else f"python -c {shlex.quote(python)}",
+    }
+
+
+def demo_serve(ensembled: dict[str, Any], example: dict[str, Any], workdir: Path, *, progress: bool) -> CommandResult:
+    """Serve the registered ensemble, send the example DICOM with curl, print the reply, stop."""
+    from ray import serve
+
+    from mammo_ray.ray_session import reserved_port
+    from mammo_ray.serving.runtime import ServeSettings
+
     settings = ServeSettings(
         model=ensembled["model_uri"],
         tracking_uri=ensembled["tracking_uri"],
@@ -113,10 +157,9 @@ def demo_serve(ensembled: dict[str, Any], workdir: Path, *, progress: bool) -> C
         print(f"starting the Serve app on {ensembled['model_uri']} ...", file=sys.stderr, flush=True)
     with reserved_port() as port:  # a free loopback port, held until Serve listens: 8000 may be taken here
         url = start_app(settings.model_dump(mode="json"), "127.0.0.1", port)
-    boxed = ",".join(map(str, box))
-    command = ["curl", "-s", "-F", f"file=@{row['image_path']}", "-F", f"box={boxed}", f"{url}/v1/predict"]
+    command = ["curl", "-s", "-F", f"file=@{example['image']}", "-F", f"box={example['box']}", f"{url}/v1/predict"]
     # The whole film to /v1/localize: the method follows the model (CAM for a crop classifier).
-    located = ["curl", "-s", "-F", f"file=@{row['image_path']}", "-F", "heatmap=none", f"{url}/v1/localize"]
+    located = ["curl", "-s", "-F", f"file=@{example['image']}", "-F", "heatmap=none", f"{url}/v1/localize"]
     try:
         reply = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
         where = subprocess.run(located, capture_output=True, text=True, timeout=300, check=True).stdout
@@ -142,7 +185,7 @@ def demo_serve(ensembled: dict[str, Any], workdir: Path, *, progress: bool) -> C
         "url": url,
         "curl": shown,
         "reply": answer,
-        "lesion": row["lesion_id"],
+        "lesion": example["lesion"],
         "curl_localize": shown_localize,
         "localize_reply": {k: v for k, v in localized.items() if k != "heatmap"},
     }, text
