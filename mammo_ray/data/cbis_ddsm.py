@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook
 
 from mammo_ray.constants import AbnormalityType, Pathology, Side, View
 from mammo_ray.data.dicom import DicomReadError, read_dicom, read_dicom_header

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook
 
 from mammo_ray.localize.froc import HIT_RULES, FROCResult, Hit, Reduce, evaluate_image, froc, plot_froc
 from mammo_ray.localize.rois import Film, group_films, roi_grids

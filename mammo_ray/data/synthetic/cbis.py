@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook
 
 from mammo_ray.constants import Side, View
 from mammo_ray.data.masks import resample_mask
