@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -149,6 +151,11 @@ def _test_lesion(ensemble_log: str) -> tuple[Path, str]:
     return Path(row["image_path"]), box
 
 
+def _json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as reply:
+        return json.loads(reply.read())
+
+
 def test_serve_deploy_of_the_registered_ensemble(ray_cluster, workdir, ensembled, tmp_path):
     from mammo_ray.cli.serve import wait_ready
 
@@ -214,6 +221,40 @@ def test_serve_deploy_of_the_registered_ensemble(ray_cluster, workdir, ensembled
             reply = json.loads(body)
             assert 0 <= reply["probability"] <= 1 and reply["label"] in ("benign", "malignant"), reply
             (tmp_path / "predict.json").write_text(json.dumps(reply))
+
+            # A second `serve deploy` that changes only EnsembleModel's user_config: the running replica
+            # applies the new threshold in reconfigure(), without reloading its members.
+            before = _json(f"{url}/v1/model")["replica"]
+            threshold = 0.0 if reply["label"] == "benign" else 1.0  # flips this lesion's label
+            assert deployed["applications"][0]["deployments"][0]["name"] == "EnsembleModel"
+            deployed["applications"][0]["deployments"][0]["user_config"]["threshold"] = threshold
+            path.write_text(yaml.safe_dump(deployed, sort_keys=False))
+            again = subprocess.run(
+                [SERVE, "deploy", str(path), "--address", ray_cluster.address],
+                env=ray_cluster.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert again.returncode == 0, again.stdout + again.stderr
+            after = before
+            for _ in range(120):  # the update reaches the replica within seconds
+                after = _json(f"{url}/v1/model")["replica"]
+                if after["options"]["threshold"] == threshold:
+                    break
+                time.sleep(1)
+            assert after["options"]["threshold"] == threshold, after
+            assert (after["pid"], after["loaded_at"]) == (before["pid"], before["loaded_at"])  # not reloaded
+            assert after["user_config_updates"] == before["user_config_updates"] + 1
+            curl = subprocess.run(
+                ["curl", "-s", "-F", f"file=@{image}", "-F", f"box={box}", f"{url}/v1/predict"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            updated = json.loads(curl.stdout)
+            assert updated["threshold"] == threshold and updated["label"] != reply["label"], updated
+            assert updated["probability"] == pytest.approx(reply["probability"], abs=1e-9)
             status_out = subprocess.run(
                 [SERVE, "status", "--address", ray_cluster.address],
                 env=ray_cluster.env,

@@ -1,24 +1,37 @@
 """The Ray Serve app: the ensemble behind a FastAPI ingress (predict, localize, health, model).
 
-    serve run serve.app:build_app model=models:/mammo-ray-ensemble@champion        # or: serve run serve/config.yaml
-    (serve/app.py re-exports this module's build_app for `serve run` from the repository root)
-    mammo-ray serve --model models:/mammo-ray-ensemble@champion [--host 127.0.0.1] [--port 8000]
+    serve run serve/config.yaml              # from the repository root (serve/app.py re-exports build_app)
+    mammo-ray serve --model models:/mammo-ray-demo-ensemble@champion [--host 127.0.0.1] [--port 8000]
 
-Two deployments. ``EnsembleModel`` loads the members once per replica in ``__init__`` (from a
-checkpoint, a run or a registered version), measures loop against stacked execution on its own
-device, warms up, and answers ``@serve.batch``-ed predictions and localizations (dense maps of
-patch classifiers, CAM or Grad-CAM of crop classifiers).
-``Ingress`` parses and checks uploads (``mammo_ray.serving.api``) and calls the model through
-its handle. ``max_ongoing_requests`` and ``max_queued_requests`` bound both, so overload
-answers 503 instead of piling up. HTTP binds 127.0.0.1 unless told otherwise.
+Two deployments, named as ``serve/config.yaml``'s ``deployments:`` list names them (the shape ``serve
+build`` writes), where Serve's users change replicas, autoscaling, ``ray_actor_options`` and
+``max_ongoing_requests``:
+
+- ``EnsembleModel`` loads the members once per replica in ``__init__`` (from a checkpoint, a run or
+  a registered version), measures loop against stacked execution on its own device, warms up, and
+  answers ``@serve.batch``-ed predictions and localizations (dense maps of patch classifiers, CAM or
+  Grad-CAM of crop classifiers). Its ``user_config`` (``ReplicaOptions``: thresholds, ROI default,
+  localization tiling, batching) is applied by ``reconfigure()``, so a ``serve deploy`` that changes
+  only the threshold updates the running replicas without reloading their members.
+- ``Ingress`` serves the FastAPI app of ``mammo_ray.serving.api``, built on the replica by the
+  builder function handed to ``serve.ingress`` (Serve's documented way to build an app at replica
+  start), and calls the model through its deployment handle.
+
+``max_ongoing_requests`` and ``max_queued_requests`` bound both, so overload answers 503 instead of
+piling up. HTTP binds 127.0.0.1 unless told otherwise.
 For research use only. Not for use in diagnostic procedures.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Deployment
 from ray.serve.handle import DeploymentHandle
@@ -28,16 +41,57 @@ from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import UploadError
 
 STATUS_TIMEOUT_S = 3.0
+MODEL_DEPLOYMENT = "EnsembleModel"
+INGRESS_DEPLOYMENT = "Ingress"
 
 
-@serve.deployment
+class ReplicaOptions(BaseModel):
+    """``EnsembleModel``'s ``user_config``: what a running replica can change without reloading its members.
+    The defaults, and the values ``mammo-ray serve --set`` gives, come from ``ServeSettings``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(0.5, ge=0, le=1)
+    localize_threshold: float = Field(0.5, ge=0, le=1)
+    localize_tile: int = Field(1024, ge=0)
+    localize_long_side: int | None = Field(None, ge=8)
+    roi_default: Literal["whole", "center"] = "whole"
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+    @classmethod
+    def of(cls, settings: ServeSettings) -> ReplicaOptions:
+        return cls(**{name: getattr(settings, name) for name in cls.model_fields})
+
+
+@serve.deployment(name=MODEL_DEPLOYMENT)
 class EnsembleModel:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.runtime = ModelRuntime(settings)  # loads, chooses loop/stacked, warms: once per replica
-        s = self.runtime.settings
+        self.loaded_at = time.time()
+        self.updates = 0  # user_config updates applied since the members were loaded
+        self._apply(ReplicaOptions.of(self.runtime.settings))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's hook for ``user_config``: at start, and at every ``serve deploy`` that changes only it.
+        An unknown key or a bad value fails the deploy with pydantic's message naming the field."""
+        self._apply(ReplicaOptions(**user_config))
+        self.updates += 1
+
+    def _apply(self, options: ReplicaOptions) -> None:
+        self.runtime.settings = self.runtime.settings.model_copy(update=options.model_dump())
         # @serve.batch's wrapper has these setters; its type annotation does not say so
-        self.predict.set_max_batch_size(s.max_batch_size)  # type: ignore[attr-defined]
-        self.predict.set_batch_wait_timeout_s(s.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.predict.set_max_batch_size(options.max_batch_size)  # type: ignore[attr-defined]
+        self.predict.set_batch_wait_timeout_s(options.batch_wait_timeout_s)  # type: ignore[attr-defined]
+
+    def _replica(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "loaded_at": self.loaded_at,
+            "load_seconds": self.runtime.load_seconds,
+            "user_config_updates": self.updates,
+            "options": ReplicaOptions.of(self.runtime.settings).model_dump(),
+        }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def predict(self, items: list[PredictItem]) -> list[dict[str, Any] | UploadError]:
@@ -54,11 +108,48 @@ class EnsembleModel:
         return self.runtime.status()
 
     def info(self) -> dict[str, Any]:
-        return self.runtime.info()
+        return {**self.runtime.info(), "replica": self._replica()}
 
     def check_health(self) -> None:  # Serve's replica health check
         if not self.runtime.ready:
             raise RuntimeError("model not loaded")
+
+
+MODEL_DEPLOYMENT_KEYS = ("max_ongoing_requests", "max_queued_requests", "health_check_period_s")
+
+
+def place_setting(app: dict[str, Any], key: str, value: Any) -> None:
+    """Put one ``ServeSettings`` value where a Serve config file keeps it (``app``: one entry of its
+    ``applications``): a ``ReplicaOptions`` field in ``EnsembleModel``'s ``user_config``, resources in its
+    ``ray_actor_options``, replicas and queue bounds on the deployment, anything else in ``args``."""
+    deployments = app.setdefault("deployments", [])
+    model = next((d for d in deployments if d.get("name") == MODEL_DEPLOYMENT), None)
+    if model is None:
+        model = {"name": MODEL_DEPLOYMENT}
+        deployments.insert(0, model)
+    if key in ReplicaOptions.model_fields:
+        model.setdefault("user_config", {})[key] = value
+    elif key in ("num_cpus", "num_gpus"):
+        model.setdefault("ray_actor_options", {})[key] = value
+    elif key == "num_replicas":
+        model.pop("autoscaling_config", None)
+        model["num_replicas"] = value
+    elif key == "autoscaling":
+        model.pop("num_replicas", None)
+        model["autoscaling_config"] = value
+    elif key in MODEL_DEPLOYMENT_KEYS:
+        model[key] = value
+    else:
+        app.setdefault("args", {})[key] = value
+
+
+def check_app_config(app: dict[str, Any]) -> None:
+    """Raise (pydantic's message names the key) unless ``app``'s ``args`` are ``ServeSettings`` fields and
+    ``EnsembleModel``'s ``user_config`` is ``ReplicaOptions``: the checks a replica would make, made early."""
+    ServeSettings(**app.get("args", {}))
+    for deployment in app.get("deployments", []):
+        if deployment.get("name") == MODEL_DEPLOYMENT and "user_config" in deployment:
+            ReplicaOptions(**deployment["user_config"])
 
 
 class HandleBackend:
@@ -82,19 +173,21 @@ class HandleBackend:
         return await self.handle.info.remote()
 
 
-@serve.deployment
-@serve.ingress()
-class Ingress:
-    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
-        self.backend = HandleBackend(model)
-        self.settings = ServeSettings(**settings)
+def asgi_builder(settings: dict[str, Any]) -> Callable[[], FastAPI]:
+    """The ingress app's builder for ``serve.ingress``: run on each ingress replica at start, it builds the
+    FastAPI app over the handle of this application's model deployment."""
 
-    def __serve_build_asgi_app__(self) -> Any:
-        return build_api(self.backend, self.settings)
+    def build() -> FastAPI:
+        app_name = serve.get_replica_context().app_name
+        handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
+        return build_api(HandleBackend(handle), ServeSettings(**settings))
+
+    return build
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """The app builder (``serve run serve.app:build_app model=...``): typed ``ServeSettings``."""
+    """The app builder (``serve run serve/config.yaml``, ``mammo-ray serve``): typed ``ServeSettings``. The
+    deployment options here are the defaults; a config file's ``deployments:`` entries override them."""
     settings = ServeSettings(**args)
     data = settings.model_dump(mode="json")
     model_options: dict[str, Any] = {
@@ -102,16 +195,17 @@ def build_app(args: dict[str, Any]) -> Any:
         "max_ongoing_requests": max(settings.max_ongoing_requests, settings.max_batch_size),
         "max_queued_requests": settings.max_queued_requests,
         "health_check_period_s": settings.health_check_period_s,
+        "user_config": ReplicaOptions.of(settings).model_dump(),
     }
     if settings.autoscaling:
         model_options["autoscaling_config"] = settings.autoscaling
     else:
         model_options["num_replicas"] = settings.num_replicas
-    # @serve.deployment made both classes Deployments; type checkers still see the classes
+    # @serve.deployment made EnsembleModel a Deployment; type checkers still see the class
     model = cast(Deployment, EnsembleModel).options(**model_options).bind(data)
-    ingress = cast(Deployment, Ingress).options(
+    ingress = cast(Deployment, serve.deployment(serve.ingress(asgi_builder(data))(), name=INGRESS_DEPLOYMENT))
+    return ingress.options(
         ray_actor_options={"num_cpus": 0.1},
         max_ongoing_requests=4 * settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
-    )
-    return ingress.bind(model, data)
+    ).bind(model)

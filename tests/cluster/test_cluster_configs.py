@@ -545,10 +545,15 @@ def test_rayservice_deploys_what_serve_config_yaml_deploys():
     in_pod = yaml.safe_load(_manifest("rayservice")["spec"]["serveConfigV2"])
     assert [a["import_path"] for a in in_pod["applications"]] == [a["import_path"] for a in local["applications"]]
     assert local.get("http_options", {}).get("host") == "127.0.0.1"
-    from mammo_ray.serving.runtime import ServeSettings
+    from mammo_ray.serving.app import ReplicaOptions, check_app_config
 
-    for app in [*local["applications"], *in_pod["applications"]]:  # every args key is a builder field
-        ServeSettings(**app["args"])
+    for app in [*local["applications"], *in_pod["applications"]]:  # args are ServeSettings, user_config options
+        check_app_config(app)
+        deployments = {d["name"]: d for d in app["deployments"]}
+        assert list(deployments) == ["EnsembleModel", "Ingress"]  # the names build_app gives them
+        assert set(deployments["EnsembleModel"]["user_config"]) == set(ReplicaOptions.model_fields)
+    (here,), (there,) = local["applications"], in_pod["applications"]
+    assert here["deployments"][0]["user_config"] == there["deployments"][0]["user_config"]
 
 
 # ---------------------------------------------------------------- no secrets in cluster/
