@@ -37,6 +37,7 @@ from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model
 from mammo_ray.train.evaluation import evaluate_checkpoint
 from mammo_ray.train.in_process import CheckpointFolder, Report, runs_in_process, train_in_process, trial_resources
+from mammo_ray.train.lineage import log_data_inputs
 from mammo_ray.train.ray_train import build_trainer, loop_config
 from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
@@ -221,6 +222,8 @@ def run_training(
         run_id=resume_run_id,
     ) as run:
         run.log_artifact(config_path)
+        if resume_run_id is None:
+            log_data_inputs(run.client, run.run_id, prepared)
         cfg = loop_config(
             config, prepared.cache_dir, mlflow_uri=uri, run_id=run.run_id, fold=fold, splits_path=prepared.splits
         )

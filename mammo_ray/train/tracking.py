@@ -54,6 +54,8 @@ from mammo_ray.config import Config, flatten
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on one param value
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # the MLflow UI (3.x) chooses an experiment's first view by it
+MODEL_TRAINING = "custom_model_development"
 MAX_TAG_LENGTH = 8000  # ... and on one tag value
 SOURCE_ENV = "MAMMO_RAY_SOURCE"  # the driver's source tags (JSON), for the processes Ray starts for it
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's entrypoint only
@@ -79,17 +81,23 @@ def artifact_root(uri: str, workdir: str | Path) -> str | None:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """The experiment id, creating the experiment once (with an absolute artifact location)."""
+    """The experiment id, creating the experiment once (with an absolute artifact location). It is tagged as
+    model training (``mlflow.experimentKind``), so MLflow's UI opens it on its runs, not its GenAI overview."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            experiment_id = client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+            )
+        except Exception:
+            experiment = client.get_experiment_by_name(name)  # another process created it first
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
+        return experiment_id
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before mammo-ray tagged its experiments
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
 
 
 def config_params(config: Config) -> list[Param]:

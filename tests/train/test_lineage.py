@@ -1,0 +1,55 @@
+"""What the MLflow UI shows: each run's train/val/test rows as dataset inputs, experiments opened as model training."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from mammo_ray.data.manifest import read_manifest
+from mammo_ray.data.pipeline import ensure_prepared
+from mammo_ray.data.splits import Splits
+from mammo_ray.train.lineage import log_data_inputs
+from mammo_ray.train.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, TrackedRun
+
+
+@pytest.fixture()
+def prepared(tiny_workdir, tiny_config):
+    return ensure_prepared(tiny_config(), tiny_workdir, progress=False)
+
+
+def test_a_run_lists_the_rows_of_each_split_it_used(prepared, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = []
+    for name in ("a", "b"):
+        with TrackedRun(uri, "lineage", name) as run:
+            log_data_inputs(run.client, run.run_id, prepared)
+            runs.append(run.run_id)
+    client = MlflowClient(uri)
+    manifest = read_manifest(prepared.manifest)
+    manifest = manifest[manifest["resolved"]]
+    counts = Splits.load(prepared.splits).assign(manifest).value_counts()
+    digests = []
+    for run_id in runs:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+        assert set(by_context) == {"train", "val", "test"}
+        for part, dataset in by_context.items():
+            assert dataset.name.endswith(f"/{part}") and dataset.source_type == "local"
+            assert f'"num_rows": {counts[part]}' in dataset.profile  # the split's rows, no more
+            assert "patient_id" in dataset.schema and "label" in dataset.schema
+        digests.append({part: d.digest for part, d in by_context.items()})
+    assert digests[0] == digests[1] and len(set(digests[0].values())) == 3  # same data, same digest; splits differ
+    experiment = client.get_experiment_by_name("lineage")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING  # the UI opens it on its runs
+
+
+def test_an_existing_experiment_is_tagged_and_a_set_kind_is_kept(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    old = client.create_experiment("older")
+    mine = client.create_experiment("theirs", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    for name in ("older", "theirs"):
+        with TrackedRun(uri, name, "run"):
+            pass
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    assert client.get_experiment(mine).tags[EXPERIMENT_KIND_TAG] == "genai_development"
