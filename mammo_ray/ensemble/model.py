@@ -8,37 +8,35 @@ stacked weights, and it allows members of different architectures.
 
 The members must agree on what they take and return: view mode, input channels, classes and
 the evaluation transform (so one preprocessed batch feeds them all). ``register_ensemble``
-stores the member checkpoints as artifacts of one pyfunc model, logs it to a run and
-registers it as one model version whose tags name the member runs (lineage).
+saves the member checkpoints as one MLflow model that takes images (``pyfunc``), logs it as a
+logged model of the ensemble's run and registers it as one model version whose tags name the
+member runs (lineage).
 """
 
 from __future__ import annotations
 
-import re
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
-import numpy as np
-import pandas as pd
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.pyfunc.model import PythonModel
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from torch import Tensor, nn
 
 from mammo_ray import tags
 from mammo_ray.config import Config
 from mammo_ray.data.transforms import TransformSpec
+from mammo_ray.ensemble.pyfunc import save_ensemble_model
 from mammo_ray.train.checkpoint import checkpoint_file, load_checkpoint, restore_model
 
-__all__ = ["Ensemble", "EnsemblePyfunc", "check_members", "member_name", "register_ensemble"]
-
-MEMBER_PATTERN = re.compile(r"member_\d{3,}")
-PREDICT_BATCH = 64  # images per forward in the pyfunc: bounds memory for any request size
+__all__ = ["Ensemble", "check_members", "member_name", "register_ensemble"]
 
 
 def member_name(index: int) -> str:
@@ -155,43 +153,13 @@ def member_inputs(view_mode: str, x: Tensor | Sequence[Tensor]) -> tuple[Tensor,
                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
             )
         return (x,)
-    if isinstance(x, Tensor):  # the pyfunc layout: (N, 2, C, H, W), CC then MLO
+    if isinstance(x, Tensor):  # one stacked tensor: (N, 2, C, H, W), CC then MLO
         if x.dim() != 5 or x.shape[1] != 2:
             raise ValueError(f"multimodal ensemble takes (N, 2, C, H, W) or a (cc, mlo) pair, got {tuple(x.shape)}")
         return x[:, 0], x[:, 1]
     if len(x) != 2:
         raise ValueError(f"multimodal ensemble takes a (cc, mlo) pair, got {len(x)} tensors")
     return x[0], x[1]
-
-
-class EnsemblePyfunc(PythonModel):
-    """The ensemble as an MLflow pyfunc; its artifacts ``member_000``, ... are member checkpoints.
-
-    ``predict`` takes float32 ``(N, C, H, W)`` already preprocessed with the ensemble's eval
-    transform (``(N, 2, C, H, W)``, CC then MLO, for multimodal) and returns a DataFrame with
-    ``prob`` (member mean), ``prob_std`` (ddof 0) and one ``member_XXX`` column per member.
-    """
-
-    ensemble: Ensemble | None = None
-
-    def load_context(self, context: Any) -> None:
-        names = sorted(name for name in context.artifacts if MEMBER_PATTERN.fullmatch(name))
-        if not names:
-            raise ValueError(f"ensemble pyfunc: no member_XXX artifacts among {sorted(context.artifacts)}")
-        self.names = names
-        self.ensemble = Ensemble.from_checkpoints([context.artifacts[name] for name in names])
-
-    # ``model_input`` is left unannotated on purpose: MLflow 3 reads predict's type hints as a schema
-    # and warns unless they are list[...], which would make it validate and convert the array.
-    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if self.ensemble is None:
-            raise RuntimeError("ensemble pyfunc: predict called before load_context")
-        x = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.float32))
-        probs = torch.cat([self.ensemble(x[i : i + PREDICT_BATCH]) for i in range(0, len(x), PREDICT_BATCH)])
-        probs_np = probs.numpy().astype(np.float64)
-        out = pd.DataFrame({"prob": probs_np.mean(axis=1), "prob_std": probs_np.std(axis=1)})
-        members = pd.DataFrame(probs_np, columns=self.names)
-        return pd.concat([out, members], axis=1)
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -218,15 +186,19 @@ def register_ensemble(
     description: str = "",
     alias: str | None = None,
 ) -> dict[str, Any]:
-    """Save the members as one pyfunc model, log it to run ``run_id`` and register one version.
+    """Save the members as one MLflow model, log it as a logged model of run ``run_id``, register one version.
 
     The members are checked first (``check_members``). Nothing touches MLflow's global tracking
-    URI or active run: the model is saved to a temporary folder, uploaded with
-    ``MlflowClient(uri).log_artifacts`` under ``model``, and registered from the run's artifact URI.
+    URI or active run: a logged model is created in the run's experiment with ``MlflowClient(uri)``
+    (named ``name``, the run's parameters, the member tags), the model is saved to a temporary folder
+    (``pyfunc.save_ensemble_model``: signature, input example, the code, the member checkpoints)
+    and uploaded as its artifacts, the run lists it among its outputs, and the version is registered
+    from the logged model's artifact location; the logged model's ``mlflow.modelVersions`` tag names the
+    version (the SQL registry does not keep a version's ``model_id``).
 
     Args:
         uri: tracking (and registry) URI, e.g. ``sqlite:////abs/mlflow.db``.
-        run_id: an existing run (the ensemble's parent run) that receives the ``model`` artifact.
+        run_id: an existing run (the ensemble's parent run) that the logged model comes from.
         checkpoints: the member checkpoint files or folders, in member order.
         member_run_ids: the MLflow run of each member, same order (lineage tags).
         name: the registered model; created when missing.
@@ -236,7 +208,8 @@ def register_ensemble(
 
     Returns:
         ``{"model_uri": "models:/<name>/<version>", "name", "version" (int), "run_id", "alias",
-        "alias_uri"}`` (``alias_uri`` is ``models:/<name>@<alias>``, or the version's URI without an alias).
+        "alias_uri", "model_id"}`` (``alias_uri`` is ``models:/<name>@<alias>``, or the version's URI
+        without an alias; ``model_id`` is the logged model's, ``models:/<model_id>`` in MLflow).
     """
     files = [checkpoint_file(p) for p in checkpoints]
     if len(files) != len(member_run_ids):
@@ -249,30 +222,51 @@ def register_ensemble(
 
     client = MlflowClient(uri)
     run = client.get_run(run_id)  # fails early, naming the run, when it does not exist
-    artifacts = {member_name(i): str(path.resolve()) for i, path in enumerate(files)}
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            str(target),
-            python_model=EnsemblePyfunc(),
-            artifacts=artifacts,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"],
-            metadata={
-                tags.MEMBERS: len(files),
-                tags.VIEW_MODE: payloads[0]["config"]["model"]["view_mode"],
-            },
-        )
-        client.log_artifacts(run_id, str(target), "model")
+    view_mode = payloads[0]["config"]["model"]["view_mode"]
+    lineage = {tags.MEMBER_RUN_IDS: ",".join(member_run_ids), tags.MEMBERS: str(len(files))}
+    logged = client.create_logged_model(
+        run.info.experiment_id,
+        name=name,
+        source_run_id=run_id,
+        tags={**lineage, tags.VIEW_MODE: view_mode},
+        params=dict(run.data.params),
+        model_type="mammo-ray ensemble",
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "model"
+            save_ensemble_model(
+                target,
+                {member_name(i): path for i, path in enumerate(files)},
+                view_mode,
+                mlflow_model=Model(
+                    artifact_path=logged.artifact_location,
+                    model_uuid=logged.model_id,
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                ),
+            )
+            client.log_model_artifacts(logged.model_id, str(target))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
 
     _ensure_registered_model(client, name)
     members = "\n".join(f"- {member_name(i)}: run {rid}" for i, rid in enumerate(member_run_ids))
     text = f"{description}\n\n" if description else ""
     version = client.create_model_version(
         name,
-        source=f"{run.info.artifact_uri.rstrip('/')}/model",
+        # Not models:/<model_id>: the SQL registry would resolve that through the process-wide tracking URI.
+        source=logged.artifact_location,
         run_id=run_id,
-        tags={tags.MEMBER_RUN_IDS: ",".join(member_run_ids), tags.MEMBERS: str(len(files))},
+        tags=lineage,
         description=f"{text}Average of {len(files)} members (paper 000):\n{members}",
+        model_id=logged.model_id,
+    )
+    client.set_logged_model_tags(
+        logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name, "version": version.version}])}
     )
     model_uri = f"models:/{name}/{version.version}"
     if alias:
@@ -284,4 +278,5 @@ def register_ensemble(
         "run_id": run_id,
         "alias": alias,
         "alias_uri": f"models:/{name}@{alias}" if alias else model_uri,
+        "model_id": logged.model_id,
     }

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,7 +29,7 @@ from mammo_ray.data.roi import roi_crop
 from mammo_ray.data.transforms import build_eval_transform
 from mammo_ray.ensemble.execution import choose_execution
 from mammo_ray.ensemble.model import Ensemble
-from mammo_ray.ensemble.source import resolve_model_source
+from mammo_ray.ensemble.source import ModelSource, resolve_model_source
 from mammo_ray.localize.methods import default_method, localize, map_label, method_reasons
 from mammo_ray.localize.render import overlay_base64
 from mammo_ray.localize.whole_image import Localization
@@ -40,7 +41,7 @@ from mammo_ray.serving.uploads import (
     parse_box,
     parse_point,
 )
-from mammo_ray.train.checkpoint import load_checkpoint
+from mammo_ray.train.checkpoint import checkpoint_file, load_checkpoint
 from mammo_ray.workdir import resolve_workdir
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -133,12 +134,17 @@ def _device(choice: str) -> torch.device:
 
 
 class ModelRuntime:
-    """The ensemble of one replica, loaded, measured and warmed in ``__init__``."""
+    """The ensemble of one replica, loaded, measured and warmed in ``__init__``.
 
-    def __init__(self, settings: ServeSettings | dict[str, Any]) -> None:
+    ``source`` skips resolving ``settings.model`` (``from_checkpoints`` passes the files it was given).
+    """
+
+    def __init__(self, settings: ServeSettings | dict[str, Any], source: ModelSource | None = None) -> None:
         started = time.perf_counter()
         self.settings = s = settings if isinstance(settings, ServeSettings) else ServeSettings(**settings)
-        self.source = resolve_model_source(s.model, resolve_workdir(s.workdir), tracking_uri=s.tracking_uri)
+        if source is None:
+            source = resolve_model_source(s.model, resolve_workdir(s.workdir), tracking_uri=s.tracking_uri)
+        self.source = source
         self.device = _device(s.device)
         ensemble = Ensemble.from_checkpoints(self.source.checkpoints, self.device)
         self.spec, self.config, self.view_mode = ensemble.spec, ensemble.config, ensemble.view_mode
@@ -154,6 +160,14 @@ class ModelRuntime:
         self.localizable = self.localize_method is not None
         self.load_seconds = time.perf_counter() - started
         self.ready = True
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | Path], settings: ServeSettings | dict[str, Any]) -> ModelRuntime:
+        """The runtime of member checkpoints already on this machine (files or folders, in member order),
+        such as an MLflow model's artifacts: no lookup, no MLflow store. ``settings.model`` only names
+        them (``info()``'s ``source.spec``)."""
+        s = settings if isinstance(settings, ServeSettings) else ServeSettings(**settings)
+        return cls(s, ModelSource(s.model, "checkpoint", [checkpoint_file(p) for p in paths]))
 
     # ------------------------------------------------------------------ setup
 

@@ -2,8 +2,9 @@
 final evaluation, artifacts. Also K-fold cross-validation (paper 004), with one Ray task per fold.
 
 Every output goes under ``<workdir>/runs/<run name>/``: the resolved config, the reported
-checkpoint, predictions, metrics and plots. The same files are logged to MLflow, with a
-model that ``mlflow.pytorch.load_model("runs:/<id>/model")`` loads back.
+checkpoint, predictions, metrics and plots. The same files are logged to MLflow, with the network
+as a logged model of the run (``log_model``) that ``mlflow.pytorch.load_model("models:/<model_id>")``
+loads back.
 
 Which checkpoint a run reports (``checkpoint_rule``): a plain run reports its best epoch by
 ``train.monitor`` on the val split. A cross-validation fold cannot: its validation patients are
@@ -30,10 +31,13 @@ import mlflow.pytorch
 import numpy as np
 import ray
 import torch
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.models import Model, infer_signature
 
 from mammo_ray import tags
 from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
+from mammo_ray.data.transforms import build_eval_transform
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model
 from mammo_ray.train.evaluation import evaluate_checkpoint
 from mammo_ray.train.in_process import CheckpointFolder, Report, runs_in_process, train_in_process, trial_resources
@@ -128,18 +132,45 @@ def storage_path_for(config: Config, workdir: Path) -> Path:
     return Path(config.train.storage_path) if config.train.storage_path else workdir / "ray_results"
 
 
-def log_model(run: TrackedRun, checkpoint: Path) -> None:
-    """An MLflow PyTorch model (``runs:/<id>/model``) from the checkpoint's weights."""
-    model, _, _ = restore_model(load_checkpoint(checkpoint))
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "model"
-        mlflow.pytorch.save_model(
-            model,
-            str(target),
-            serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"],
-        )
-        run.client.log_artifacts(run.run_id, str(target), "model")
+def log_model(run: TrackedRun, checkpoint: Path) -> str:
+    """The checkpoint's network as an MLflow 3 logged model of the run (the UI's Model column), loadable
+    with ``mlflow.pytorch.load_model("models:/<model_id>")``: its signature and input example are the
+    preprocessed tensor batch it takes (``mammo_ray.load`` and the registered ensemble take images).
+    Returns the model id."""
+    payload = load_checkpoint(checkpoint)
+    model, spec, config = restore_model(payload)
+    example = build_eval_transform(spec)(np.full((spec.cache_px,) * 2, 1000, np.uint16)).unsqueeze(0)
+    inputs = (example, example.clone()) if config.model.view_mode == "multimodal" else example
+    with torch.inference_mode():
+        output = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    example_np = example.numpy()
+    run_info = run.client.get_run(run.run_id).info
+    logged = run.client.create_logged_model(
+        run_info.experiment_id,
+        name=config.model.name,
+        source_run_id=run.run_id,
+        params={"view_mode": config.model.view_mode, "in_chans": str(config.model.in_chans)},
+        model_type="mammo-ray network",
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "model"
+            mlflow.pytorch.save_model(
+                model,
+                str(target),
+                serialization_format="pickle",  # the MLflow flavour's format; checkpoint.pt loads weights only
+                signature=infer_signature(example_np, output.numpy()),
+                input_example=None if config.model.view_mode == "multimodal" else example_np,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mammo-ray"],
+                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run.run_id, model_id=logged.model_id),
+            )
+            run.client.log_model_artifacts(logged.model_id, str(target))
+    except BaseException:
+        run.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    run.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    run.client.log_outputs(run.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged.model_id
 
 
 def check_resources(config: Config, fold: int | None = None) -> None:

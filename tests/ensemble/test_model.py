@@ -1,12 +1,15 @@
-"""The ensemble as one torch module and one registered MLflow model (paper 000: members differ by seed)."""
+"""The ensemble as one torch module and one registered MLflow model (paper 000: members differ by seed);
+the model's inputs and outputs are tested in test_pyfunc.py."""
 
 from __future__ import annotations
 
-import mlflow
-import numpy as np
+import json
+
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from mammo_ray.data.datasets import CropCache
 from mammo_ray.data.pipeline import ensure_prepared
@@ -74,7 +77,7 @@ def test_multimodal_ensemble_takes_pairs(make_member, tiny_workdir, tiny_config)
     cc, mlo = x[:4], x[4:]
     probs = ensemble((cc, mlo))
     assert probs.shape == (4, 2)
-    torch.testing.assert_close(ensemble(torch.stack([cc, mlo], dim=1)), probs)  # the pyfunc layout
+    torch.testing.assert_close(ensemble(torch.stack([cc, mlo], dim=1)), probs)  # one stacked tensor
     for m, path in enumerate(paths):
         torch.testing.assert_close(probs[:, m], member_probs(path, (cc, mlo)))
     with pytest.raises(ValueError, match="multimodal ensemble takes"):
@@ -91,7 +94,7 @@ def test_mismatched_member_is_named(members, make_member, override, field):
     assert str(odd) in str(info.value) and str(members[0]) in str(info.value)
 
 
-def test_register_and_load_pyfunc(members, tiny_workdir, tiny_config, tmp_path, monkeypatch):
+def test_register_logs_a_model_and_registers_it(members, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     ensure_experiment(client, "ensembles", (tmp_path / "artifacts").as_uri())
@@ -108,28 +111,26 @@ def test_register_and_load_pyfunc(members, tiny_workdir, tiny_config, tmp_path, 
         "run_id": parent.run_id,
         "alias": None,
         "alias_uri": "models:/mass-ensemble/1",
+        "model_id": result["model_id"],
     }
     version = client.get_model_version("mass-ensemble", "1")
     assert version.tags["mammo_ray.member_run_ids"] == ",".join(member_runs)
     assert version.tags["mammo_ray.members"] == "3" and version.run_id == parent.run_id
     assert all(rid in version.description for rid in member_runs) and version.description.startswith("test")
-    assert {a.path for a in client.list_artifacts(parent.run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
 
-    ensemble = Ensemble.from_checkpoints(members)
-    x = batch(ensemble, tiny_workdir, tiny_config)
-    # models:/ URIs resolve through the process-wide registry URI. mlflow.set_tracking_uri would also
-    # export MLFLOW_TRACKING_URI (which tracking.tracking_uri reads) for the rest of the session.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    loaded = mlflow.pyfunc.load_model(result["model_uri"])
-    out = loaded.predict(x.numpy())
-    expected = ensemble(x).numpy()
-    assert list(out.columns) == ["prob", "prob_std", "member_000", "member_001", "member_002"]
-    np.testing.assert_allclose(out["prob"], expected.mean(axis=1), atol=1e-5)
-    np.testing.assert_allclose(out[["member_000", "member_001", "member_002"]], expected, atol=1e-5)
-    np.testing.assert_allclose(out["prob_std"], expected.std(axis=1), atol=1e-5)
+    # A logged model of the ensemble's run (MLflow 3's Models tab and the run's outputs), holding the
+    # saved model, and linked to the version it became.
+    logged = client.get_logged_model(result["model_id"])
+    assert logged.status == LoggedModelStatus.READY and logged.source_run_id == parent.run_id
+    assert logged.name == "mass-ensemble" and logged.tags["mammo_ray.member_run_ids"] == ",".join(member_runs)
+    assert json.loads(logged.tags[MLFLOW_MODEL_VERSIONS]) == [{"name": "mass-ensemble", "version": version.version}]
+    assert [o.model_id for o in client.get_run(parent.run_id).outputs.model_outputs] == [logged.model_id]
+    assert version.source == logged.artifact_location
+    files = {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
+    assert files >= {"MLmodel", "pyfunc_model.py", "code", "artifacts", "input_example.json", "requirements.txt"}
 
     again = register_ensemble(uri, parent.run_id, members[:2], member_runs[:2], "mass-ensemble")
-    assert again["version"] == 2  # one new version per call
+    assert again["version"] == 2 and again["model_id"] != result["model_id"]  # one new version per call
     assert client.get_model_version("mass-ensemble", "2").tags["mammo_ray.members"] == "2"
 
 

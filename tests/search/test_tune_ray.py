@@ -26,7 +26,9 @@ from setups import TINY_TRAIN
 
 from mammo_ray.cli import main
 from mammo_ray.config import load_config
+from mammo_ray.data.crops import mask_bbox
 from mammo_ray.data.datasets import CropCache, SingleViewDataset
+from mammo_ray.data.dicom import read_dicom
 from mammo_ray.data.transforms import build_eval_transform
 from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.search.search import run_search
@@ -158,18 +160,25 @@ def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_w
         env.setenv("MLFLOW_TRACKING_URI", result["tracking_uri"])
         model = mlflow.pyfunc.load_model(result["model_uri"])
     ensemble = Ensemble.from_checkpoints([m["checkpoint"] for m in result["member_runs"]])
-    cache = CropCache(_member_cache(result))
+    prepared = _member_prepared(result)
+    cache = CropCache(prepared["cache_dir"])
     dataset = SingleViewDataset(cache, "test", best.data.task, transform=build_eval_transform(ensemble.spec))
     x = torch.stack([dataset[i][0] for i in range(6)])
-    out = model.predict(x.numpy().astype(np.float32))
-    assert len(out) == 6 and out["prob"].between(0, 1).all()
+    # The registered model takes image files and ROI boxes (here each lesion's mask bounding box), as
+    # /v1/predict does, and answers the ensemble's probability of the cached crops of those lesions.
+    lesions = dataset.frame.head(6)
+    masks = pd.read_parquet(prepared["manifest"]).set_index("lesion_id").loc[lesions["lesion_id"], "roi_mask_path"]
+    boxes = [",".join(map(str, mask_bbox(read_dicom(m, flip=False)[0] > 0))) for m in masks]
+    out = model.predict(pd.DataFrame({"image": list(lesions["image_path"]), "box": boxes}))
+    assert len(out) == 6 and out["probability"].between(0, 1).all()
     with torch.inference_mode():
-        np.testing.assert_allclose(out["prob"].to_numpy(), ensemble(x).mean(dim=1).numpy(), atol=1e-5)
+        np.testing.assert_allclose(out["probability"].to_numpy(), ensemble(x).mean(dim=1).numpy(), atol=1e-5)
 
 
-def _member_cache(result: dict) -> str:
+def _member_prepared(result: dict) -> dict:
+    """The member cell's prepared data (``PreparedData.to_dict()``: cache_dir, manifest, ...)."""
     plan = json.loads((Path(result["experiment_dir"]) / "mammo_ray_plan.json").read_text())
-    return plan["cells"]["member"]["prepared"]["cache_dir"]
+    return plan["cells"]["member"]["prepared"]
 
 
 def _finished_trials(uri: str) -> int:

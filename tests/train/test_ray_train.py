@@ -115,21 +115,24 @@ def test_mlflow_run_has_params_metrics_artifacts_and_model(killed_run, monkeypat
     assert run.data.params["model.name"] == "levynet" and run.data.params["train.num_workers"] == "2"
     assert run.data.metrics["final_val_auc"] == pytest.approx(outcome.metrics["val_auc"])
     artifacts = {
-        a.path
-        for top in ("plots", "checkpoint", "model", "evaluation")
-        for a in client.list_artifacts(outcome.run_id, top)
+        a.path for top in ("plots", "checkpoint", "evaluation") for a in client.list_artifacts(outcome.run_id, top)
     }
     assert {
         "plots/roc_val.png",
         "plots/confusion_val.png",
         "plots/training_curves.png",
         "checkpoint/checkpoint.pt",
-        "model/MLmodel",
     } <= artifacts
-    # The logged model loads back and predicts like the checkpoint.
+    # The network is the run's logged model (MLflow's Model column), with a signature, and it loads back
+    # and predicts like the checkpoint.
+    (output,) = client.get_run(outcome.run_id).outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == outcome.run_id and model.status == "READY" and model.name == "levynet"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", outcome.tracking_uri)
-    logged = mlflow.pytorch.load_model(f"runs:/{outcome.run_id}/model").eval()
+    info = mlflow.models.get_model_info(f"models:/{output.model_id}")
+    logged = mlflow.pytorch.load_model(f"models:/{output.model_id}").eval()
     restored, spec, _ = restore_model(load_checkpoint(outcome.checkpoint))
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:]) == (3, spec.input_px, spec.input_px)
     x = torch.randn(2, 3, spec.input_px, spec.input_px)
     with torch.no_grad():
         torch.testing.assert_close(logged(x), restored(x))
