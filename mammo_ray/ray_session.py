@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def _free_port() -> int:
@@ -35,14 +36,23 @@ def reserved_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    log_to_driver: bool = True,
+) -> None:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``, as set by ``ray job submit``), or
     start a local Ray with its dashboard on 127.0.0.1. Does nothing when Ray is already up.
 
     Either way the MLflow runs that trials and tasks create name this command as their source
     (``tracking.driver_source``): its description is put in this process's environment, which a
     local Ray's processes inherit, and in the job's ``runtime_env`` on a cluster, whose processes
-    do not inherit it (Ray merges it with the ``runtime_env`` of ``ray job submit``)."""
+    do not inherit it (Ray merges it with the ``runtime_env`` of ``ray job submit``).
+
+    ``log_to_driver=False`` keeps what the workers print out of this console: it stays in Ray's
+    session log folder (``ray_log_dir``)."""
     import ray
 
     from mammo_ray.train.tracking import share_driver_source
@@ -52,7 +62,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     source = share_driver_source()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": source})
+        ray.init(address=address, runtime_env={"env_vars": source}, log_to_driver=log_to_driver)
         return
     # The dashboard serves Ray's state API. Train's placement-group cleaner polls it to free the
     # resources of a trial that ASHA stops (without it they stay reserved and a search stalls).
@@ -61,5 +71,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
-        num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        log_to_driver=log_to_driver,
     )
+
+
+def ray_log_dir() -> str:
+    """The log folder of the Ray session this process is connected to (its workers' stdout and stderr)."""
+    import ray
+
+    if not ray.is_initialized():
+        return "-"
+    context = ray.get_runtime_context()
+    return str(Path(context.get_temp_dir()) / context.get_session_name() / "logs")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mammo_ray.cli.console import log_path, start_ray
 from mammo_ray.cli.output import AddCommand, CommandResult, mlflow_ui_command
 from mammo_ray.cli.search import ensemble_text, search_text
 from mammo_ray.cli.serve import APP_NAME, start_app
@@ -47,13 +48,13 @@ def cmd_demo(args: argparse.Namespace, workdir: Path) -> CommandResult:
 def demo_search_and_ensemble(args: argparse.Namespace, config: Config, workdir: Path) -> CommandResult:
     """``mammo-ray demo``'s Ray part: the search of ``config``, then an ensemble of its best config."""
     from mammo_ray.config import with_values
-    from mammo_ray.ray_session import init_ray
     from mammo_ray.search.members import run_ensemble
     from mammo_ray.search.search import run_search
 
     if args.members < 1:
         raise ValueError(f"--members {args.members}: need at least one member")
-    init_ray(args.address)
+    logs = log_path(workdir, "demo")
+    start_ray(args.address, logs)
     searched = run_search(config, workdir, progress=not args.json)
     ensemble_config = with_values(
         config,
@@ -78,7 +79,7 @@ def demo_search_and_ensemble(args: argparse.Namespace, config: Config, workdir: 
     example = demo_example(ensembled, workdir)
     result: dict[str, Any] = {"search": searched.to_dict(), "ensemble": ensembled, "example": example}
     if not args.no_serve:
-        served, serve_text = demo_serve(ensembled, example, workdir, progress=not args.json)
+        served, serve_text = demo_serve(ensembled, example, workdir, logs, progress=not args.json)
         result["serve"] = served
         text += "\n\n" + serve_text
     result["next_steps"] = next_steps(ensembled, example, workdir)
@@ -139,7 +140,9 @@ def next_steps(ensembled: dict[str, Any], example: dict[str, Any], workdir: Path
     }
 
 
-def demo_serve(ensembled: dict[str, Any], example: dict[str, Any], workdir: Path, *, progress: bool) -> CommandResult:
+def demo_serve(
+    ensembled: dict[str, Any], example: dict[str, Any], workdir: Path, logs: Path, *, progress: bool
+) -> CommandResult:
     """Serve the registered ensemble, send the example DICOM with curl, print the reply, stop."""
     from ray import serve
 
@@ -156,7 +159,7 @@ def demo_serve(ensembled: dict[str, Any], example: dict[str, Any], workdir: Path
     if progress:
         print(f"starting the Serve app on {ensembled['model_uri']} ...", file=sys.stderr, flush=True)
     with reserved_port() as port:  # a free loopback port, held until Serve listens: 8000 may be taken here
-        url = start_app(settings.model_dump(mode="json"), "127.0.0.1", port)
+        url = start_app(settings.model_dump(mode="json"), "127.0.0.1", port, logs=logs)
     command = ["curl", "-s", "-F", f"file=@{example['image']}", "-F", f"box={example['box']}", f"{url}/v1/predict"]
     # The whole film to /v1/localize: the method follows the model (CAM for a crop classifier).
     located = ["curl", "-s", "-F", f"file=@{example['image']}", "-F", "heatmap=none", f"{url}/v1/localize"]

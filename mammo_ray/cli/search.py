@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mammo_ray.cli.console import log_path, start_ray
 from mammo_ray.cli.output import AddCommand, CommandResult, mlflow_ui_command
 
 if TYPE_CHECKING:
@@ -61,26 +62,24 @@ def ensemble_text(result: dict[str, Any]) -> str:
 
 def cmd_tune(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from mammo_ray.config import load_config
-    from mammo_ray.ray_session import init_ray
     from mammo_ray.search.search import run_search
 
     if args.resume and (args.config or args.overrides):
         raise ValueError("--resume continues a search with its saved config: drop --config and --set")
     config = None if args.resume else load_config(args.config, args.overrides)
-    init_ray(args.address)
+    start_ray(args.address, log_path(workdir, args.command))
     summary = run_search(config, workdir, resume=args.resume, progress=not args.json)
     return summary.to_dict(), search_text(summary)
 
 
 def cmd_ensemble(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from mammo_ray.config import load_config
-    from mammo_ray.ray_session import init_ray
     from mammo_ray.search.members import run_ensemble
 
     if args.resume and (args.config or args.overrides or args.from_search):
         raise ValueError("--resume continues an ensemble with its saved config: drop --config, --set, --from-search")
     config = None if args.resume else load_config(args.config, args.overrides)
-    init_ray(args.address)
+    start_ray(args.address, log_path(workdir, args.command))
     result = run_ensemble(config, workdir, from_search=args.from_search, resume=args.resume, progress=not args.json)
     return result, ensemble_text(result)
 

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from mammo_ray.cli.console import log_path, quiet_libraries, start_ray
 from mammo_ray.cli.output import AddCommand, CommandResult
 
 APP_NAME = "mammo-ray"
@@ -51,15 +52,23 @@ def wait_ready(url: str, timeout_s: float = 300.0) -> dict[str, Any]:
     raise TimeoutError(f"{url}/v1/health not ready after {timeout_s:.0f} s ({last})")
 
 
-def start_app(settings: dict[str, Any], host: str, port: int, address: str | None = None) -> str:
-    """Start Serve on ``host:port`` with the app and wait until it is healthy; returns the base URL."""
+def start_app(
+    settings: dict[str, Any], host: str, port: int, address: str | None = None, *, logs: Path | None = None
+) -> str:
+    """Start Serve on ``host:port`` with the app and wait until it is healthy; returns the base URL.
+    With ``logs``, Ray's and Serve's own log records go to that file (``console.start_ray``)."""
     from ray import serve
 
     from mammo_ray.ray_session import init_ray
     from mammo_ray.serving.app import build_app
 
-    init_ray(address)
+    if logs is not None:
+        start_ray(address, logs)
+    else:
+        init_ray(address)
     serve.start(http_options={"host": host, "port": port})
+    if logs is not None:
+        quiet_libraries(logs)  # Serve's driver-side logger is set up by serve.start
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     wait_ready(url)
@@ -70,7 +79,7 @@ def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from ray import serve
 
     settings = _settings(args, workdir)
-    url = start_app(settings, args.host, args.port, args.address)
+    url = start_app(settings, args.host, args.port, args.address, logs=log_path(workdir, "serve"))
     with urllib.request.urlopen(f"{url}/v1/model", timeout=30) as reply:
         info = json.loads(reply.read())
     print(

@@ -31,6 +31,7 @@ from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.ensemble.combine import ensemble_report
 from mammo_ray.ensemble.model import register_ensemble
 from mammo_ray.search.cells import AS_CONFIGURED, Cell
+from mammo_ray.search.progress import TrialLines
 from mammo_ray.search.search import trainable, trial_failures
 from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_name, write_plan
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE
@@ -91,9 +92,12 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=str(Path(plan.experiment_dir).parent),
-            callbacks=[CloseTrialRuns(plan)],
+            callbacks=[
+                CloseTrialRuns(plan),
+                *([TrialLines(e.members, config.train.epochs, "member")] if progress else []),
+            ],
             failure_config=trial_failures(config),
-            verbose=1 if progress else 0,
+            verbose=0,  # TrialLines prints a line per trial event instead of Tune's tables
         ),
     )
 

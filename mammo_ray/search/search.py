@@ -45,6 +45,7 @@ from mammo_ray.config import Config, metric_mode, save_config
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.search.cells import Cell, make_cells, trial_config
 from mammo_ray.search.leaderboard import write_leaderboard
+from mammo_ray.search.progress import TrialLines
 from mammo_ray.search.searcher import TIME_ATTR, CellScheduler, CellSearcher
 from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_trial, write_plan
 from mammo_ray.train.evaluation import evaluate_checkpoint
@@ -209,9 +210,12 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=str(Path(plan.experiment_dir).parent),
-            callbacks=[CloseTrialRuns(plan)],
+            callbacks=[
+                CloseTrialRuns(plan),
+                *([TrialLines(len(plan.cells) * t.num_samples, config.train.epochs, "trial")] if progress else []),
+            ],
             failure_config=trial_failures(config),
-            verbose=1 if progress else 0,
+            verbose=0,  # TrialLines prints a line per trial event instead of Tune's tables
         ),
     )
 

@@ -1,0 +1,96 @@
+"""A console a person can read: one line per trial event (search.progress.TrialLines), and the libraries'
+chatter in a log file under the work directory (cli.console.quiet_libraries) while errors stay loud."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from types import SimpleNamespace
+
+import pytest
+
+from mammo_ray.cli.console import log_path, quiet_libraries
+from mammo_ray.search.progress import TrialLines
+
+
+def _trial(trial_id, cell="levynet-single", error_file=None, **config):
+    return SimpleNamespace(
+        trial_id=trial_id, config={"cell": cell, **config}, last_result={}, error_file=error_file, path="/trials/x"
+    )
+
+
+def test_a_trial_prints_a_start_an_epoch_and_an_end_line(capsys):
+    lines = TrialLines(total=4, epochs=2)
+    trial = _trial("a", **{"model.dropout": 0.2744, "optim.lr": 0.00269})
+    lines.on_trial_start(0, [], trial)
+    result = {"epochs_done": 1, "train_loss": 5.52801, "val_loss": 0.858, "val_auc": 0.25, "train_images_per_s": 193.4}
+    lines.on_trial_result(0, [], trial, result)
+    trial.last_result = {"epochs_done": 2}
+    lines.on_trial_complete(0, [], trial)
+    other = _trial("b")
+    lines.on_trial_start(0, [], other)
+    other.last_result = {"epochs_done": 1}
+    lines.on_trial_complete(0, [], other)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "trial 1/4 levynet-single started: dropout 0.274, lr 0.00269"
+    assert out[1] == "trial 1/4 levynet-single epoch 1/2: train loss 5.528 | val loss 0.858 AUC 0.250 | 193 images/s"
+    assert out[2].startswith("trial 1/4 levynet-single done after 2/2 epochs (")
+    assert out[3] == "trial 2/4 levynet-single started"
+    assert out[4].startswith("trial 2/4 levynet-single stopped early (ASHA or early stopping) after 1/2 epochs")
+
+
+def test_a_member_is_named_by_its_seed_and_a_failure_goes_to_stderr(tmp_path, capsys):
+    error = tmp_path / "error.txt"
+    error.write_text("Traceback (most recent call last):\n  ...\nValueError: data.crop: no such crop mode\n")
+    lines = TrialLines(total=3, epochs=5, what="member")
+    member = _trial("m", cell="member", error_file=str(error), **{"train.seed": 7})
+    lines.on_trial_start(0, [], member)
+    lines.on_trial_error(0, [], member)
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "member 1/3 (seed 7) started"
+    assert captured.err.strip() == (
+        f"member 1/3 (seed 7) FAILED: ValueError: data.crop: no such crop mode (traceback: {error})"
+    )
+
+
+@pytest.fixture()
+def restored_loggers():
+    """Put the library loggers (and warnings capture) back as they were after the test."""
+    names = ["mlflow", "optuna", "py.warnings", "ray"]
+    saved = {
+        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate) for n in names
+    }
+    levels = {id(h): h.level for n in names for h in logging.getLogger(n).handlers}
+    yield
+    logging.captureWarnings(False)
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+        for handler in handlers:
+            handler.setLevel(levels[id(handler)])
+
+
+def test_library_chatter_goes_to_the_log_file_and_errors_stay_on_the_console(tmp_path, restored_loggers, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    console = logging.StreamHandler()  # as a library installs its own console handler
+    logging.getLogger("optuna").addHandler(console)
+    path = log_path(tmp_path, "tune")
+    assert path.parent == tmp_path / "logs" and path.name.startswith("tune-") and path.suffix == ".log"
+    quiet_libraries(path)
+    quiet_libraries(path)  # again, after a library set itself up: nothing is doubled
+    logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+    logging.getLogger("optuna").info("A new study created in memory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("Saving pytorch model by Pickle", UserWarning, stacklevel=1)
+    text = path.read_text()
+    assert text.count("Creating initial MLflow database tables") == 1 and "A new study created" in text
+    assert "Saving pytorch model by Pickle" in text
+    assert console.level == logging.ERROR  # the library's own console handler keeps errors only
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
