@@ -5,29 +5,41 @@ health and model lineage. No Ray here: ``build_api(backend)`` takes any object w
 Every reply is JSON and carries the disclaimer. Bad input never answers 500: it gets the
 ``UploadError``'s 4xx (400 unreadable, 413 too large, 415 no decoder, 422 wrong fields or ROI),
 naming the field and the reason, and the next request is served as usual. Overload answers 503.
+Every error is an ``ErrorReply``, the framework's own included (404 no route, 405 wrong method, 400 a
+body that does not parse, 415 a body that is no form, 422 a value its schema refuses). The OpenAPI
+schema says what the server accepts (``serving.forms``); tests/serving/test_contract.py
+holds the served app to it with every schemathesis check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any, Literal, Protocol
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from mammo_ray import __version__
 from mammo_ray.constants import DISCLAIMER
+from mammo_ray.serving.forms import check_form, document_forms, require_form_body
 from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
-from mammo_ray.serving.uploads import UploadError, check_fields, read_capped
+from mammo_ray.serving.uploads import (
+    UploadError,
+    parse_threshold,
+    read_capped,
+)
 
 log = logging.getLogger(__name__)
 
 PREDICT_FILES = {"file", "cc", "mlo"}
-PREDICT_ROIS = {"box", "seed", "cc_box", "cc_seed", "mlo_box", "mlo_seed"}
+SINGLE_FIELDS = {"file", "box", "seed"}  # one image and its ROI
+PAIR_FIELDS = {"cc", "mlo", "cc_box", "cc_seed", "mlo_box", "mlo_seed"}  # a CC+MLO pair and theirs
 LOCALIZE_FIELDS = {"file", "threshold", "heatmap", "method"}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the upload cap
 
@@ -60,7 +72,7 @@ class PredictReply(BaseModel):
     members: MemberSummary
     views: dict[str, float]  # per-view probabilities
     model_version: str
-    disclaimer: str
+    disclaimer: str = Field(json_schema_extra={"const": DISCLAIMER})
 
 
 class Box(BaseModel):
@@ -88,20 +100,48 @@ class LocalizeReply(BaseModel):
     heatmap_array: list[list[float]] | None = None  # heatmap=array|both: the map grid, stored orientation
     heatmap_array_geometry: dict[str, Any] | None = None  # cell_px and offset_px of heatmap_array
     model_version: str
-    disclaimer: str
+    disclaimer: str = Field(json_schema_extra={"const": DISCLAIMER})
 
 
 class ErrorReply(BaseModel):
-    error: str
-    field: str | None = None
-    reason: str
-    status: int
-    disclaimer: str = DISCLAIMER
+    """The body of every 4xx and 5xx reply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: str  # the status's phrase, e.g. "Unprocessable Entity"
+    field: str | None  # the form field at fault; null when it is the request as a whole
+    reason: str  # what was wrong, naming the value
+    status: int = Field(ge=400, le=599)
+    disclaimer: str = Field(json_schema_extra={"const": DISCLAIMER})
 
 
-def _error(status: int, reason: str, field: str | None = None, error: str | None = None) -> JSONResponse:
+class HealthReply(BaseModel):
+    """/v1/health: 200 once ready, else 503 with the reason."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ready", "loading", "failed"]
+    reason: str | None = None  # why it is not ready
+    members: int | None = None
+    execution: str | None = None  # loop or stacked
+    device: str | None = None
+    disclaimer: str = Field(json_schema_extra={"const": DISCLAIMER})
+
+
+# The refusals of the upload routes (predict, localize), each an ErrorReply.
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorReply} for s in (400, 413, 415, 422, 503)}
+
+
+def _error(
+    status: int,
+    reason: str,
+    field: str | None = None,
+    error: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(
         status_code=status,
+        headers=headers,
         content={
             "error": error or HTTPStatus(status).phrase,
             "field": field,
@@ -161,6 +201,25 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
         field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return _error(422, f"{first.get('msg', 'invalid request')}", field)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # The framework's own refusals (FastAPI's HTTPException is this one's subclass).
+        path = request.url.path
+        if exc.status_code == 404:
+            reason = f"{path} is not a route of this API (see /docs)"
+        elif exc.status_code == 405:
+            reason = f"{request.method} is not allowed on {path}; allowed: {(exc.headers or {}).get('Allow', '')}"
+        elif exc.status_code == 400:
+            reason = f"the request body cannot be read as its Content-Type says: {exc.detail}"
+        else:
+            reason = str(exc.detail)
+        return _error(exc.status_code, reason, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # A fault of the server, never of the input (that gets its 4xx); Starlette re-raises it to be logged.
+        return _error(500, f"{type(exc).__name__}: {exc}", error="Internal Server Error")
+
     async def _call(coro: Any) -> Any:
         try:
             return await coro
@@ -178,41 +237,41 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
     @app.post(
         "/v1/predict",
         response_model=PredictReply,
-        responses={
-            400: {"model": ErrorReply},
-            413: {"model": ErrorReply},
-            415: {"model": ErrorReply},
-            422: {"model": ErrorReply},
-            503: {"model": ErrorReply},
-        },
+        responses=ERRORS,
+        dependencies=[Depends(require_form_body)],
         summary="Malignancy probability of one image, or of a CC+MLO pair",
     )
     async def predict(
         request: Request,
-        file: UploadFile | None = File(None, description="one DICOM, PNG or TIFF"),
-        cc: UploadFile | None = File(None, description="the CC view of a pair"),
-        mlo: UploadFile | None = File(None, description="the MLO view of a pair"),
-        box: str | None = Form(None, description="ROI x0,y0,x1,y1 in pixels of `file`"),
-        seed: str | None = Form(None, description="ROI seed point x,y in pixels of `file`"),
+        file: UploadFile | None = File(None),  # the fields as PREDICT_FORM documents them
+        cc: UploadFile | None = File(None),
+        mlo: UploadFile | None = File(None),
+        box: str | None = Form(None),
+        seed: str | None = Form(None),
         cc_box: str | None = Form(None),
         cc_seed: str | None = Form(None),
         mlo_box: str | None = Form(None),
         mlo_seed: str | None = Form(None),
     ) -> Any:
         form = await request.form()
-        given = list(form.keys())
-        check_fields(given, PREDICT_FILES | PREDICT_ROIS, set())
-        if file is not None and (cc is not None or mlo is not None):
+        check_form(form, SINGLE_FIELDS | PAIR_FIELDS, set(), PREDICT_FILES)
+        given = set(form.keys())
+        if "file" in given and given & {"cc", "mlo"}:
             raise UploadError(422, "send either 'file' or the pair 'cc' and 'mlo', not both", "file")
-        uploads: dict[str, UploadFile]
-        if file is not None:
-            uploads = {"file": file}
-        elif cc is not None and mlo is not None:
-            uploads = {"cc": cc, "mlo": mlo}
-        else:
-            missing = "file" if cc is None and mlo is None else ("mlo" if mlo is None else "cc")
+        if "file" not in given and not {"cc", "mlo"} <= given:
+            missing = "file" if not given & {"cc", "mlo"} else ("mlo" if "mlo" not in given else "cc")
             raise UploadError(422, f"missing required form field {missing!r} (send 'file', or 'cc' and 'mlo')", missing)
-        files = {name: await _read(up, name, settings.max_bytes) for name, up in uploads.items()}
+        stray = sorted(given - (SINGLE_FIELDS if "file" in given else PAIR_FIELDS))
+        if stray:
+            takes = (
+                "'file' takes 'box' or 'seed'" if "file" in given else "a pair takes cc_box/cc_seed, mlo_box/mlo_seed"
+            )
+            raise UploadError(422, f"{stray[0]!r} does not go with the image(s) sent: {takes}", stray[0])
+        files = {
+            name: await _read(up, name, settings.max_bytes)
+            for name, up in (("file", file), ("cc", cc), ("mlo", mlo))
+            if up is not None
+        }
         rois = {
             k: v
             for k, v in {
@@ -234,33 +293,29 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
         "/v1/localize",
         response_model=LocalizeReply,
         response_model_exclude_unset=True,
-        responses={
-            400: {"model": ErrorReply},
-            413: {"model": ErrorReply},
-            422: {"model": ErrorReply},
-            503: {"model": ErrorReply},
-        },
+        responses=ERRORS,
+        dependencies=[Depends(require_form_body)],
         summary="Heatmap and boxes of a whole mammogram (original pixel coordinates): the dense map of a "
         "patch classifier, or the CAM / Grad-CAM of a crop classifier",
     )
     async def localize(
         request: Request,
-        file: UploadFile = File(..., description="a whole mammogram"),
-        threshold: float | None = Form(None, ge=0, le=1, description="box threshold"),
+        file: UploadFile = File(...),  # the fields as LOCALIZE_FORM documents them
+        threshold: str | None = Form(None),
         heatmap: Literal["png", "array", "both", "none"] = Form("png"),
-        method: Literal["dense", "cam", "gradcam"] | None = Form(
-            None,
-            description="dense (patch classifiers), cam (GAP+FC backbones) or gradcam (any); "
-            "default: dense for patch classifiers, else cam, else gradcam. "
-            "One the model cannot do answers 422 with the reason",
-        ),
+        method: Literal["dense", "cam", "gradcam"] | None = Form(None),
     ) -> Any:
         form = await request.form()
-        check_fields(list(form.keys()), LOCALIZE_FIELDS, {"file"})
+        check_form(form, LOCALIZE_FIELDS, {"file"}, {"file"})
         name, data = await _read(file, "file", settings.max_bytes)
-        return await _call(backend.localize(name, data, threshold, heatmap, method))
+        return await _call(backend.localize(name, data, parse_threshold(threshold), heatmap, method))
 
-    @app.get("/v1/health", summary="ready (200) once the models are loaded and warmed, else 503")
+    @app.get(
+        "/v1/health",
+        response_model=HealthReply,
+        responses={503: {"model": HealthReply}},
+        summary="ready (200) once the models are loaded and warmed, else 503",
+    )
     async def health() -> Any:
         try:
             status = await asyncio.wait_for(backend.status(), timeout=5.0)
@@ -271,10 +326,22 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
         ready = status.get("status") == "ready"
         return JSONResponse(status_code=200 if ready else 503, content={**status, "disclaimer": DISCLAIMER})
 
-    @app.get("/v1/model", summary="Version, members with their MLflow runs, config, metrics, execution")
+    @app.get(
+        "/v1/model",
+        responses={503: {"model": ErrorReply}},
+        summary="Version, members with their MLflow runs, config, metrics, execution",
+    )
     async def model_info() -> Any:
         return await _call(backend.info())
 
+    derived = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document_forms(derived())  # derived() caches its schema in app.openapi_schema
+        return derived()
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -1,10 +1,10 @@
 """HTTP uploads: the multipart form's files and fields, checked, with every rejection a 4xx.
 
 Pure Python, no Serve or FastAPI: the Serve ingress reads the multipart form, then calls
-``check_fields``, ``read_capped`` / ``decode_upload``, ``parse_box`` / ``parse_point`` and
-``check_in_bounds``. The pixels come from the one image decoder every entry point uses
-(``mammo_ray.data.images.read_image``), so an upload decodes exactly as ``mammo-ray localize``
-reads the same file from disk; this module only maps its errors to HTTP statuses. Every rejection
+``check_fields``, ``read_capped`` / ``decode_upload``, ``parse_box`` / ``parse_point`` /
+``parse_threshold`` and ``check_in_bounds``. The pixels come from the one image decoder every entry
+point uses (``mammo_ray.data.images.read_image``), so an upload decodes exactly as ``mammo-ray
+localize`` reads the same file from disk; this module only maps its errors to HTTP statuses. Every rejection
 is an ``UploadError`` carrying the HTTP status to answer with and a reason that names the problem,
 so that a bad input gets a 4xx JSON reply:
 
@@ -13,7 +13,8 @@ so that a bad input gets a 4xx JSON reply:
          is decoded), Pillow's decompression-bomb guard
     415  a DICOM transfer syntax with no decoder here (names the syntax and the package),
          an image mode that cannot be made grayscale
-    422  unknown or missing form fields, malformed or out-of-bounds ROI boxes and seed points
+    422  unknown or missing form fields, malformed or out-of-bounds ROI boxes and seed points,
+         a threshold that is not a decimal from 0 to 1
 
 Coordinates are pixels of the image as uploaded, x the column and y the row; a box is half-open,
 ``image[y0:y1, x0:x1]`` (``data.images.canonical_box`` follows the decoder's mirroring).
@@ -50,6 +51,27 @@ from mammo_ray.data.images import (
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 2**20
 _MAX_COORD_TEXT = 256  # longer box/seed strings are rejected before parsing
 _INTEGRAL = re.compile(r"[+-]?[0-9]+(?:\.0*)?")  # "12", "-3", "12.0"; not "1_000", "1e3", "١٢"
+
+# The ROI texts as regular expressions, for the OpenAPI form (ECMA-262 and Python's `re` read them
+# alike): blank (absent), or the integers of `_parse_ints` and not negative, as "x0,y0,x1,y1" with
+# any spaces around the items, or as a JSON list ("-0" and "12.0" are integers, "-1" is not). What no
+# pattern says: at most _MAX_COORD_TEXT characters once stripped, a JSON list's exponents ("1e2",
+# accepted), x1 > x0 and y1 > y0, and that the box or point lies inside the image.
+_PLAIN_INT = r"(?:\+?[0-9]+|-0+)(?:\.0*)?"
+_JSON_INT = r"(?:-?0|[1-9][0-9]*)(?:\.0+)?"
+_JSON_SPACE = r"[ \t\n\r]*"
+
+
+def coordinates_pattern(count: int) -> str:
+    """The pattern of a box (``count=4``) or a point (``count=2``) as ``parse_box`` / ``parse_point`` read it."""
+    plain = rf"(?:{_PLAIN_INT}\s*,\s*){{{count - 1}}}{_PLAIN_INT}"
+    listed = rf"\[{_JSON_SPACE}(?:{_JSON_INT}{_JSON_SPACE},{_JSON_SPACE}){{{count - 1}}}{_JSON_INT}{_JSON_SPACE}\]"
+    return rf"^\s*(?:{plain}|{listed})?\s*$"
+
+
+# A threshold as the form gives it: a decimal from 0 to 1 ("0.35", ".5", "1"), or blank (absent).
+THRESHOLD_PATTERN = r"^\s*(?:0?\.[0-9]+|0(?:\.[0-9]*)?|1(?:\.0*)?)?\s*$"
+
 
 # The reply's "error": fixed here, since http.HTTPStatus phrases change between Pythons
 # (413 is "Request Entity Too Large" in 3.11, "Content Too Large" in 3.13).
@@ -177,6 +199,15 @@ def parse_point(text: str | None, field: str = "seed") -> Point | None:
     if min(values) < 0:
         raise UploadError(422, f"point {text!r} has a negative coordinate", field)
     return values[0], values[1]
+
+
+def parse_threshold(text: str | None, field: str = "threshold") -> float | None:
+    """A decimal from 0 to 1 (``THRESHOLD_PATTERN``); None (or blank) when absent."""
+    if text is None or not text.strip():
+        return None
+    if not re.search(THRESHOLD_PATTERN, text):
+        raise UploadError(422, f"{text[:40]!r} is not a decimal from 0 to 1 (e.g. 0.35)", field)
+    return float(text.strip())
 
 
 def check_in_bounds(box: Box | Point | None, shape: tuple[int, ...], field: str) -> None:
