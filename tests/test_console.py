@@ -8,9 +8,7 @@ import os
 import warnings
 from types import SimpleNamespace
 
-import pytest
-
-from mammo_ray.cli.console import log_path, quiet_libraries
+from mammo_ray.cli.console import log_path, quiet_libraries, restore_libraries
 from mammo_ray.search.progress import TrialLines
 
 
@@ -54,43 +52,52 @@ def test_a_member_is_named_by_its_seed_and_a_failure_goes_to_stderr(tmp_path, ca
     )
 
 
-@pytest.fixture()
-def restored_loggers():
-    """Put the library loggers (and warnings capture) back as they were after the test."""
-    names = ["mlflow", "optuna", "py.warnings", "ray"]
-    saved = {
-        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level, logging.getLogger(n).propagate) for n in names
+def _state(names):
+    """What quiet_libraries may change: each logger's handlers (with levels), level and propagation,
+    whether warnings are captured, and the environment variables it sets."""
+    loggers = {
+        n: (
+            [(h, h.level) for h in logging.getLogger(n).handlers],
+            logging.getLogger(n).level,
+            logging.getLogger(n).propagate,
+        )
+        for n in names
     }
-    levels = {id(h): h.level for n in names for h in logging.getLogger(n).handlers}
-    yield
-    logging.captureWarnings(False)
-    for name, (handlers, level, propagate) in saved.items():
-        logger = logging.getLogger(name)
-        for handler in logger.handlers:
-            if handler not in handlers:
-                handler.close()
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
-        for handler in handlers:
-            handler.setLevel(levels[id(handler)])
+    env = {k: os.environ.get(k) for k in ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "RAY_AIR_NEW_OUTPUT")}
+    return loggers, getattr(logging, "_warnings_showwarning", None) is not None, env
 
 
-def test_library_chatter_goes_to_the_log_file_and_errors_stay_on_the_console(tmp_path, restored_loggers, monkeypatch):
+def test_library_chatter_goes_to_the_log_file_errors_stay_and_everything_is_put_back(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     console = logging.StreamHandler()  # as a library installs its own console handler
     logging.getLogger("optuna").addHandler(console)
+    names = ["mlflow", "mlflow.store.db.utils", "optuna", "py.warnings", "ray"]
+    before = _state(names)
     path = log_path(tmp_path, "tune")
     assert path.parent == tmp_path / "logs" and path.name.startswith("tune-") and path.suffix == ".log"
-    quiet_libraries(path)
-    quiet_libraries(path)  # again, after a library set itself up: nothing is doubled
-    logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
-    logging.getLogger("optuna").info("A new study created in memory")
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.warn("Saving pytorch model by Pickle", UserWarning, stacklevel=1)
+    try:
+        quiet_libraries(path)
+        quiet_libraries(path)  # again, after a library set itself up: nothing is doubled
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+        logging.getLogger("optuna").info("A new study created in memory")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("Saving pytorch model by Pickle", UserWarning, stacklevel=1)
+        assert console.level == logging.ERROR  # the library's own console handler keeps errors only
+        assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    finally:
+        restore_libraries()
+        logging.getLogger("optuna").removeHandler(console)
     text = path.read_text()
     assert text.count("Creating initial MLflow database tables") == 1 and "A new study created" in text
     assert "Saving pytorch model by Pickle" in text
-    assert console.level == logging.ERROR  # the library's own console handler keeps errors only
-    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    after = _state(names)
+    assert after[1:] == before[1:]  # warnings capture and the environment as they were
+    for name in names:  # each logger as it was (the test's own console handler aside)
+        handlers, level, propagate = after[0][name]
+        expected = [(h, lvl) for h, lvl in before[0][name][0] if h is not console]
+        assert ([(h, lvl) for h, lvl in handlers if h is not console], level, propagate) == (
+            expected,
+            before[0][name][1],
+            before[0][name][2],
+        ), name

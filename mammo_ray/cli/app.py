@@ -108,7 +108,16 @@ def _exit_code(exc: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mammo_ray.cli.console import restore_libraries
+
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        restore_libraries()  # a command run in-process leaves the caller's logging as it found it
+
+
+def _run(args: argparse.Namespace) -> int:
     if not args.json:
         try:
             _, text = args.func(args, resolve_workdir(args.workdir))

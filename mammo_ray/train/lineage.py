@@ -36,7 +36,8 @@ SPLITS = ("train", "val", "test")
 
 
 def split_datasets(prepared: PreparedData) -> dict[str, PandasDataset]:
-    """The prepared data's manifest rows per split (resolved rows only), as MLflow datasets."""
+    """The prepared data's manifest rows per split (resolved rows only), as MLflow datasets. An empty split
+    (no val split when folds replace it) is left out: there is nothing it trained or was scored on."""
     manifest = read_manifest(prepared.manifest)
     manifest = manifest[manifest["resolved"]]
     split = Splits.load(prepared.splits).assign(manifest)
@@ -45,6 +46,8 @@ def split_datasets(prepared: PreparedData) -> dict[str, PandasDataset]:
     out = {}
     for part in SPLITS:
         rows = pd.DataFrame(manifest.loc[split == part, columns]).reset_index(drop=True)
+        if rows.empty:
+            continue
         with warnings.catch_warnings():  # its advice on integer columns concerns model inputs, not these rows
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
             out[part] = from_pandas(rows, source=prepared.manifest, targets="label", name=f"{name}/{part}")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from mlflow import MlflowClient
 
 from mammo_ray.data.manifest import read_manifest
-from mammo_ray.data.pipeline import ensure_prepared
+from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.data.splits import Splits
-from mammo_ray.train.lineage import log_data_inputs
+from mammo_ray.train.lineage import log_data_inputs, split_datasets
 from mammo_ray.train.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, TrackedRun
 
 
@@ -41,6 +43,14 @@ def test_a_run_lists_the_rows_of_each_split_it_used(prepared, tmp_path):
     assert digests[0] == digests[1] and len(set(digests[0].values())) == 3  # same data, same digest; splits differ
     experiment = client.get_experiment_by_name("lineage")
     assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING  # the UI opens it on its runs
+
+
+def test_an_empty_split_is_left_out(prepared, tmp_path):
+    """Cross-validation splits have no val split: the run lists the splits that have rows."""
+    splits = Splits.load(prepared.splits)
+    no_val = dataclasses.replace(splits, train=sorted(splits.train + splits.val), val=[])
+    moved = PreparedData(**{**prepared.to_dict(), "splits": str(no_val.save(tmp_path / "splits.json"))})
+    assert set(split_datasets(moved)) == {"train", "test"}
 
 
 def test_an_existing_experiment_is_tagged_and_a_set_kind_is_kept(tmp_path):
