@@ -21,10 +21,12 @@ WORKDIR ?= work
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when the dependency list changes. pip, not uv: pip takes torch from local disk.
-$(STAMP): pyproject.toml | $(BIN)/python
+# Reinstall when the dependency list or the pins change. pip, not uv: pip takes torch from local disk.
+# constraints.txt pins every package at the version the tests passed with (scripts/lock_constraints.py);
+# the container image and the cluster launcher install with the same file.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

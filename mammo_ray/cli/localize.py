@@ -1,26 +1,29 @@
 """The localisation and explanation side of the CLI: ``localize``, ``froc``, ``explain``, ``dream``.
 
 Each takes ``--model`` as a checkpoint, a run id, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``
-(``ensemble.source``); an ensemble's maps are averaged over its members. When the model comes
-from an MLflow run (or a registered version, whose run is the ensemble's), every file written is
-also logged to that run under ``<command>/<name>``.
+(``ensemble.source``); an ensemble's maps are averaged over its members. ``localize``, ``explain`` and
+``dream`` load the model as ``mammo_ray.load`` does (``serving.predictor.Predictor``, the Serve
+replica's ``ModelRuntime``), so an image is decoded, cropped and transformed, and a map computed,
+by the same code as ``POST /v1/predict`` and ``/v1/localize``. When the model comes from an MLflow
+run (or a registered version, whose run is the ensemble's), every file written is also logged to
+that run under ``<command>/<name>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mammo_ray.cli.output import AddCommand, CommandResult
 
 if TYPE_CHECKING:
-    import torch
-
     from mammo_ray.ensemble.model import Ensemble
     from mammo_ray.ensemble.source import ModelSource
+    from mammo_ray.serving.predictor import Predictor
 
 
 def _members(args: argparse.Namespace, workdir: Path) -> tuple[ModelSource, Ensemble]:
@@ -29,6 +32,33 @@ def _members(args: argparse.Namespace, workdir: Path) -> tuple[ModelSource, Ense
 
     source = resolve_model_source(args.model, workdir, tracking_uri=args.tracking_uri)
     return source, Ensemble.from_checkpoints(source.checkpoints)
+
+
+def _predictor(args: argparse.Namespace, workdir: Path, **settings: Any) -> Predictor:
+    """``--model`` loaded as ``mammo_ray.load`` loads it (one request at a time: batches of one)."""
+    from mammo_ray.serving.predictor import Predictor
+
+    with _options():
+        return Predictor.load(args.model, tracking_uri=args.tracking_uri, workdir=workdir, max_batch_size=1, **settings)
+
+
+@contextlib.contextmanager
+def _options(**names: str) -> Iterator[None]:
+    """The predictor's argument errors in the CLI's words: ``UploadError`` fields ("image", "box",
+    "method") become the options that carry them (``names`` maps a field to another option)."""
+    from pydantic import ValidationError
+
+    from mammo_ray.serving.uploads import UploadError
+
+    try:
+        yield
+    except UploadError as exc:
+        option = names.get(exc.field or "", f"--{(exc.field or 'image').replace('_', '-')}")
+        raise ValueError(f"{option}: {exc.reason}") from None
+    except ValidationError as exc:  # a setting out of range (--threshold 2, --tile -1)
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise ValueError(f"{field}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def _log_outputs(source: ModelSource, out: Path, artifact_path: str) -> str | None:
@@ -53,43 +83,21 @@ def _parse_box(text: str | None) -> tuple[int, int, int, int] | None:
     return x0, y0, x1, y1
 
 
-def _network_input(path: str, ensemble: Ensemble, box: tuple[int, int, int, int] | None) -> tuple[torch.Tensor, bool]:
-    """An image file as the members' evaluation input (1, C, H, W): the crop the config's crop mode
-    takes around ``box`` (as the crop cache does), or the whole file (a lesion crop)."""
-    from mammo_ray.data.roi import roi_crop
-    from mammo_ray.data.transforms import build_eval_transform
-    from mammo_ray.localize.whole_image import read_mammogram
-
-    image, flipped = read_mammogram(path)
-    crop = roi_crop(image, ensemble.config.data, box=box, flipped=flipped)
-    return build_eval_transform(ensemble.spec)(crop)[None], flipped
-
-
 def cmd_localize(args: argparse.Namespace, workdir: Path) -> CommandResult:
     import numpy as np
 
-    from mammo_ray.localize.methods import localize, map_label
+    from mammo_ray.localize.methods import map_label
     from mammo_ray.localize.render import save_overlay
-    from mammo_ray.localize.whole_image import read_mammogram
 
-    source, ensemble = _members(args, workdir)
-    image, flipped = read_mammogram(args.image)
-    found = localize(
-        list(ensemble.members),
-        ensemble.spec,
-        ensemble.config,
-        image,
-        method=args.method,
-        flipped=flipped,
-        threshold=args.threshold,
-        tile=args.tile or None,
-        long_side=args.long_side,
-    )
+    model = _predictor(args, workdir, localize_tile=args.tile, localize_long_side=args.long_side)
+    source, config, members = model.runtime.source, model.runtime.config, len(model.runtime.members)
+    with _options():
+        found, decoded = model.locate(args.image, args.method, threshold=args.threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
-    label, members = map_label(found.method, ensemble.config), len(ensemble.members)
-    stored = image if not flipped else np.fliplr(image)
+    label = map_label(found.method, config)
+    stored = np.fliplr(decoded.image) if decoded.flipped else decoded.image
     overlay = save_overlay(
         stored,
         found.heatmap(),
@@ -112,6 +120,7 @@ def cmd_localize(args: argparse.Namespace, workdir: Path) -> CommandResult:
     result = {
         "image": str(args.image),
         "model": source.to_dict(),
+        "model_version": model.runtime.version,
         **found.to_dict(),
         "overlay": str(overlay),
         "spread_overlay": str(spread) if spread else None,
@@ -214,11 +223,15 @@ def cmd_explain(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from mammo_ray.explain.filters import save_filter_grid
     from mammo_ray.explain.saliency import saliency_map, save_saliency_png
 
-    source, ensemble = _members(args, workdir)
-    if ensemble.view_mode == "multimodal":
+    model = _predictor(args, workdir)
+    runtime = model.runtime
+    if runtime.view_mode == "multimodal":
         raise ValueError("explain takes one view; use `mammo-ray dream --image CC --image2 MLO` for a multimodal model")
-    x, _ = _network_input(args.image, ensemble, _parse_box(args.box))
-    maps = torch.stack([saliency_map(member, x, target_class=args.target_class)[0] for member in ensemble.members])
+    box = _parse_box(args.box)
+    with _options():
+        x = model.tensor(args.image, box=box).to(runtime.device)
+        predicted = model.predict(args.image, box=box)  # the served reply for the same input
+    maps = torch.stack([saliency_map(m, x, target_class=args.target_class)[0].cpu() for m in runtime.members])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
@@ -226,44 +239,49 @@ def cmd_explain(args: argparse.Namespace, workdir: Path) -> CommandResult:
     np.save(out / f"{stem}_saliency.npy", mean.numpy())
     written = [
         save_saliency_png(
-            x[0, 0],
+            x[0, 0].cpu(),
             mean,
             out / f"{stem}_saliency.png",
             title=f"saliency of class {args.target_class}, {len(maps)} member(s)",
         )
     ]
-    for i, member in enumerate(ensemble.members[: args.max_filter_grids]):
+    for i, member in enumerate(runtime.members[: args.max_filter_grids]):
         written.append(save_filter_grid(member, out / f"filters_member_{i:03d}.png"))
-    with torch.inference_mode():
-        prob = float(ensemble(x).mean())
     result = {
         "image": str(args.image),
-        "model": source.to_dict(),
-        "probability": prob,
+        "model": runtime.source.to_dict(),
+        "model_version": runtime.version,
+        "probability": predicted["probability"],
+        "label": predicted["label"],
+        "members": predicted["members"],
         "files": [str(p) for p in written],
         "saliency": str(out / f"{stem}_saliency.npy"),
     }
-    result["mlflow_run"] = _log_outputs(source, out, f"explain/{stem}")
-    return result, f"P(malignant) {prob:.3f}\n" + "\n".join(f"wrote {p}" for p in written)
+    result["mlflow_run"] = _log_outputs(runtime.source, out, f"explain/{stem}")
+    positive = runtime.class_names[1]
+    return result, f"P({positive}) {result['probability']:.3f}\n" + "\n".join(f"wrote {p}" for p in written)
 
 
 def cmd_dream(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from mammo_ray.explain.dream import DreamConfig, directed_dream
     from mammo_ray.explain.dream_render import save_dream_frame, save_dream_gif
 
-    source, ensemble = _members(args, workdir)
-    box = _parse_box(args.box)
-    views = [_network_input(args.image, ensemble, box)[0]]
+    model = _predictor(args, workdir)
+    runtime = model.runtime
+    with _options():
+        views = [model.tensor(args.image, box=_parse_box(args.box)).to(runtime.device)]
     if args.image2:
-        views.append(_network_input(args.image2, ensemble, _parse_box(args.box2))[0])
-    if ensemble.view_mode == "multimodal" and len(views) != 2:
+        with _options(image="--image2", box="--box2"):
+            views.append(model.tensor(args.image2, box=_parse_box(args.box2)).to(runtime.device))
+    if runtime.view_mode == "multimodal" and len(views) != 2:
         raise ValueError("a multimodal model dreams on a CC and MLO pair: give --image2")
     config = DreamConfig(target=args.target, steps=args.steps, lr=args.lr, seed=args.seed)
-    member = ensemble.members[0]  # one network: the dream follows its gradient
+    member = runtime.members[0]  # one network: the dream follows its gradient
     result = directed_dream(member, views[0] if len(views) == 1 else (views[0], views[1]), config)
     gif = save_dream_gif(result, args.out)
     last = save_dream_frame(result, Path(args.out).with_suffix(".png"))
     scores = result.scores[:, 0].tolist()
+    source = runtime.source
     summary = {
         "gif": str(gif),
         "last_frame": str(last),
@@ -272,6 +290,7 @@ def cmd_dream(args: argparse.Namespace, workdir: Path) -> CommandResult:
         "views": list(result.view_names),
         "scores": scores,
         "model": source.to_dict(),
+        "model_version": runtime.version,
         "member": 0,
     }
     summary["mlflow_run"] = None

@@ -21,9 +21,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from mammo_ray.constants import DISCLAIMER
 from mammo_ray.data.images import DecodedImage, decode_array, read_image
+from mammo_ray.localize.whole_image import Localization
 from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import UploadError, upload_errors
 
@@ -70,7 +72,10 @@ class Predictor:
             values["workdir"] = os.fspath(workdir)
         return cls(ModelRuntime(ServeSettings(**values)))
 
-    def _image(self, value: ImageInput | None, field: str) -> tuple[str, DecodedImage]:
+    def decode(self, value: ImageInput | None, field: str = "image") -> tuple[str, DecodedImage]:
+        """An image argument as (its name, the decoded image), under the settings' caps; bad input
+        raises ``UploadError`` naming ``field``. A local file missing its DICOM preamble (an old
+        export) is still read as DICOM."""
         s = self.runtime.settings
         decode: Callable[[], DecodedImage]
         if isinstance(value, (bytes, bytearray, memoryview)):
@@ -90,7 +95,7 @@ class Predictor:
             name = os.fspath(value)
 
             def decode() -> DecodedImage:
-                return read_image(name, max_dim=s.max_dim)  # a local file: no upload size cap
+                return read_image(name, max_dim=s.max_dim, force_dicom=True)  # a local file: no upload size cap
 
         else:
             raise UploadError(
@@ -132,12 +137,12 @@ class Predictor:
             raise UploadError(422, "give either an image or the pair cc= and mlo=, not both", "image")
         rois: dict[str, str | None]
         if image is not None:
-            files = {"file": self._image(image, "image")}
+            files = {"file": self.decode(image, "image")}
             rois = {"box": _coordinates(box, "box"), "seed": _coordinates(seed, "seed")}
         elif cc is not None and mlo is not None:
             if box is not None or seed is not None:
                 raise UploadError(422, "a pair takes cc_box/cc_seed and mlo_box/mlo_seed, not box/seed", "box")
-            files = {"cc": self._image(cc, "cc"), "mlo": self._image(mlo, "mlo")}
+            files = {"cc": self.decode(cc, "cc"), "mlo": self.decode(mlo, "mlo")}
             rois = {
                 "cc_box": _coordinates(cc_box, "cc_box"),
                 "cc_seed": _coordinates(cc_seed, "cc_seed"),
@@ -152,6 +157,21 @@ class Predictor:
         if isinstance(result, UploadError):
             raise result
         return result
+
+    def tensor(self, image: ImageInput, box: Coordinates = None, seed: Coordinates = None) -> torch.Tensor:
+        """One view as the members take it, (1, C, H, W) on the CPU: decoded, cropped around ``box`` or
+        ``seed`` as ``predict`` crops it, and transformed (``explain`` and ``dream`` start from it)."""
+        name, decoded = self.decode(image, "image")
+        rois = {"box": _coordinates(box, "box"), "seed": _coordinates(seed, "seed")}
+        x, _ = self.runtime.view_tensor(name, decoded, rois)
+        return x[None]
+
+    def locate(
+        self, image: ImageInput, method: str | None = None, *, threshold: float | None = None
+    ) -> tuple[Localization, DecodedImage]:
+        """``localize`` as objects: the ``Localization`` (map, boxes, scores) and the decoded image."""
+        name, decoded = self.decode(image, "image")
+        return self.runtime.locate(name, decoded, threshold=threshold, method=method)
 
     def localize(
         self, image: ImageInput, method: str | None = None, *, threshold: float | None = None
@@ -169,8 +189,7 @@ class Predictor:
             ``heatmap``, the map at the image's size (H, W) as float32, and ``spread``, the members'
             standard deviation at the same size; both in the image's own orientation.
         """
-        name, data = self._image(image, "image")
-        found, _ = self.runtime.locate(name, data, threshold=threshold, method=method)
+        found, _ = self.locate(image, method, threshold=threshold)
         return {
             **found.to_dict(),
             "heatmap": found.heatmap().astype(np.float32),

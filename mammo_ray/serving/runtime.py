@@ -202,9 +202,12 @@ class ModelRuntime:
             data, name=name, field=field, max_bytes=self.settings.max_bytes, max_dim=self.settings.max_dim
         )
 
-    def _view_tensor(
-        self, name: str, data: bytes | DecodedImage, rois: dict[str, str], prefix: str
+    def view_tensor(
+        self, name: str, data: bytes | DecodedImage, rois: Mapping[str, str | None], prefix: str = ""
     ) -> tuple[torch.Tensor, str]:
+        """One view as the members' input (C, H, W): decoded, its ROI (``rois[prefix + "box"]`` or
+        ``[prefix + "seed"]``, the form's text) cropped as the crop cache crops, and the checkpoint's
+        eval transform applied; with the view's name (the DICOM's CC/MLO, else the field's)."""
         field = prefix.rstrip("_") or "file"
         decoded = self.decode(name, data, field)
         box = parse_box(rois.get(f"{prefix}box"), f"{prefix}box")
@@ -225,14 +228,14 @@ class ModelRuntime:
     def _inputs(self, item: PredictItem) -> tuple[list[torch.Tensor], list[str]]:
         if "file" in item.files:
             name, data = item.files["file"]
-            x, view = self._view_tensor(name, data, item.rois, "")
+            x, view = self.view_tensor(name, data, item.rois, "")
             if self.view_mode == "multimodal":
                 raise UploadError(422, "this multimodal model needs a CC+MLO pair: send fields 'cc' and 'mlo'", "file")
             return [x], [view if view in ("CC", "MLO") else "image"]
         tensors, views = [], []
         for prefix in ("cc", "mlo"):
             name, data = item.files[prefix]
-            x, _ = self._view_tensor(name, data, item.rois, f"{prefix}_")
+            x, _ = self.view_tensor(name, data, item.rois, f"{prefix}_")
             tensors.append(x)
             views.append(prefix.upper())
         return tensors, views

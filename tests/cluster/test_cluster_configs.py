@@ -306,6 +306,7 @@ def test_launcher_installs_the_mounted_sources(name):
     # hashes every mounted file on each `ray up`, and the root holds .venv/ and work/).
     assert {Path(local).as_posix() for local in mounts.values()} == {
         "pyproject.toml",
+        "constraints.txt",
         "README.md",
         "mammo_ray",
         "tune_configs",
@@ -315,22 +316,24 @@ def test_launcher_installs_the_mounted_sources(name):
         assert (REPO / local).exists(), local
         assert remote == f"~/mammo-ray/{Path(local).as_posix()}", remote
     setup = config["setup_commands"]
-    assert setup[-1] == "pip install -q -e ~/mammo-ray"  # last: after the venv, PyTorch and /shared
+    # last: after the venv, PyTorch and /shared
+    assert setup[-1] == "pip install -q -c ~/mammo-ray/constraints.txt -e ~/mammo-ray"
     if name != "local":
         assert "mount" in setup[0] and " /shared;" in setup[0]  # the shared file system first
 
 
-def _pins(command: str) -> dict[str, str]:
-    return {m[0]: m[1] for m in re.findall(r'"(torch|torchvision)==([^"]+)"', command)}
-
-
-def test_torch_pins_are_the_same_everywhere_and_allowed_by_pyproject():
-    dockerfile = (CLUSTER / "Dockerfile").read_text()
-    found = [_pins(dockerfile)] + [_pins(" ".join(_launcher(n)["setup_commands"])) for n in LAUNCHERS]
-    assert all(p == found[0] for p in found) and set(found[0]) == {"torch", "torchvision"}
-    requirements = {r.name: r for r in map(Requirement, PYPROJECT["project"]["dependencies"])}
-    for package, version in found[0].items():
-        assert requirements[package].specifier.contains(version), (package, version)
+def test_every_install_uses_the_one_constraints_file():
+    """The image, each launcher profile and `make` install every package with constraints.txt (the pins
+    the suite passed with: tests/test_constraints.py), so no node resolves versions of its own."""
+    dockerfile = [line for line in (CLUSTER / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    assert len(dockerfile) == 2 and all("-c constraints.txt" in line for line in dockerfile), dockerfile
+    assert "COPY --chown=ray:users constraints.txt" in (CLUSTER / "Dockerfile").read_text()
+    for name in LAUNCHERS:
+        installs = [c for c in _launcher(name)["setup_commands"] if "pip install" in c and "-U pip" not in c]
+        assert len(installs) == 2 and all("-c ~/mammo-ray/constraints.txt" in c for c in installs), (name, installs)
+        assert not re.search(r"==|>=|<", " ".join(installs)), installs  # no version of its own
+    makefile = [line for line in (REPO / "Makefile").read_text().splitlines() if "pip install" in line and "-e" in line]
+    assert makefile and all("-c constraints.txt" in line for line in makefile), makefile
 
 
 # ---------------------------------------------------------------- KubeRay manifests

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from setups import TINY_TRAIN
 
+import mammo_ray
 from mammo_ray.cli import main
 from mammo_ray.config import load_config
 from mammo_ray.data.crops import mask_bbox
@@ -123,6 +124,9 @@ def test_localize_cli_writes_overlay_and_boxes_and_logs_to_the_run(patch_model, 
         assert png.size[0] > 200 and png.size[1] > 200
     saved = json.loads(open(out["boxes_json"]).read())
     assert saved["boxes"] == out["boxes"] and saved["image_size"] == list(read_mammogram(mass_image[0])[0].shape)
+    # one code path: the boxes and map of mammo_ray.load's localize (the Serve replica's) for the same file
+    found = mammo_ray.load(patch_model[0], workdir=tmp_path).localize(mass_image[0], threshold=0.25)
+    assert found["boxes"] == out["boxes"] and found["image_score"] == out["image_score"]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "localize/000000")}
     assert "localize/000000/000000_heatmap.png" in logged and "localize/000000/000000_boxes.json" in logged
 
@@ -176,6 +180,14 @@ def test_explain_and_dream_cli(patch_model, mass_image, tmp_path, capfd):
         str(tmp_path),
     )
     assert 0 <= out["probability"] <= 1 and len(out["files"]) == 2
+    # one code path: the probability mammo_ray.load (and so the Serve replica) gives the same lesion
+    served = mammo_ray.load(patch_model[0], workdir=tmp_path).predict(image, box=box)
+    assert out["probability"] == served["probability"] and out["members"] == served["members"]
+    outside = ",".join(str(v) for v in (box[0], box[1], box[2] + 100_000, box[3]))
+    code = main(["explain", "--model", str(patch_model[0]), "--image", image, "--box", outside,
+                 "--out", str(tmp_path / "x"), "--workdir", str(tmp_path), "--json"])  # fmt: skip
+    error = json.loads(capfd.readouterr().out)["error"]
+    assert code == 1 and error.startswith("--box: ") and "outside" in error, error
     saliency = np.load(out["saliency"])
     assert saliency.shape == (32, 32) and saliency.min() >= 0 and saliency.max() > 0
     for target in ("benign", "malignant"):
