@@ -60,6 +60,13 @@ def test_job_submit_trains_and_tracks(ray_cluster, tmp_path):
     )
     (tmp_path / "train.log").write_text(log)
     assert "MLflow run" in log
+    # A console a person can read: the Train worker's epoch lines, printed by the driver, and none of
+    # Ray Train's chatter (its report lines, the controller's core_worker errors, worker prefixes).
+    epochs = [line for line in log.splitlines() if line.startswith("[levynet] epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["[levynet] epoch 1/2", "[levynet] epoch 2/2"], log
+    for noise in ("Reporting training result", "core_worker.cc", "(RayTrainWorker", "(TrainController"):
+        assert noise not in log, noise
+    assert "logs: Ray, MLflow and Optuna in " in log
     client = store(workdir)
     experiment = client.get_experiment_by_name("mammo-ray")
     runs = client.search_runs([experiment.experiment_id])

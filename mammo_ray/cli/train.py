@@ -50,12 +50,12 @@ def folds_text(outcome: FoldsOutcome) -> str:
 
 
 def cmd_train(args: argparse.Namespace, workdir: Path) -> CommandResult:
+    from mammo_ray.cli.console import log_path, start_ray
     from mammo_ray.config import load_config
-    from mammo_ray.ray_session import init_ray
     from mammo_ray.train.run import run_folds, run_training
 
     config = load_config(args.config, args.overrides)
-    init_ray(args.address)
+    start_ray(args.address, log_path(workdir, "folds" if args.folds else "train"))
     if args.folds:
         folds = run_folds(config, workdir, args.folds, progress=not args.json)
         return folds.to_dict(), folds_text(folds)

@@ -35,6 +35,7 @@ import torch
 from mammo_ray.config import Config, metric_mode
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from mammo_ray.train.loop import EarlyStopping, build_training, epoch_line, fit, restore_training, training_payload
+from mammo_ray.train.progress import announce
 from mammo_ray.train.ray_train import FaultInjection, maybe_inject_fault
 from mammo_ray.train.tracking import log_metrics
 
@@ -153,7 +154,7 @@ def train_in_process(cfg: dict[str, Any], folder: CheckpointFolder, report: Repo
 
     def on_epoch(epoch: int, metrics: dict[str, float], last: bool) -> None:
         metrics = {**metrics, "epochs_done": float(epoch + 1), "resumed_from_epoch": float(resumed_from)}
-        print(epoch_line(config, epoch, metrics), flush=True)
+        announce(cfg, epoch_line(config, epoch, metrics))
         if cfg["run_id"]:
             log_metrics(cfg["mlflow_uri"], cfg["run_id"], metrics, step=epoch)
         saved = folder.save(training_payload(training, stopper, epoch, rank0_pid=os.getpid()), metrics)

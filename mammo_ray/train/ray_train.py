@@ -38,6 +38,7 @@ from ray.train.v2.torch.torch_trainer import TorchTrainer
 from mammo_ray.config import Config, metric_mode
 from mammo_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from mammo_ray.train.loop import EarlyStopping, build_training, epoch_line, fit, restore_training, training_payload
+from mammo_ray.train.progress import announce
 from mammo_ray.train.tracking import log_metrics
 
 
@@ -147,7 +148,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)  # Ray 3/3: every rank reports (a barrier)
             return
-        print(epoch_line(config, epoch, metrics), flush=True)
+        announce(cfg, epoch_line(config, epoch, metrics))  # the driver prints it (train/progress.py)
         if cfg["run_id"]:
             log_metrics(cfg["mlflow_uri"], cfg["run_id"], metrics, step=epoch)
         payload = training_payload(training, stopper, epoch, rank0_pid=os.getpid())

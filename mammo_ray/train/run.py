@@ -18,6 +18,7 @@ Results are typed: ``TrainOutcome`` for one run, ``FoldsOutcome`` for a cross-va
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ import ray
 import torch
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.models import Model, infer_signature
+from ray.util.queue import Queue
 
 from mammo_ray import tags
 from mammo_ray.config import Config, metric_mode, save_config, with_values
@@ -42,6 +44,7 @@ from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore
 from mammo_ray.train.evaluation import evaluate_checkpoint
 from mammo_ray.train.in_process import CheckpointFolder, Report, runs_in_process, train_in_process, trial_resources
 from mammo_ray.train.lineage import log_data_inputs
+from mammo_ray.train.progress import PREFIX_KEY, QUEUE_KEY, EpochLines
 from mammo_ray.train.ray_train import build_trainer, loop_config
 from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
@@ -209,6 +212,8 @@ def run_training(
     resume_run_id: str | None = None,
     in_process: bool = False,
     report: Report | None = None,
+    progress_queue: Queue | None = None,
+    progress_prefix: str = "",
 ) -> TrainOutcome:
     """Train one model with Ray Train (or here, with ``in_process``) and track it in MLflow (Ray must be initialised).
 
@@ -224,6 +229,9 @@ def run_training(
             for a Tune trial or Ray task that holds the worker's resources itself (``trial_resources``);
             ``callbacks`` are then unused.
         report: with ``in_process``, gets each epoch's metrics (Tune's ``report`` in a trial).
+        progress_queue: where the epoch lines go (``train.progress``: a fold task sends them to the
+            cross-validation's driver); None with ``progress``: a Ray Train run's lines are printed here.
+        progress_prefix: what each epoch line starts with ("[fold 2] ").
     """
     workdir = Path(workdir).resolve()
     config, rule = checkpoint_rule(config, fold)
@@ -260,10 +268,14 @@ def run_training(
         )
         storage = storage_path_for(config, workdir)
         checkpoint = out_dir / CHECKPOINT_FILE
-        if in_process:
-            epochs_run = _fit_in_process(config, cfg, name, storage, rule, report, checkpoint)
-        else:
-            epochs_run = _fit_ray_train(config, cfg, name, storage, rule, callbacks, checkpoint)
+        cfg[PREFIX_KEY], cfg[QUEUE_KEY] = progress_prefix, progress_queue
+        with contextlib.ExitStack() as stack:
+            if in_process:  # the lines are printed in this process
+                epochs_run = _fit_in_process(config, cfg, name, storage, rule, report, checkpoint)
+            else:
+                if progress_queue is None and progress:  # the workers' lines, printed here
+                    cfg[QUEUE_KEY] = stack.enter_context(EpochLines()).queue
+                epochs_run = _fit_ray_train(config, cfg, name, storage, rule, callbacks, checkpoint)
         payload = load_checkpoint(checkpoint)
         evaluation = evaluate_checkpoint(
             checkpoint,
@@ -353,10 +365,16 @@ def _fit_in_process(
 
 
 def _fold_task(
-    config_dict: dict[str, Any], workdir: str, prepared: dict[str, Any], parent_run_id: str, fold: int
+    config_dict: dict[str, Any],
+    workdir: str,
+    prepared: dict[str, Any],
+    parent_run_id: str,
+    fold: int,
+    progress_queue: Queue | None = None,
 ) -> TrainOutcome:
     """One fold, run as a Ray task: it trains itself when it holds the worker's resources
-    (``in_process.runs_in_process``), else it drives its own TorchTrainer."""
+    (``in_process.runs_in_process``), else it drives its own TorchTrainer. Its epoch lines go to
+    ``progress_queue``, which the cross-validation's driver prints."""
     config = Config.model_validate(config_dict)
     return run_training(
         config,
@@ -366,6 +384,8 @@ def _fold_task(
         fold=fold,
         progress=False,
         in_process=runs_in_process(config),
+        progress_queue=progress_queue,
+        progress_prefix=f"[fold {fold}] ",
     )
 
 
@@ -387,16 +407,20 @@ def run_folds(config: Config, workdir: str | Path, folds: int, *, progress: bool
     # drives a trainer and holds a sliver of a CPU, so the Train workers get the cores.
     resources = trial_resources(config, driver_cpu=0.01)
     task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources.get("gpu", 0))(_fold_task)
-    with TrackedRun(
-        uri,
-        config.train.experiment,
-        name,
-        config=config,
-        tags={tags.KIND: "cv", tags.FOLDS: str(folds), tags.SELECTION: selection},
-        artifact_location=artifact_root(uri, workdir),
-    ) as parent:
+    with (
+        TrackedRun(
+            uri,
+            config.train.experiment,
+            name,
+            config=config,
+            tags={tags.KIND: "cv", tags.FOLDS: str(folds), tags.SELECTION: selection},
+            artifact_location=artifact_root(uri, workdir),
+        ) as parent,
+        contextlib.ExitStack() as stack,
+    ):
+        queue = stack.enter_context(EpochLines()).queue if progress else None
         refs = [
-            task.remote(config.model_dump(mode="json"), str(workdir), prepared.to_dict(), parent.run_id, k)
+            task.remote(config.model_dump(mode="json"), str(workdir), prepared.to_dict(), parent.run_id, k, queue)
             for k in range(folds)
         ]
         outcomes: list[TrainOutcome] = ray.get(refs)

@@ -207,3 +207,23 @@ def test_cli_train_folds_in_parallel(ray_session, tmp_path, capsys):
     # The folds validate on disjoint patients.
     held = [set(pd.read_csv(f"{r['output_dir']}/predictions_val.csv")["patient_id"]) for r in result["fold_runs"]]
     assert held[0] and held[1] and not held[0] & held[1]
+
+
+def test_epoch_lines_from_ray_tasks_are_printed_by_the_driver(ray_session, capsys):
+    """The CLI keeps Ray workers' output off the console (log_to_driver off), so a fold task's or a
+    Train worker's epoch lines reach it over a queue (train/progress.py), in order, with their prefix."""
+    import ray
+
+    from mammo_ray.train.progress import PREFIX_KEY, QUEUE_KEY, EpochLines, announce
+
+    @ray.remote(num_cpus=0)
+    def fold(cfg, lines):
+        for line in lines:
+            announce(cfg, line)
+
+    with EpochLines(poll_s=0.1) as printed:
+        ray.get(fold.remote({QUEUE_KEY: printed.queue, PREFIX_KEY: "[fold 1] "}, ["epoch 1/2", "epoch 2/2"]))
+    out = capsys.readouterr().out.splitlines()  # this module's Ray forwards the task's own prints too: not those
+    assert [line for line in out if "(fold pid=" not in line] == ["[fold 1] epoch 1/2", "[fold 1] epoch 2/2"]
+    announce({}, "here")  # no queue: printed where it runs, nothing else
+    assert [line for line in capsys.readouterr().out.splitlines() if "(fold pid=" not in line] == ["here"]
