@@ -226,6 +226,7 @@ def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(checkpoint_and_scan
         out, err = server.communicate()
         assert server.returncode == 0, err[-4000:]
         assert "stopped serving" in out and "For research use only" in out
+        assert "(raylet)" not in err and "graceful_shutdown" not in err, err[-4000:]  # a quiet stop
         wait_for_exit_of_all(marker)  # no Serve replica or raylet outlives the command
     assert answer["members"]["count"] == 1 and answer["views"].keys() == {"CC"}
     assert answer["probability"] == pytest.approx(predict_in_process(str(checkpoint), scan, workdir), abs=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import threading
 import time
@@ -96,7 +97,13 @@ def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
         while not stop.wait(1.0):
             pass
     serve.delete(APP_NAME)
-    serve.shutdown()
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # This command's own Ray goes down with it: stopping it takes Serve along, without the
+        # controller's "graceful_shutdown" actor-died line that serve.shutdown() prints.
+        import ray
+
+        ray.shutdown()
+    # On a cluster only this app goes: serve.shutdown() there would stop every other app too.
     result = {"url": url, "model": info["version"], "members": info["members"], "stopped": True}
     return result, f"stopped serving {info['version']}"
 
