@@ -50,6 +50,9 @@ def split_datasets(prepared: PreparedData) -> dict[str, PandasDataset]:
             continue
         with warnings.catch_warnings():  # its advice on integer columns concerns model inputs, not these rows
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+            # MLflow 3.17 registers its local-file source class twice, then warns that a path "can be
+            # interpreted in multiple ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource" (the same one)
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
             out[part] = from_pandas(rows, source=prepared.manifest, targets="label", name=f"{name}/{part}")
     return out
 
