@@ -60,6 +60,7 @@ import os
 import platform
 import shutil
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -85,21 +86,9 @@ RAY_REFERENCE["per_trial_ms"] = (
     * 1000
 )
 
-# tests/conftest.py TINY_TRAIN (levynet on 40-px crops), copied: the tests are not a package.
-TINY_TRAIN = [
-    "data.synth_patients=40",
-    "data.synth_size=[384, 240]",
-    "data.seed=3",
-    "data.cache_px=40",
-    "data.input_px=32",
-    "data.num_workers=0",
-    "data.split_fractions=[0.6, 0.2, 0.2]",
-    "model.name=levynet",
-    "model.dropout=0.1",
-    "train.batch_size=8",
-    "train.epochs=2",
-    "train.eval_bootstrap=50",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from setups import TINY_TRAIN  # noqa: E402 - the tests' tiny training setup (tests/ is not a package)
+
 SEARCHES = (("asha+tpe", "tpe", "asha"), ("random+fifo", "random", "fifo"))
 
 

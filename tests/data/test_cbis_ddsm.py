@@ -16,24 +16,10 @@ from mammo_ray.data import cbis_ddsm
 from mammo_ray.data.cbis_ddsm import CbisCsvError, parse_cbis_csvs, read_cbis_csvs, resolve_paths
 from mammo_ray.data.index import index_dataset
 from mammo_ray.data.synthetic import REAL_CBIS_CSVS
+from mammo_ray.data.synthetic.cbis import MASS_COLUMNS
 
 REAL = REAL_CBIS_CSVS  # the real CSVs
-HEADER = [
-    "patient_id",
-    "breast_density",
-    "left or right breast",
-    "image view",
-    "abnormality id",
-    "abnormality type",
-    "mass shape",
-    "mass margins",
-    "assessment",
-    "pathology",
-    "subtlety",
-    "image file path",
-    "cropped image file path",
-    "ROI mask file path",
-]
+HEADER = list(MASS_COLUMNS)  # the mass CSVs' columns, in the real files' order
 MASS_TRAIN = "mass_case_description_train_set.csv"
 FULL, CROP = (64, 48), (10, 12)
 BOX = (10, 20, 22, 30)  # x0, y0, x1, y1 of the default mask
