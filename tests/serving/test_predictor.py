@@ -18,30 +18,12 @@ from fastapi.testclient import TestClient
 
 import mammo_ray
 from mammo_ray.constants import DISCLAIMER
-from mammo_ray.data.crops import mask_bbox
-from mammo_ray.data.datasets import CropCache, SingleViewDataset
 from mammo_ray.data.dicom import read_dicom
 from mammo_ray.serving.api import RuntimeBackend, build_api
 from mammo_ray.serving.runtime import ServeSettings
 from mammo_ray.serving.uploads import UploadError
-from mammo_ray.train.evaluation import predict_checkpoint
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def lesions(lesion_model):
-    """Test-split lesions: offline probability, image file, and the ROI box in stored pixels."""
-    checkpoint, prepared = lesion_model
-    dataset = SingleViewDataset(CropCache(prepared.cache_dir), "test", "pathology")
-    frame = predict_checkpoint(
-        checkpoint, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir, splits_path=prepared.splits
-    ).frame
-    rows = dataset.frame.assign(prob=frame["prob"].to_numpy())
-    manifest = pd.read_parquet(prepared.manifest).set_index("lesion_id")
-    masks = manifest.loc[rows["lesion_id"], "roi_mask_path"].to_numpy()
-    rows["box"] = [mask_bbox(read_dicom(m, flip=False)[0] > 0) for m in masks]
-    return rows
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,11 @@ from ray import serve
 from ray_head import reserved_port
 
 from mammo_ray.cli.serve import start_app, wait_ready
-from mammo_ray.data.crops import mask_bbox
-from mammo_ray.data.datasets import CropCache, SingleViewDataset
-from mammo_ray.data.dicom import read_dicom
 from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.localize.class_map import localize_class_map
 from mammo_ray.localize.whole_image import localize_image, read_mammogram
 from mammo_ray.serving.app import build_app
 from mammo_ray.serving.runtime import ServeSettings
-from mammo_ray.train.evaluation import predict_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -78,21 +74,6 @@ def post(url: str, fields: dict) -> tuple[int, dict]:
             return exc.code, {"raw": text.decode(errors="replace")}
 
 
-@pytest.fixture(scope="module")
-def lesions(lesion_model):
-    checkpoint, prepared = lesion_model
-    dataset = SingleViewDataset(CropCache(prepared.cache_dir), "test", "pathology")
-    frame = predict_checkpoint(
-        checkpoint, "test", prepared.dataset_dir, cache_dir=prepared.cache_dir, splits_path=prepared.splits
-    ).frame
-    rows = dataset.frame.assign(prob=frame["prob"].to_numpy())
-    masks = pd.read_parquet(prepared.manifest).set_index("lesion_id")["roi_mask_path"]
-    rows["box"] = [
-        ",".join(map(str, mask_bbox(read_dicom(masks[lid], flip=False)[0] > 0))) for lid in rows["lesion_id"]
-    ]
-    return rows
-
-
 def test_health_and_model_lineage(served, lesion_model):
     with urllib.request.urlopen(f"{served}/v1/health") as reply:
         assert reply.status == 200 and json.loads(reply.read())["status"] == "ready"
@@ -105,7 +86,7 @@ def test_health_and_model_lineage(served, lesion_model):
 def test_predict_over_http_equals_the_offline_evaluation(served, lesions):
     for row in lesions.head(4).itertuples():
         status, body = post(
-            f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box}
+            f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box_text}
         )
         assert status == 200, body
         assert body["probability"] == pytest.approx(row.prob, abs=1e-5)
@@ -153,13 +134,15 @@ def test_a_bad_upload_is_a_4xx_and_the_server_stays_up(served, lesions):
     status, body = post(f"{served}/v1/predict", {"file": ("junk.dcm", b"\x00not an image" * 50)})
     assert status == 400 and "not a DICOM" in body["reason"]
     row = lesions.iloc[0]
-    status, _ = post(f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box})
+    status, _ = post(
+        f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box_text}
+    )
     assert status == 200
 
 
 def test_200_concurrent_requests_answer_200_or_503(served, lesions):
     row = lesions.iloc[0]
-    fields = {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box}
+    fields = {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box_text}
     with ThreadPoolExecutor(max_workers=48) as pool:
         results = list(pool.map(lambda _: post(f"{served}/v1/predict", fields), range(200)))
     statuses = pd.Series([s for s, _ in results]).value_counts().to_dict()
