@@ -204,6 +204,15 @@ class EnsembleConfig(_Section):
         return value
 
 
+class DecisionsConfig(_Section):
+    """How probabilities become decisions (``mammo_ray.decisions``): all fitted on the validation split only."""
+
+    calibration: Literal["temperature", "isotonic", "none"] = "temperature"  # post-hoc calibration
+    referral_rate: float = Field(0.10, ge=0, lt=1)  # share of validation cases above the referral cut-off
+    referral_measure: Literal["entropy", "mutual_information", "std"] = "entropy"  # ranks cases for referral
+    ece_bins: int = Field(10, ge=2)  # equal-mass bins of the ECE and the reliability diagram
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -211,6 +220,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    decisions: DecisionsConfig = DecisionsConfig()
 
     @model_validator(mode="after")
     def _check_model_input(self) -> Config:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "mammo_ray"
-RAY_FREE = ("data", "models", "localize", "explain", "ensemble", "baseline")
+RAY_FREE = ("data", "models", "localize", "explain", "ensemble", "baseline", "decisions")
 
 
 def _module_name(path: Path, root: Path) -> str:

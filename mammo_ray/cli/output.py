@@ -67,3 +67,35 @@ class JsonOutput:
             os.dup2(self.fd, 1)
             sys.stdout = self.stdout
         os.close(self.fd)
+
+
+def decisions_lines(result: dict[str, Any]) -> list[str]:
+    """Calibration, operating points and referral of a result with ``decisions.report`` fields, as text."""
+    if not result.get("operating_points"):
+        skipped = (result.get("policy") or {}).get("skipped")
+        return [f"  decisions        none: {skipped}"] if skipped else []
+    policy, image = result["policy"], result["calibration"]["image"]
+    calibration = policy["calibration"]
+    how = calibration["method"] + (
+        f", T={calibration['temperature']:.2f}" if calibration["method"] == "temperature" else ""
+    )
+    lines = [
+        f"  calibration      ECE {image['ece']:.3f} -> {image['ece_calibrated']:.3f}, Brier {image['brier']:.3f} -> "
+        f"{image['brier_calibrated']:.3f} ({how}, fitted on val; {image['ece_bins']} equal-mass bins, per image)",
+    ]
+    for point in result["operating_points"]:
+        measured = "sensitivity" if point["kind"] == "specificity" else "specificity"
+        low, high = point[f"{measured}_ci"]
+        lines.append(
+            f"  {measured:<16} {point[measured]:.3f} [{low:.3f}, {high:.3f}] at {point['kind']} {point['target']:.2f} "
+            f"(threshold {point['threshold']:.3f} from val; {point['kind']} here {point[point['kind']]:.3f})"
+        )
+    referral = result["referral"]
+    rate = referral["target_rate"]
+    kept = []
+    for curve in referral["curves"].values():
+        at = [a for r, a in zip(curve["rates"], curve["auc"], strict=True) if abs(r - rate) < 1e-9]
+        if at:
+            kept.append(f"{at[0]:.3f} {curve['label']}")
+    lines.append(f"  referral {rate:.0%}     AUC of the kept cases: " + "; ".join(kept))
+    return lines

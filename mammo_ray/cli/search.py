@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mammo_ray.cli.console import log_path, start_ray
-from mammo_ray.cli.output import AddCommand, CommandResult, mlflow_ui_command
+from mammo_ray.cli.output import AddCommand, CommandResult, decisions_lines, mlflow_ui_command
 
 if TYPE_CHECKING:
     from mammo_ray.search.search import SearchSummary
@@ -51,6 +51,7 @@ def ensemble_text(result: dict[str, Any]) -> str:
         f"  ensemble AUC     {result['ensemble_auc']:.3f} {ci(result['ensemble_auc_ci'])}",
         f"  mean member AUC  {result['mean_member_auc']:.3f} {ci(result['mean_member_auc_ci'])}",
         f"  gain             {result['diff']:+.3f} {ci(result['diff_ci'])} (paired bootstrap)",
+        *decisions_lines(result),
         f"registered model   {result['model_uri']}{alias}",
         f"parent run         {result['parent_run_id']}",
         f"folder             {result['experiment_dir']}",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mammo_ray.cli.output import AddCommand, CommandResult, mlflow_ui_command
+from mammo_ray.cli.output import AddCommand, CommandResult, decisions_lines, mlflow_ui_command
 
 if TYPE_CHECKING:
     from mammo_ray.train.run import FoldsOutcome, TrainOutcome
@@ -78,7 +78,13 @@ def cmd_evaluate(args: argparse.Namespace, workdir: Path) -> CommandResult:
         )
     else:  # a registered ensemble: the members' mean probability (paper 000)
         evaluation = evaluate_members(
-            source.checkpoints, args.split, workdir, out, n_boot=args.bootstrap, progress=not args.json
+            source.checkpoints,
+            args.split,
+            workdir,
+            out,
+            n_boot=args.bootstrap,
+            progress=not args.json,
+            decisions=source.registered_decisions,
         )
         checkpoint = f"{source.model_uri} ({len(source.checkpoints)} members)"
     result = {
@@ -94,7 +100,9 @@ def cmd_evaluate(args: argparse.Namespace, workdir: Path) -> CommandResult:
         f"recall {image['recall']:.3f}  specificity {image['specificity']:.3f}\n"
         f"  per exam  (n={exam['n']}): AUC {exam['auc']:.3f}  accuracy {exam['accuracy']:.3f}  "
         f"recall {exam['recall']:.3f}  specificity {exam['specificity']:.3f}\n"
-        f"  plots and predictions in {out}\n" + json.dumps(m, indent=2)
+        + "".join(line + "\n" for line in decisions_lines(result))
+        + f"  plots and predictions in {out}\n"
+        + json.dumps(m, indent=2)
     )
     return result, text
 

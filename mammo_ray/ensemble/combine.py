@@ -41,13 +41,13 @@ from mammo_ray.train.metrics import (
 )
 from mammo_ray.train.plots import _save, plot_rocs
 
-__all__ = ["KEY_COLUMNS", "average_members", "ensemble_report"]
+__all__ = ["KEY_COLUMNS", "average_members", "ensemble_report", "member_matrix"]
 
 KEY_COLUMNS = ("exam_key", "view", "patient_id", "label")  # what identifies a row (paired frames lack "view")
 NAN = float("nan")
 
 
-def _member_matrix(frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, np.ndarray]:
+def member_matrix(frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, np.ndarray]:
     """The shared key columns (of member 0) and the (rows, members) probability matrix.
 
     Raises ValueError naming the member (and the first differing row) whose rows do not match
@@ -102,7 +102,7 @@ def average_members(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
         The key columns plus ``prob`` (mean over members), ``prob_std`` (their standard
         deviation, ddof 0) and ``n_members``.
     """
-    keys, probs = _member_matrix(frames)
+    keys, probs = member_matrix(frames)
     return keys.assign(prob=probs.mean(axis=1), prob_std=probs.std(axis=1), n_members=probs.shape[1])
 
 
@@ -222,7 +222,7 @@ def ensemble_report(
         raise ValueError(f"ensemble_report: unknown view_mode {view_mode!r}; expected one of {list(PRIMARY_LEVEL)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys, image_probs = _member_matrix(frames)
+    keys, image_probs = member_matrix(frames)
     cases, probs = _primary_level(keys, image_probs, view_mode)
     y, ensemble = check_predictions(cases["label"].to_numpy(), cases["prob"].to_numpy())
     n_members = probs.shape[1]

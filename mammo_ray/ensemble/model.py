@@ -185,6 +185,7 @@ def register_ensemble(
     *,
     description: str = "",
     alias: str | None = None,
+    decisions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Save the members as one MLflow model, log it as a logged model of run ``run_id``, register one version.
 
@@ -205,6 +206,7 @@ def register_ensemble(
         description: prepended to the version description (which lists the member runs).
         alias: a registry alias (e.g. ``champion``) moved to the new version, so that
             ``models:/<name>@<alias>`` names it; None: no alias.
+        decisions: the ensemble's decision policy (fitted on val), stored with the model.
 
     Returns:
         ``{"model_uri": "models:/<name>/<version>", "name", "version" (int), "run_id", "alias",
@@ -245,6 +247,7 @@ def register_ensemble(
                     run_id=run_id,
                     model_id=logged.model_id,
                 ),
+                decisions=decisions,
             )
             client.log_model_artifacts(logged.model_id, str(target))
     except BaseException:

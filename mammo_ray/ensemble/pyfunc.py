@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
+import tempfile
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -46,6 +48,7 @@ from mammo_ray import tags
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # the models-from-code file MLflow copies and loads
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # mammo_ray/, shipped whole as code_paths
 MEMBER = re.compile(r"member_(\d{3,})")
+DECISIONS = "decisions"  # the artifact holding the ensemble's decision policy (decisions.json)
 
 # The distributions the model's code imports (pyfunc_model -> serving.runtime and what it imports;
 # tests/ensemble/test_pyfunc.py checks this against the import graph), pinned to the versions installed
@@ -67,6 +70,7 @@ REQUIREMENTS = (
     "psutil",
     "matplotlib",  # serving.runtime -> localize.render
     "captum",  # serving.runtime -> localize.cam
+    "scikit-learn",  # serving.runtime -> decisions (calibration, referral)
 )
 
 # The image columns per view mode, all required; each has an optional ROI column (``box`` for ``image``,
@@ -82,6 +86,11 @@ OUTPUT_COLUMNS: tuple[tuple[str, DataType], ...] = (
     ("members_count", DataType.long),
     ("members_std", DataType.double),  # spread of the members' probabilities (ddof 0)
     *((f"members_{q}", DataType.double) for q in QUANTILE_NAMES),
+    ("calibrated_probability", DataType.double),  # through the calibration fitted on val (NaN: none stored)
+    ("uncertainty_entropy", DataType.double),  # bits: total uncertainty of the mean probability
+    ("uncertainty_mutual_information", DataType.double),  # bits: the members' disagreement (epistemic)
+    ("refer", DataType.boolean),  # above the referral cut-off chosen on val (False without a stored policy)
+    ("refer_reason", DataType.string),
     ("disclaimer", DataType.string),
 )
 
@@ -120,6 +129,13 @@ def flatten_reply(reply: Mapping[str, Any], pair: bool) -> dict[str, Any]:
         "members_count": members["count"],
         "members_std": members["std"],
         **{f"members_{q}": members["quantiles"][q] for q in QUANTILE_NAMES},
+        "calibrated_probability": (
+            float("nan") if reply["calibrated_probability"] is None else reply["calibrated_probability"]
+        ),
+        "uncertainty_entropy": reply["uncertainty"]["entropy"],
+        "uncertainty_mutual_information": reply["uncertainty"]["mutual_information"],
+        "refer": bool(reply["refer"]["refer"]),
+        "refer_reason": reply["refer"]["reason"],
         "disclaimer": reply["disclaimer"],
     }
 
@@ -151,6 +167,7 @@ def save_ensemble_model(
     view_mode: str,
     *,
     mlflow_model: Model | None = None,
+    decisions: Mapping[str, Any] | None = None,
 ) -> None:
     """Save the ensemble as an MLflow model in the new folder ``path`` (MLmodel metadata: members, view
     mode and the mammo-ray version).
@@ -159,6 +176,8 @@ def save_ensemble_model(
         members: artifact name (``member_000``, ...) -> member checkpoint file, in member order.
         view_mode: the members' view mode (chooses the input columns).
         mlflow_model: the ``Model`` to save into (a logged model's id, run and artifact location).
+        decisions: the ensemble's decision policy (fitted on val), saved as the ``decisions``
+            artifact (``decisions.json``): calibration, operating thresholds, referral cut-off.
     """
     if not members or any(member_index(name) is None for name in members):
         raise ValueError(f"ensemble model: member artifacts must be named member_000, ...; got {sorted(members)}")
@@ -166,18 +185,23 @@ def save_ensemble_model(
         package_version = version("mammo-ray")
     except PackageNotFoundError:  # run from a source tree that was never installed
         package_version = "0+unknown"
-    mlflow.pyfunc.save_model(
-        str(path),
-        python_model=str(MODEL_CODE),
-        artifacts={name: str(Path(file).resolve()) for name, file in members.items()},
-        code_paths=[str(PACKAGE_DIR)],
-        signature=signature(view_mode),
-        input_example=input_example(view_mode),
-        pip_requirements=pip_requirements(),
-        metadata={
-            tags.MEMBERS: len(members),
-            tags.VIEW_MODE: view_mode,
-            tags.VERSION: package_version,
-        },
-        mlflow_model=mlflow_model,
-    )
+    artifacts = {name: str(Path(file).resolve()) for name, file in members.items()}
+    with tempfile.TemporaryDirectory() as staging:  # the policy's file, until save_model has copied it
+        if decisions is not None:
+            artifacts[DECISIONS] = str(Path(staging) / "decisions.json")
+            Path(artifacts[DECISIONS]).write_text(json.dumps(dict(decisions), indent=2))
+        mlflow.pyfunc.save_model(
+            str(path),
+            python_model=str(MODEL_CODE),
+            artifacts=artifacts,
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(view_mode),
+            input_example=input_example(view_mode),
+            pip_requirements=pip_requirements(),
+            metadata={
+                tags.MEMBERS: len(members),
+                tags.VIEW_MODE: view_mode,
+                tags.VERSION: package_version,
+            },
+            mlflow_model=mlflow_model,
+        )

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -29,7 +31,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 import mammo_ray
 from mammo_ray.data.images import DecodedImage, read_image
-from mammo_ray.ensemble.pyfunc import OUTPUT_COLUMNS, flatten_reply, input_columns, member_index
+from mammo_ray.ensemble.pyfunc import DECISIONS, OUTPUT_COLUMNS, flatten_reply, input_columns, member_index
 from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import UploadError, upload_errors
 
@@ -56,7 +58,9 @@ class EnsemblePyfunc(PythonModel):
             raise ValueError(f"ensemble model: no member_XXX artifacts among {sorted(context.artifacts)}")
         files = [context.artifacts[name] for _, name in members]
         settings = ServeSettings(model=MODEL_DIR, **(context.model_config or {}))
-        self.runtime = ModelRuntime.from_checkpoints(files, settings)
+        stored = context.artifacts.get(DECISIONS)  # the policy fitted on val, when registered with one
+        decisions = json.loads(Path(stored).read_text()) if stored else None
+        self.runtime = ModelRuntime.from_checkpoints(files, settings, decisions=decisions)
         self.columns = input_columns(self.runtime.view_mode)
         log.info("mammo-ray ensemble of %d members in %s; code from %s", len(files), MODEL_DIR, mammo_ray.__file__)
 

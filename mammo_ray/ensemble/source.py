@@ -14,6 +14,7 @@ the pickled MLflow model itself is never loaded.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from mlflow.entities.model_registry import ModelVersion
 
 from mammo_ray import tags
 from mammo_ray.config import Config
-from mammo_ray.train.checkpoint import checkpoint_file
+from mammo_ray.ensemble.pyfunc import DECISIONS
+from mammo_ray.train.checkpoint import checkpoint_file, load_checkpoint
 from mammo_ray.train.tracking import reap_dead_runs_once
 from mammo_ray.train.tracking import tracking_uri as default_uri
 
@@ -50,6 +52,17 @@ class ModelSource:
     model_uri: str | None = None
     version: str | None = None
     member_run_ids: list[str] = field(default_factory=list)
+    registered_decisions: dict[str, Any] | None = None  # a registered ensemble's decision policy
+
+    def decisions(self) -> dict[str, Any] | None:
+        """The model's decision policy (fitted on val): a registered ensemble's ``decisions.json``, or a
+        single checkpoint's ``payload["decisions"]``; None for members given without one."""
+        if self.registered_decisions is not None:
+            return self.registered_decisions
+        if len(self.checkpoints) == 1:
+            stored = load_checkpoint(self.checkpoints[0]).get("decisions")
+            return dict(stored) if stored is not None else None
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,14 +95,25 @@ def _from_run(spec: str, run_id: str, uri: str) -> ModelSource:
     )
 
 
-def _member_files(model_dir: Path) -> list[Path]:
-    """The member checkpoints of a saved ensemble pyfunc, in member order (its MLmodel lists them)."""
+def _artifacts(model_dir: Path) -> dict[str, Any]:
+    """The artifacts a saved ensemble pyfunc's MLmodel lists (name -> {"path": ...}); {} when unreadable."""
     try:
         meta = yaml.safe_load((model_dir / "MLmodel").read_text())
-        artifacts = meta["flavors"]["python_function"].get("artifacts") or {}
+        return dict(meta["flavors"]["python_function"].get("artifacts") or {})
     except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return []
+        return {}
+
+
+def _member_files(model_dir: Path) -> list[Path]:
+    """The member checkpoints of a saved ensemble pyfunc, in member order (its MLmodel lists them)."""
+    artifacts = _artifacts(model_dir)
     return [model_dir / artifacts[name]["path"] for name in sorted(artifacts) if MEMBER_FILE.fullmatch(name)]
+
+
+def _decisions(model_dir: Path) -> dict[str, Any] | None:
+    """A saved ensemble's decision policy (its ``decisions`` artifact), None for one saved without."""
+    entry = _artifacts(model_dir).get(DECISIONS)
+    return json.loads((model_dir / entry["path"]).read_text()) if entry else None
 
 
 def _registry_version(spec: str, client: MlflowClient, uri: str) -> ModelVersion:
@@ -146,6 +170,7 @@ def _from_registry(spec: str, uri: str, cache_dir: Path) -> ModelSource:
         model_uri=f"models:/{name}/{version}",
         version=str(version),
         member_run_ids=runs,
+        registered_decisions=_decisions(local),
     )
 
 

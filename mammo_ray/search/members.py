@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 from mlflow import MlflowClient
 from ray import tune
@@ -28,7 +29,8 @@ from ray import tune
 from mammo_ray import tags
 from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import ensure_prepared
-from mammo_ray.ensemble.combine import ensemble_report
+from mammo_ray.decisions.report import decision_report, fit_policy
+from mammo_ray.ensemble.combine import ensemble_report, member_matrix
 from mammo_ray.ensemble.model import register_ensemble
 from mammo_ray.search.cells import AS_CONFIGURED, Cell
 from mammo_ray.search.progress import TrialLines
@@ -187,16 +189,43 @@ def run_ensemble(
             )
         split = config.ensemble.split
         member_data = plan.cells["member"].prepared
-        frames = [
-            predict_checkpoint(
-                m["checkpoint"], split, workdir, cache_dir=member_data.cache_dir, splits_path=member_data.splits
-            ).frame
-            for m in members
-        ]
+
+        def frames_on(part: str) -> list[pd.DataFrame]:
+            return [
+                predict_checkpoint(
+                    m["checkpoint"], part, workdir, cache_dir=member_data.cache_dir, splits_path=member_data.splits
+                ).frame
+                for m in members
+            ]
+
+        frames = frames_on(split)
         out = Path(plan.experiment_dir) / "evaluation"
         report = ensemble_report(
             frames, config.model.view_mode, out, split=split, n_boot=config.train.eval_bootstrap, seed=config.train.seed
         )
+        # Calibration, thresholds and the referral cut-off: fitted on the members' val predictions only,
+        # then reported on the ensemble's split and registered with the model.
+        val_keys, val_probs = member_matrix(frames if split == "val" else frames_on("val"))
+        decided: dict[str, Any]
+        labels = val_keys["label"].to_numpy()
+        if not 0 < labels.sum() < labels.size:  # the members stay trained and registered; say why this is missing
+            reason = f"the val split has {int(labels.sum())} malignant case(s) of {labels.size}: no policy to fit"
+            policy, decided = None, {"skipped": reason}
+        else:
+            policy = fit_policy(labels, val_probs, config.decisions)
+            keys, probs = member_matrix(frames)
+            decided = decision_report(
+                keys.assign(prob=probs.mean(axis=1)),
+                probs,
+                policy,
+                out,
+                split=split,
+                n_boot=config.train.eval_bootstrap,
+                seed=config.train.seed,
+                policy_source="fitted on val now",
+            )
+            parent.log_metrics({f"ensemble_{k}": v for k, v in decided["metrics"].items()})
+            parent.log_artifacts([*decided["plots"], decided["json"]], "evaluation")
         parent.log_metrics({k: v for k, v in report["metrics"].items()})
         parent.log_metrics(
             {
@@ -216,6 +245,7 @@ def run_ensemble(
             description=f"{len(members)}-member ensemble of {config.model.name} "
             f"({config.model.view_mode}), members differ only in seed",
             alias=config.ensemble.alias,
+            decisions=policy.to_dict() if policy else None,
         )
         summary = {
             "experiment_dir": plan.experiment_dir,
@@ -231,7 +261,12 @@ def run_ensemble(
             "mean_member_auc_ci": report["mean_member_auc_ci"],
             "diff": report["diff"],
             "diff_ci": report["diff_ci"],
-            "plots": report["plots"],
+            "plots": [*report["plots"], *decided.get("plots", [])],
+            **{
+                k: decided.get(k)
+                for k in ("brier", "ece", "ece_calibrated", "operating_points", "referral", "calibration")
+            },
+            "policy": policy.to_dict() if policy else decided,
             "model_uri": registered["model_uri"],
             "alias_uri": registered["alias_uri"],
             "registered_model": registered,

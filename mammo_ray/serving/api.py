@@ -64,12 +64,39 @@ class MemberSummary(BaseModel):
     quantiles: dict[str, float]
 
 
+class Uncertainty(BaseModel):
+    """The members' disagreement (bits, except std): see mammo_ray.decisions.referral."""
+
+    std: float  # the members' standard deviation
+    entropy: float  # total: entropy of the mean probability
+    expected_entropy: float  # aleatoric: the members' mean entropy
+    mutual_information: float  # epistemic: entropy - expected entropy (0 for one network)
+
+
+class Referral(BaseModel):
+    refer: bool | None  # refer to a reader; None: the model has no decision policy
+    reason: str
+    measure: str | None = None  # the uncertainty measure compared with the cut-off
+    value: float | None = None
+    cutoff: float | None = None  # chosen on the validation split for the model's target referral rate
+
+
+class OperatingLabel(BaseModel):
+    name: str  # e.g. sensitivity_at_specificity_0.90
+    threshold: float  # on the calibrated probability, chosen on the validation split
+    label: str  # the class at that threshold
+
+
 class PredictReply(BaseModel):
     probability: float  # P(class 1): malignancy for the pathology task; mean over members (and CC, MLO)
+    calibrated_probability: float | None  # `probability` through the model's calibration (fitted on val); None: none
     label: str  # the class at `threshold`: malignant / benign (mass / no_mass, calcification / mass)
     threshold: float
     task: str
     members: MemberSummary
+    uncertainty: Uncertainty
+    refer: Referral
+    operating_points: list[OperatingLabel]  # the label at each validation-chosen operating threshold
     views: dict[str, float]  # per-view probabilities
     model_version: str
     disclaimer: str = Field(json_schema_extra={"const": DISCLAIMER})

@@ -27,6 +27,8 @@ from mammo_ray.constants import CLASS_NAMES, DISCLAIMER, Task
 from mammo_ray.data.images import DecodedImage
 from mammo_ray.data.roi import roi_crop
 from mammo_ray.data.transforms import build_eval_transform
+from mammo_ray.decisions.policy import DecisionPolicy
+from mammo_ray.decisions.referral import member_uncertainty
 from mammo_ray.ensemble.execution import choose_execution
 from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.ensemble.source import ModelSource, resolve_model_source
@@ -157,17 +159,25 @@ class ModelRuntime:
             self.module(example)  # warm: the first call pays for allocation and kernel selection
         self.guard = MemberGuard()  # Grad-CAM hooks the members' layers: nothing else runs them meanwhile
         self.localize_reasons, self.localize_method = self._check_localizable()
+        self.policy, self.policy_note = self._policy()
         self.localizable = self.localize_method is not None
         self.load_seconds = time.perf_counter() - started
         self.ready = True
 
     @classmethod
-    def from_checkpoints(cls, paths: Sequence[str | Path], settings: ServeSettings | dict[str, Any]) -> ModelRuntime:
+    def from_checkpoints(
+        cls,
+        paths: Sequence[str | Path],
+        settings: ServeSettings | dict[str, Any],
+        *,
+        decisions: dict[str, Any] | None = None,
+    ) -> ModelRuntime:
         """The runtime of member checkpoints already on this machine (files or folders, in member order),
         such as an MLflow model's artifacts: no lookup, no MLflow store. ``settings.model`` only names
-        them (``info()``'s ``source.spec``)."""
+        them (``info()``'s ``source.spec``); ``decisions`` is the ensemble's stored decision policy."""
         s = settings if isinstance(settings, ServeSettings) else ServeSettings(**settings)
-        return cls(s, ModelSource(s.model, "checkpoint", [checkpoint_file(p) for p in paths]))
+        files = [checkpoint_file(p) for p in paths]
+        return cls(s, ModelSource(s.model, "checkpoint", files, registered_decisions=decisions))
 
     # ------------------------------------------------------------------ setup
 
@@ -180,6 +190,22 @@ class ModelRuntime:
         """Per localization method, why this model cannot use it ("" if it can), and its default method."""
         reasons = method_reasons(self.members, self.config, self.spec)
         return reasons, default_method(self.config, reasons)
+
+    def _policy(self) -> tuple[DecisionPolicy | None, str]:
+        """The model's decision policy (calibration, operating thresholds, referral), and a note on it."""
+        stored = self.source.decisions()
+        if stored is None:
+            return None, (
+                "this model has no decision policy: no calibration, operating points or referral "
+                "(train or register it with this mammo-ray version, which fits them on its val split)"
+            )
+        policy = DecisionPolicy.from_dict(stored)
+        if policy.members != len(self.members):
+            return (
+                None,
+                f"the stored decision policy is for {policy.members} member(s), the model has {len(self.members)}",
+            )
+        return policy, f"{policy.calibration.method} calibration and thresholds fitted on the val split"
 
     @property
     def localize_note(self) -> str:
@@ -283,8 +309,18 @@ class ModelRuntime:
         by_view = {}
         if self.view_mode != "multimodal":
             by_view = {view: float(probs[i].mean()) for i, view in enumerate(views)}
+        uncertainty = member_uncertainty(members[None, :]).row(0)
+        calibrated, refer, points = None, {"refer": None, "reason": self.policy_note}, []
+        if self.policy is not None:
+            calibrated = float(self.policy.calibration(np.array([p]))[0])
+            refer = self.policy.refer(uncertainty)
+            points = [
+                {"name": o.name, "threshold": o.threshold, "label": self.class_names[int(calibrated >= o.threshold)]}
+                for o in self.policy.operating_points
+            ]
         return {
             "probability": p,
+            "calibrated_probability": calibrated,
             "label": self.class_names[int(p >= self.settings.threshold)],
             "threshold": self.settings.threshold,
             "task": self.config.data.task,
@@ -294,6 +330,9 @@ class ModelRuntime:
                 "std": float(members.std()),
                 "quantiles": {f"q{round(q * 100):02d}": float(np.quantile(members, q)) for q in QUANTILES},
             },
+            "uncertainty": uncertainty,
+            "refer": refer,
+            "operating_points": points,
             "views": by_view,
             "model_version": self.version,
             "disclaimer": DISCLAIMER,
@@ -409,6 +448,7 @@ class ModelRuntime:
             "config": self.config.model_dump(mode="json"),
             "metrics": self._info_metrics,
             "execution": self.execution,
+            "decisions": self.policy.to_dict() if self.policy else {"note": self.policy_note},
             "device": str(self.device),
             "load_seconds": self.load_seconds,
             "localize": {

@@ -69,6 +69,18 @@ def save_checkpoint(payload: dict[str, Any], directory: str | Path) -> Path:
     return target
 
 
+def store_decisions(path: str | Path, decisions: dict[str, Any]) -> Path:
+    """Put a decision policy (``decisions.policy.DecisionPolicy.to_dict``, fitted on the validation
+    split) into a checkpoint file as ``payload["decisions"]``, atomically; returns the file."""
+    target = checkpoint_file(path)
+    payload = load_checkpoint(target)
+    payload["decisions"] = decisions
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, target)
+    return target
+
+
 def checkpoint_file(path: str | Path) -> Path:
     """``path`` itself, or the checkpoint file inside a checkpoint directory."""
     path = Path(path)

@@ -27,7 +27,9 @@ from mammo_ray.constants import CLASS_NAMES, Task
 from mammo_ray.data.datasets import CropCache, PairedViewDataset, SingleViewDataset
 from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.data.transforms import build_eval_transform
-from mammo_ray.ensemble.combine import average_members
+from mammo_ray.decisions.policy import DecisionPolicy
+from mammo_ray.decisions.report import decision_report, fit_policy
+from mammo_ray.ensemble.combine import member_matrix
 from mammo_ray.train.checkpoint import load_checkpoint, restore_model
 from mammo_ray.train.loop import evaluate, relabel_fold
 from mammo_ray.train.metrics import (
@@ -49,6 +51,7 @@ class CheckpointPredictions:
     config: Config  # the checkpoint's own config
     history: list[dict[str, Any]]  # its training history (per-epoch metrics)
     unpaired: int  # multimodal: cases left out for lacking their other view; 0 otherwise
+    decisions: dict[str, Any] | None = None  # the decision policy stored in the checkpoint (fitted on val)
 
 
 @dataclass
@@ -64,7 +67,9 @@ class EvaluationResult:
     image: BinaryMetrics  # every metric per image
     exam: BinaryMetrics  # ... and per exam (CC and MLO averaged)
     predictions: str  # predictions_<split>.csv
-    plots: list[str]  # ROC, confusion matrix (and training curves) PNGs
+    plots: list[str]  # ROC, confusion matrix (and training curves), reliability, PR and referral PNGs
+    decisions: dict[str, Any] | None = None  # decisions.report.decision_report: calibration, thresholds, referral
+    policy: DecisionPolicy | None = None  # the policy those figures applied (fitted on val)
 
     def level(self, name: str) -> BinaryMetrics:
         """``"image"`` or ``"exam"``."""
@@ -87,7 +92,17 @@ class EvaluationResult:
             },
             "predictions": self.predictions,
             "plots": self.plots,
+            **(_decision_fields(self.decisions) if self.decisions else {}),
         }
+
+
+def _decision_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """The decision report's keys in ``--json``: brier, ece, ece_calibrated, operating_points, referral, ..."""
+    keys = ("brier", "ece", "ece_calibrated", "operating_points", "referral", "calibration", "policy")
+    return {
+        **{k: report[k] for k in keys},
+        "decisions": {k: report[k] for k in ("policy_source", "in_sample", "json", "plots")},
+    }
 
 
 def predict_checkpoint(
@@ -124,6 +139,7 @@ def predict_checkpoint(
         config=config,
         history=payload["history"],
         unpaired=int(getattr(dataset, "unpaired", 0)),
+        decisions=payload.get("decisions"),
     )
 
 
@@ -143,11 +159,24 @@ def evaluate_checkpoint(
 
     The flat ``metrics`` of the result use the view mode's primary level (see
     ``loop.summarize_predictions``); ``image`` and ``exam`` hold every ``BinaryMetrics`` value.
+    The decision policy (calibration, operating thresholds, referral cut-off) is the one stored in
+    the checkpoint; a checkpoint without one gets it fitted on its val split here (the split being
+    evaluated when that is val), never on another split.
     """
     predicted = predict_checkpoint(
         checkpoint, split, workdir, cache_dir=cache_dir, fold=fold, splits_path=splits_path, progress=progress
     )
     config = predicted.config
+    policy: DecisionPolicy | None
+    if predicted.decisions is not None:
+        policy, source = DecisionPolicy.from_dict(predicted.decisions), "checkpoint"
+    else:
+        val = (
+            predicted
+            if split == "val"
+            else predict_checkpoint(checkpoint, "val", workdir, cache_dir=cache_dir, fold=fold, splits_path=splits_path)
+        )
+        policy, source = _fit_on_val(val.frame, None, config), "fitted on val now"
     return report_predictions(
         predicted.frame,
         config.model.view_mode,
@@ -157,7 +186,18 @@ def evaluate_checkpoint(
         task=config.data.task,
         history=predicted.history,
         unpaired=predicted.unpaired,
+        policy=policy,
+        policy_source=source,
+        seed=config.train.seed,
     )
+
+
+def _fit_on_val(frame: pd.DataFrame, member_probs: Any, config: Config) -> DecisionPolicy | None:
+    """The decision policy fitted on a val prediction table (None when val lacks a class: nothing to fit)."""
+    labels = frame["label"].to_numpy()
+    if not 0 < labels.sum() < labels.size:
+        return None
+    return fit_policy(labels, frame["prob"].to_numpy() if member_probs is None else member_probs, config.decisions)
 
 
 def evaluate_members(
@@ -168,21 +208,36 @@ def evaluate_members(
     *,
     n_boot: int = 1000,
     progress: bool = False,
+    decisions: dict[str, Any] | None = None,
 ) -> EvaluationResult:
     """Evaluate an ensemble on ``split``: the members' mean probability per case (paper 000), reported
     as ``evaluate_checkpoint`` reports one model. The members must share their data (they differ only
-    in their seed), which ``average_members`` checks row by row."""
+    in their seed), which ``average_members`` checks row by row. ``decisions`` is the ensemble's
+    stored policy (a registered ensemble's); without it the policy is fitted on the members' val
+    predictions here."""
     if not checkpoints:
         raise ValueError("evaluate_members: no member checkpoints given")
     first = predict_checkpoint(checkpoints[0], split, workdir, progress=progress)
     prepared = ensure_prepared(first.config, workdir, progress=False)
-    frames = [first.frame] + [
-        predict_checkpoint(c, split, workdir, cache_dir=prepared.cache_dir, splits_path=prepared.splits).frame
-        for c in checkpoints[1:]
-    ]
+
+    def frames_on(part: str, first_frame: pd.DataFrame | None) -> list[pd.DataFrame]:
+        rest = checkpoints[1:] if first_frame is not None else checkpoints
+        frames = [
+            predict_checkpoint(c, part, workdir, cache_dir=prepared.cache_dir, splits_path=prepared.splits).frame
+            for c in rest
+        ]
+        return [first_frame, *frames] if first_frame is not None else frames
+
     config = first.config
+    keys, member_probs = member_matrix(frames_on(split, first.frame))
+    policy: DecisionPolicy | None
+    if decisions is not None:
+        policy, source = DecisionPolicy.from_dict(decisions), "registered model"
+    else:
+        val_keys, val_probs = (keys, member_probs) if split == "val" else member_matrix(frames_on("val", None))
+        policy, source = _fit_on_val(val_keys, val_probs, config), "fitted on val now"
     return report_predictions(
-        average_members(frames),
+        keys.assign(prob=member_probs.mean(axis=1), prob_std=member_probs.std(axis=1), n_members=len(checkpoints)),
         config.model.view_mode,
         split,
         out_dir,
@@ -190,6 +245,10 @@ def evaluate_members(
         task=config.data.task,
         history=None,
         unpaired=first.unpaired,
+        member_probs=member_probs,
+        policy=policy,
+        policy_source=source,
+        seed=config.train.seed,
     )
 
 
@@ -203,10 +262,16 @@ def report_predictions(
     task: str = "pathology",
     history: list[dict] | None = None,
     unpaired: int = 0,
+    member_probs: Any = None,
+    policy: DecisionPolicy | None = None,
+    policy_source: str = "checkpoint",
+    seed: int = 0,
 ) -> EvaluationResult:
     """Metrics and PNG plots of one prediction table (see ``evaluate_checkpoint``).
 
-    The CIs resample patients when the frame has ``patient_id`` (``bootstrap_unit`` says which)."""
+    The CIs resample patients when the frame has ``patient_id`` (``bootstrap_unit`` says which).
+    With a ``policy``, the decision report (``decisions.report``) is added: ``member_probs`` are the
+    (cases, members) probabilities of an ensemble, None for one network (its ``prob``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     levels = evaluate_predictions(frame, n_boot=n_boot)
@@ -238,6 +303,20 @@ def report_predictions(
                 metrics=("train_loss", "val_loss", "val_auc", "val_acc", "train_acc"),
             )
         )
+    decisions = None
+    if policy is not None:
+        decisions = decision_report(
+            frame,
+            frame["prob"].to_numpy() if member_probs is None else member_probs,
+            policy,
+            out_dir,
+            split=split,
+            n_boot=n_boot,
+            seed=seed,
+            policy_source=policy_source,
+        )
+        flat.update(decisions["metrics"])
+        plots.extend(Path(p) for p in decisions["plots"])
     result = EvaluationResult(
         split=split,
         view_mode=view_mode,
@@ -249,6 +328,8 @@ def report_predictions(
         exam=levels["exam"],
         predictions=str(predictions),
         plots=[str(p) for p in plots],
+        decisions=decisions,
+        policy=policy,
     )
     (out_dir / f"metrics_{split}.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result

@@ -40,7 +40,7 @@ from mammo_ray import tags
 from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.data.transforms import build_eval_transform
-from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model
+from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model, store_decisions
 from mammo_ray.train.evaluation import evaluate_checkpoint
 from mammo_ray.train.in_process import CheckpointFolder, Report, runs_in_process, train_in_process, trial_resources
 from mammo_ray.train.lineage import log_data_inputs
@@ -288,6 +288,8 @@ def run_training(
             splits_path=prepared.splits,
         )
         metrics = evaluation.metrics
+        if evaluation.policy is not None:  # calibration, thresholds and referral cut-off travel with the model
+            store_decisions(checkpoint, evaluation.policy.to_dict())
         run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=payload["epoch"])
         run.set_tags(
             {
@@ -297,7 +299,8 @@ def run_training(
             }
         )
         run.log_artifacts(evaluation.plots, "plots")
-        run.log_artifacts([evaluation.predictions, out_dir / "metrics_val.json"], "evaluation")
+        decided = [evaluation.decisions["json"]] if evaluation.decisions else []
+        run.log_artifacts([evaluation.predictions, out_dir / "metrics_val.json", *decided], "evaluation")
         run.log_artifact(checkpoint, "checkpoint")
         log_model(run, checkpoint)
     return TrainOutcome(

@@ -132,3 +132,40 @@ def test_load_from_the_command_line_prints_a_probability_and_the_disclaimer(lesi
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
     reply = ast.literal_eval(out.strip().splitlines()[-1])  # the printed dict
     assert reply["probability"] == pytest.approx(row.prob, abs=1e-5) and reply["disclaimer"] == DISCLAIMER
+
+
+def test_a_model_with_a_decision_policy_calibrates_and_refers(lesion_model, lesions, model, tmp_path):
+    """The policy fitted on val travels in the checkpoint: the reply's calibrated probability, operating
+    labels and referral follow it; a model without one says so instead of inventing numbers."""
+    import shutil
+
+    from mammo_ray.train.checkpoint import store_decisions
+    from mammo_ray.train.evaluation import evaluate_checkpoint
+
+    checkpoint, prepared = lesion_model
+    copy = tmp_path / "decided" / "checkpoint.pt"
+    copy.parent.mkdir()
+    shutil.copy(checkpoint, copy)
+    val = evaluate_checkpoint(
+        copy, "val", tmp_path, tmp_path / "val", n_boot=0, cache_dir=prepared.cache_dir, splits_path=prepared.splits
+    )
+    policy = val.policy
+    store_decisions(copy, policy.to_dict())
+    decided = mammo_ray.load(copy, workdir=tmp_path, execution="loop")
+    assert decided.info()["decisions"]["calibration"]["method"] == "temperature"
+    for row in lesions.head(4).itertuples():
+        answer = decided.predict(row.image_path, box=row.box)
+        p = answer["probability"]
+        assert p == pytest.approx(row.prob, abs=1e-5)  # the raw probability is unchanged
+        assert answer["calibrated_probability"] == pytest.approx(float(policy.calibration(np.array([p]))[0]))
+        u = answer["uncertainty"]
+        assert u["std"] == 0 and u["mutual_information"] == 0  # one network: no disagreement
+        assert u["entropy"] == pytest.approx(u["expected_entropy"]) and 0 < u["entropy"] <= 1
+        assert answer["refer"]["refer"] == (u["entropy"] > policy.referral_cutoff)
+        assert answer["refer"]["cutoff"] == policy.referral_cutoff and "10%" in answer["refer"]["reason"]
+        q = answer["calibrated_probability"]
+        expected = [("malignant" if q >= o.threshold else "benign") for o in policy.operating_points]
+        assert [o["label"] for o in answer["operating_points"]] == expected
+    plain = model.predict(lesions.iloc[0].image_path, box=lesions.iloc[0].box)
+    assert plain["calibrated_probability"] is None and plain["operating_points"] == []
+    assert plain["refer"]["refer"] is None and "no decision policy" in plain["refer"]["reason"]

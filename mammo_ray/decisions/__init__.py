@@ -1,0 +1,1 @@
+"""From probabilities to decisions: calibration, operating points and referral, fitted on validation."""
