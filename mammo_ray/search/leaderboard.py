@@ -17,6 +17,13 @@ from typing import Any
 
 import pandas as pd
 
+# How far the probability can be read as one (decisions.report; thresholds and calibration from val):
+# per image and per exam, the Brier score and the ECE before and after calibration, and average precision.
+CALIBRATION_COLUMNS = tuple(
+    f"test_{level}{measure}"
+    for level in ("", "exam_")
+    for measure in ("brier", "ece", "ece_calibrated", "average_precision")
+)
 LONG_COLUMNS = [
     "backbone",
     "column",
@@ -29,6 +36,7 @@ LONG_COLUMNS = [
     "test_auc_ci_high",
     "test_loss",
     "test_n",
+    *CALIBRATION_COLUMNS,
     "val_metric",
     "val_exam_loss",
     "trial_id",
@@ -61,30 +69,48 @@ def cell_text(row: pd.Series) -> str:
     )
 
 
+def calibration_text(row: pd.Series) -> str:
+    """``0.19 / 0.12 -> 0.04``: Brier score / ECE before -> after calibration (per image), or why there is none."""
+    if row["status"] != "ok":
+        return str(row["status"])
+    return f"{_fmt(row['test_brier'])} / {_fmt(row['test_ece'])} -> {_fmt(row['test_ece_calibrated'])}"
+
+
 def _ordered(values: pd.Series) -> list[str]:
     return list(dict.fromkeys(values.astype(str)))
 
 
-def wide_table(long: pd.DataFrame) -> pd.DataFrame:
-    """Rows backbones, columns the cells' column groups, entries ``cell_text``; "" where a
-    backbone has no such cell (the baseline has no multi-modal variant)."""
+def wide_table(long: pd.DataFrame, text: Any = cell_text) -> pd.DataFrame:
+    """Rows backbones, columns the cells' column groups, entries ``text(row)`` (``cell_text``); ""
+    where a backbone has no such cell (the baseline has no multi-modal variant)."""
     table = pd.DataFrame(index=_ordered(long["backbone"]), columns=_ordered(long["column"]), dtype=object).fillna("")
     for _, row in long.iterrows():
-        table.loc[str(row["backbone"]), str(row["column"])] = cell_text(row)
+        table.loc[str(row["backbone"]), str(row["column"])] = text(row)
     table.index.name = "method"
     return table
 
 
-def to_markdown(table: pd.DataFrame, title: str, selection: str = "") -> str:
+def _rows(table: pd.DataFrame) -> list[str]:
     header = ["method", *table.columns]
-    lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method, row in table.iterrows():
-        lines.append("| " + " | ".join([str(method), *(str(v) for v in row)]) + " |")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join([str(method), *(str(v) for v in row)]) + " |" for method, row in table.iterrows()]
+
+
+def to_markdown(table: pd.DataFrame, title: str, selection: str = "", calibration: pd.DataFrame | None = None) -> str:
+    lines = [f"**{title}**", "", *_rows(table)]
     lines += [
         "",
         "Each cell: test accuracy / ROC AUC (95% CI, bootstrap over patients) / log loss of the cell's "
         "best trial by validation metric.",
     ]
+    if calibration is not None:
+        lines += [
+            "",
+            *_rows(calibration),
+            "",
+            "Each cell: test Brier score / expected calibration error (equal-mass bins, per image) before -> "
+            "after the calibration fitted on the validation split.",
+        ]
     if selection:
         lines += ["", selection]
     lines += ["", "For research use only. Not for use in diagnostic procedures."]
@@ -109,7 +135,7 @@ def write_leaderboard(
             value = row[f"test_{measure}"] if row["status"] == "ok" else math.nan
             wide.loc[str(row["backbone"]), f"{row['column']} {measure}"] = value
     wide.to_csv(out_dir / "leaderboard.csv")
-    markdown = to_markdown(wide_table(long), title, selection)
+    markdown = to_markdown(wide_table(long), title, selection, calibration=wide_table(long, calibration_text))
     (out_dir / "leaderboard.md").write_text(markdown)
     return {
         "csv": str(out_dir / "leaderboard.csv"),

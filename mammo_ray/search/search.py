@@ -44,7 +44,7 @@ from mammo_ray.baseline.lda import run_baseline
 from mammo_ray.config import Config, metric_mode, save_config
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.search.cells import Cell, make_cells, trial_config
-from mammo_ray.search.leaderboard import write_leaderboard
+from mammo_ray.search.leaderboard import CALIBRATION_COLUMNS, write_leaderboard
 from mammo_ray.search.progress import TrialLines
 from mammo_ray.search.searcher import TIME_ATTR, CellScheduler, CellSearcher
 from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_trial, write_plan
@@ -303,6 +303,7 @@ def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[s
                     k: metrics.get(k, math.nan)
                     for k in ("test_acc", "test_auc", "test_auc_ci_low", "test_auc_ci_high", "test_loss", "test_n")
                 },
+                **{k: metrics.get(k, math.nan) for k in CALIBRATION_COLUMNS},
                 "plots": result.plots,
             }
         )

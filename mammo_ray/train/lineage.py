@@ -8,6 +8,7 @@ the same digest, and a changed split shows a new one.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import PandasDataset, from_pandas
 from mlflow.entities import DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mammo_ray.data.manifest import read_manifest
@@ -63,4 +65,14 @@ def log_data_inputs(client: MlflowClient, run_id: str, prepared: PreparedData) -
         DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, part)])
         for part, dataset in split_datasets(prepared).items()
     ]
-    client.log_inputs(run_id, datasets=inputs)
+    for attempt in range(5):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as exc:
+            # Runs that start together (cross-validation folds, trials) log the same split at once: the
+            # store creates a dataset once per experiment, and the loser of that race gets a UNIQUE
+            # constraint error. Once the winner's row exists, the retry links the run to it.
+            if "unique constraint" not in str(exc).lower() or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))

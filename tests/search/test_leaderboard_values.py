@@ -92,9 +92,12 @@ def test_leaderboard_rows_are_the_test_splits_numbers(leaderboard, lesion_model,
         zip(test_cases["exam_key"], test_cases["view"], strict=True)
     )  # the saved predictions are the test split's cases, all of them, and no others
     assert n == test_n
+    brier = float(((predictions["prob"] - predictions["label"]) ** 2).mean())  # per image, before calibration
     for found in (row, written):
         assert found["test_auc"] == pytest.approx(auc, abs=1e-9)
         assert found["test_auc_ci_low"] <= found["test_auc"] <= found["test_auc_ci_high"]
+        assert found["test_brier"] == pytest.approx(brier, abs=1e-9)
+        assert 0 <= found["test_ece_calibrated"] <= 1 and 0 <= found["test_exam_ece"] <= 1
 
 
 def test_the_two_levels_count_different_cases(leaderboard):

@@ -195,6 +195,7 @@ def test_leaderboard_is_shaped_like_table_1(tmp_path):
             "test_n": 40,
         }
     )
+    rows[0].update(test_brier=0.191, test_ece=0.123, test_ece_calibrated=0.041)
     rows[1]["status"] = "no finished trial"
     board = write_leaderboard(rows, tmp_path, title="t")
     wide = pd.read_csv(board["csv"], index_col="method")
@@ -204,5 +205,6 @@ def test_leaderboard_is_shaped_like_table_1(tmp_path):
     text = (tmp_path / "leaderboard.md").read_text()
     assert "| alexnet | 0.70 / 0.81 (0.70-0.90) / 0.55 | no finished trial |" in text
     assert "| texture + LDA (non-deep) |  | 0.60 / 0.64 (0.50-0.77) / 0.70 |" in text
+    assert "| alexnet | 0.19 / 0.12 -> 0.04 | no finished trial |" in text  # the calibration table
     assert "Not for use in diagnostic procedures" in text
     assert len(pd.read_csv(board["long_csv"])) == 5

@@ -137,6 +137,12 @@ def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_w
     assert result["diff_ci"][0] <= result["diff"] <= result["diff_ci"][1] and result["diff_ci"][1] >= 0, result
     assert result["ensemble_auc"] > 0.5, result
     assert all(Path(p).is_file() for p in result["plots"])
+    # Calibration, operating points and referral: fitted on the members' val predictions, reported on test
+    assert {"brier", "ece", "ece_calibrated", "operating_points", "referral"} <= set(result)
+    assert result["policy"]["members"] == 3 and result["policy"]["fitted_on"] == "val"
+    assert [p["target"] for p in result["operating_points"]] == [0.8, 0.9, 0.95, 0.9, 0.95]
+    assert set(result["referral"]["curves"]) == {"policy", "best_member", "random"}
+    assert {Path(p).name for p in result["plots"]} >= {"reliability_test.png", "referral_test.png"}
     client = MlflowClient(result["tracking_uri"])
     members = _children(client, result["parent_run_id"])
     assert len(members) == 3 and all(run.info.status == "FINISHED" for run in members)
@@ -155,6 +161,11 @@ def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_w
     assert evaluated["model"]["model_uri"] == f"models:/tiny-ensemble/{version.version}"
     assert len(evaluated["model"]["checkpoints"]) == 3
     assert evaluated["metrics"]["test_auc"] == pytest.approx(result["ensemble_auc"], abs=1e-9)
+    assert evaluated["decisions"]["policy_source"] == "registered model"  # the stored policy, not refitted
+    assert evaluated["policy"] == result["policy"] and evaluated["ece_calibrated"] == result["ece_calibrated"]
+    logged = {a.path for a in client.list_artifacts(result["parent_run_id"], "evaluation")}
+    assert {"evaluation/reliability_test.png", "evaluation/referral_test.png"} <= logged
+    assert "ensemble_test_ece_calibrated" in client.get_run(result["parent_run_id"]).data.metrics
 
     with pytest.MonkeyPatch.context() as env:  # the caller's value, if any, comes back after
         env.setenv("MLFLOW_TRACKING_URI", result["tracking_uri"])
@@ -171,6 +182,7 @@ def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_w
     boxes = [",".join(map(str, mask_bbox(read_dicom(m, flip=False)[0] > 0))) for m in masks]
     out = model.predict(pd.DataFrame({"image": list(lesions["image_path"]), "box": boxes}))
     assert len(out) == 6 and out["probability"].between(0, 1).all()
+    assert out["calibrated_probability"].between(0, 1).all() and out["refer"].dtype == bool  # the registered policy
     with torch.inference_mode():
         np.testing.assert_allclose(out["probability"].to_numpy(), ensemble(x).mean(dim=1).numpy(), atol=1e-5)
 

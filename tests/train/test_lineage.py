@@ -45,6 +45,30 @@ def test_a_run_lists_the_rows_of_each_split_it_used(prepared, tmp_path):
     assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING  # the UI opens it on its runs
 
 
+def test_a_run_that_loses_the_race_to_create_the_dataset_still_lists_it(prepared, tmp_path, monkeypatch):
+    """Folds and trials start together and log the same split at once: the store creates the dataset
+    once, and the other run's insert fails on the UNIQUE constraint; it retries and links to that row."""
+    from mlflow.exceptions import MlflowException
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with TrackedRun(uri, "lineage", "winner") as run:
+        log_data_inputs(run.client, run.run_id, prepared)
+    with TrackedRun(uri, "lineage", "loser") as run:
+        original, calls = run.client.log_inputs, []
+
+        def racing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(run.client, "log_inputs", racing)
+        log_data_inputs(run.client, run.run_id, prepared)
+        loser = run.run_id
+    assert len(calls) == 2
+    assert len(MlflowClient(uri).get_run(loser).inputs.dataset_inputs) == 3
+
+
 def test_an_empty_split_is_left_out(prepared, tmp_path):
     """Cross-validation splits have no val split: the run lists the splits that have rows."""
     splits = Splits.load(prepared.splits)
