@@ -46,15 +46,17 @@ def plot_reliability(levels: dict[str, dict[str, Any]], path: str | Path, *, tit
     return _save(fig, path)
 
 
-def plot_precision_recall(labels: Any, probs: Any, average_precision: float, path: str | Path, *, title: str) -> Path:
-    y = np.asarray(labels, dtype=np.int64)
+def plot_precision_recall(curves: dict[str, tuple[Any, Any, float]], path: str | Path, *, title: str) -> Path:
+    """Precision-recall curves, ``name -> (labels, probabilities, average precision)`` (per image, per exam)."""
     fig = Figure(figsize=(5.5, 5.0))
     ax = fig.add_subplot()
-    if 0 < y.sum() < y.size:
-        precision, recall, _ = precision_recall_curve(y, probs)
-        ax.step(recall, precision, where="post", label=f"AP = {average_precision:.3f}")
-        ax.axhline(y.mean(), color="0.6", linestyle="--", linewidth=1, label=f"prevalence {y.mean():.3f}")
-        ax.legend(loc="lower left", fontsize=8)
+    for name, (labels, probs, average_precision) in curves.items():
+        y = np.asarray(labels, dtype=np.int64)
+        if 0 < y.sum() < y.size:
+            precision, recall, _ = precision_recall_curve(y, probs)
+            line = ax.step(recall, precision, where="post", label=f"{name} (AP = {average_precision:.3f})")
+            ax.axhline(y.mean(), color=line[0].get_color(), linestyle=":", linewidth=1, label=f"{name} prevalence")
+    ax.legend(loc="lower left", fontsize=8)
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=title)
     fig.tight_layout()
     return _save(fig, path)

@@ -19,6 +19,7 @@ import pandas as pd
 from mammo_ray.config import DecisionsConfig
 from mammo_ray.decisions.plots import plot_precision_recall, plot_referral, plot_reliability
 from mammo_ray.decisions.policy import DecisionPolicy, assess, retained_at
+from mammo_ray.train.metrics import exam_level
 
 
 def fit_policy(labels: Any, member_probs: Any, config: DecisionsConfig) -> DecisionPolicy:
@@ -71,17 +72,19 @@ def decision_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = assess(frame, member_probs, policy, n_boot=n_boot, seed=seed)
-    image = result["calibration"]["image"]
+    levels = result["calibration"]
     probs = np.asarray(member_probs, dtype=np.float64)
-    calibrated = policy.calibration(probs.mean(axis=1) if probs.ndim == 2 else probs)
+    calibrated = frame.assign(prob=policy.calibration(probs.mean(axis=1) if probs.ndim == 2 else probs))
+    curves = {f"per image (n={levels['image']['n']})": (calibrated["label"], calibrated["prob"], levels["image"])}
+    if "exam" in levels:
+        exams = exam_level(calibrated)
+        curves[f"per exam (n={levels['exam']['n']})"] = (exams["label"], exams["prob"], levels["exam"])
     plots = [
-        plot_reliability(result["calibration"], out_dir / f"reliability_{split}.png", title=f"{split} split"),
+        plot_reliability(levels, out_dir / f"reliability_{split}.png", title=f"{split} split"),
         plot_precision_recall(
-            frame["label"].to_numpy(),
-            calibrated,
-            image["average_precision"],
+            {name: (y, p, level["average_precision"]) for name, (y, p, level) in curves.items()},
             out_dir / f"precision_recall_{split}.png",
-            title=f"Precision-recall, {split} split (per image, n={image['n']})",
+            title=f"Precision-recall, {split} split (calibrated)",
         ),
         plot_referral(
             result["referral"]["curves"],

@@ -194,9 +194,7 @@ def test_plots_write_png_files(fitted, tmp_path):
     paths = [
         plot_reliability(result["calibration"], tmp_path / "reliability.png"),
         plot_precision_recall(
-            test["label"],
-            calibrated,
-            result["calibration"]["image"]["average_precision"],
+            {"per image": (test["label"], calibrated, result["calibration"]["image"]["average_precision"])},
             tmp_path / "pr" / "precision_recall.png",
             title="test",
         ),
