@@ -28,6 +28,7 @@ from mammo_ray.data.datasets import CropCache, PairedViewDataset, SingleViewData
 from mammo_ray.data.pipeline import ensure_prepared
 from mammo_ray.data.transforms import build_eval_transform
 from mammo_ray.decisions.policy import DecisionPolicy
+from mammo_ray.decisions.referral import member_uncertainty
 from mammo_ray.decisions.report import decision_report, fit_policy
 from mammo_ray.ensemble.combine import member_matrix
 from mammo_ray.train.checkpoint import load_checkpoint, restore_model
@@ -317,6 +318,7 @@ def report_predictions(
         )
         flat.update(decisions["metrics"])
         plots.extend(Path(p) for p in decisions["plots"])
+        frame.assign(**_case_decisions(frame, member_probs, policy)).to_csv(predictions, index=False)
     result = EvaluationResult(
         split=split,
         view_mode=view_mode,
@@ -333,6 +335,18 @@ def report_predictions(
     )
     (out_dir / f"metrics_{split}.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+def _case_decisions(frame: pd.DataFrame, member_probs: Any, policy: DecisionPolicy) -> dict[str, Any]:
+    """Per case, what the served reply says: the calibrated probability, the uncertainty, the referral."""
+    uncertainty = member_uncertainty(frame["prob"].to_numpy()[:, None] if member_probs is None else member_probs)
+    refer = uncertainty.measure(policy.referral_measure) > policy.referral_cutoff
+    return {
+        "calibrated_prob": policy.calibration(uncertainty.mean),
+        "uncertainty_entropy": uncertainty.entropy,
+        "uncertainty_mutual_information": uncertainty.mutual_information,
+        "refer": refer,
+    }
 
 
 def _exam_curve(frame: pd.DataFrame, ci: tuple[float, float]) -> tuple[Any, Any, tuple[float, float]]:

@@ -11,6 +11,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import mammo_ray.train.evaluation as evaluation_module
@@ -105,6 +106,9 @@ def test_a_stored_policy_is_used_and_its_figures_are_written(unpolicied, tmp_pat
     assert {"brier", "ece", "ece_calibrated", "operating_points", "referral"} <= out.keys()
     assert len(out["operating_points"]) == 5 and all("specificity_ci" in p for p in out["operating_points"])
     assert out["referral"]["curves"]["policy"]["rates"][0] == 0.0 and out["referral"]["curves"]["random"]["auc"]
+    cases = pd.read_csv(tmp_path / "test" / "predictions_test.csv")  # per case, as the served reply says
+    assert cases["calibrated_prob"].to_numpy() == pytest.approx(result.policy.calibration(cases["prob"].to_numpy()))
+    assert cases["refer"].mean() == pytest.approx(out["referral"]["referred_rate"])
     for name in ("reliability_test.png", "precision_recall_test.png", "referral_test.png"):
         assert (tmp_path / "test" / name).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "test" / "metrics_test.json").read_text())
