@@ -72,7 +72,7 @@ class JsonOutput:
 def decisions_lines(result: dict[str, Any]) -> list[str]:
     """Calibration, operating points and referral of a result with ``decisions.report`` fields, as text."""
     if not result.get("operating_points"):
-        skipped = (result.get("policy") or {}).get("skipped")
+        skipped = (result.get("policy") or {}).get("skipped") or (result.get("decisions") or {}).get("skipped")
         return [f"  decisions        none: {skipped}"] if skipped else []
     policy, image = result["policy"], result["calibration"]["image"]
     calibration = policy["calibration"]

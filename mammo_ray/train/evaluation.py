@@ -43,6 +43,8 @@ from mammo_ray.train.metrics import (
 )
 from mammo_ray.train.plots import plot_confusion, plot_rocs, plot_training_curves
 
+NO_POLICY = "none: the val split lacks one of the classes, so no calibration, thresholds or referral were fitted"
+
 
 @dataclass
 class CheckpointPredictions:
@@ -99,6 +101,8 @@ class EvaluationResult:
 
 def _decision_fields(report: dict[str, Any]) -> dict[str, Any]:
     """The decision report's keys in ``--json``: brier, ece, ece_calibrated, operating_points, referral, ..."""
+    if "skipped" in report:  # no policy could be fitted: say why instead of leaving the fields out silently
+        return {"decisions": report}
     keys = ("brier", "ece", "ece_calibrated", "operating_points", "referral", "calibration", "policy")
     return {
         **{k: report[k] for k in keys},
@@ -177,7 +181,8 @@ def evaluate_checkpoint(
             if split == "val"
             else predict_checkpoint(checkpoint, "val", workdir, cache_dir=cache_dir, fold=fold, splits_path=splits_path)
         )
-        policy, source = _fit_on_val(val.frame, None, config), "fitted on val now"
+        policy, source = _fit_on_val(val.frame, None, config), NO_POLICY
+        source = "fitted on val now" if policy is not None else source
     return report_predictions(
         predicted.frame,
         config.model.view_mode,
@@ -236,7 +241,8 @@ def evaluate_members(
         policy, source = DecisionPolicy.from_dict(decisions), "registered model"
     else:
         val_keys, val_probs = (keys, member_probs) if split == "val" else member_matrix(frames_on("val", None))
-        policy, source = _fit_on_val(val_keys, val_probs, config), "fitted on val now"
+        policy, source = _fit_on_val(val_keys, val_probs, config), NO_POLICY
+        source = "fitted on val now" if policy is not None else source
     return report_predictions(
         keys.assign(prob=member_probs.mean(axis=1), prob_std=member_probs.std(axis=1), n_members=len(checkpoints)),
         config.model.view_mode,
@@ -304,7 +310,9 @@ def report_predictions(
                 metrics=("train_loss", "val_loss", "val_auc", "val_acc", "train_acc"),
             )
         )
-    decisions = None
+    decisions: dict[str, Any] | None = (
+        {"skipped": policy_source} if policy is None and policy_source == NO_POLICY else None
+    )
     if policy is not None:
         decisions = decision_report(
             frame,

@@ -114,3 +114,21 @@ def test_a_stored_policy_is_used_and_its_figures_are_written(unpolicied, tmp_pat
     saved = json.loads((tmp_path / "test" / "metrics_test.json").read_text())
     assert saved["ece_calibrated"] == pytest.approx(out["ece_calibrated"]) or np.isnan(out["ece_calibrated"])
     assert result.metrics["test_ece_calibrated"] == pytest.approx(out["ece_calibrated"])
+
+
+def test_a_val_split_without_both_classes_says_why_there_is_no_policy(unpolicied, tmp_path, monkeypatch):
+    checkpoint, prepared = unpolicied
+    original = evaluation_module.predict_checkpoint
+
+    def benign_val(checkpoint, split, *args, **kwargs):
+        predicted = original(checkpoint, split, *args, **kwargs)
+        if split == "val":
+            predicted.frame = predicted.frame.assign(label=0)
+        return predicted
+
+    monkeypatch.setattr(evaluation_module, "predict_checkpoint", benign_val)
+    result = _evaluate(checkpoint, prepared, tmp_path / "test")
+    out = result.to_dict()
+    assert result.policy is None and "ece" not in out and "operating_points" not in out
+    assert out["decisions"]["skipped"].startswith("none: the val split lacks one of the classes")
+    assert out["metrics"]["test_auc"] == result.image.auc  # the rest of the evaluation is whole
