@@ -30,18 +30,19 @@ def overlay_figure(
     alpha: float = 0.45,
     label: str = "mass probability",
 ):
-    """Grayscale image, the heatmap on top (0..1, jet; ``label`` on the colour bar), and each box with its score."""
-    import matplotlib
+    """Grayscale image, the heatmap on top (0..1, jet; ``label`` on the colour bar), and each box with its score.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    A ``matplotlib.figure.Figure`` of its own, never pyplot: pyplot keeps one global registry of
+    figures, and the Serve replica renders overlays of concurrent requests in threads."""
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     if heat.shape != image.shape:
         raise ValueError(f"heatmap shape {heat.shape} differs from image shape {image.shape}")
     shown, shown_heat, factor = _display(image, heat, max_side)
     h, w = shown.shape
-    fig, ax = plt.subplots(figsize=(6 * w / max(h, w) + 1.2, 6 * h / max(h, w) + 0.6), dpi=120)
+    fig = Figure(figsize=(6 * w / max(h, w) + 1.2, 6 * h / max(h, w) + 0.6), dpi=120)
+    ax = fig.add_subplot()
     lo, hi = np.percentile(shown, [0.5, 99.5])
     ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
     layer = ax.imshow(shown_heat, cmap="jet", vmin=0.0, vmax=1.0, alpha=alpha)
@@ -82,13 +83,10 @@ def save_overlay(
     max_side: int = 1024,
     label: str = "mass probability",
 ) -> Path:
-    import matplotlib.pyplot as plt
-
     fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side, label=label)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -102,10 +100,7 @@ def overlay_base64(
     label: str = "mass probability",
 ) -> str:
     """The overlay as a base64 PNG string (for JSON replies)."""
-    import matplotlib.pyplot as plt
-
     fig = overlay_figure(image, heat, boxes, title=title, max_side=max_side, label=label)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
