@@ -83,12 +83,30 @@ def _parse_box(text: str | None) -> tuple[int, int, int, int] | None:
     return x0, y0, x1, y1
 
 
+def _check_dicom_input(image: str) -> None:
+    """``--dicom-out`` references the source image's UIDs: a PNG, TIFF or JPEG has none to reference."""
+    from mammo_ray.data.images import sniff
+
+    try:
+        with open(image, "rb") as f:
+            kind = sniff(f.read(132))
+    except OSError:
+        return  # a missing or unreadable --image: the predictor names it
+    if kind not in ("dicom", None):  # None: maybe a DICOM without preamble, read as such
+        raise ValueError(
+            f"--dicom-out: DICOM output needs a DICOM input; {image} is a {kind.upper()} image "
+            "(drop --dicom-out, or localize the DICOM file it came from)"
+        )
+
+
 def cmd_localize(args: argparse.Namespace, workdir: Path) -> CommandResult:
     import numpy as np
 
     from mammo_ray.localize.methods import map_label
     from mammo_ray.localize.render import save_overlay
 
+    if args.dicom_out:
+        _check_dicom_input(args.image)
     model = _predictor(args, workdir, localize_tile=args.tile, localize_long_side=args.long_side)
     source, config, members = model.runtime.source, model.runtime.config, len(model.runtime.members)
     with _options():
@@ -98,9 +116,10 @@ def cmd_localize(args: argparse.Namespace, workdir: Path) -> CommandResult:
     stem = Path(args.image).stem
     label = map_label(found.method, config)
     stored = np.fliplr(decoded.image) if decoded.flipped else decoded.image
+    heat = found.heatmap()  # the map at the file's size, in its stored orientation
     overlay = save_overlay(
         stored,
-        found.heatmap(),
+        heat,
         found.boxes,
         out / f"{stem}_heatmap.png",
         label=label,
@@ -145,6 +164,19 @@ def cmd_localize(args: argparse.Namespace, workdir: Path) -> CommandResult:
             indent=2,
         )
     )
+    result["dicom"] = None
+    if args.dicom_out:  # the boxes (SR) and map (SEG) as DICOM, on the file's own pixel grid
+        from mammo_ray.localize.dicom_out import write_dicom_outputs
+
+        result["dicom"] = write_dicom_outputs(
+            args.image,
+            heat,
+            found.boxes,
+            Path(args.dicom_out),
+            label=label,
+            method=found.method,
+            image_score=found.image_score,
+        )
     result["mlflow_run"] = _log_outputs(source, out, f"localize/{stem}")
     lines = [
         f"{found.method}: {len(found.boxes)} box(es) at threshold {args.threshold} "
@@ -152,6 +184,8 @@ def cmd_localize(args: argparse.Namespace, workdir: Path) -> CommandResult:
     ]
     lines += [f"  ({b.x0}, {b.y0}, {b.x1}, {b.y1}) score {b.score:.3f}" for b in found.boxes]
     lines += [f"overlay {overlay}", f"boxes   {result['boxes_json']}"]
+    if result["dicom"]:
+        lines += [f"sr      {result['dicom']['sr']}", f"seg     {result['dicom']['seg']}"]
     return result, "\n".join(lines)
 
 
@@ -348,6 +382,13 @@ def add_localize_commands(add: AddCommand) -> None:
         type=int,
         help="cam/gradcam: the image's long side in network px (default: "
         "the training crops' scale where fixed, else 4 x data.input_px)",
+    )
+    p.add_argument(
+        "--dicom-out",
+        metavar="DIR",
+        help="also write, for a DICOM --image, the boxes as a DICOM SR (TID 1500, one planar ROI per box "
+        "with its score) and the heatmap as a FRACTIONAL DICOM Segmentation on the image's pixel grid, "
+        "both referencing the image, into DIR (<stem>_sr.dcm, <stem>_seg.dcm)",
     )
 
     p = add(
