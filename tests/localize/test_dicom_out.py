@@ -14,7 +14,6 @@ import json
 
 import highdicom as hd
 import numpy as np
-import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
@@ -23,23 +22,12 @@ from pydicom.sr.codedict import codes
 import mammo_ray
 from mammo_ray.cli import main
 from mammo_ray.constants import DISCLAIMER, Side, View
-from mammo_ray.data.crops import mask_bbox
-from mammo_ray.data.dicom import read_dicom
 from mammo_ray.data.synthetic.dicom_write import DicomInfo, write_mammogram
 from mammo_ray.localize.dicom_out import MAX_FRACTIONAL_VALUE, DicomSourceError, write_dicom_outputs
 from mammo_ray.localize.findings import Finding
 from mammo_ray.localize.whole_image import read_mammogram
 
 pytestmark = pytest.mark.slow  # the fixtures train a patch model
-
-
-@pytest.fixture(scope="module")
-def mass_image(patch_model):
-    """(image path, ground-truth mass box in stored orientation) of the first mass image."""
-    manifest = pd.read_parquet(patch_model[1].manifest)
-    row = manifest[(manifest["abnormality_type"] == "MASS") & (manifest["roi_mask_path"] != "")].iloc[0]
-    mask, _ = read_dicom(row["roi_mask_path"], flip=False)
-    return row["image_path"], mask_bbox(mask > 0)
 
 
 def _localize(capfd, patch_model, image: str, tmp_path, *extra: str) -> tuple[int, dict]:

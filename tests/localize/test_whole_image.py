@@ -27,15 +27,6 @@ from mammo_ray.localize.whole_image import localize_image, prepare_whole_image, 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def mass_image(patch_model):
-    """(image path, ground-truth mass box in stored orientation) of the first mass image."""
-    manifest = pd.read_parquet(patch_model[1].manifest)
-    row = manifest[(manifest["abnormality_type"] == "MASS") & (manifest["roi_mask_path"] != "")].iloc[0]
-    mask, _ = read_dicom(row["roi_mask_path"], flip=False)
-    return row["image_path"], mask_bbox(mask > 0)
-
-
 def _run(capfd, *args: str) -> dict:
     capfd.readouterr()
     assert main([*args, "--json"]) == 0, capfd.readouterr().err[-2000:]
