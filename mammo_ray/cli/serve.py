@@ -7,16 +7,21 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from mammo_ray.cli.console import log_path, quiet_libraries, start_ray
 from mammo_ray.cli.output import AddCommand, CommandResult
+from mammo_ray.constants import DISCLAIMER
 
 APP_NAME = "mammo-ray"
+STOP_GRACE_S = 10.0  # how long Serve may take to delete the app (drain its requests) on a stop
 
 
 def _settings(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -76,34 +81,129 @@ def start_app(
     return url
 
 
-def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
-    from ray import serve
+class Stopper:
+    """Ctrl-C (SIGINT) and SIGTERM (``kill``, ``timeout``, systemd, ``docker stop``) stop ``mammo-ray serve``
+    the same way, while it starts or while it serves: Serve deletes this command's app (draining its requests),
+    and a Ray the command started itself goes down with every one of its processes.
 
+    ``ray.shutdown()`` alone is not enough when the signal went to the whole process group (``timeout``,
+    ``kill -TERM -PGID``): the raylet then exits by itself, and the Serve replicas it started outlive it
+    (a minute, until they give up on the GCS) while ``serve.delete`` waits on them. So the command keeps a list
+    of its descendants while it serves (the GCS, the raylet and the raylet's workers: controller, proxy,
+    replicas), and ends whichever of them are still running once Ray is shut down."""
+
+    def __init__(self, own_ray: bool) -> None:
+        self.own_ray = own_ray  # a local Ray this command started (not $RAY_ADDRESS or --address)
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self.starting = True  # a signal while starting interrupts it: ray.init, serve.run, the health wait
+        self.processes: dict[int, Any] = {}  # pid -> psutil.Process, this command's descendants
+
+    def install(self) -> None:
+        """Handle both signals here; again after ``ray.init``, which installs a SIGTERM handler of its own."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set():
+            return  # a second signal while stopping: let the shutdown finish
+        self.signum = signum
+        self.stop.set()
+        if self.starting:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def start(self) -> Iterator[None]:
+        """The start-up: on a signal or a failure inside it, shut down what was started; a signal then ends the
+        command with 128 + its number, as a shell reports it."""
+        self.install()
+        try:
+            yield
+        except BaseException:
+            self.shut_down()
+            if self.signum is None:
+                raise
+            print(f"mammo-ray serve: stopped by {signal.Signals(self.signum).name} while starting", file=sys.stderr)
+            raise SystemExit(128 + self.signum) from None
+        finally:
+            self.starting = False
+
+    def watch(self) -> None:
+        """Note this command's descendants (Serve starts a new replica when one dies)."""
+        if self.own_ray:
+            import psutil
+
+            self.processes.update((p.pid, p) for p in psutil.Process().children(recursive=True))
+
+    def wait(self, seconds: float) -> None:
+        """Serve until a signal, or for ``seconds`` (0: until a signal)."""
+        deadline = time.monotonic() + seconds if seconds else float("inf")
+        self.watch()
+        while not self.stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return
+            self.watch()
+
+    def _raylet_alive(self) -> bool:
+        """False once the raylet of this command's own Ray has exited (a signal to the process group)."""
+        import psutil
+
+        with suppress(psutil.Error):
+            return not self.own_ray or any(p.is_running() and p.name() == "raylet" for p in self.processes.values())
+        return False
+
+    def shut_down(self) -> None:
+        import psutil
+        import ray
+        from ray import serve
+
+        self.watch()
+        if ray.is_initialized():
+            # On a cluster only this app goes: serve.shutdown() there would stop every other app too. Once the
+            # raylet is gone, serve.delete never returns: it runs in a thread of its own, for STOP_GRACE_S at most.
+            deleting = threading.Thread(target=_delete_app, args=(serve,), name="serve-delete", daemon=True)
+            deleting.start()
+            deadline = time.monotonic() + STOP_GRACE_S
+            while deleting.is_alive() and time.monotonic() < deadline and self._raylet_alive():
+                deleting.join(0.5)
+            if self.own_ray:
+                # This command's own Ray goes down with it: stopping it takes Serve along, without the
+                # controller's "graceful_shutdown" actor-died line that serve.shutdown() prints.
+                ray.shutdown()
+        left = [p for p in self.processes.values() if p.is_running()]
+        for process in left:
+            with suppress(psutil.Error):
+                process.terminate()
+        _, left = psutil.wait_procs(left, timeout=5)
+        for process in left:
+            with suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(left, timeout=5)
+
+
+def _delete_app(serve: Any) -> None:
+    with suppress(Exception):  # not deployed yet, or Serve already gone: nothing to delete
+        serve.delete(APP_NAME)
+
+
+def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
     settings = _settings(args, workdir)
-    url = start_app(settings, args.host, args.port, args.address, logs=log_path(workdir, "serve"))
-    with urllib.request.urlopen(f"{url}/v1/model", timeout=30) as reply:
-        info = json.loads(reply.read())
+    logs = log_path(workdir, "serve")
+    stopper = Stopper(own_ray=not (args.address or os.environ.get("RAY_ADDRESS")))
+    with stopper.start():
+        start_ray(args.address, logs)
+        stopper.install()  # after ray.init's own SIGTERM handler
+        url = start_app(settings, args.host, args.port, args.address, logs=logs)
+        with urllib.request.urlopen(f"{url}/v1/model", timeout=30) as reply:
+            info = json.loads(reply.read())
     print(
         f"serving {info['version']} ({info['members']} members, {info['execution']['chosen']} execution on "
-        f"{info['device']}) at {url}  (docs: {url}/docs); Ctrl-C stops",
+        f"{info['device']}) at {url}  (docs: {url}/docs); Ctrl-C stops\n"
+        f"page: {url}/  (upload a CC and an MLO, see the heatmaps and the members; {DISCLAIMER})",
         flush=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if args.for_seconds:
-        stop.wait(args.for_seconds)
-    else:
-        while not stop.wait(1.0):
-            pass
-    serve.delete(APP_NAME)
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        # This command's own Ray goes down with it: stopping it takes Serve along, without the
-        # controller's "graceful_shutdown" actor-died line that serve.shutdown() prints.
-        import ray
-
-        ray.shutdown()
-    # On a cluster only this app goes: serve.shutdown() there would stop every other app too.
+    stopper.wait(args.for_seconds)
+    stopper.shut_down()
     result = {"url": url, "model": info["version"], "members": info["members"], "stopped": True}
     return result, f"stopped serving {info['version']}"
 
@@ -112,8 +212,10 @@ def add_serve_command(add: AddCommand) -> None:
     p = add(
         "serve",
         cmd_serve,
-        "Serve the ensemble over HTTP with Ray Serve (FastAPI: POST /v1/predict, "
-        "POST /v1/localize, GET /v1/health, GET /v1/model, docs at /docs) until Ctrl-C.",
+        "Serve the ensemble over HTTP with Ray Serve (a page at /; FastAPI: POST /v1/predict, "
+        "POST /v1/localize (JSON, or ?format=dicom: DICOM SR + SEG), POST /v1/preview, GET /v1/health, "
+        "GET /v1/model, docs at /docs) until Ctrl-C or SIGTERM. "
+        "--set mlflow_ui_url=http://127.0.0.1:5000 links the page's model version to its MLflow run.",
     )
     p.add_argument(
         "--model",

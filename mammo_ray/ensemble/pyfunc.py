@@ -71,6 +71,7 @@ REQUIREMENTS = (
     "matplotlib",  # serving.runtime -> localize.render
     "captum",  # serving.runtime -> localize.cam
     "scikit-learn",  # serving.runtime -> decisions (calibration, referral)
+    "highdicom",  # serving.runtime -> localize.dicom_out (/v1/localize?format=dicom)
 )
 
 # The image columns per view mode, all required; each has an optional ROI column (``box`` for ``image``,

@@ -28,7 +28,10 @@ Pixel Measures, as for a mammogram with only ImagerPixelSpacing; it maps to the 
 from __future__ import annotations
 
 import copy
+import io
+import json
 import warnings
+import zipfile
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -46,7 +49,7 @@ from pydicom.uid import generate_uid
 from mammo_ray.constants import DISCLAIMER
 from mammo_ray.localize.findings import Finding
 
-__all__ = ["DicomSourceError", "write_dicom_outputs"]
+__all__ = ["DicomSourceError", "dicom_zip", "write_dicom_outputs"]
 
 DEVICE_NAME = "mammo-ray"
 SR_SERIES_NUMBER, SEG_SERIES_NUMBER = 9001, 9002  # after the acquisition series in a viewer's list
@@ -77,13 +80,14 @@ def _software_version() -> str:
         return "0+unknown"
 
 
-def read_source(path: str | Path) -> Dataset:
-    """The source's header (no pixels), with every attribute the references need; ``DicomSourceError`` if not."""
+def read_source(path: str | Path, data: bytes | None = None) -> Dataset:
+    """The source's header (no pixels), with every attribute the references need; ``DicomSourceError`` if not.
+    ``data``: the file's bytes (an upload), ``path`` then only names it."""
     try:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path, stop_before_pixels=True)
         except InvalidDicomError:  # no preamble: an old export, read as a bare data set
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path, stop_before_pixels=True, force=True)
     except (OSError, EOFError, InvalidDicomError, ValueError, TypeError) as exc:
         raise DicomSourceError(path, f"not a readable DICOM file ({exc})") from None
     missing = [name for name in _REQUIRED if name not in ds]
@@ -198,6 +202,31 @@ def build_seg(source: Dataset, heatmap: np.ndarray, *, label: str, method: str) 
     )
 
 
+def dicom_outputs(
+    source: str | Path,
+    heatmap: np.ndarray,
+    boxes: Sequence[Finding],
+    *,
+    label: str,
+    method: str,
+    image_score: float,
+    data: bytes | None = None,
+) -> tuple[sr.Comprehensive3DSR, Segmentation]:
+    """The SR of ``boxes`` and the SEG of ``heatmap`` for one localized DICOM image (``write_dicom_outputs``'s
+    arguments; ``data``: the source's bytes when it is an upload, ``source`` then only names it)."""
+    ds = read_source(source, data)
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.shape != (int(ds.Rows), int(ds.Columns)):
+        raise ValueError(f"heatmap: shape {heat.shape}, but {source} has {ds.Rows} rows and {ds.Columns} columns")
+    if not np.isfinite(heat).all():
+        raise ValueError(f"heatmap of {source}: NaN or infinite values")
+    with warnings.catch_warnings():  # the source's patient name, copied as it is, may be one component
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        report = build_sr(ds, boxes, label=label, method=method, image_score=image_score)
+        seg = build_seg(ds, heat, label=label, method=method)
+    return report, seg
+
+
 def write_dicom_outputs(
     source: str | Path,
     heatmap: np.ndarray,
@@ -226,16 +255,7 @@ def write_dicom_outputs(
         DicomSourceError: ``source`` is not a readable DICOM image that can be referenced.
         ValueError: the heatmap is not finite or not of the source's size.
     """
-    ds = read_source(source)
-    heat = np.asarray(heatmap, dtype=np.float32)
-    if heat.shape != (int(ds.Rows), int(ds.Columns)):
-        raise ValueError(f"heatmap: shape {heat.shape}, but {source} has {ds.Rows} rows and {ds.Columns} columns")
-    if not np.isfinite(heat).all():
-        raise ValueError(f"heatmap of {source}: NaN or infinite values")
-    with warnings.catch_warnings():  # the source's patient name, copied as it is, may be one component
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        report = build_sr(ds, boxes, label=label, method=method, image_score=image_score)
-        seg = build_seg(ds, heat, label=label, method=method)
+    report, seg = dicom_outputs(source, heatmap, boxes, label=label, method=method, image_score=image_score)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(source).stem
@@ -243,3 +263,29 @@ def write_dicom_outputs(
     report.save_as(paths["sr"], enforce_file_format=True)
     seg.save_as(paths["seg"], enforce_file_format=True)
     return {kind: str(path) for kind, path in paths.items()}
+
+
+def dicom_zip(
+    name: str,
+    data: bytes,
+    heatmap: np.ndarray,
+    boxes: Sequence[Finding],
+    *,
+    label: str,
+    method: str,
+    image_score: float,
+    summary: dict | None = None,
+) -> bytes:
+    """``write_dicom_outputs`` for an upload (``data``, called ``name``), as one zip archive in memory:
+    ``<stem>_sr.dcm``, ``<stem>_seg.dcm`` and, when ``summary`` is given, ``<stem>_boxes.json``."""
+    report, seg = dicom_outputs(name, heatmap, boxes, label=label, method=method, image_score=image_score, data=data)
+    stem = Path(name).stem or "image"
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for kind, obj in (("sr", report), ("seg", seg)):
+            buffer = io.BytesIO()
+            obj.save_as(buffer, enforce_file_format=True)
+            zf.writestr(f"{stem}_{kind}.dcm", buffer.getvalue())
+        if summary is not None:
+            zf.writestr(f"{stem}_boxes.json", json.dumps(summary, indent=2))
+    return archive.getvalue()

@@ -104,3 +104,19 @@ def overlay_base64(
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def grayscale_png(image: np.ndarray, *, max_side: int = 1024) -> tuple[bytes, float]:
+    """The image alone as an 8-bit grayscale PNG, at most ``max_side`` pixels on its long side, and the
+    factor from the image's pixels to the PNG's. Its window is the 0.5th to the 99.5th percentile, so a
+    few saturated pixels do not wash out the breast. No matplotlib: Pillow writes it."""
+    from PIL import Image
+
+    factor = min(1.0, max_side / max(image.shape))
+    size = (max(1, round(image.shape[0] * factor)), max(1, round(image.shape[1] * factor)))
+    small = resize(np.asarray(image, dtype=np.float32), size)
+    lo, hi = np.percentile(small, (0.5, 99.5))
+    scaled = np.clip((small - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    buf = io.BytesIO()
+    Image.fromarray(np.round(scaled * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue(), factor

@@ -17,11 +17,13 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -41,6 +43,7 @@ PREDICT_FILES = {"file", "cc", "mlo"}
 SINGLE_FIELDS = {"file", "box", "seed"}  # one image and its ROI
 PAIR_FIELDS = {"cc", "mlo", "cc_box", "cc_seed", "mlo_box", "mlo_seed"}  # a CC+MLO pair and theirs
 LOCALIZE_FIELDS = {"file", "threshold", "heatmap", "method"}
+PAGE_DIR = Path(__file__).with_name("page")  # the page at / : plain HTML, CSS and JS, no build step, no CDN
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields on top of the upload cap
 
 
@@ -49,6 +52,8 @@ class Backend(Protocol):
     async def localize(
         self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None
     ) -> dict[str, Any]: ...
+    async def localize_dicom(self, name: str, data: bytes, threshold: float | None, method: str | None) -> bytes: ...
+    async def preview(self, name: str, data: bytes) -> dict[str, Any]: ...
     async def status(self) -> dict[str, Any]: ...
     async def info(self) -> dict[str, Any]: ...
 
@@ -62,6 +67,7 @@ class MemberSummary(BaseModel):
     mean: float
     std: float
     quantiles: dict[str, float]
+    probabilities: list[float]  # each member's P(class 1), in member order
 
 
 class Uncertainty(BaseModel):
@@ -111,6 +117,27 @@ class Box(BaseModel):
     area: float  # blob size in original pixels
 
 
+class HeatmapLayers(BaseModel):
+    """The map and the members' spread as 8-bit grayscale PNGs on /v1/preview's pixel grid (stored orientation)."""
+
+    size: list[int]  # (h, w) of both PNGs: the image scaled by `scale`
+    scale: float  # PNG pixels per original pixel
+    spread_max: float  # the spread PNG's 255: the largest member std
+    map_png_base64: str  # the map clipped to [0, 1], times 255
+    spread_png_base64: str  # the member std divided by spread_max, times 255
+
+
+class PreviewReply(BaseModel):
+    """/v1/preview: the upload as the page shows it, decoded as every route decodes it."""
+
+    image_png_base64: str  # 8-bit grayscale, stored orientation, long side at most 1024 px
+    image_size: list[int]  # (H, W) of the upload
+    scale: float  # PNG pixels per original pixel
+    kind: str  # the format the bytes were read as: dicom, png, tiff, jpeg
+    view: str | None  # CC or MLO from the DICOM header (or the file name), else null
+    disclaimer: str = Field(json_schema_extra={"const": DISCLAIMER})
+
+
 class LocalizeReply(BaseModel):
     method: Literal["dense", "cam", "gradcam"]  # how the map was made: the model's default or the `method` field
     map_values: str  # what the map's numbers are (a probability for dense, a relative activation for cam/gradcam)
@@ -126,6 +153,7 @@ class LocalizeReply(BaseModel):
     heatmap_png_base64: str | None = None  # heatmap=png|both: the overlay with the boxes
     heatmap_array: list[list[float]] | None = None  # heatmap=array|both: the map grid, stored orientation
     heatmap_array_geometry: dict[str, Any] | None = None  # cell_px and offset_px of heatmap_array
+    heatmap_layers: HeatmapLayers | None = None  # heatmap=layers: the map and member spread as the page draws them
     model_version: str
     disclaimer: str = Field(json_schema_extra={"const": DISCLAIMER})
 
@@ -193,6 +221,37 @@ def _is_backpressure(exc: BaseException) -> bool:
     return type(exc).__name__ in ("BackPressureError", "Overloaded") or isinstance(exc, Overloaded)
 
 
+RETRY_AFTER_S = {"capacity": 1, "replica": 5}  # Retry-After of each 503: a queue drains fast, a replica reloads
+# Ray's and Serve's errors for a model replica that died under a request, or cannot be reached: by class
+# name (no Ray here), each with what it means for the client.
+REPLICA_ERRORS = {
+    "ActorDiedError": "died",
+    "WorkerCrashedError": "died",
+    "NodeDiedError": "died with its node",
+    "ActorUnavailableError": "is unreachable",
+    "ReplicaUnavailableError": "is unreachable",
+    "DeploymentUnavailableError": "is unavailable",
+    "RayActorError": "died",  # the base of ActorDiedError and ActorUnavailableError
+}
+
+
+def _replica_lost(exc: BaseException) -> str | None:
+    """What happened to the model replica, if ``exc`` or an exception it wraps (Ray's ``cause``, Python's
+    ``__cause__`` and ``__context__``) says it died or cannot be reached under the request; else None."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for base in type(current).__mro__:
+            if base.__name__ in REPLICA_ERRORS:
+                return f"{REPLICA_ERRORS[base.__name__]} ({type(current).__name__})"
+        todo += [e for e in (getattr(current, "cause", None), current.__cause__, current.__context__) if e is not None]
+    return None
+
+
 async def _read(upload: UploadFile, field: str, max_bytes: int) -> tuple[str, bytes]:
     return upload.filename or "<upload>", read_capped(
         upload.file, max_bytes=max_bytes, field=field, name=upload.filename or "<upload>"
@@ -257,7 +316,21 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
             if isinstance(inner, UploadError):
                 raise inner from None
             if _is_backpressure(exc) or _is_backpressure(inner):
-                return _error(503, "the model is at capacity; retry shortly", error="Service Unavailable")
+                return _error(
+                    503,
+                    "the model is at capacity; retry shortly",
+                    error="Service Unavailable",
+                    headers={"Retry-After": str(RETRY_AFTER_S["capacity"])},
+                )
+            lost = _replica_lost(exc)
+            if lost:  # Serve starts a new replica; this request's answer is gone with the old one
+                log.warning("the model replica %s under a request", lost)
+                return _error(
+                    503,
+                    f"the model replica serving this request {lost}; Serve is replacing it: retry",
+                    error="Service Unavailable",
+                    headers={"Retry-After": str(RETRY_AFTER_S["replica"])},
+                )
             log.exception("backend call failed")
             return _error(500, f"{type(inner).__name__}: {inner}", error="Internal Server Error")
 
@@ -320,22 +393,61 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
         "/v1/localize",
         response_model=LocalizeReply,
         response_model_exclude_unset=True,
-        responses=ERRORS,
+        responses={
+            **ERRORS,
+            200: {
+                "description": "format=json: the boxes and the heatmap as JSON. format=dicom (a DICOM upload "
+                "only): a zip of <stem>_sr.dcm (TID 1500 SR: each box a planar ROI with its score, "
+                "referencing the upload's Study, Series and SOP Instance UIDs), <stem>_seg.dcm (FRACTIONAL "
+                "SEG of the map on the upload's pixel grid) and <stem>_boxes.json. " + DISCLAIMER,
+                "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+            },
+        },
         dependencies=[Depends(require_form_body)],
         summary="Heatmap and boxes of a whole mammogram (original pixel coordinates): the dense map of a "
-        "patch classifier, or the CAM / Grad-CAM of a crop classifier",
+        "patch classifier, or the CAM / Grad-CAM of a crop classifier; as JSON, or as DICOM SR + SEG",
     )
     async def localize(
         request: Request,
         file: UploadFile = File(...),  # the fields as LOCALIZE_FORM documents them
         threshold: str | None = Form(None),
-        heatmap: Literal["png", "array", "both", "none"] = Form("png"),
+        heatmap: Literal["png", "array", "both", "layers", "none"] = Form("png"),
         method: Literal["dense", "cam", "gradcam"] | None = Form(None),
+        format: Literal["json", "dicom"] = Query("json", description="json, or dicom: a zip of the SR and SEG"),
     ) -> Any:
         form = await request.form()
         check_form(form, LOCALIZE_FIELDS, {"file"}, {"file"})
         name, data = await _read(file, "file", settings.max_bytes)
+        if format == "dicom":
+            archive = await _call(backend.localize_dicom(name, data, parse_threshold(threshold), method))
+            if isinstance(archive, Response):  # an error reply
+                return archive
+            stem = Path(name).stem or "image"
+            return Response(
+                archive,
+                media_type="application/zip",
+                headers={"Content-Disposition": f'attachment; filename="{stem}_dicom.zip"', "X-Disclaimer": DISCLAIMER},
+            )
         return await _call(backend.localize(name, data, parse_threshold(threshold), heatmap, method))
+
+    @app.post(
+        "/v1/preview",
+        response_model=PreviewReply,
+        responses=ERRORS,
+        dependencies=[Depends(require_form_body)],
+        summary="The upload as an 8-bit PNG in its stored orientation (what the page shows and draws ROIs on)",
+    )
+    async def preview(request: Request, file: UploadFile = File(...)) -> Any:
+        form = await request.form()
+        check_form(form, {"file"}, {"file"}, {"file"})
+        name, data = await _read(file, "file", settings.max_bytes)
+        return await _call(backend.preview(name, data))
+
+    @app.get("/", response_class=HTMLResponse, summary="The page: upload a CC and an MLO, see the ensemble's answer")
+    async def page() -> HTMLResponse:
+        return HTMLResponse((PAGE_DIR / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
 
     @app.get(
         "/v1/health",
@@ -403,6 +515,12 @@ class RuntimeBackend:
         return await asyncio.to_thread(
             self._ready().localize, name, data, threshold=threshold, heatmap=heatmap, method=method
         )
+
+    async def localize_dicom(self, name: str, data: bytes, threshold: float | None, method: str | None) -> bytes:
+        return await asyncio.to_thread(self._ready().localize_dicom, name, data, threshold=threshold, method=method)
+
+    async def preview(self, name: str, data: bytes) -> dict[str, Any]:
+        return await asyncio.to_thread(self._ready().preview, name, data)
 
     async def status(self) -> dict[str, Any]:
         if self.runtime is None:

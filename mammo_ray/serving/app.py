@@ -104,6 +104,12 @@ class EnsembleModel:
             self.runtime.localize, name, data, threshold=threshold, heatmap=heatmap, method=method
         )
 
+    async def localize_dicom(self, name: str, data: bytes, threshold: float | None, method: str | None) -> bytes:
+        return await asyncio.to_thread(self.runtime.localize_dicom, name, data, threshold=threshold, method=method)
+
+    async def preview(self, name: str, data: bytes) -> dict[str, Any]:
+        return await asyncio.to_thread(self.runtime.preview, name, data)
+
     def status(self) -> dict[str, Any]:
         return self.runtime.status()
 
@@ -165,6 +171,12 @@ class HandleBackend:
         self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None = None
     ) -> dict[str, Any]:
         return await self.handle.localize.remote(name, data, threshold, heatmap, method)
+
+    async def localize_dicom(self, name: str, data: bytes, threshold: float | None, method: str | None) -> bytes:
+        return await self.handle.localize_dicom.remote(name, data, threshold, method)
+
+    async def preview(self, name: str, data: bytes) -> dict[str, Any]:
+        return await self.handle.preview.remote(name, data)
 
     async def status(self) -> dict[str, Any]:
         return await asyncio.wait_for(self.handle.status.remote(), STATUS_TIMEOUT_S)

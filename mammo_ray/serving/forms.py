@@ -85,7 +85,12 @@ LOCALIZE_FORM: dict[str, Any] = {
             "pattern": THRESHOLD_PATTERN,
             "description": "box threshold, a decimal from 0 to 1 (e.g. 0.35); blank: the server's localize_threshold",
         },
-        "heatmap": {"enum": ["png", "array", "both", "none", ""], "default": "png", "description": "blank: png"},
+        "heatmap": {
+            "enum": ["png", "array", "both", "layers", "none", ""],
+            "default": "png",
+            "description": "png: an overlay picture; array: the map grid; both; layers: the map and the member "
+            "spread as grayscale PNGs on /v1/preview's grid (the page's); none; blank: png. Ignored by format=dicom",
+        },
         "method": {
             "enum": ["dense", "cam", "gradcam", ""],
             "description": "dense (patch classifiers), cam (GAP+FC backbones) or gradcam (any); "
@@ -98,10 +103,20 @@ LOCALIZE_FORM: dict[str, Any] = {
 }
 
 
+PREVIEW_FORM: dict[str, Any] = {
+    "title": "PreviewForm",
+    "type": "object",
+    "properties": {"file": _upload("an image: DICOM, PNG, TIFF or JPEG")},
+    "required": ["file"],
+    "additionalProperties": False,
+}
+
+
 def document_forms(spec: dict[str, Any]) -> None:
-    """Put ``PREDICT_FORM`` and ``LOCALIZE_FORM`` in ``spec`` in place of the forms FastAPI derived."""
+    """Put the upload forms in ``spec`` in place of the forms FastAPI derived."""
     schemas = spec["components"]["schemas"]
-    for path, form in (("/v1/predict", PREDICT_FORM), ("/v1/localize", LOCALIZE_FORM)):
+    forms = (("/v1/predict", PREDICT_FORM), ("/v1/localize", LOCALIZE_FORM), ("/v1/preview", PREVIEW_FORM))
+    for path, form in forms:
         body = spec["paths"][path]["post"]["requestBody"]
         content = body["content"]["multipart/form-data"]
         schemas.pop(content["schema"]["$ref"].rsplit("/", 1)[-1])

@@ -10,7 +10,9 @@ served probability equals ``mammo-ray evaluate``'s for the same lesion.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from mammo_ray.constants import CLASS_NAMES, DISCLAIMER, Task
@@ -33,7 +36,7 @@ from mammo_ray.ensemble.execution import choose_execution
 from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.ensemble.source import ModelSource, resolve_model_source
 from mammo_ray.localize.methods import default_method, localize, map_label, method_reasons
-from mammo_ray.localize.render import overlay_base64
+from mammo_ray.localize.render import grayscale_png, overlay_base64
 from mammo_ray.localize.whole_image import Localization
 from mammo_ray.serving.uploads import (
     DEFAULT_MAX_UPLOAD_BYTES,
@@ -75,6 +78,7 @@ class ServeSettings(BaseModel):
     max_ongoing_requests: int = Field(16, ge=1)  # per replica; must be >= max_batch_size for full batches
     max_queued_requests: int = Field(64, ge=1)  # beyond this the app answers 503 instead of queueing
     health_check_period_s: float = Field(10.0, gt=0)
+    mlflow_ui_url: str | None = None  # the MLflow UI (e.g. http://127.0.0.1:5000): the page links the model's run there
 
     @property
     def max_bytes(self) -> int:
@@ -329,6 +333,7 @@ class ModelRuntime:
                 "mean": p,
                 "std": float(members.std()),
                 "quantiles": {f"q{round(q * 100):02d}": float(np.quantile(members, q)) for q in QUANTILES},
+                "probabilities": [round(float(m), 6) for m in members],  # per member, in member order
             },
             "uncertainty": uncertainty,
             "refer": refer,
@@ -407,11 +412,80 @@ class ModelRuntime:
                 title=f"{name}: {label} ({found.method})",
                 max_side=max_side,
             )
+        if heatmap == "layers":  # for the page: the map and the member spread at the preview's size, 8-bit
+            result["heatmap_layers"] = self._layers(found, decoded, max_side=1024)
         if heatmap in ("array", "both"):  # the map grid, stored orientation, rounded for size
             grid = np.fliplr(found.dense.probs) if decoded.flipped else found.dense.probs
             result["heatmap_array"] = np.round(grid, 4).tolist()
             result["heatmap_array_geometry"] = {"cell_px": found.map_scale, "offset_px": list(found.map_offset)}
         return result
+
+    @staticmethod
+    def _layers(found: Localization, decoded: DecodedImage, *, max_side: int) -> dict[str, Any]:
+        """The map (values in [0, 1]) and the members' spread (scaled by its maximum) as grayscale PNGs
+        on ``preview``'s pixel grid, stored orientation: the page colours them and sets their opacity."""
+        factor = min(1.0, max_side / max(decoded.shape))
+        size = (max(1, round(decoded.shape[0] * factor)), max(1, round(decoded.shape[1] * factor)))
+        spread = found.heatmap(size, spread=True)
+        spread_max = float(spread.max(initial=0.0))
+        layers: dict[str, Any] = {"size": list(size), "scale": factor, "spread_max": spread_max}
+        for key, values in (("map", found.heatmap(size)), ("spread", spread / spread_max if spread_max else spread)):
+            png = io.BytesIO()
+            Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)).save(png, format="PNG")
+            layers[f"{key}_png_base64"] = base64.b64encode(png.getvalue()).decode("ascii")
+        return layers
+
+    def localize_dicom(
+        self, name: str, data: bytes, *, threshold: float | None = None, method: str | None = None
+    ) -> bytes:
+        """``locate`` as DICOM objects that PACS viewers open, zipped: the TID 1500 SR of the boxes and the
+        FRACTIONAL SEG of the map on the upload's own pixel grid (``localize.dicom_out``), and the boxes
+        as JSON.
+
+        Raises:
+            UploadError: 422 naming ``file`` when the upload is no DICOM (a PNG or TIFF has no UIDs to
+                reference) or a DICOM without the attributes a reference needs; ``locate``'s errors.
+        """
+        from mammo_ray.localize.dicom_out import DicomSourceError, dicom_zip
+
+        decoded = self.decode(name, data, "file")
+        if decoded.kind != "dicom":
+            raise UploadError(
+                422,
+                f"DICOM output needs a DICOM input; {name} is a {decoded.kind.upper()} image "
+                "(ask without format=dicom, or send the DICOM file it came from)",
+                "file",
+            )
+        found, _ = self.locate(name, decoded, threshold=threshold, method=method)
+        summary = {**found.to_dict(), "image": name, "model_version": self.version, "disclaimer": DISCLAIMER}
+        try:
+            return dicom_zip(
+                name,
+                data,
+                found.heatmap(),
+                found.boxes,
+                label=map_label(found.method, self.config),
+                method=found.method,
+                image_score=found.image_score,
+                summary=summary,
+            )
+        except DicomSourceError as exc:
+            raise UploadError(422, f"cannot reference {name} in a DICOM output: {exc.reason}", "file") from None
+
+    def preview(self, name: str, data: bytes | DecodedImage, *, max_side: int = 1024) -> dict[str, Any]:
+        """The upload as the page shows it: a grayscale PNG (base64) in the file's stored orientation, the
+        orientation boxes and heatmaps use, with its size and the factor from file pixels to PNG pixels."""
+        decoded = self.decode(name, data, "file")
+        stored = np.fliplr(decoded.image) if decoded.flipped else decoded.image
+        png, factor = grayscale_png(stored, max_side=max_side)
+        return {
+            "image_png_base64": base64.b64encode(png).decode("ascii"),
+            "image_size": list(decoded.shape),
+            "scale": factor,
+            "kind": decoded.kind,
+            "view": decoded.view.value if decoded.view is not None else None,
+            "disclaimer": DISCLAIMER,
+        }
 
     # ------------------------------------------------------------------ describe
 
@@ -429,16 +503,28 @@ class ModelRuntime:
         }
         if self.source.run_id and self.source.tracking_uri:
             try:
-                out["run"] = dict(MlflowClient(self.source.tracking_uri).get_run(self.source.run_id).data.metrics)
+                run = MlflowClient(self.source.tracking_uri).get_run(self.source.run_id)
+                out["run"] = dict(run.data.metrics)
+                self._experiment_id = run.info.experiment_id
             except Exception as exc:  # noqa: BLE001 - the store may be unreachable from a replica
                 out["run_error"] = f"{type(exc).__name__}: {exc}"
         return out
+
+    def _run_url(self) -> str | None:
+        """The model's run in the MLflow UI, when ``settings.mlflow_ui_url`` says where the UI is."""
+        ui, run_id = self.settings.mlflow_ui_url, self.source.run_id
+        experiment = getattr(self, "_experiment_id", None)
+        if not (ui and run_id and experiment):
+            return None
+        return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
     def info(self) -> dict[str, Any]:
         if not hasattr(self, "_info_metrics"):
             self._info_metrics = self._metrics()
         return {
             "version": self.version,
+            "run_url": self._run_url(),  # None unless the MLflow UI's URL is configured and the model has a run
+            "class_names": list(self.class_names),
             "source": self.source.to_dict(),
             "members": len(self.members),
             "member_run_ids": self.source.member_run_ids,

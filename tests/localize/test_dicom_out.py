@@ -10,12 +10,17 @@ they are, because DICOM's image coordinates put (c, r) at the bottom-right corne
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import zipfile
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.sr.codedict import codes
 
@@ -26,6 +31,8 @@ from mammo_ray.data.synthetic.dicom_write import DicomInfo, write_mammogram
 from mammo_ray.localize.dicom_out import MAX_FRACTIONAL_VALUE, DicomSourceError, write_dicom_outputs
 from mammo_ray.localize.findings import Finding
 from mammo_ray.localize.whole_image import read_mammogram
+from mammo_ray.serving.api import RuntimeBackend, build_api
+from mammo_ray.serving.runtime import ServeSettings
 
 pytestmark = pytest.mark.slow  # the fixtures train a patch model
 
@@ -155,3 +162,51 @@ def test_writer_names_a_source_that_is_no_dicom_and_a_map_of_another_size(tmp_pa
         write_dicom_outputs(source, np.zeros((8, 12)), box, tmp_path / "dicom", label="x", method="dense",
                             image_score=0.9)  # fmt: skip
     assert not (tmp_path / "dicom").exists()
+
+
+def _http_dicom(patch_model, tmp_path, name: str, data: bytes):
+    """The reply of POST /v1/localize?format=dicom (threshold 0.25) from the in-process app."""
+    settings = ServeSettings(model=str(patch_model[0]), workdir=str(tmp_path), execution="loop")
+    backend = RuntimeBackend(settings)
+    asyncio.run(backend.load())
+    client = TestClient(build_api(backend, settings))
+    return client.post("/v1/localize?format=dicom", files={"file": (name, data)}, data={"threshold": "0.25"})
+
+
+def test_http_localize_format_dicom_zips_the_same_sr_and_seg(localized, patch_model, mass_image, tmp_path):
+    out, source = localized
+    reply = _http_dicom(patch_model, tmp_path, "mass.dcm", Path(mass_image[0]).read_bytes())
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == "application/zip" and reply.headers["x-disclaimer"] == DISCLAIMER
+    assert 'filename="mass_dicom.zip"' in reply.headers["content-disposition"]
+    archive = zipfile.ZipFile(io.BytesIO(reply.content))
+    assert sorted(archive.namelist()) == ["mass_boxes.json", "mass_seg.dcm", "mass_sr.dcm"]
+    archive.extractall(tmp_path / "zip")
+    summary = json.loads(archive.read("mass_boxes.json"))
+    assert summary["boxes"] == out["boxes"] and summary["disclaimer"] == DISCLAIMER  # the CLI's boxes
+    report = hd.sr.srread(tmp_path / "zip" / "mass_sr.dcm")
+    groups = report.content.get_planar_roi_measurement_groups()
+    assert [g.roi.value.tolist() for g in groups] == [_corners(b) for b in summary["boxes"]]
+    [evidence] = report.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        source.SOPInstanceUID
+    )
+    seg = hd.seg.segread(tmp_path / "zip" / "mass_seg.dcm")
+    assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)  # the source's frame geometry
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == (
+        source.SOPInstanceUID
+    )
+    pixels = seg.get_pixels_by_source_instance([source.SOPInstanceUID], rescale_fractional=True)
+    cli = hd.seg.segread(out["dicom"]["seg"]).get_pixels_by_source_instance(
+        [source.SOPInstanceUID], rescale_fractional=True
+    )
+    np.testing.assert_array_equal(pixels, cli)  # one code path: the HTTP zip holds the CLI's map
+
+
+def test_http_localize_format_dicom_refuses_a_png_with_a_422_naming_the_file(patch_model, mass_image, tmp_path):
+    image, _ = read_mammogram(mass_image[0])
+    buffer = io.BytesIO()
+    Image.fromarray((255 * (image - image.min()) / np.ptp(image)).astype(np.uint8)).save(buffer, format="PNG")
+    reply = _http_dicom(patch_model, tmp_path, "mass.png", buffer.getvalue())
+    assert reply.status_code == 422 and reply.json()["field"] == "file"
+    assert reply.json()["reason"].startswith("DICOM output needs a DICOM input; mass.png is a PNG image")

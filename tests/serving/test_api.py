@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from member_variants import shifted_members
+from mlflow import MlflowClient
 from PIL import Image
 from pydicom import dcmread
 from pydicom.pixels.decoders.base import get_decoder
@@ -316,6 +317,7 @@ def assert_member_statistics(reported: dict, members: np.ndarray) -> None:
     assert reported["std"] == pytest.approx(np.std(members), abs=1e-5)
     quantiles = {f"q{q:02d}": np.quantile(members, q / 100) for q in (5, 25, 50, 75, 95)}
     assert reported["quantiles"] == pytest.approx(quantiles, abs=1e-5)
+    assert reported["probabilities"] == pytest.approx(list(members), abs=1e-5)  # each member's, in member order
 
 
 @pytest.mark.parametrize("execution", ["loop", "stacked"])
@@ -323,11 +325,19 @@ def test_served_member_statistics_are_numpys_over_members_that_disagree(
     disagreeing_members, test_lesions, tmp_path, execution
 ):
     model_uri, uri, probs = disagreeing_members
-    settings = ServeSettings(model=model_uri, tracking_uri=uri, workdir=str(tmp_path), execution=execution)
+    settings = ServeSettings(
+        model=model_uri, tracking_uri=uri, workdir=str(tmp_path), execution=execution,
+        mlflow_ui_url="http://127.0.0.1:5000/",
+    )  # fmt: skip
     backend = RuntimeBackend(settings)
     asyncio.run(backend.load())
     client = TestClient(build_api(backend, settings))
     assert backend.runtime.execution["chosen"] == execution and len(backend.runtime.members) == len(MEMBER_SHIFTS)
+    # the page links the registered version to its ensemble run in the MLflow UI
+    run = MlflowClient(uri).get_run(backend.runtime.source.run_id)
+    assert client.get("/v1/model").json()["run_url"] == (
+        f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    )
     for i, row in enumerate(test_lesions.head(4).itertuples()):
         members = probs[i]
         assert np.ptp(members) > 0.3, members  # the members really disagree: mean, median and max differ

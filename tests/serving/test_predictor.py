@@ -63,6 +63,7 @@ def test_the_python_api_and_http_give_the_same_reply(model, lesion_model, lesion
     assert local["probability"] == pytest.approx(http.json()["probability"], abs=1e-6)
     members = http.json()["members"]
     assert local["members"]["quantiles"] == pytest.approx(members.pop("quantiles"), abs=1e-6)
+    assert local["members"]["probabilities"] == pytest.approx(members.pop("probabilities"), abs=1e-6)
     assert {k: local["members"][k] for k in members} == pytest.approx(members, abs=1e-6)
 
 

@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ray import serve
 from ray_head import reserved_port
 
 from mammo_ray.cli.serve import start_app, wait_ready
+from mammo_ray.constants import DISCLAIMER
 from mammo_ray.ensemble.model import Ensemble
 from mammo_ray.localize.class_map import localize_class_map
 from mammo_ray.localize.whole_image import localize_image, read_mammogram
@@ -128,6 +130,33 @@ def test_a_crop_classifier_localizes_with_its_class_map_over_http(served, lesion
     assert body["image_score"] == pytest.approx(offline.image_score, abs=1e-5)
     status, body = post(f"{served}/v1/localize", {"file": scan, "method": "dense"})
     assert status == 422 and body["field"] == "method" and "not available" in body["reason"]
+
+
+def test_the_page_preview_and_dicom_output_through_the_ingress(served, patch_model):
+    """The page's routes through Serve: / and its files under each app's prefix (the page's URLs are
+    relative), /v1/preview, and /v1/localize?format=dicom's zip, each over the deployment handle."""
+    for prefix in ("", "/loc"):
+        with urllib.request.urlopen(f"{served}{prefix}/") as reply:
+            page = reply.read().decode()
+        assert reply.status == 200 and DISCLAIMER in page and 'src="page/page.js"' in page
+        with urllib.request.urlopen(f"{served}{prefix}/page/page.js") as reply:
+            assert reply.status == 200 and b"v1/predict" in reply.read()
+    row = pd.read_parquet(patch_model[1].manifest).query("abnormality_type == 'MASS'").iloc[2]
+    scan = ("scan.dcm", Path(row["image_path"]).read_bytes())
+    status, body = post(f"{served}/loc/v1/preview", {"file": scan})
+    assert (
+        status == 200
+        and body["kind"] == "dicom"
+        and body["image_size"] == list(read_mammogram(row["image_path"])[0].shape)
+    )
+    data, content_type = _multipart({"file": scan, "threshold": "0.3"})
+    request = urllib.request.Request(
+        f"{served}/loc/v1/localize?format=dicom", data=data, headers={"Content-Type": content_type}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        assert reply.headers["Content-Type"] == "application/zip"
+        names = zipfile.ZipFile(io.BytesIO(reply.read())).namelist()
+    assert sorted(names) == ["scan_boxes.json", "scan_seg.dcm", "scan_sr.dcm"]
 
 
 def test_a_bad_upload_is_a_4xx_and_the_server_stays_up(served, lesions):
