@@ -129,6 +129,91 @@ def http_post(url: str, data: bytes, box: str) -> int:
         return exc.code
 
 
+def measure_serve(
+    out: Path,
+    *,
+    model: str = "levynet",
+    members: int = 4,
+    px: int = 64,
+    requests: int = 200,
+    clients: int = 16,
+    max_batch_size: int = 8,
+    execution: str = "auto",
+    device: str = "auto",
+    num_gpus: float = 0.0,
+) -> tuple[dict, dict]:
+    """In-process, HTTP one-at-a-time and HTTP concurrent figures of one served ensemble, in one run.
+
+    Members are saved and registered under ``out``; Serve runs on the local Ray (started by
+    ``start_app`` unless one is up) and is shut down at the end. ``device`` and ``num_gpus`` are
+    the ``ServeSettings`` of the replica (the in-process runtime uses ``device`` too).
+
+    Returns:
+        ``(record, execution)``: the figures (``in_process``, ``http_sequential``, ``http_concurrent``,
+        ``in_process_requests_per_s``) and the in-process runtime's execution report.
+    """
+    paths = make_members(model, members, px, out / "serve-members")
+    data, box = upload()
+    model_uri, tracking = register(paths, out)
+    settings = ServeSettings(
+        model=model_uri,
+        tracking_uri=tracking,
+        workdir=str(out),
+        device=device,
+        execution=execution,
+        max_batch_size=max_batch_size,
+        num_cpus=1,
+        num_gpus=num_gpus,
+        max_ongoing_requests=max(16, max_batch_size),
+        max_queued_requests=4 * requests,
+    )
+    runtime = ModelRuntime(settings)
+    item = PredictItem(files={"file": ("scan.png", data)}, rois={"box": box})
+    runtime.predict_items([item])  # warm-up
+    local = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        runtime.predict_items([item])
+        local.append(time.perf_counter() - start)
+
+    from ray import serve
+
+    from mammo_ray.cli.serve import start_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    served = settings.model_dump(mode="json")
+    try:
+        url = start_app(served, "127.0.0.1", port)
+        http_post(url, data, box)
+        sequential = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            status = http_post(url, data, box)
+            sequential.append(time.perf_counter() - start)
+            assert status == 200, status
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            statuses = list(pool.map(lambda _: http_post(url, data, box), range(requests)))
+        wall = time.perf_counter() - start
+    finally:
+        serve.shutdown()
+    record = {
+        "in_process": percentiles(local),
+        "http_sequential": percentiles(sequential),
+        "http_concurrent": {
+            "clients": clients,
+            "requests": requests,
+            "wall_s": wall,
+            "requests_per_s": requests / wall,
+            "statuses": {str(s): statuses.count(s) for s in set(statuses)},
+        },
+        "in_process_requests_per_s": 1 / statistics.mean(local),
+    }
+    return record, runtime.execution
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="levynet")
@@ -144,61 +229,19 @@ def main() -> None:
     if args.smoke:
         args.members, args.requests, args.clients = 2, 20, 4
     out = resolve_workdir(args.workdir) / "benchmarks"
-    members = make_members(args.model, args.members, args.px, out / "serve-members")
-    data, box = upload()
-    model_uri, tracking = register(members, out)
-    settings = ServeSettings(
-        model=model_uri,
-        tracking_uri=tracking,
-        workdir=str(out),
-        execution=args.execution,
+    figures, execution = measure_serve(
+        out,
+        model=args.model,
+        members=args.members,
+        px=args.px,
+        requests=args.requests,
+        clients=args.clients,
         max_batch_size=args.max_batch_size,
-        num_cpus=1,
-        max_ongoing_requests=max(16, args.max_batch_size),
-        max_queued_requests=4 * args.requests,
+        execution=args.execution,
     )
-    runtime = ModelRuntime(settings)
-    item = PredictItem(files={"file": ("scan.png", data)}, rois={"box": box})
-    runtime.predict_items([item])  # warm-up
-    local = []
-    for _ in range(args.requests):
-        start = time.perf_counter()
-        runtime.predict_items([item])
-        local.append(time.perf_counter() - start)
-
-    from ray import serve
-
-    from mammo_ray.cli.serve import start_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    served = settings.model_dump(mode="json")
-    url = start_app(served, "127.0.0.1", port)
-    http_post(url, data, box)
-    sequential = []
-    for _ in range(args.requests):
-        start = time.perf_counter()
-        status = http_post(url, data, box)
-        sequential.append(time.perf_counter() - start)
-        assert status == 200, status
-    start = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        statuses = list(pool.map(lambda _: http_post(url, data, box), range(args.requests)))
-    wall = time.perf_counter() - start
-    serve.shutdown()
     record = {
-        "in_process": percentiles(local),
-        "http_sequential": percentiles(sequential),
-        "http_concurrent": {
-            "clients": args.clients,
-            "requests": args.requests,
-            "wall_s": wall,
-            "requests_per_s": args.requests / wall,
-            "statuses": {str(s): statuses.count(s) for s in set(statuses)},
-        },
-        "in_process_requests_per_s": 1 / statistics.mean(local),
-        "execution": runtime.execution,
+        **figures,
+        "execution": execution,
         "settings": vars(args),
         "machine": {
             "torch": torch.__version__,
@@ -209,7 +252,7 @@ def main() -> None:
     lp, hp = record["in_process"], record["http_sequential"]
     print(
         f"{args.members} x {args.model} at {args.px} px, {args.requests} requests, execution "
-        f"{runtime.execution['chosen']} (loop {runtime.execution['loop_s']}, stacked {runtime.execution['stacked_s']})"
+        f"{execution['chosen']} (loop {execution['loop_s']}, stacked {execution['stacked_s']})"
     )
     print("| path | p50 ms | p95 ms | requests/s |")
     print("|---|---|---|---|")
