@@ -37,4 +37,5 @@ def test_every_command_is_in_the_help_in_its_order():
         "explain",
         "dream",
         "serve",
+        "api-key",
     ]

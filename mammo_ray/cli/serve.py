@@ -32,6 +32,10 @@ def _settings(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     values: dict[str, Any] = {"model": args.model, "workdir": str(workdir)}
     if args.tracking_uri:
         values["tracking_uri"] = args.tracking_uri
+    if args.api_keys:  # absolute: the replicas read it from their own working directory
+        values["api_keys_file"] = str(Path(args.api_keys).resolve())
+    if args.insecure_no_auth:
+        values["insecure_no_auth"] = True
     for item in args.options:
         key, sep, text = item.partition("=")
         if not sep:
@@ -187,25 +191,47 @@ def _delete_app(serve: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
+    from mammo_ray.serving.auth import check_bind, load_keys, own_key
+
     settings = _settings(args, workdir)
+    keys = load_keys(settings["api_keys_file"])  # a bad key file, or keys missing beyond loopback: before Ray
+    check_bind(args.host, keys, settings["insecure_no_auth"])
+    key = own_key(settings["api_keys_file"])
     logs = log_path(workdir, "serve")
     stopper = Stopper(own_ray=not (args.address or os.environ.get("RAY_ADDRESS")))
     with stopper.start():
         start_ray(args.address, logs)
         stopper.install()  # after ray.init's own SIGTERM handler
         url = start_app(settings, args.host, args.port, args.address, logs=logs)
-        with urllib.request.urlopen(f"{url}/v1/model", timeout=30) as reply:
+        request = urllib.request.Request(f"{url}/v1/model", headers={"Authorization": f"Bearer {key}"} if key else {})
+        with urllib.request.urlopen(request, timeout=30) as reply:
             info = json.loads(reply.read())
     print(
         f"serving {info['version']} ({info['members']} members, {info['execution']['chosen']} execution on "
         f"{info['device']}) at {url}  (docs: {url}/docs); Ctrl-C stops\n"
-        f"page: {url}/  (upload a CC and an MLO, see the heatmaps and the members; {DISCLAIMER})",
+        f"page: {url}/  (upload a CC and an MLO, see the heatmaps and the members; {DISCLAIMER})\n"
+        + (
+            f"API keys: {len(keys)} from {keys.source}; send 'Authorization: Bearer <key>' (/v1/health is open)"
+            if keys
+            else "API keys: none (loopback only; --api-keys FILE to require them)"
+        ),
         flush=True,
     )
     stopper.wait(args.for_seconds)
     stopper.shut_down()
     result = {"url": url, "model": info["version"], "members": info["members"], "stopped": True}
     return result, f"stopped serving {info['version']}"
+
+
+def cmd_api_key(args: argparse.Namespace, workdir: Path) -> CommandResult:
+    from mammo_ray.serving.auth import append_key
+
+    key, count = append_key(args.append)
+    text = (
+        f"added a key to {args.append} ({count} key(s) in it now): {key}\n"
+        f"serve with --api-keys {args.append}; call with -H 'Authorization: Bearer {key}'"
+    )
+    return {"file": str(Path(args.append).resolve()), "key": key, "keys": count}, text
 
 
 def add_serve_command(add: AddCommand) -> None:
@@ -235,5 +261,22 @@ def add_serve_command(add: AddCommand) -> None:
         help="a ServeSettings value (repeatable; the override flag of every command), "
         "e.g. --set max_batch_size=16 --set num_gpus=0.25",
     )
+    p.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        help="bearer keys, one per line (default: $MAMMO_RAY_API_KEYS_FILE): every /v1/ route but /v1/health "
+        "then needs 'Authorization: Bearer <key>'; `mammo-ray api-key` prints a new key",
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a --host beyond loopback without keys (refused otherwise); logs a warning at every start",
+    )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--for-seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
+    p = add(
+        "api-key",
+        cmd_api_key,
+        "Add a new random API key (256 bits) to a key file for `serve --api-keys` (created readable by you only).",
+    )
+    p.add_argument("--append", required=True, metavar="FILE", help="the key file: one key per line")

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from mammo_ray import __version__
 from mammo_ray.constants import DISCLAIMER
+from mammo_ray.serving.auth import OPEN_PATHS, ApiKeys, bearer, load_keys
 from mammo_ray.serving.forms import check_form, document_forms, require_form_body
 from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import (
@@ -184,7 +185,7 @@ class HealthReply(BaseModel):
 
 
 # The refusals of the upload routes (predict, localize), each an ErrorReply.
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorReply} for s in (400, 413, 415, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorReply} for s in (400, 401, 413, 415, 422, 503)}
 
 
 def _error(
@@ -258,8 +259,12 @@ async def _read(upload: UploadFile, field: str, max_bytes: int) -> tuple[str, by
     )
 
 
-def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app over ``backend``; ``settings`` gives the upload cap."""
+def build_api(backend: Backend, settings: ServeSettings, keys: ApiKeys | None = None) -> FastAPI:
+    """The FastAPI app over ``backend``; ``settings`` gives the upload cap and the API keys' file (or
+    ``$MAMMO_RAY_API_KEYS_FILE``; ``keys`` given: these). With keys, every ``/v1/`` route but
+    ``/v1/health`` answers 401 without ``Authorization: Bearer <key>``. The page's files (``/``,
+    ``/page/``) hold no data and stay open: the page asks for a key and sends it with every call."""
+    keys = keys if keys is not None else load_keys(settings.api_keys_file)
     app = FastAPI(
         title="mammo-ray",
         version=__version__,
@@ -276,6 +281,22 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
                 f"{settings.max_bytes} bytes ({settings.max_upload_mb:g} MB)",
             )
         return await call_next(request)
+
+    @app.middleware("http")  # added last, so it runs first: a request without a key gets no further
+    async def authenticate(request: Request, call_next):
+        path = request.url.path
+        if keys is None or not path.startswith("/v1/") or path in OPEN_PATHS:
+            return await call_next(request)
+        if keys.accepts(bearer(request.headers.get("authorization"))):
+            return await call_next(request)
+        given = (
+            "no Authorization: Bearer header" if not request.headers.get("authorization") else "a key it does not know"
+        )
+        return _error(
+            401,
+            f"this server needs an API key: send 'Authorization: Bearer <key>'; the request had {given}",
+            headers={"WWW-Authenticate": 'Bearer realm="mammo-ray"'},
+        )
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
@@ -467,7 +488,7 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
 
     @app.get(
         "/v1/model",
-        responses={503: {"model": ErrorReply}},
+        responses={401: {"model": ErrorReply}, 503: {"model": ErrorReply}},
         summary="Version, members with their MLflow runs, config, metrics, execution",
     )
     async def model_info() -> Any:
@@ -480,7 +501,17 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
             document_forms(derived())  # derived() caches its schema in app.openapi_schema
         return derived()
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    def secured() -> dict[str, Any]:
+        spec = openapi()
+        if keys is not None and "bearer" not in spec["components"].get("securitySchemes", {}):
+            spec["components"].setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+            for path, item in spec["paths"].items():
+                if path.startswith("/v1/") and path not in OPEN_PATHS:
+                    for operation in item.values():
+                        operation["security"] = [{"bearer": []}]
+        return spec
+
+    app.openapi = secured  # type: ignore[method-assign]
     return app
 
 

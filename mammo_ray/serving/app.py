@@ -37,6 +37,7 @@ from ray.serve import Deployment
 from ray.serve.handle import DeploymentHandle
 
 from mammo_ray.serving.api import build_api
+from mammo_ray.serving.auth import check_bind, load_keys
 from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import UploadError
 
@@ -190,11 +191,30 @@ def asgi_builder(settings: dict[str, Any]) -> Callable[[], FastAPI]:
     FastAPI app over the handle of this application's model deployment."""
 
     def build() -> FastAPI:
+        typed = ServeSettings(**settings)
+        keys = load_keys(typed.api_keys_file)  # the file, or $MAMMO_RAY_API_KEYS_FILE on this replica's node
+        check_bind(_http_host(), keys, typed.insecure_no_auth)  # beyond loopback without keys: refused
         app_name = serve.get_replica_context().app_name
         handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
-        return build_api(HandleBackend(handle), ServeSettings(**settings))
+        return build_api(HandleBackend(handle), typed, keys)
 
     return build
+
+
+def _http_host() -> str:
+    """The address Serve's HTTP proxies bind (``http_options.host``), as the controller has it; "0.0.0.0"
+    (anywhere: the safe assumption) when it cannot be asked."""
+    import ray
+
+    if not ray.is_initialized():  # not in a replica: asking would start a Ray of its own
+        return "0.0.0.0"
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+    except Exception:  # noqa: BLE001 - no controller to ask: assume the widest bind
+        return "0.0.0.0"
+    return str(client.http_config.host) if client is not None else "0.0.0.0"
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -79,6 +79,8 @@ class ServeSettings(BaseModel):
     max_queued_requests: int = Field(64, ge=1)  # beyond this the app answers 503 instead of queueing
     health_check_period_s: float = Field(10.0, gt=0)
     mlflow_ui_url: str | None = None  # the MLflow UI (e.g. http://127.0.0.1:5000): the page links the model's run there
+    api_keys_file: str | None = None  # bearer keys, one per line (default: $MAMMO_RAY_API_KEYS_FILE; serving/auth.py)
+    insecure_no_auth: bool = False  # serve beyond loopback without keys (refused otherwise), with a warning
 
     @property
     def max_bytes(self) -> int:

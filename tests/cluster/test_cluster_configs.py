@@ -436,6 +436,7 @@ def test_embedded_clusters_are_the_raycluster():
             for key in ("replicas", "minReplicas", "maxReplicas"):
                 group.pop(key, None)
             _ray_container(group).pop("ports", None)
+        _drop_api_keys(got)  # what serving adds: the API keys' Secret (test_the_rayservice_mounts_the_api_keys...)
         assert got == want
 
 
@@ -521,9 +522,47 @@ def test_every_pod_mounts_the_shared_volume_and_takes_mlflow_from_a_secret(name)
         assert env["MAMMO_RAY_WORKDIR"]["value"] == WORKDIR, group_name
         assert "value" not in env["MLFLOW_TRACKING_URI"], group_name
         assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mammo-ray-mlflow"
+        secret_mounts = {m["mountPath"] for m in container["volumeMounts"] if "secret" in _volume(pod, m["name"])}
         for var, entry in env.items():  # no credential-like variable carries a literal value
             if re.search(r"TOKEN|PASSWORD|SECRET|KEY|MLFLOW", var):
-                assert "value" not in entry, (group_name, var)
+                if var.endswith("_FILE"):  # a path, which must lie in a mounted Secret
+                    assert any(entry["value"].startswith(m + "/") for m in secret_mounts), (group_name, var)
+                else:
+                    assert "value" not in entry, (group_name, var)
+
+
+def _drop_api_keys(group: dict) -> None:
+    from mammo_ray.serving.auth import KEYS_ENV
+
+    pod, container = group["template"]["spec"], _ray_container(group)
+    container["env"] = [e for e in container["env"] if e["name"] != KEYS_ENV]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "api-keys"]
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] != "api-keys"]
+
+
+def _volume(pod: dict, name: str) -> dict:
+    return next(v for v in pod["volumes"] if v["name"] == name)
+
+
+def test_the_rayservice_mounts_the_api_keys_secret_in_every_ray_container():
+    """Serve listens on 0.0.0.0 in the pods, where the Ingress refuses to start without keys: every Ray
+    container (an Ingress replica may land on any) has the Secret mammo-ray-api-keys as a read-only
+    file, named by MAMMO_RAY_API_KEYS_FILE, which serving/auth.py reads."""
+    from mammo_ray.serving.auth import KEYS_ENV
+
+    manifest = _manifest("rayservice")
+    for group_name, group in _groups(_cluster_spec(manifest)):
+        pod = group["template"]["spec"]
+        container = _ray_container(group)
+        path = {e["name"]: e for e in container["env"]}[KEYS_ENV]["value"]
+        [mount] = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+        assert mount.get("readOnly") is True, group_name
+        volume = _volume(pod, mount["name"])
+        assert volume["secret"]["secretName"] == "mammo-ray-api-keys", group_name
+        assert volume["secret"]["defaultMode"] == 0o400, group_name
+    header = (KUBERAY / "rayservice.yaml").read_text()
+    assert "kubectl create secret generic mammo-ray-api-keys --from-file=keys.txt" in header
+    assert "mammo-ray api-key --append keys.txt" in header and "Authorization: Bearer" in header
 
 
 def test_rayservice_serves_the_app_builder_with_a_valid_serve_config():
@@ -570,7 +609,7 @@ SECRET_PATTERNS = {
     "credentials in a URL": re.compile(r"\b[a-z][a-z0-9+.\-]*://[^/\s:@'\"]+:[^/\s@'\"]+@"),
     "literal secret value": re.compile(
         r"(?i)(?<![a-z0-9])(?:password|passwd|secret|token|api[_-]?key|access[_-]?key|auth_token)"
-        rf"\s*[:=]\s*['\"]?{_NOT_A_VALUE}[^\s'\"{{}}()]+"
+        rf"[ \t]*[:=][ \t]*['\"]?{_NOT_A_VALUE}[^\s'\"{{}}()]+"  # a value on the same line
     ),
 }
 

@@ -12,11 +12,13 @@ under CI=true, where tests/conftest.py turns the skip into a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ import uvicorn
 
 from mammo_ray.constants import DISCLAIMER
 from mammo_ray.serving.api import RuntimeBackend, build_api
+from mammo_ray.serving.auth import append_key
 from mammo_ray.serving.runtime import ServeSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -50,26 +53,40 @@ def _browser() -> tuple[str, str]:
     return browser, driver
 
 
-@pytest.fixture(scope="module")
-def server(lesion_model, tmp_path_factory):
-    """The in-process app over the lesion classifier, served by uvicorn on a free port: its base URL."""
-    settings = ServeSettings(model=str(lesion_model[0]), workdir=str(tmp_path_factory.mktemp("page")), execution="loop")
-    backend = RuntimeBackend(settings)
-    asyncio.run(backend.load())
+@contextlib.contextmanager
+def _uvicorn(app) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread on a free port of 127.0.0.1: its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = uvicorn.Config(build_api(backend, settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def backend(lesion_model, tmp_path_factory):
+    """The lesion classifier, loaded in this process."""
+    settings = ServeSettings(model=str(lesion_model[0]), workdir=str(tmp_path_factory.mktemp("page")), execution="loop")
+    loaded = RuntimeBackend(settings)
+    asyncio.run(loaded.load())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def server(backend):
+    """The app over the lesion classifier, without keys: its base URL."""
+    with _uvicorn(build_api(backend, backend.settings)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +222,24 @@ def test_a_garbage_file_shows_the_servers_reason_and_the_page_stays_usable(serve
     assert float(browser.find_element("id", "probability").get_attribute("data-value")) == pytest.approx(
         api.json()["probability"], abs=1e-9
     )
+
+
+def test_with_api_keys_the_page_asks_for_one_and_sends_it(backend, browser, pair, tmp_path):
+    cc, _ = pair
+    key, _ = append_key(tmp_path / "keys.txt")
+    settings = backend.settings.model_copy(update={"api_keys_file": str(tmp_path / "keys.txt")})
+    with _uvicorn(build_api(backend, settings)) as url:
+        browser.get(url + "/")  # a new origin (another port): an empty sessionStorage
+        _wait(browser, lambda b: b.find_element("id", "key-form").is_displayed(), "the key form")
+        assert "Authorization: Bearer" in _text(browser, "key-reason")
+        assert not browser.find_element("id", "model-line").is_displayed()
+        browser.find_element("id", "key-input").send_keys(key)
+        browser.find_element("id", "key-save").click()
+        _wait(browser, lambda b: b.find_element("id", "model-line").is_displayed(), "the model line")
+        assert not browser.find_element("id", "key-form").is_displayed()
+        assert browser.execute_script("return sessionStorage.getItem('mammo-ray-api-key')") == key
+        _choose(browser, "cc", cc.image_path)  # every call sends it: preview, predict, localize
+        _wait(browser, lambda b: _previewed(b, "cc"), "the CC preview")
+        browser.find_element("id", "analyse").click()
+        _wait(browser, lambda b: b.find_element("id", "status").get_attribute("data-state") == "done", "result")
+        assert _opaque_pixels(browser, "cc-overlay") > 0

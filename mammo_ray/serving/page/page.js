@@ -8,6 +8,19 @@
 const VIEWS = ["cc", "mlo"];
 const state = { model: null, views: { cc: {}, mlo: {} } };
 const $ = (id) => document.getElementById(id);
+const KEY_ITEM = "mammo-ray-api-key"; // sessionStorage: this tab only, gone when it closes
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// A 401: ask for the key (the server's reason beside the field); the next call sends it.
+function askForKey(reason) {
+  $("key-reason").textContent = reason;
+  $("key-form").hidden = false;
+  $("key-input").focus();
+}
 
 function setStatus(text, stateName) {
   const el = $("status");
@@ -28,7 +41,7 @@ function clearError() {
 
 // An API reply as JSON, or an Error carrying the server's reason ("422 Unprocessable Entity: ... (field box)").
 async function api(path, options) {
-  const reply = await fetch(path, options);
+  const reply = await fetch(path, { ...(options || {}), headers: authHeaders() });
   const type = reply.headers.get("content-type") || "";
   const body = type.includes("json") ? await reply.json() : await reply.text();
   if (!reply.ok) {
@@ -36,6 +49,7 @@ async function api(path, options) {
     const field = typeof body === "object" && body.field ? ` (field ${body.field})` : "";
     const error = new Error(`${reply.status} ${body.error || reply.statusText}: ${reason}${field}`);
     error.status = reply.status;
+    if (reply.status === 401) askForKey(reason);
     throw error;
   }
   return body;
@@ -77,6 +91,10 @@ async function loadModel() {
       : `no heatmaps: ${info.localize.note}`;
     $("positive-class").textContent = (info.class_names || ["class 0", "class 1"])[1];
   } catch (error) {
+    if (error.status === 401) {
+      $("model-status").textContent = "enter the API key to use this server";
+      return; // the key form calls loadModel again
+    }
     $("model-status").textContent = `model not ready (${error.message}); retrying`;
     setTimeout(loadModel, 3000);
   }
@@ -386,6 +404,16 @@ for (const view of VIEWS) {
   wireRoi(view);
 }
 $("analyse").addEventListener("click", analyse);
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = $("key-input").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_ITEM, key);
+  $("key-input").value = "";
+  $("key-form").hidden = true;
+  clearError();
+  loadModel();
+});
 for (const id of ["overlay-toggle", "opacity", "layer"]) $(id).addEventListener("input", redrawOverlays);
 $("layer").addEventListener("change", redrawOverlays);
 loadModel();
