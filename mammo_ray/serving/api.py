@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartParser
 
 from mammo_ray import __version__
 from mammo_ray.constants import DISCLAIMER
@@ -259,12 +260,21 @@ async def _read(upload: UploadFile, field: str, max_bytes: int) -> tuple[str, by
     )
 
 
+def keep_uploads_in_memory(max_bytes: int) -> None:
+    """Let no upload touch the disk: Starlette spools a form's files to a temporary file beyond
+    ``MultiPartParser.spool_max_size`` (1 MB by default, smaller than most mammograms). Raised here to
+    the largest body the app accepts (``cap_body`` refuses larger ones first), so an image stays in
+    memory from the socket to the model. A class attribute: it only grows, for every app in the process."""
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_bytes))
+
+
 def build_api(backend: Backend, settings: ServeSettings, keys: ApiKeys | None = None) -> FastAPI:
     """The FastAPI app over ``backend``; ``settings`` gives the upload cap and the API keys' file (or
     ``$MAMMO_RAY_API_KEYS_FILE``; ``keys`` given: these). With keys, every ``/v1/`` route but
     ``/v1/health`` answers 401 without ``Authorization: Bearer <key>``. The page's files (``/``,
     ``/page/``) hold no data and stay open: the page asks for a key and sends it with every call."""
     keys = keys if keys is not None else load_keys(settings.api_keys_file)
+    keep_uploads_in_memory(settings.max_bytes + FORM_OVERHEAD)
     app = FastAPI(
         title="mammo-ray",
         version=__version__,
