@@ -13,23 +13,19 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from http_forms import multipart
 from ray_head import reserved_port
 from setups import TINY_TRAIN
+from subprocesses import MAMMO_RAY, REPO, own_ray_environment, wait_for_exit_of_all
 
 from mammo_ray.config import load_config
 from mammo_ray.constants import Side, View
@@ -41,8 +37,6 @@ from mammo_ray.train.checkpoint import checkpoint_payload, save_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-MAMMO_RAY = str(Path(sys.executable).parent / "mammo-ray")  # the console script pyproject declares
 DEMO_SHRINK = [  # tune_configs/search_smoke.yaml cut to one levynet trial of one epoch on 32-px crops
     "data.synth_patients=40",
     "data.synth_size=[384, 240]",
@@ -56,59 +50,6 @@ DEMO_SHRINK = [  # tune_configs/search_smoke.yaml cut to one levynet trial of on
     "tune.max_concurrent_trials=1",
     "tune.baseline=false",
 ]
-
-
-@contextmanager
-def own_ray_environment() -> Iterator[tuple[dict[str, str], str]]:
-    """(environment, marker) for a command that starts its own Ray: a short temp dir of its own
-    (Unix socket paths are limited), a home of its own, none of the caller's Ray or MLflow settings.
-    On exit every process still carrying the marker is killed and the folder removed."""
-    root = Path(tempfile.mkdtemp(prefix="mr-first-", dir="/tmp"))
-    (root / "home").mkdir()
-    marker = f"MAMMO_RAY_TEST_RUN={uuid.uuid4().hex}"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN_PATH")
-    }
-    env.update(
-        {
-            "RAY_TMPDIR": str(root),
-            "HOME": str(root / "home"),
-            "MAMMO_RAY_TEST_RUN": marker.split("=", 1)[1],
-            "SERVE_SOCKET_REUSE_PORT_ENABLED": "1",  # Serve's proxy may bind the port reserved_port holds
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    try:
-        yield env, marker
-    finally:
-        for pid in processes_with(marker):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def processes_with(marker: str) -> list[int]:
-    """The processes (not this one) whose environment holds ``marker``: the command and all it started."""
-    found, needle = [], marker.encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def wait_for_exit_of_all(marker: str) -> None:
-    """Return once no process carries ``marker`` (Ray's workers end a moment after their driver).
-    No deadline here: an orphan that never ends is the test timeout's to report."""
-    while processes_with(marker):
-        time.sleep(0.5)
 
 
 def predict_in_process(model: str, path: Path, workdir: Path, tracking_uri: str | None = None, box: str | None = None):
@@ -185,16 +126,6 @@ def checkpoint_and_scan(tmp_path) -> tuple[Path, Path]:
     return checkpoint, scan
 
 
-def _multipart(path: Path) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
-        "Content-Type: application/dicom\r\n\r\n"
-    ).encode()
-    body += path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 @pytest.mark.timeout(300)
 def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(checkpoint_and_scan, tmp_path):
     checkpoint, scan = checkpoint_and_scan
@@ -216,7 +147,7 @@ def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(checkpoint_and_scan
         assert f"at {url}" in lines[-1] and "1 members" in lines[-1]
         with urllib.request.urlopen(f"{url}/v1/health", timeout=60) as reply:
             assert reply.status == 200 and json.loads(reply.read())["status"] == "ready"
-        body, content_type = _multipart(scan)
+        body, content_type = multipart({"file": (scan.name, scan.read_bytes())})
         request = urllib.request.Request(
             f"{url}/v1/predict", data=body, headers={"Content-Type": content_type}, method="POST"
         )

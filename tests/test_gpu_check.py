@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_first_commands import own_ray_environment, wait_for_exit_of_all
+from subprocesses import own_ray_environment, wait_for_exit_of_all
 from torch import nn
 
 from mammo_ray.models import create_model, list_models

@@ -8,13 +8,13 @@ import io
 import json
 import urllib.error
 import urllib.request
-import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from http_forms import SMALL, multipart, post
 from ray import serve
 from ray_head import reserved_port
 
@@ -28,8 +28,6 @@ from mammo_ray.serving.runtime import ServeSettings
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
-SMALL = {"num_cpus": 0.5, "max_batch_size": 4, "max_ongoing_requests": 4, "max_queued_requests": 8, "execution": "loop"}
-
 
 @pytest.fixture(scope="module")
 def served(local_ray, lesion_model, patch_model, tmp_path_factory):
@@ -42,38 +40,6 @@ def served(local_ray, lesion_model, patch_model, tmp_path_factory):
     wait_ready(f"{url}/loc")
     yield url
     serve.shutdown()  # Ray itself stays up for the next module that uses it
-
-
-def _multipart(fields: dict[str, tuple[str, bytes] | str]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for name, value in fields.items():
-        out.write(f"--{boundary}\r\n".encode())
-        if isinstance(value, tuple):
-            out.write(
-                f'Content-Disposition: form-data; name="{name}"; filename="{value[0]}"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n".encode()
-            )
-            out.write(value[1])
-        else:
-            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
-def post(url: str, fields: dict) -> tuple[int, dict]:
-    body, content_type = _multipart(fields)
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        text = exc.read()
-        try:
-            return exc.code, json.loads(text)
-        except ValueError:
-            return exc.code, {"raw": text.decode(errors="replace")}
 
 
 def test_health_and_model_lineage(served, lesion_model):
@@ -149,7 +115,7 @@ def test_the_page_preview_and_dicom_output_through_the_ingress(served, patch_mod
         and body["kind"] == "dicom"
         and body["image_size"] == list(read_mammogram(row["image_path"])[0].shape)
     )
-    data, content_type = _multipart({"file": scan, "threshold": "0.3"})
+    data, content_type = multipart({"file": scan, "threshold": "0.3"})
     request = urllib.request.Request(
         f"{served}/loc/v1/localize?format=dicom", data=data, headers={"Content-Type": content_type}, method="POST"
     )

@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+from http_forms import SMALL, multipart
 from ray import serve
 from ray_head import reserved_port
-from test_first_commands import MAMMO_RAY, REPO, own_ray_environment, processes_with
-from test_serve_ray import SMALL, _multipart
+from subprocesses import MAMMO_RAY, REPO, own_ray_environment, processes_with
 
 from mammo_ray.cli.serve import start_app
 from mammo_ray.constants import DISCLAIMER
@@ -65,7 +65,7 @@ def replica_pid(url: str) -> int:
 
 def test_a_replica_killed_under_load_answers_503_with_retry_after_never_500(served, lesion_model, record_property):
     image = pd.read_parquet(lesion_model[1].manifest)["image_path"].iloc[0]
-    body, content_type = _multipart({"file": ("scan.dcm", Path(image).read_bytes())})
+    body, content_type = multipart({"file": ("scan.dcm", Path(image).read_bytes())})
     answers: list[tuple[int, str | None, dict]] = []
     stop = threading.Event()
 
