@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import pytest
 from ray_head import BIN, REPO
@@ -70,13 +71,28 @@ def fresh_database(uri: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # never the password in a traceback or pytest's assertion output
+        return f"Credentials({self.username!r}, '***')"
+
+
 @dataclass
 class Server:
     url: str  # http://127.0.0.1:PORT; empty until the server has said which port it bound
     log: Path
+    admin: Credentials | None = None  # with ``auth_db_uri``: the basic-auth app's admin user
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def bare_netloc(parts: SplitResult) -> str:
+    """``user@host:port``: a database URI's netloc without its password."""
+    return f"{parts.username}@{parts.hostname}:{parts.port}"
 
 
 # uvicorn (the server's workers' parent binds the socket) logs the port it bound, also for --port 0.
@@ -85,15 +101,26 @@ _BOUND = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 @contextmanager
 def mlflow_server(
-    backend_uri: str, artifacts: Path, log: Path, workers: int = 2, timeout_s: float = 300
+    backend_uri: str,
+    artifacts: Path,
+    log: Path,
+    workers: int = 2,
+    timeout_s: float = 300,
+    auth_db_uri: str | None = None,
 ) -> Iterator[Server]:
     """``mlflow server`` on 127.0.0.1 with proxied artifacts (``--artifacts-destination``): clients upload
     through the server, so they need no access to the store. As docs/walkthrough.md runs it: the backend
     URI in ``MLFLOW_BACKEND_STORE_URI`` without its password, which libpq reads from ``PGPASSWORD``; neither
     is on the command line, where ``ps`` would show it. It binds port 0 (no port handed over to race for)
-    and its log says which port that became."""
+    and its log says which port that became.
+
+    With ``auth_db_uri`` (a database on the same PostgreSQL server, whose password is the same
+    ``PGPASSWORD``) it runs MLflow's basic-auth app, as cluster/README.md runs the team server:
+    ``--app-name basic-auth``, its config file in ``MLFLOW_AUTH_CONFIG_PATH`` (no secret in it), the first
+    admin's password in ``MLFLOW_AUTH_ADMIN_PASSWORD`` and the CSRF key in
+    ``MLFLOW_FLASK_SERVER_SECRET_KEY``, both random; ``Server.admin`` holds the admin's credentials."""
     parts = urlsplit(backend_uri)
-    bare = parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}").geturl()
+    bare = parts._replace(netloc=bare_netloc(parts)).geturl()
     home = log.parent / "home"  # what the server keeps under ~ (MLflow's telemetry id) stays out of the user's home
     home.mkdir(exist_ok=True)
     env = {
@@ -104,11 +131,38 @@ def mlflow_server(
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
+    app: list[str] = []
+    admin = None
+    if auth_db_uri is not None:
+        auth_parts = urlsplit(auth_db_uri)
+        if auth_parts.password not in (None, parts.password):
+            raise ValueError("the auth database must share the backend store's PostgreSQL role")
+        admin = Credentials("admin", secrets.token_urlsafe(24))
+        config = log.parent / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {auth_parts._replace(netloc=bare_netloc(auth_parts)).geturl()}\n"
+            f"admin_username = {admin.username}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # Without it every request runs a PBKDF2 check of the password; 16 trials logging at once on
+            # 2 cores then crawl (the job ran past 540 s). A password change reaches other workers after 60 s.
+            "auth_cache_ttl_seconds = 60\n"
+        )
+        env.update(
+            {
+                "MLFLOW_AUTH_CONFIG_PATH": str(config),
+                "MLFLOW_AUTH_ADMIN_PASSWORD": admin.password,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+            }
+        )
+        app = ["--app-name", "basic-auth"]
     with log.open("w") as out:
         proc = subprocess.Popen(
             [
                 str(BIN / "mlflow"),
                 "server",
+                *app,
                 "--artifacts-destination",
                 str(artifacts),
                 "--host",
@@ -123,7 +177,7 @@ def mlflow_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = Server("", log)
+    server = Server("", log, admin)
     try:
         deadline = time.monotonic() + timeout_s
         while True:

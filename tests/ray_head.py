@@ -193,12 +193,31 @@ def _stop(proc: subprocess.Popen, temp_dir: Path) -> None:
 
 
 def submit(
-    head: Head, submission_id: str, entrypoint: list[str], env_vars: dict[str, str], timeout_s: float = 540
+    head: Head,
+    submission_id: str,
+    entrypoint: list[str],
+    env_vars: dict[str, str],
+    timeout_s: float = 540,
+    secret_env_vars: dict[str, str] | None = None,
 ) -> str:
     """``ray job submit --working-dir . --runtime-env-json ... -- ENTRYPOINT`` from the repository root;
     returns what the client printed (the job's output), asserting that the job succeeded. The job also
-    gets the head's RAY_API_SERVER_ADDRESS (Ray's state API, which Train polls, finds this head by it)."""
-    runtime_env = json.dumps({"env_vars": {"RAY_API_SERVER_ADDRESS": head.address, **env_vars}})
+    gets the head's RAY_API_SERVER_ADDRESS (Ray's state API, which Train polls, finds this head by it).
+
+    ``secret_env_vars`` (MLFLOW_TRACKING_PASSWORD and the like) join the job's ``env_vars`` too, but
+    never the command line, where ``ps`` would show them: with them the runtime env goes in a file
+    readable by the user alone (``--runtime-env FILE``), removed once the job is over. Ray itself still
+    shows them in ``ray job list`` and writes them to the head's runtime_env_agent.log: for a test head only."""
+    runtime_env = {"env_vars": {"RAY_API_SERVER_ADDRESS": head.address, **env_vars, **(secret_env_vars or {})}}
+    env_file = None
+    if secret_env_vars:
+        fd, name = tempfile.mkstemp(prefix="runtime-env-", suffix=".yaml", dir=head.temp_dir)  # mode 600
+        env_file = Path(name)
+        with os.fdopen(fd, "w") as out:
+            json.dump(runtime_env, out)  # JSON is YAML
+        runtime_env_args = ["--runtime-env", str(env_file)]
+    else:
+        runtime_env_args = ["--runtime-env-json", json.dumps(runtime_env)]
     command = [
         RAY,
         "job",
@@ -207,12 +226,15 @@ def submit(
         submission_id,
         "--working-dir",
         ".",
-        "--runtime-env-json",
-        runtime_env,
+        *runtime_env_args,
         "--",
         *entrypoint,
     ]
-    proc = subprocess.run(command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout_s)
+    try:
+        proc = subprocess.run(command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        if env_file is not None:
+            env_file.unlink(missing_ok=True)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0 and f"Job '{submission_id}' succeeded" in log, log[-6000:]
     return log

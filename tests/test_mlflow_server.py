@@ -1,21 +1,27 @@
 """An `mlflow server` on PostgreSQL (127.0.0.1) as a team deployment runs it, reached through
 MLFLOW_TRACKING_URI by Ray jobs on a `ray start --head` cluster, and read back through its REST API:
 16 Tune trials logging at once (8 in flight) lose no run, metric or artifact and meet no
-`database is locked`; a `mammo-ray train` job's run arrives whole. PostgreSQL (fixture ``postgres_uri``)
+`database is locked`; a `mammo-ray train` job's run arrives whole. The server runs MLflow's basic-auth app
+as the team's does (cluster/README.md): a REST call without credentials gets 401, and the jobs log as a
+user whose MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD reach them through their runtime
+environment, never a command line, and appear in no job or server log. PostgreSQL (fixture ``postgres_uri``)
 comes from scripts/start_postgres.py; if it cannot start these tests fail, they do not skip. The Ray head
 (fixture ``ray_cluster``) is the one tests/test_job_submit.py uses too, see tests/conftest.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import secrets
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
 
 import pytest
-from mlflow_postgres import fresh_database, mlflow_server
+from mlflow_postgres import Credentials, fresh_database, mlflow_server
 from ray_head import SHRINK, field, job_logs, last_json, sets, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -30,28 +36,76 @@ CLIENT_TROUBLE = re.compile(r"database is locked|MlflowException|Retrying \(Retr
 @pytest.fixture(scope="module")
 def server(postgres_uri, tmp_path_factory):
     base = tmp_path_factory.mktemp("mlflow-server")
+    # The users and their permissions in a database of their own on the same PostgreSQL, as cluster/README.md has it.
     with (
         fresh_database(postgres_uri) as database,
-        mlflow_server(database, base / "artifacts", base / "server.log") as running,
+        fresh_database(postgres_uri) as auth_database,
+        mlflow_server(database, base / "artifacts", base / "server.log", auth_db_uri=auth_database) as running,
     ):
         yield running
 
 
-def rest(server, endpoint: str, body: dict | None = None, **query: Any) -> dict:
-    """One call of MLflow's REST API (POST with ``body``, else GET with ``query``)."""
+@pytest.fixture(scope="module")
+def trainer(server) -> Credentials:
+    """The jobs' user of the team server (not an admin), created by the admin as cluster/README.md does."""
+    user = Credentials("trainer", secrets.token_urlsafe(24))
+    rest(server, server.admin, "users/create", {"username": user.username, "password": user.password})
+    return user
+
+
+def request(url: str, user: Credentials | None, body: dict | None = None) -> urllib.request.Request:
+    """A request to the server, with ``user``'s credentials (HTTP basic auth) unless None."""
+    headers = {"Content-Type": "application/json"}
+    if user is not None:
+        token = base64.b64encode(f"{user.username}:{user.password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    return urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers)
+
+
+def rest(server, user: Credentials | None, endpoint: str, body: dict | None = None, **query: Any) -> dict:
+    """One call of MLflow's REST API as ``user`` (POST with ``body``, else GET with ``query``)."""
     url = f"{server.url}/api/2.0/mlflow/{endpoint}"
     if query:
         url += "?" + urllib.parse.urlencode(query)
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as reply:
+    with urllib.request.urlopen(request(url, user, body), timeout=60) as reply:
         return json.loads(reply.read())
 
 
-def history(server, run_id: str, key: str) -> list[int]:
-    return sorted(
-        int(m.get("step", 0)) for m in rest(server, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
-    )
+def status_of(server, user: Credentials | None, endpoint: str, body: dict | None = None) -> int:
+    """The HTTP status of a GET of ``endpoint`` (POST with ``body``) as ``user``."""
+    try:
+        with urllib.request.urlopen(request(f"{server.url}{endpoint}", user, body), timeout=60) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def history(server, user: Credentials, run_id: str, key: str) -> list[int]:
+    found = rest(server, user, "metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+    return sorted(int(m.get("step", 0)) for m in found)
+
+
+def credentials_env(user: Credentials) -> tuple[dict[str, str], dict[str, str]]:
+    """The job's env_vars for ``user``: the username, and the password kept off the command line."""
+    return {"MLFLOW_TRACKING_USERNAME": user.username}, {"MLFLOW_TRACKING_PASSWORD": user.password}
+
+
+def assert_no_password(text: str, where: str, *users: Credentials) -> None:
+    for user in users:
+        assert user.password not in text, f"{user.username}'s password is in {where}"
+
+
+def test_the_server_asks_for_credentials(server, trainer):
+    """Without credentials, or with a wrong password, the REST API answers 401; the health check that
+    probes use stays open; the jobs' user may read and create but is no admin."""
+    assert status_of(server, None, "/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    assert status_of(server, None, "/get-artifact?run_id=0&path=x") == 401
+    wrong = Credentials(trainer.username, trainer.password + "x")
+    assert status_of(server, wrong, "/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    assert status_of(server, trainer, "/api/2.0/mlflow/experiments/search?max_results=1") == 200
+    assert status_of(server, None, "/health") == 200
+    another = {"username": "intruder", "password": secrets.token_urlsafe(24)}
+    assert status_of(server, trainer, "/api/2.0/mlflow/users/create", another) == 403  # admins only
 
 
 def most_at_once(runs: list[dict]) -> int:
@@ -67,8 +121,9 @@ def most_at_once(runs: list[dict]) -> int:
     return best
 
 
-def test_parallel_trials_lose_nothing(server, ray_cluster, tmp_path):
+def test_parallel_trials_lose_nothing(server, trainer, ray_cluster, tmp_path):
     submission = f"mlflow-load-{uuid.uuid4().hex[:8]}"
+    username, password = credentials_env(trainer)
     log = submit(
         ray_cluster,
         submission,
@@ -82,14 +137,17 @@ def test_parallel_trials_lose_nothing(server, ray_cluster, tmp_path):
             "--steps",
             str(STEPS),
         ],
-        {"MLFLOW_TRACKING_URI": server.url},
+        {"MLFLOW_TRACKING_URI": server.url, **username},
+        secret_env_vars=password,
     )
     (tmp_path / "job.log").write_text(log)
-    summary = last_json(job_logs(ray_cluster, submission))
+    logs = job_logs(ray_cluster, submission)
+    summary = last_json(logs)
     assert summary["errored"] == 0 and len(summary["runs"]) == TRIALS, summary
 
     found = rest(
         server,
+        trainer,
         "runs/search",
         {
             "experiment_ids": [summary["experiment_id"]],
@@ -110,13 +168,18 @@ def test_parallel_trials_lose_nothing(server, ray_cluster, tmp_path):
         latest = {m["key"]: m for m in data["metrics"]}
         assert set(latest) == {"loss", "accuracy"} and int(latest["loss"].get("step", 0)) == STEPS - 1
         assert (
-            history(server, info["run_id"], "loss") == history(server, info["run_id"], "accuracy") == list(range(STEPS))
+            history(server, trainer, info["run_id"], "loss")
+            == history(server, trainer, info["run_id"], "accuracy")
+            == list(range(STEPS))
         )
-        files = rest(server, "artifacts/list", run_id=info["run_id"], path="notes").get("files", [])
+        files = rest(server, trainer, "artifacts/list", run_id=info["run_id"], path="notes").get("files", [])
         assert [f["path"] for f in files] == ["notes/trial.json"]
         with urllib.request.urlopen(
-            f"{server.url}/get-artifact?"
-            + urllib.parse.urlencode({"run_id": info["run_id"], "path": "notes/trial.json"}),
+            request(
+                f"{server.url}/get-artifact?"
+                + urllib.parse.urlencode({"run_id": info["run_id"], "path": "notes/trial.json"}),
+                trainer,
+            ),
             timeout=60,
         ) as reply:
             assert json.loads(reply.read()) == {"index": index, "run_id": info["run_id"]}
@@ -124,28 +187,42 @@ def test_parallel_trials_lose_nothing(server, ray_cluster, tmp_path):
     assert most_at_once(found) >= 4, "the trials did not overlap: no concurrency was tested"
     assert not CLIENT_TROUBLE.search(log), CLIENT_TROUBLE.search(log)
     assert not SERVER_TROUBLE.search(server.log_text()), server.log_text()[-4000:]
+    assert_no_password(log + logs, "the job's log", trainer, server.admin)
+    assert_no_password(server.log_text(), "the server's log", trainer, server.admin)
 
 
-def test_job_submit_train_logs_to_the_server(server, ray_cluster, tmp_path):
+def test_job_submit_train_logs_to_the_server(server, trainer, ray_cluster, tmp_path):
     workdir = tmp_path / "work"
+    username, password = credentials_env(trainer)
     log = submit(
         ray_cluster,
         f"mammo-ray-train-{uuid.uuid4().hex[:8]}",
         ["mammo-ray", "train", "--config", "tune_configs/smoke.yaml", *sets(SHRINK)],
-        {"MAMMO_RAY_WORKDIR": str(workdir), "MLFLOW_TRACKING_URI": server.url},
+        {"MAMMO_RAY_WORKDIR": str(workdir), "MLFLOW_TRACKING_URI": server.url, **username},
+        secret_env_vars=password,
     )
     (tmp_path / "train.log").write_text(log)
     assert field(log, "tracking URI") == server.url
     run_id = field(log, "MLflow run")
-    run = rest(server, "runs/get", run_id=run_id)["run"]
+    run = rest(server, trainer, "runs/get", run_id=run_id)["run"]
+    # The job logged as the jobs' user: the auth app made it the manager of the experiment it created.
+    granted = urllib.parse.urlencode(
+        {"username": trainer.username, "resource_type": "experiment", "resource_id": run["info"]["experiment_id"]}
+    )
+    with urllib.request.urlopen(
+        request(f"{server.url}/api/3.0/mlflow/users/permissions/get?{granted}", server.admin), timeout=60
+    ) as reply:
+        assert json.loads(reply.read())["permission"] == "MANAGE"
     assert run["info"]["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["model.name"] == "levynet" and params["train.epochs"] == "2"
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert 0 <= metrics["final_val_auc"] <= 1
-    assert history(server, run_id, "val_loss") == [0, 1]
-    logged = {f["path"] for f in rest(server, "artifacts/list", run_id=run_id).get("files", [])}
+    assert history(server, trainer, run_id, "val_loss") == [0, 1]
+    logged = {f["path"] for f in rest(server, trainer, "artifacts/list", run_id=run_id).get("files", [])}
     assert any(p.endswith(".png") or p == "plots" for p in logged), logged
     assert not (workdir / "mlflow" / "mlflow.db").exists()  # nothing went to the default SQLite store
     assert not CLIENT_TROUBLE.search(log), CLIENT_TROUBLE.search(log)
     assert not SERVER_TROUBLE.search(server.log_text()), server.log_text()[-4000:]
+    assert_no_password(log, "the job's log", trainer, server.admin)
+    assert_no_password(server.log_text(), "the server's log", trainer, server.admin)

@@ -520,8 +520,16 @@ def test_every_pod_mounts_the_shared_volume_and_takes_mlflow_from_a_secret(name)
         assert "/dev/shm" in mounts, group_name
         env = {e["name"]: e for e in container["env"]}
         assert env["MAMMO_RAY_WORKDIR"]["value"] == WORKDIR, group_name
-        assert "value" not in env["MLFLOW_TRACKING_URI"], group_name
-        assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mammo-ray-mlflow"
+        # The tracking URI and the basic-auth credentials of the team server (cluster/README.md), all from
+        # the one optional Secret: without it the runs go to SQLite on the shared volume.
+        for var, key in [
+            ("MLFLOW_TRACKING_URI", "tracking-uri"),
+            ("MLFLOW_TRACKING_USERNAME", "username"),
+            ("MLFLOW_TRACKING_PASSWORD", "password"),
+        ]:
+            assert "value" not in env[var], (group_name, var)
+            ref = {"name": "mammo-ray-mlflow", "key": key, "optional": True}
+            assert env[var]["valueFrom"] == {"secretKeyRef": ref}, (group_name, var)
         secret_mounts = {m["mountPath"] for m in container["volumeMounts"] if "secret" in _volume(pod, m["name"])}
         for var, entry in env.items():  # no credential-like variable carries a literal value
             if re.search(r"TOKEN|PASSWORD|SECRET|KEY|MLFLOW", var):
