@@ -27,7 +27,8 @@ from setups import TINY_TRAIN
 from mammo_ray.config import load_config
 from mammo_ray.data.transforms import TransformSpec
 from mammo_ray.models.views import build_view_model
-from mammo_ray.serving.api import ErrorReply, RuntimeBackend, build_api
+from mammo_ray.serving.api import RuntimeBackend, build_api
+from mammo_ray.serving.replies import ErrorReply
 from mammo_ray.serving.runtime import ServeSettings
 from mammo_ray.serving.uploads import (
     THRESHOLD_PATTERN,
