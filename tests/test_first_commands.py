@@ -89,6 +89,7 @@ def test_demo_runs_the_main_job_and_serves_its_ensemble(demo):
     steps = result["next_steps"]  # the exact commands, with this run's non-default workdir
     assert steps["serve"] == f"mammo-ray serve --model {ensemble['alias_uri']} --workdir {workdir}"
     assert f"file=@{example['image']}" in steps["ask"] and f"box={example['box']}" in steps["ask"]
+    assert steps["page"].startswith("http://127.0.0.1:8000/ ")
     assert steps["MLflow UI"].startswith(f"mlflow ui --backend-store-uri {ensemble['tracking_uri']} ")
     assert f"mammo_ray.load({ensemble['alias_uri']!r}, workdir={str(workdir)!r})" in steps["Python"]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's python

@@ -124,7 +124,8 @@ def _shown(path: str | Path) -> str:
 
 
 def next_steps(ensembled: dict[str, Any], example: dict[str, Any], workdir: Path) -> dict[str, str]:
-    """The exact commands to serve what the demo registered, ask it, open the MLflow UI and load it in Python."""
+    """The exact commands to serve what the demo registered, ask it (or open its page), open the MLflow UI and
+    load it in Python."""
     model = ensembled.get("alias_uri") or ensembled["model_uri"]
     default = default_workdir() == workdir
     with_workdir = "" if default else f" --workdir {shlex.quote(_shown(workdir))}"
@@ -135,6 +136,7 @@ def next_steps(ensembled: dict[str, Any], example: dict[str, Any], workdir: Path
     return {
         "serve": f"mammo-ray serve --model {model}{with_workdir}" + ("   (or: make serve)" if default else ""),
         "ask": f"curl -F file=@{shlex.quote(image)} -F box={example['box']} http://127.0.0.1:8000/v1/predict",
+        "page": "http://127.0.0.1:8000/   (while it serves: drop a CC and an MLO, see the heatmaps and members)",
         "MLflow UI": mlflow_ui_command(ensembled["tracking_uri"]) + ("   (or: make ui)" if default else ""),
         "Python": f'python -c "{python}"' if not set(python) & set('"$`\\!') else f"python -c {shlex.quote(python)}",
     }
