@@ -25,6 +25,8 @@ class DataConfig(_Section):
     root: str | None = None  # image tree (CBIS-DDSM download); synthetic: made in the workdir
     csv_dir: str | None = None  # CBIS-DDSM case-description CSVs; defaults to root
     generic_csv: str | None = None  # generic manifest CSV (source: generic)
+    anonymize: bool = False  # keyed pseudonyms for patient IDs and image paths in the manifest (data/anonymize.py)
+    private_dir: str | None = None  # the key and links for anonymize, outside the workdir; default ~/.mammo-ray/private
     synth_patients: int = Field(60, ge=2)  # synthetic patients (with synth_from_csv: the first N real patient ids)
     synth_size: tuple[int, int] = (832, 512)  # synthetic full-field image (H, W); ~(5000, 3000) is full size
     synth_layout: Literal["csv", "tcia"] = "csv"  # folder layout of the synthetic tree

@@ -63,6 +63,12 @@ def cmd_index(args: argparse.Namespace, workdir: Path) -> CommandResult:
 
     out = Path(args.out) if args.out else workdir / "index" / "manifest.parquet"
     csv_dir = args.csv or (None if args.generic else args.root)
+    pseudo = None
+    if args.anonymize:  # checked before indexing: a key inside the workdir is refused at once
+        from mammo_ray.data.anonymize import default_private_dir, open_private_dir
+
+        private = Path(args.anonymize_dir) if args.anonymize_dir else default_private_dir()
+        pseudo = open_private_dir(private, workdir, out.parent)
     frame, indexed = index_dataset(
         root=args.root,
         csv_dir=csv_dir,
@@ -71,9 +77,13 @@ def cmd_index(args: argparse.Namespace, workdir: Path) -> CommandResult:
         progress=not args.json,
         workers=args.workers,
     )
-    write_manifest(frame, out)
     report_path = out.with_name(out.stem + ".report.json")
     report = {"manifest": str(out.resolve()), "report": str(report_path.resolve()), **indexed.to_dict()}
+    if pseudo is not None:
+        from mammo_ray.data.anonymize import anonymize_manifest
+
+        frame, report = anonymize_manifest(frame, pseudo, report)
+    write_manifest(frame, out)
     report_path.write_text(json.dumps(report, indent=2, default=str))
     text = (
         f"manifest {report['manifest']}: {indexed.rows} rows, {indexed.resolved} resolved, "
@@ -81,7 +91,12 @@ def cmd_index(args: argparse.Namespace, workdir: Path) -> CommandResult:
         f"  quirks handled: " + ", ".join(f"{k} {v}" for k, v in indexed.quirks.items()) + "\n"
         f"  full report: {report['report']}"
     )
-    for item in indexed.unresolved[:5]:
+    if pseudo is not None:
+        text += (
+            f"\n  anonymised: {report['anonymized']['patients']} patient IDs replaced by keyed pseudonyms, "
+            f"image paths by links in {report['anonymized']['links']} (keep that folder private)"
+        )
+    for item in report["unresolved"][:5]:
         text += f"\n  unresolved {item.get('source_file', '')} row {item.get('source_row', '')}: {item['reason']}"
     return report, text
 
@@ -189,6 +204,17 @@ def add_data_commands(add: AddCommand, configurable: argparse.ArgumentParser) ->
         type=int,
         default=os.cpu_count() or 1,
         help="processes reading DICOM headers and masks (default: one per CPU); the manifest does not depend on it",
+    )
+    p.add_argument(
+        "--anonymize",
+        action="store_true",
+        help="replace patient IDs by keyed pseudonyms (HMAC-SHA256) and image paths by links named by a keyed "
+        "hash, so that the manifest, crop caches and MLflow runs carry no patient identifier",
+    )
+    p.add_argument(
+        "--anonymize-dir",
+        help="private folder outside the workdir for the key and the links (made on first use; "
+        "default: $MAMMO_RAY_PRIVATE_DIR, else ~/.mammo-ray/private)",
     )
 
     p = add("split", cmd_split, "Split a manifest by patient into train/val/test (and k folds).")

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from mammo_ray.config import Config, DataConfig, save_config
+from mammo_ray.data.anonymize import anonymize_manifest, default_private_dir, open_private_dir
 from mammo_ray.data.cache import prepare_cache
 from mammo_ray.data.index import index_dataset
 from mammo_ray.data.manifest import MANIFEST_FORMAT, read_manifest, write_manifest
@@ -42,16 +43,25 @@ def _short_hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def dataset_key(cfg: DataConfig) -> str:
-    """A folder name that changes whenever the source data would."""
+def dataset_key(cfg: DataConfig, *, images_only: bool = False) -> str:
+    """A folder name that changes whenever the source data would (``images_only``: the image tree, which
+    anonymisation leaves as it is)."""
     if cfg.source == "synthetic":
         h, w = cfg.synth_size
         key = f"synthetic-p{cfg.synth_patients}-s{cfg.seed}-{h}x{w}-{cfg.synth_layout}"
         if cfg.synth_from_csv is not None:  # a replica of real CSV rows
             name = "cbis" if cfg.synth_from_csv == "cbis-ddsm" else _short_hash(str(Path(cfg.synth_from_csv).resolve()))
             key = f"replica-{name}-" + key.removeprefix("synthetic-")
-        return key
-    return f"{cfg.source}-{_short_hash([cfg.root, cfg.csv_dir, cfg.generic_csv])}"
+    else:
+        key = f"{cfg.source}-{_short_hash([cfg.root, cfg.csv_dir, cfg.generic_csv])}"
+    if cfg.anonymize and not images_only:  # another key gives other pseudonyms: its own index, splits, cache
+        key += f"-anon{_short_hash(str(private_dir_of(cfg)))[:6]}"
+    return key
+
+
+def private_dir_of(cfg: DataConfig) -> Path:
+    """Where ``data.anonymize`` keeps its key and links."""
+    return Path(cfg.private_dir).expanduser().resolve() if cfg.private_dir else default_private_dir()
 
 
 def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> Path:
@@ -61,7 +71,7 @@ def ensure_dataset(cfg: DataConfig, workdir: Path, *, progress: bool = True) -> 
             return Path(cfg.root).resolve()
         assert cfg.generic_csv is not None  # DataConfig requires root or generic_csv for a real source
         return Path(cfg.generic_csv).parent.resolve()
-    out = workdir / "datasets" / dataset_key(cfg)
+    out = workdir / "datasets" / dataset_key(cfg, images_only=True)
     if not (out / "synth.json").is_file():
         from_csv = csv_source(cfg.synth_from_csv) if cfg.synth_from_csv is not None else None
         summary = synthesize(
@@ -82,17 +92,22 @@ def ensure_manifest(cfg: DataConfig, root: Path, workdir: Path, *, progress: boo
     """Index the dataset once; return the manifest and the index report paths."""
     folder = workdir / "index" / f"{dataset_key(cfg)}-{MANIFEST_FORMAT}"  # a new format re-indexes
     manifest_path, report_path = folder / "manifest.parquet", folder / "index_report.json"
+    # Checked on every run, before indexing: a key in the workdir would travel with what is shared.
+    pseudo = open_private_dir(private_dir_of(cfg), workdir) if cfg.anonymize else None
     if not manifest_path.is_file():
         csv_dir = None if cfg.source == "generic" else (cfg.csv_dir or root)
-        frame, report = index_dataset(
+        frame, indexed = index_dataset(
             root=root,
             csv_dir=csv_dir,
             generic_csv=cfg.generic_csv,
             progress=progress,
             workers=max(1, cfg.num_workers),
         )
+        report = indexed.to_dict()
+        if pseudo is not None:
+            frame, report = anonymize_manifest(frame, pseudo, report)
         folder.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        report_path.write_text(json.dumps(report, indent=2, default=str))
         write_manifest(frame, manifest_path)
     return manifest_path, report_path
 

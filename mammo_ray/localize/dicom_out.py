@@ -16,9 +16,10 @@ Both are built with highdicom and reference the source image (its Study, Series 
 
 Both carry the research-use disclaimer as their SeriesDescription (and the SEG's ContentDescription).
 
-The source is read with pydicom, header only. highdicom copies the patient and study modules from it
-and reads their Type 2 attributes (PatientBirthDate, AccessionNumber, ...) as present; where a source
-lacks one, the copy handed to highdicom gets it empty, which is how DICOM says "unknown". The SEG's
+The source is read with pydicom, header only, and only what references it passes on (``reference_copy``):
+its Study, Series and SOP Instance UIDs, SOP Class, and pixel grid. highdicom copies the patient and study
+modules from that copy, whose Type 2 attributes (PatientName, PatientID, PatientBirthDate, AccessionNumber,
+...) are present and empty, which is how DICOM says "unknown": the outputs carry no patient identifier. The SEG's
 copy also drops PixelSpacing: for a 2-D image without a frame of reference (mammograms: no
 ImagePositionPatient) highdicom 0.28 then writes a Pixel Measures item without SliceThickness (valid:
 it is Type 1C on a frame of reference), which its own ``segread`` rejects. Without it the SEG has no
@@ -30,7 +31,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import warnings
 import zipfile
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -57,6 +57,12 @@ MAX_FRACTIONAL_VALUE = 255  # 8-bit fractional pixels: a value is within 0.5 / 2
 # A private coding scheme ("99" prefix, PS3.16 section 8) for what no standard code names: a map score.
 _SCHEME = "99MAMMORAY"
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns")
+# What a reference and the SEG's pixel grid need from the source (``reference_copy``); no identifier.
+_KEPT = (*_REQUIRED, "Modality", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+         "HighBit", "PixelRepresentation", "NumberOfFrames", "ImagerPixelSpacing", "PixelSpacing",
+         "FrameOfReferenceUID", "ImageLaterality", "Laterality", "ViewPosition", "PatientOrientation",
+         "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices",
+         "ImageType")  # fmt: skip
 # Type 2 attributes highdicom reads from the source as present (an empty value means "unknown").
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
           "StudyDate", "StudyTime", "ReferringPhysicianName")  # fmt: skip
@@ -93,10 +99,26 @@ def read_source(path: str | Path, data: bytes | None = None) -> Dataset:
     missing = [name for name in _REQUIRED if name not in ds]
     if missing:
         raise DicomSourceError(path, f"not a DICOM image that can be referenced: no {', '.join(missing)}")
+    return reference_copy(ds)
+
+
+def reference_copy(ds: Dataset) -> Dataset:
+    """What the outputs may take from their source: the UIDs that reference it and its pixel grid.
+
+    Everything else is left behind, patient and study identifiers above all: the Type 2 attributes
+    highdicom copies into the patient and study modules (``_TYPE2``: the name, ID, birth date, sex,
+    accession number, study ID, date and time, referring physician) are present and empty, which is
+    how DICOM says "unknown". The outputs then carry no identifier the source's UIDs do not already
+    imply; a site that files them in its PACS can have its gateway fill the patient from the study.
+    """
+    out = Dataset()
+    out.file_meta = copy.deepcopy(ds.file_meta) if hasattr(ds, "file_meta") else pydicom.dataset.FileMetaDataset()
+    for name in _KEPT:
+        if name in ds:
+            setattr(out, name, copy.deepcopy(ds[name].value))
     for name in _TYPE2:
-        if name not in ds:
-            setattr(ds, name, None)
-    return ds
+        setattr(out, name, None)
+    return out
 
 
 def _algorithm(method: str) -> tuple[str, str]:
@@ -220,10 +242,8 @@ def dicom_outputs(
         raise ValueError(f"heatmap: shape {heat.shape}, but {source} has {ds.Rows} rows and {ds.Columns} columns")
     if not np.isfinite(heat).all():
         raise ValueError(f"heatmap of {source}: NaN or infinite values")
-    with warnings.catch_warnings():  # the source's patient name, copied as it is, may be one component
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        report = build_sr(ds, boxes, label=label, method=method, image_score=image_score)
-        seg = build_seg(ds, heat, label=label, method=method)
+    report = build_sr(ds, boxes, label=label, method=method, image_score=image_score)
+    seg = build_seg(ds, heat, label=label, method=method)
     return report, seg
 
 

@@ -8,6 +8,7 @@ import asyncio
 import io
 import logging
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pydicom
@@ -101,3 +102,23 @@ def test_no_dicom_identifier_in_the_logs_or_the_replies(client, lesions, caplog)
                 assert value not in reply.text, f"{name} in the reply of {reply.request.url}"
     assert "scan.dcm" in replies[-1].json()["reason"]  # the refusal names the file and the reason instead
     assert Path(path).read_bytes() != data  # (the test's copy, not the fixture's file, carries them)
+
+
+def test_dicom_outputs_reference_the_source_but_copy_no_identifier(client, lesions):
+    data = _identified(lesions.iloc[0].image_path)
+    source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    reply = client.post("/v1/localize?format=dicom", files={"file": ("scan.dcm", data)})
+    assert reply.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(reply.content)) as archive:
+        outputs = {name: archive.read(name) for name in archive.namelist() if name.endswith(".dcm")}
+    assert sorted(outputs) == ["scan_seg.dcm", "scan_sr.dcm"]
+    for name, raw in outputs.items():
+        for field, value in IDENTIFIERS.items():
+            assert value.encode() not in raw, f"{field} copied into {name}"
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        # What references the source stays: its study (the SR and SEG file into it) and its image.
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert source.SOPInstanceUID.encode() in raw and source.SeriesInstanceUID.encode() in raw
+        # The patient and study Type 2 attributes are present and empty ("unknown").
+        for field in IDENTIFIERS:
+            assert field in ds and not ds[field].value, f"{name}: {field} = {ds[field].value!r}"
