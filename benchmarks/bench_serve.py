@@ -99,7 +99,19 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def http_post(url: str, data: bytes, box: str) -> int:
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """``{"ingress": ms, ...}`` from a ``Server-Timing`` header (entries without ``dur`` are left out)."""
+    stages = {}
+    for entry in (header or "").split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.partition("=")
+            if key.strip() == "dur":
+                stages[name] = float(value)
+    return stages
+
+
+def http_post(url: str, data: bytes, box: str, timings: list[dict[str, float]] | None = None) -> int:
     import urllib.error
     import urllib.request
     import uuid
@@ -124,9 +136,29 @@ def http_post(url: str, data: bytes, box: str) -> int:
     try:
         with urllib.request.urlopen(request, timeout=300) as reply:
             reply.read()
+            if timings is not None:
+                timings.append(parse_server_timing(reply.headers.get("Server-Timing")))
             return reply.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+STAGES = {
+    "proxy": "client to the app and back: HTTP, Serve's proxy, the proxy-to-ingress hop (client - total)",
+    "ingress": "the app before the model call: auth, multipart parsing, form checks",
+    "queue": "the handle's hop to the model replica and the batch wait",
+    "model": "the batch's work in the replica: decode, crop, transform, every member",
+    "return": "the reply's hop back from the model replica",
+    "total": "the app's time, arrival to reply",
+    "client": "what the client measured",
+}
+
+
+def stage_profile(timings: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each stage over the sequential requests; ``proxy`` is the client's time beyond the app's."""
+    for t in timings:
+        t["proxy"] = t["client"] - t.get("total", 0.0)
+    return {name: float(np.median([t[name] for t in timings if name in t])) for name in STAGES if timings}
 
 
 def measure_serve(
@@ -138,6 +170,7 @@ def measure_serve(
     requests: int = 200,
     clients: int = 16,
     max_batch_size: int = 8,
+    batch_wait_s: float | None = None,
     execution: str = "auto",
     device: str = "auto",
     num_gpus: float = 0.0,
@@ -162,6 +195,7 @@ def measure_serve(
         device=device,
         execution=execution,
         max_batch_size=max_batch_size,
+        **({} if batch_wait_s is None else {"batch_wait_timeout_s": batch_wait_s}),
         num_cpus=1,
         num_gpus=num_gpus,
         max_ongoing_requests=max(16, max_batch_size),
@@ -187,12 +221,13 @@ def measure_serve(
     try:
         url = start_app(served, "127.0.0.1", port)
         http_post(url, data, box)
-        sequential = []
+        sequential, timings = [], []
         for _ in range(requests):
             start = time.perf_counter()
-            status = http_post(url, data, box)
+            status = http_post(url, data, box, timings)
             sequential.append(time.perf_counter() - start)
             assert status == 200, status
+            timings[-1]["client"] = sequential[-1] * 1000
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             statuses = list(pool.map(lambda _: http_post(url, data, box), range(requests)))
@@ -210,6 +245,7 @@ def measure_serve(
             "statuses": {str(s): statuses.count(s) for s in set(statuses)},
         },
         "in_process_requests_per_s": 1 / statistics.mean(local),
+        "stages_p50_ms": stage_profile(timings),
     }
     return record, runtime.execution
 
@@ -222,6 +258,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests of each measurement")
     parser.add_argument("--clients", type=int, default=16, help="concurrent HTTP clients")
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait", type=float, help="batch_wait_timeout_s of the replica (default: the app's)")
     parser.add_argument("--execution", default="auto", choices=["auto", "loop", "stacked"])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--workdir")
@@ -237,6 +274,7 @@ def main() -> None:
         requests=args.requests,
         clients=args.clients,
         max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait,
         execution=args.execution,
     )
     record = {
@@ -260,6 +298,10 @@ def main() -> None:
     print(f"| in-process ModelRuntime | {lp['p50_ms']:.1f} | {lp['p95_ms']:.1f} | {rate:.1f} |")
     print(f"| HTTP, one at a time | {hp['p50_ms']:.1f} | {hp['p95_ms']:.1f} | {1000 / hp['mean_ms']:.1f} |")
     print(f"| HTTP, {args.clients} clients | | | {record['http_concurrent']['requests_per_s']:.1f} |")
+    print("\n| stage (HTTP one at a time, Server-Timing) | p50 ms | what it is |")
+    print("|---|---|---|")
+    for name, ms in record["stages_p50_ms"].items():
+        print(f"| {name} | {ms:.2f} | {STAGES[name]} |")
     print(
         f"Serve overhead per request (p50 http - p50 in-process): {hp['p50_ms'] - lp['p50_ms']:.1f} ms; "
         f"statuses {record['http_concurrent']['statuses']}"

@@ -1,5 +1,5 @@
 """HTTP by hand for the tests of the served app over real sockets: a multipart body and a POST that
-answers (status, JSON), and the small Serve settings those tests run with."""
+answers (status, JSON), a reader of the Server-Timing header, and the small Serve settings those tests run with."""
 
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ def multipart(fields: dict[str, tuple[str, bytes] | str]) -> tuple[bytes, str]:
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
-def post(url: str, fields: dict) -> tuple[int, dict]:
+def post(url: str, fields: dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """(status, JSON) of a multipart POST; ``headers``, when given, gets the reply's headers (lower-case names)."""
     body, content_type = multipart(fields)
     request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=120) as reply:
+            if headers is not None:
+                headers.update({k.lower(): v for k, v in reply.headers.items()})
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as exc:
         text = exc.read()
@@ -43,3 +46,13 @@ def post(url: str, fields: dict) -> tuple[int, dict]:
             return exc.code, json.loads(text)
         except ValueError:
             return exc.code, {"raw": text.decode(errors="replace")}
+
+
+def server_timing(header: str) -> dict[str, float | str]:
+    """``{"ingress": ms, ..., "batch": "3 requests"}`` from a ``Server-Timing`` header."""
+    stages: dict[str, float | str] = {}
+    for entry in header.split(","):
+        name, _, params = entry.strip().partition(";")
+        key, _, value = params.partition("=")
+        stages[name] = float(value) if key == "dur" else value.strip('"')
+    return stages

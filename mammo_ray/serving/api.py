@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -38,7 +39,7 @@ from mammo_ray.serving.replies import (
     PredictReply,
     PreviewReply,
 )
-from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
+from mammo_ray.serving.runtime import TIMING_KEY, ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import (
     UploadError,
     parse_threshold,
@@ -153,6 +154,24 @@ def keep_uploads_in_memory(max_bytes: int) -> None:
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, int(max_bytes))
 
 
+def server_timing(arrived: float, called: float, replica: dict[str, float] | None) -> str:
+    """The ``Server-Timing`` header of a prediction (milliseconds; browsers' developer tools show it):
+    ``ingress`` from the request's arrival at the app to the model call (auth, multipart parsing, checks),
+    ``backend`` the model call; from a model replica also ``queue`` (the handle's hop and the batch
+    wait), ``model`` (the batch's work, shared by its ``batch`` requests) and ``return`` (the reply's hop
+    back); ``total`` the app's time until the reply is built. The proxy's and the network's share is
+    what a client measures beyond ``total``."""
+    now = time.perf_counter()
+    stages = {"ingress": called - arrived, "backend": now - called}
+    if replica:
+        stages |= {"queue": replica["queue"], "model": replica["model"], "return": time.time() - replica["done_at"]}
+    stages["total"] = now - arrived
+    parts = [f"{name};dur={max(0.0, seconds) * 1000:.2f}" for name, seconds in stages.items()]
+    if replica:
+        parts.append(f'batch;desc="{int(replica["batch"])} requests"')
+    return ", ".join(parts)
+
+
 def build_api(backend: Backend, settings: ServeSettings, keys: ApiKeys | None = None) -> FastAPI:
     """The FastAPI app over ``backend``; ``settings`` gives the upload cap and the API keys' file (or
     ``$MAMMO_RAY_API_KEYS_FILE``; ``keys`` given: these). With keys, every ``/v1/`` route but
@@ -179,6 +198,7 @@ def build_api(backend: Backend, settings: ServeSettings, keys: ApiKeys | None = 
 
     @app.middleware("http")  # added last, so it runs first: a request without a key gets no further
     async def authenticate(request: Request, call_next):
+        request.state.arrived = time.perf_counter()  # the start of the Server-Timing of /v1/predict
         path = request.url.path
         if keys is None or not path.startswith("/v1/") or path in OPEN_PATHS:
             return await call_next(request)
@@ -259,6 +279,7 @@ def build_api(backend: Backend, settings: ServeSettings, keys: ApiKeys | None = 
     )
     async def predict(
         request: Request,
+        response: Response,
         file: UploadFile | None = File(None),  # the fields as PREDICT_FORM documents them
         cc: UploadFile | None = File(None),
         mlo: UploadFile | None = File(None),
@@ -300,9 +321,13 @@ def build_api(backend: Backend, settings: ServeSettings, keys: ApiKeys | None = 
             }.items()
             if v
         }
+        called = time.perf_counter()
         result = await _call(backend.predict(PredictItem(files=files, rois=rois)))
         if isinstance(result, UploadError):
             raise result
+        if isinstance(result, dict):
+            timing = result.pop(TIMING_KEY, None)
+            response.headers["Server-Timing"] = server_timing(request.state.arrived, called, timing)
         return result
 
     @app.post(

@@ -25,6 +25,7 @@ For research use only. Not for use in diagnostic procedures.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from ray.serve.handle import DeploymentHandle
 
 from mammo_ray.serving.api import build_api
 from mammo_ray.serving.auth import check_bind, load_keys
-from mammo_ray.serving.runtime import ModelRuntime, PredictItem, ServeSettings
+from mammo_ray.serving.runtime import TIMING_KEY, ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import UploadError
 
 STATUS_TIMEOUT_S = 3.0
@@ -58,7 +59,7 @@ class ReplicaOptions(BaseModel):
     localize_long_side: int | None = Field(None, ge=8)
     roi_default: Literal["whole", "center"] = "whole"
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
 
     @classmethod
     def of(cls, settings: ServeSettings) -> ReplicaOptions:
@@ -94,9 +95,17 @@ class EnsembleModel:
             "options": ReplicaOptions.of(self.runtime.settings).model_dump(),
         }
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def predict(self, items: list[PredictItem]) -> list[dict[str, Any] | UploadError]:
-        return await asyncio.to_thread(self.runtime.predict_items, items)
+        started = time.time()
+        results = await asyncio.to_thread(self.runtime.predict_items, items)
+        done = time.time()
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, dict) and item.sent_at:
+                result[TIMING_KEY] = {
+                    "queue": started - item.sent_at, "model": done - started, "batch": len(items), "done_at": done
+                }  # fmt: skip
+        return results
 
     async def localize(
         self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None = None
@@ -166,7 +175,7 @@ class HandleBackend:
         self.handle = handle
 
     async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError:
-        return await self.handle.predict.remote(item)
+        return await self.handle.predict.remote(dataclasses.replace(item, sent_at=time.time()))
 
     async def localize(
         self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None = None

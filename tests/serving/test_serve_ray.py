@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from http_forms import SMALL, multipart, post
+from http_forms import SMALL, multipart, post, server_timing
 from ray import serve
 from ray_head import reserved_port
 
@@ -125,6 +125,23 @@ def test_the_page_preview_and_dicom_output_through_the_ingress(served, patch_mod
     assert sorted(names) == ["scan_boxes.json", "scan_seg.dcm", "scan_sr.dcm"]
 
 
+def test_a_prediction_says_where_its_time_went(served, lesions):
+    row = lesions.iloc[0]
+    headers: dict[str, str] = {}
+    status, body = post(
+        f"{served}/v1/predict", {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box_text}, headers
+    )
+    assert status == 200 and "_timing" not in body  # the replica's timing goes to the header only
+    stages = server_timing(headers["server-timing"])
+    assert {"ingress", "backend", "queue", "model", "return", "total", "batch"} <= stages.keys()
+    ms = {k: v for k, v in stages.items() if isinstance(v, float)}
+    assert all(v >= 0 for v in ms.values()) and ms["model"] > 0
+    # The replica's three stages happen inside the ingress's model call, and that inside the app's total.
+    assert ms["queue"] + ms["model"] + ms["return"] <= ms["backend"] + 1.0
+    assert ms["ingress"] + ms["backend"] <= ms["total"] + 0.01
+    assert stages["batch"] == "1 requests"  # alone: no batch wait (batch_wait_timeout_s 0)
+
+
 def test_a_bad_upload_is_a_4xx_and_the_server_stays_up(served, lesions):
     status, body = post(f"{served}/v1/predict", {"file": ("junk.dcm", b"\x00not an image" * 50)})
     assert status == 400 and "not a DICOM" in body["reason"]
@@ -138,8 +155,12 @@ def test_a_bad_upload_is_a_4xx_and_the_server_stays_up(served, lesions):
 def test_200_concurrent_requests_answer_200_or_503(served, lesions):
     row = lesions.iloc[0]
     fields = {"file": ("scan.dcm", Path(row.image_path).read_bytes()), "box": row.box_text}
+    replies: list[dict[str, str]] = [{} for _ in range(200)]
     with ThreadPoolExecutor(max_workers=48) as pool:
-        results = list(pool.map(lambda _: post(f"{served}/v1/predict", fields), range(200)))
+        results = list(pool.map(lambda i: post(f"{served}/v1/predict", fields, replies[i]), range(200)))
+    # Without a batch wait, the requests that queue while the model works still form batches.
+    batches = [int(str(server_timing(h["server-timing"])["batch"]).split()[0]) for h in replies if h]
+    assert max(batches) > 1, batches
     statuses = pd.Series([s for s, _ in results]).value_counts().to_dict()
     assert set(statuses) <= {200, 503}, statuses  # back-pressure, never another 5xx
     assert statuses.get(200, 0) >= 20, statuses
