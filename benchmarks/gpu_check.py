@@ -122,6 +122,7 @@ GPU = Sizes(
         "train.epochs=3",
         "train.use_gpu=true",
         "train.gpus_per_worker=0.5",
+        "train.shared_gpu_ranks=true",  # two ranks on one GPU on purpose: NCCL refuses, gloo is tried next
         "train.cpus_per_worker=2",
         "train.amp=bf16",
     ),

@@ -115,6 +115,9 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)  # fractional GPUs let small models share one
+    # Allows num_workers > 1 with a fractional GPU each. NCCL, the GPU backend of the platform's trainers, refuses
+    # two ranks on one GPU; set it only where the caller picks a backend that allows it (gloo: benchmarks/gpu_check.py)
+    shared_gpu_ranks: bool = False
     amp: Literal["none", "bf16", "fp16"] = "bf16"  # mixed precision, used on GPU only
     channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
     balanced_sampling: bool = False  # draw each class equally often in training
@@ -132,6 +135,19 @@ class TrainConfig(_Section):
     storage_path: str | None = None  # Ray Train storage; absolute, or <workdir>/ray_results when unset
     mlflow_uri: str | None = None  # tracking URI; else $MLFLOW_TRACKING_URI, else sqlite in <workdir>/mlflow
     experiment: str = "mammo-ray"  # MLflow experiment name
+
+    @model_validator(mode="after")
+    def _check_gpu_sharing(self) -> TrainConfig:
+        """Ray packs fractional GPU shares onto one device, so two ranks of one data-parallel run would meet on the
+        same GPU, and NCCL stops the run there ("Duplicate GPU detected"). Searches and ensembles share GPUs
+        between 1-worker trials instead."""
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1 and not self.shared_gpu_ranks:
+            raise ValueError(
+                f"train.num_workers={self.num_workers} with train.gpus_per_worker={self.gpus_per_worker} can put "
+                "two ranks of one run on one GPU, which NCCL refuses ('Duplicate GPU detected'): use "
+                "train.gpus_per_worker=1, or train.num_workers=1 to share GPUs between trials"
+            )
+        return self
 
 
 AUGMENT_OFF = {"data.hflip": False, "data.vflip": False, "data.rotation_deg": 0, "data.offline_aug": False}

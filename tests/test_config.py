@@ -66,3 +66,33 @@ def test_every_shipped_config_loads():
     assert configs, "tune_configs/ has no YAML"
     for path in configs:
         load_config(path)
+
+
+GPU_RANKS = ["train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=0.5"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [GPU_RANKS, ["train.use_gpu=true", "train.num_workers=4", "train.gpus_per_worker=0.25"]],
+)
+def test_two_ranks_on_one_gpu_are_refused_with_nccls_reason(overrides):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "train.num_workers=" in message and "train.gpus_per_worker=" in message  # the values that clash
+    assert "NCCL" in message and "Duplicate GPU detected" in message  # why
+    assert "use train.gpus_per_worker=1, or train.num_workers=1" in message  # the two ways out
+
+
+@pytest.mark.parametrize(
+    "overrides, workers, gpus",
+    [
+        (["train.use_gpu=true", "train.num_workers=2", "train.gpus_per_worker=1"], 2, 1.0),  # a GPU per rank
+        (["train.use_gpu=true", "train.num_workers=1", "train.gpus_per_worker=0.25"], 1, 0.25),  # trials share GPUs
+        (["train.use_gpu=false", "train.num_workers=2", "train.gpus_per_worker=0.5"], 2, 0.5),  # CPU ranks
+        ([*GPU_RANKS, "train.shared_gpu_ranks=true"], 2, 0.5),  # the override, for gloo (benchmarks/gpu_check.py)
+    ],
+)
+def test_gpu_layouts_nccl_accepts_and_the_explicit_override_load(overrides, workers, gpus):
+    train = load_config(None, overrides).train
+    assert (train.num_workers, train.gpus_per_worker) == (workers, gpus)

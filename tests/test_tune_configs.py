@@ -23,6 +23,10 @@ SHRINK = [
     "model.pretrained=null",
     "train.use_gpu=false",
     "train.batch_size=4",
+    # A config on real data (tune_configs/cbis_*.yaml) trains on a synthetic stand-in: the same code path.
+    "data.source=synthetic",
+    "data.root=null",
+    "data.csv_dir=null",
 ]
 
 

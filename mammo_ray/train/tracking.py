@@ -49,7 +49,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from mammo_ray import tags
-from mammo_ray.config import Config, flatten
+from mammo_ray.config import Config, ConfigError, flatten
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,31 @@ MODEL_TRAINING = "custom_model_development"
 MAX_TAG_LENGTH = 8000  # ... and on one tag value
 SOURCE_ENV = "MAMMO_RAY_SOURCE"  # the driver's source tags (JSON), for the processes Ray starts for it
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's entrypoint only
+CLUSTER_ENV = "MAMMO_RAY_CLUSTER"  # "1" on the nodes of cluster/ (KubeRay manifests, cloud launcher profiles)
 OWNER_TAGS = (tags.OWNER_HOST, tags.OWNER_PID, tags.OWNER_STARTED)
 START_SLACK_S = 1.0  # psutil derives start times from the boot time, which the kernel may shift by a second
 
 
 def tracking_uri(config: Config, workdir: str | Path) -> str:
-    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else SQLite in the workdir (absolute path)."""
-    uri = config.train.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
+    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else SQLite in the workdir (absolute path).
+
+    On a cluster (``MAMMO_RAY_CLUSTER=1``) SQLite is refused: its file sits on the shared network file system,
+    where many trials logging at once lock each other out ("database is locked").
+    """
     store = Path(workdir).resolve() / "mlflow"
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    default = f"sqlite:///{store / 'mlflow.db'}"
+    uri = config.train.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+    if uri.startswith("sqlite:") and os.environ.get(CLUSTER_ENV) == "1":
+        runtime_env = '{"env_vars": {"MLFLOW_TRACKING_URI": "http://<mlflow-host>:5000"}}'
+        raise ConfigError(
+            f"MLflow tracking URI {uri} is SQLite, which a cluster run ({CLUSTER_ENV}=1) does not use: point "
+            "MLFLOW_TRACKING_URI at an MLflow server on PostgreSQL, through the Secret mammo-ray-mlflow (key "
+            f"tracking-uri) on KubeRay, or `ray job submit --runtime-env-json '{runtime_env}'` on a launcher "
+            "cluster (cluster/README.md)"
+        )
+    if uri == default:
+        store.mkdir(parents=True, exist_ok=True)
+    return uri
 
 
 def artifact_root(uri: str, workdir: str | Path) -> str | None:

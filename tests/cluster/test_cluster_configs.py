@@ -17,9 +17,12 @@ Offline, no cloud and no Kubernetes:
   fast to load, there in every checkout) that records the SHA-256 of the CRD files it was made
   from; where ``../shared`` lies beside the repository a test checks those files still match.
 
-The rest checks what the schemas cannot: one image and one Ray version everywhere, entrypoints
-that the CLI parses with configs that exist, GPU requests that fit the configs' trials, token
-auth, shared storage, and no literal secrets in any file under cluster/.
+The rest checks what the schemas cannot: one image (by an immutable reference) and one Ray
+version everywhere, the cloud profiles running that image with nothing installed at boot and an
+AMI pinned by ID, entrypoints that the CLI parses with configs that exist, GPU requests that fit
+the configs' trials, token auth, shared storage, and no literal secrets in any file under cluster/.
+Scheduling and job ends: test_cluster_scheduling.py; the cluster-run tracking rule:
+test_cluster_tracking.py; the README's walkthroughs: test_cluster_readme.py.
 
 ``python tests/cluster/test_cluster_configs.py --vendor`` rewrites the vendored CRD schemas from
 ``../shared/data/kuberay-crds/``.
@@ -62,7 +65,8 @@ CRD_FILES = {
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
-IMAGE = f"mammo-ray:{VERSION}"
+REGISTRY = "REPLACE_WITH_REGISTRY"  # the placeholder every image reference starts with (cluster/README.md)
+IMAGE = f"{REGISTRY}/mammo-ray:{VERSION}"
 AUTH_SECRET = "mammo-ray-auth-token"
 SHARED_CLAIM = "mammo-ray-shared"
 WORKDIR = "/shared/mammo-ray"
@@ -78,7 +82,8 @@ SHAPES = {
     "a2-highgpu-1g": (12, 1),
 }
 GPU_TYPES = {"aws": {"g5.xlarge", "p4d.24xlarge"}, "gcp": {"g2-standard-8", "a2-highgpu-1g"}}
-GPU_CONFIGS = ["search", "ensemble"]  # the GPU-sized configs the clusters are for
+OPT_IN_TYPES = {"p4d.24xlarge"}  # 8-GPU node types: max_workers 0 until opted in (cluster/README.md)
+GPU_CONFIGS = ["search", "ensemble", "cbis_search", "cbis_ensemble"]  # the GPU-sized configs the clusters are for
 
 _load = yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader  # the CRDs are 3 MB
 
@@ -266,7 +271,9 @@ def test_cloud_node_types_match_their_instances(name):
     for key, node_type in workers.items():
         cpus, gpus = SHAPES[node_type["node_config"][type_key]]
         assert node_type["resources"] == {"CPU": cpus, "GPU": gpus}, key
-        assert node_type["min_workers"] == 0 and node_type["max_workers"] >= 1, key  # autoscaled from zero
+        assert node_type["min_workers"] == 0, key  # autoscaled from zero
+        opt_in = node_type["node_config"][type_key] in OPT_IN_TYPES
+        assert (node_type["max_workers"] == 0) == opt_in, key
         if name == "gcp":
             (accelerator,) = node_type["node_config"]["guestAccelerators"]
             assert accelerator["acceleratorCount"] == gpus, key
@@ -286,6 +293,9 @@ def test_launcher_starts_ray_with_token_auth_and_a_loopback_dashboard(name):
                 assert "RAY_AUTH_MODE=token" in command, command
                 assert "MAMMO_RAY_WORKDIR=" in command, command
                 assert "PYTHONPATH=$HOME/mammo-ray" in command, command  # serve.app:build_app imports
+                # A cloud cluster declares itself (SQLite tracking refused: test_cluster_tracking.py); one
+                # machine does not.
+                assert ("MAMMO_RAY_CLUSTER=1" in command) == (name in CLOUDS), command
     if name == "local":
         assert "--node-ip-address=127.0.0.1" in head
         assert "ray get-auth-token --generate > /dev/null" in head  # one machine: the head may make it, quietly
@@ -298,9 +308,8 @@ def test_launcher_starts_ray_with_token_auth_and_a_loopback_dashboard(name):
         assert f"MAMMO_RAY_WORKDIR={WORKDIR}" in head
 
 
-@pytest.mark.parametrize("name", LAUNCHERS)
-def test_launcher_installs_the_mounted_sources(name):
-    config = _launcher(name)
+def test_the_local_profile_installs_the_mounted_sources():
+    config = _launcher("local")
     mounts = {remote: local for remote, local in config["file_mounts"].items() if not local.startswith("~")}
     # Exactly what `pip install -e` needs, each a path of this repository; never the root (Ray
     # hashes every mounted file on each `ray up`, and the root holds .venv/ and work/).
@@ -315,23 +324,64 @@ def test_launcher_installs_the_mounted_sources(name):
     for remote, local in mounts.items():
         assert (REPO / local).exists(), local
         assert remote == f"~/mammo-ray/{Path(local).as_posix()}", remote
-    setup = config["setup_commands"]
-    # last: after the venv, PyTorch and /shared
-    assert setup[-1] == "pip install -q -c ~/mammo-ray/constraints.txt -e ~/mammo-ray"
-    if name != "local":
-        assert "mount" in setup[0] and " /shared;" in setup[0]  # the shared file system first
+    assert "docker" not in config  # one machine, no container
+    # last: after the venv and PyTorch
+    assert config["setup_commands"][-1] == "pip install -q -c ~/mammo-ray/constraints.txt -e ~/mammo-ray"
+
+
+@pytest.mark.parametrize("name", CLOUDS)
+def test_cloud_profiles_run_the_image_and_install_nothing_at_boot(name):
+    config = _launcher(name)
+    docker = config["docker"]
+    assert docker["image"] == IMAGE and docker["container_name"] == "mammo-ray"
+    assert docker["pull_before_run"] is False  # an immutable tag: pulled once, when missing
+    assert "-v /shared:/shared" in docker["run_options"]  # the host's mount of the shared file system
+    assert docker["worker_run_options"] == ["--gpus all"]  # every worker type is a GPU type
+    # The code and every package come with the image; only the token is copied.
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    boot = [*config["initialization_commands"], *config["setup_commands"], *config["worker_setup_commands"]]
+    assert not [c for c in boot if "pip install" in c or ("apt-get install" in c and "nfs-common" not in c)]
+    # The autoscaler's cloud client: Ray's images carry it; installed on the head only if missing.
+    (head_setup,) = config["head_setup_commands"]
+    assert re.fullmatch(r'python -c "import \w+" 2> /dev/null \|\| pip install -q [\w">=.-]+', head_setup)
+    # On the host, before the container: Docker checked, the file system mounted and made the image
+    # user's (uid 1000, gid 100), the registry logged in where it is the cloud's own.
+    init = config["initialization_commands"]
+    assert init[0].startswith("docker info > /dev/null ||")
+    assert "mount" in init[1] and " /shared;" in init[1]
+    assert init[2] == "sudo mkdir -p /shared/mammo-ray && sudo chown 1000:100 /shared/mammo-ray"
+    assert f"registry={REGISTRY};" in init[3] and ("docker login" in init[3] or "configure-docker" in init[3])
+    # In the container: the variables `ray exec` / `ray attach` shells need.
+    setup = " ".join(config["setup_commands"])
+    for variable in ("RAY_AUTH_MODE=token", f"MAMMO_RAY_WORKDIR={WORKDIR}", "MAMMO_RAY_CLUSTER=1"):
+        assert variable in setup, variable
+
+
+def test_the_aws_ami_is_pinned_by_id_on_every_node_type():
+    """An SSM alias (resolve:ssm:.../latest) moves with each release; one ID names one image. The ID
+    itself is the user's to fill in (cluster/README.md, "AMI"): a placeholder until then."""
+    text = (CLUSTER / "aws.yaml").read_text()
+    assert "resolve:ssm" not in text.replace("resolve:ssm:.../latest", "")  # only the comment names it
+    ids = {t["node_config"]["ImageId"] for t in _launcher("aws")["available_node_types"].values()}
+    (ami,) = ids  # the same on every node type
+    assert re.fullmatch(r"ami-[0-9a-f]{8}(?:[0-9a-f]{9})?|REPLACE_WITH_AMI_ID", ami)
+    readme = (CLUSTER / "README.md").read_text()
+    section = readme[readme.index("## AMI (AWS)") :]
+    section = section[: section.index("\n## ", 1)]
+    for needed in ("REPLACE_WITH_AMI_ID", "aws ssm get-parameter", "aws ec2 describe-images", "580", "To update"):
+        assert needed in section, needed
 
 
 def test_every_install_uses_the_one_constraints_file():
-    """The image, each launcher profile and `make` install every package with constraints.txt (the pins
-    the suite passed with: tests/test_constraints.py), so no node resolves versions of its own."""
+    """The image, the local profile and `make` install every package with constraints.txt (the pins the
+    suite passed with: tests/test_constraints.py), so no node resolves versions of its own; the cloud
+    profiles install nothing (test_cloud_profiles_run_the_image_and_install_nothing_at_boot)."""
     dockerfile = [line for line in (CLUSTER / "Dockerfile").read_text().splitlines() if "pip install" in line]
     assert len(dockerfile) == 2 and all("-c constraints.txt" in line for line in dockerfile), dockerfile
     assert "COPY --chown=ray:users constraints.txt" in (CLUSTER / "Dockerfile").read_text()
-    for name in LAUNCHERS:
-        installs = [c for c in _launcher(name)["setup_commands"] if "pip install" in c and "-U pip" not in c]
-        assert len(installs) == 2 and all("-c ~/mammo-ray/constraints.txt" in c for c in installs), (name, installs)
-        assert not re.search(r"==|>=|<", " ".join(installs)), installs  # no version of its own
+    installs = [c for c in _launcher("local")["setup_commands"] if "pip install" in c and "-U pip" not in c]
+    assert len(installs) == 2 and all("-c ~/mammo-ray/constraints.txt" in c for c in installs), installs
+    assert not re.search(r"==|>=|<", " ".join(installs)), installs  # no version of its own
     makefile = [line for line in (REPO / "Makefile").read_text().splitlines() if "pip install" in line and "-e" in line]
     assert makefile and all("-c constraints.txt" in line for line in makefile), makefile
 
@@ -384,21 +434,33 @@ def test_vendored_crd_schemas_were_made_from_the_shared_crds():
         )
 
 
-def test_one_image_and_one_ray_version_everywhere():
-    images, ray_versions = set(), set()
+def _pod_images(pod: dict) -> set[str]:
+    return {c["image"] for key in ("initContainers", "containers") for c in pod.get(key, [])}
+
+
+def test_one_image_by_one_immutable_reference_everywhere():
+    """The KubeRay manifests, the load Job, the cloud profiles' docker blocks and the Dockerfile's build
+    command name one image, by a tag that is the package version (never `latest`) or by a digest."""
+    images, ray_versions = {}, set()
     for name in RAY_MANIFESTS:
         doc = _manifest(name)
         spec = _cluster_spec(doc)
         ray_versions.add(spec["rayVersion"])
-        for _, group in _groups(spec):
-            images |= {c["image"] for c in group["template"]["spec"]["containers"]}
+        for group_name, group in _groups(spec):
+            images[f"{name}/{group_name}"] = _pod_images(group["template"]["spec"])
         if "submitterPodTemplate" in doc["spec"]:
-            images |= {c["image"] for c in doc["spec"]["submitterPodTemplate"]["spec"]["containers"]}
-    assert images == {IMAGE} and ray_versions == {ray.__version__}
+            images[f"{name}/submitter"] = _pod_images(doc["spec"]["submitterPodTemplate"]["spec"])
+    images["job-load-cbis"] = _pod_images(_yaml(KUBERAY / "job-load-cbis.yaml")["spec"]["template"]["spec"])
+    for name in CLOUDS:
+        images[name] = {_launcher(name)["docker"]["image"]}
     dockerfile = (CLUSTER / "Dockerfile").read_text()
+    images["Dockerfile"] = set(re.findall(r"docker build -f cluster/Dockerfile -t (\S+) \.", dockerfile))
+    assert all(images.values()), images
+    assert set().union(*images.values()) == {IMAGE}, images
+    assert re.fullmatch(rf"{REGISTRY}/mammo-ray(?::{re.escape(VERSION)}|@sha256:[0-9a-f]{{64}})", IMAGE)
+    assert ray_versions == {ray.__version__}
     assert re.search(rf"^FROM rayproject/ray:{re.escape(ray.__version__)}-py3\d+-gpu$", dockerfile, re.M)
     assert f"WORKDIR {IMAGE_REPO_DIR}" in dockerfile and f"ENV PYTHONPATH={IMAGE_REPO_DIR}" in dockerfile
-    assert f"-t {IMAGE} ." in dockerfile  # the build command in its header names the manifests' image
     assert Requirement(
         next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray["))
     ).specifier.contains(ray.__version__)
@@ -407,8 +469,8 @@ def test_one_image_and_one_ray_version_everywhere():
 @pytest.mark.parametrize(
     "name,command,config",
     [
-        ("rayjob-tune", "tune", "tune_configs/search.yaml"),
-        ("rayjob-ensemble", "ensemble", "tune_configs/ensemble.yaml"),
+        ("rayjob-tune", "tune", "tune_configs/cbis_search.yaml"),
+        ("rayjob-ensemble", "ensemble", "tune_configs/cbis_ensemble.yaml"),
     ],
 )
 def test_rayjob_entrypoints_parse_and_name_shipped_configs(name, command, config):
@@ -419,6 +481,10 @@ def test_rayjob_entrypoints_parse_and_name_shipped_configs(name, command, config
     args = build_parser().parse_args(argv[1:])
     assert args.command == command and args.config == config
     assert (REPO / config).is_file()  # relative to the image's WORKDIR, a copy of the repository
+    from mammo_ray.config import load_config
+
+    data = load_config(REPO / config).data  # CBIS-DDSM from the shared volume, not synthetic
+    assert data.source == "cbis-ddsm" and data.root and data.root.startswith("/shared/"), data
 
 
 def test_embedded_clusters_are_the_raycluster():
@@ -476,7 +542,7 @@ def test_every_gpu_trial_fits_a_worker_of_every_cluster():
         capacities[name] = [
             (t["resources"]["CPU"], t["resources"]["GPU"])
             for key, t in config["available_node_types"].items()
-            if key != config["head_node_type"]
+            if key != config["head_node_type"] and t["max_workers"] > 0  # not the opt-in types
         ]
     for name in ("raycluster", "rayjob-tune", "rayjob-ensemble"):
         spec = _cluster_spec(_manifest(name))
@@ -486,6 +552,7 @@ def test_every_gpu_trial_fits_a_worker_of_every_cluster():
                 _ray_container(g)["resources"]["limits"]["nvidia.com/gpu"],
             )
             for g in spec["workerGroupSpecs"]
+            if g["maxReplicas"] > 0  # not the opt-in gpu-8
         ]
     for stem, (cpus, gpus) in _bundles().items():
         for cluster, nodes in capacities.items():
@@ -520,6 +587,7 @@ def test_every_pod_mounts_the_shared_volume_and_takes_mlflow_from_a_secret(name)
         assert "/dev/shm" in mounts, group_name
         env = {e["name"]: e for e in container["env"]}
         assert env["MAMMO_RAY_WORKDIR"]["value"] == WORKDIR, group_name
+        assert env["MAMMO_RAY_CLUSTER"]["value"] == "1", group_name  # SQLite refused (test_cluster_tracking.py)
         # The tracking URI and the basic-auth credentials of the team server (cluster/README.md), all from
         # the one optional Secret: without it the runs go to SQLite on the shared volume.
         for var, key in [
@@ -663,7 +731,8 @@ def test_no_literal_secrets_in_cluster_files():
 
 
 def test_every_cluster_file_says_research_use_only():
-    for path in [*CLUSTER.glob("*.yaml"), *KUBERAY.glob("*.yaml"), CLUSTER / "Dockerfile", CLUSTER / "README.md"]:
+    paths = [*CLUSTER.glob("*.yaml"), *KUBERAY.glob("*.yaml"), *CLUSTER.glob("*.sh"), CLUSTER / "Dockerfile"]
+    for path in [*paths, CLUSTER / "README.md"]:
         text = " ".join(path.read_text().replace("#", " ").split())
         assert "For research use only. Not for use in diagnostic procedures." in text, path
 
