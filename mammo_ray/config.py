@@ -132,7 +132,9 @@ class TrainConfig(_Section):
     in_process: bool = True
     keep_checkpoints: int = Field(2, ge=1)  # best ones by `monitor` (the latest is kept too, for resuming)
     eval_bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the final AUC CI
-    storage_path: str | None = None  # Ray Train storage; absolute, or <workdir>/ray_results when unset
+    # Ray Train/Tune storage (checkpoints, trial state, --resume): an absolute folder, or s3://bucket/prefix,
+    # gs://bucket/prefix, file:///folder (train/storage.py); <workdir>/ray_results when unset
+    storage_path: str | None = None
     mlflow_uri: str | None = None  # tracking URI; else $MLFLOW_TRACKING_URI, else sqlite in <workdir>/mlflow
     experiment: str = "mammo-ray"  # MLflow experiment name
 
@@ -148,6 +150,30 @@ class TrainConfig(_Section):
                 "train.gpus_per_worker=1, or train.num_workers=1 to share GPUs between trials"
             )
         return self
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_location(cls, value: str | None) -> str | None:
+        """Every Ray process resolves the path on its own node and from its own working directory, so a
+        relative one lands in a different place (or fails obscurely): absolute, or a URI Ray reads."""
+        if value is None:
+            return None
+        scheme, uri, rest = value.partition("://")
+        if not uri:
+            if not Path(value).is_absolute():
+                raise ValueError(
+                    f"must be an absolute folder or a URI (s3://bucket/prefix, gs://bucket/prefix, file:///folder), "
+                    f"got the relative path {value!r}"
+                )
+            return value
+        if scheme not in ("s3", "gs", "file"):
+            raise ValueError(f"{value!r}: the URI schemes Ray storage takes here are s3://, gs:// and file://")
+        if "?" in value or not rest.strip("/") or (scheme == "file" and not rest.startswith("/")):
+            raise ValueError(
+                f"{value!r}: expected s3://bucket/prefix, gs://bucket/prefix or file:///absolute/folder, without "
+                "query options (an S3-compatible endpoint comes from $AWS_ENDPOINT_URL)"
+            )
+        return value.rstrip("/")
 
 
 AUGMENT_OFF = {"data.hflip": False, "data.vflip": False, "data.rotation_deg": 0, "data.offline_aug": False}

@@ -36,10 +36,11 @@ from mammo_ray.search.cells import AS_CONFIGURED, Cell
 from mammo_ray.search.progress import TrialLines
 from mammo_ray.search.search import trainable, trial_failures
 from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_name, write_plan
+from mammo_ray.train import storage
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE
 from mammo_ray.train.evaluation import predict_checkpoint
 from mammo_ray.train.in_process import runs_in_process
-from mammo_ray.train.run import check_resources, storage_path_for
+from mammo_ray.train.run import check_resources
 from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
 # What an ensemble config decides even when the members' config comes from a search.
@@ -93,7 +94,7 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
         ),
         run_config=tune.RunConfig(
             name=plan.name,
-            storage_path=str(Path(plan.experiment_dir).parent),
+            storage_path=str(storage.parent(plan.experiment_dir)),
             callbacks=[
                 CloseTrialRuns(plan),
                 *([TrialLines(e.members, config.train.epochs, "member")] if progress else []),
@@ -151,7 +152,7 @@ def run_ensemble(
             kind="ensemble",
             name=name,
             workdir=str(workdir),
-            experiment_dir=str(storage_path_for(config, workdir) / name),
+            experiment_dir=str(storage.join(storage.storage_path_for(config, workdir), name)),
             tracking_uri=tracking_uri(config, workdir),
             experiment=config.train.experiment,
             parent_run_id="",
@@ -178,7 +179,7 @@ def run_ensemble(
         if resume is None:
             plan.parent_run_id = parent.run_id
             write_plan(plan)
-            parent.log_artifact(save_config(config, plan.experiment_dir), "config")
+            parent.log_artifact(save_config(config, plan.output_dir), "config")
             tuner = build_tuner(plan, config, progress=progress)
         else:
             tuner = tune.Tuner.restore(plan.experiment_dir, trainable=trainable(plan), resume_errored=True)
@@ -199,7 +200,8 @@ def run_ensemble(
             ]
 
         frames = frames_on(split)
-        out = Path(plan.experiment_dir) / "evaluation"
+        out = plan.output_dir / "evaluation"
+        out.mkdir(parents=True, exist_ok=True)  # a resume from object storage may start without it
         report = ensemble_report(
             frames, config.model.view_mode, out, split=split, n_boot=config.train.eval_bootstrap, seed=config.train.seed
         )
@@ -271,6 +273,8 @@ def run_ensemble(
             "alias_uri": registered["alias_uri"],
             "registered_model": registered,
         }
-        (Path(plan.experiment_dir) / "ensemble_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        parent.log_artifact(Path(plan.experiment_dir) / "ensemble_summary.json")
+        (plan.output_dir / "ensemble_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        parent.log_artifact(plan.output_dir / "ensemble_summary.json")
+        if storage.is_uri(plan.experiment_dir):  # the outputs beside the members' Tune state
+            storage.upload(plan.output_dir, plan.experiment_dir)
     return summary

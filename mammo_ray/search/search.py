@@ -48,11 +48,13 @@ from mammo_ray.search.leaderboard import CALIBRATION_COLUMNS, write_leaderboard
 from mammo_ray.search.progress import TrialLines
 from mammo_ray.search.searcher import TIME_ATTR, CellScheduler, CellSearcher
 from mammo_ray.search.trial import CloseTrialRuns, Plan, PlanCell, find_trial_run, read_plan, run_trial, write_plan
+from mammo_ray.train import storage
 from mammo_ray.train.evaluation import evaluate_checkpoint
 from mammo_ray.train.in_process import runs_in_process, trial_resources
-from mammo_ray.train.run import check_resources, storage_path_for
+from mammo_ray.train.run import check_resources
 from mammo_ray.train.tracking import TrackedRun, artifact_root, log_metrics, tracking_uri
 
+SEARCH_CONFIG = "search_config.json"  # the search's config, beside its plan: what --resume continues with
 TRIAL_CPU = 0.01  # a trial that only drives its TorchTrainer; the Train workers hold the cores
 SELECTION_METRIC = "val_exam_loss"  # picks the best configuration overall: one level for every view mode
 METRIC_LEVELS = {
@@ -209,7 +211,7 @@ def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
         ),
         run_config=tune.RunConfig(
             name=plan.name,
-            storage_path=str(Path(plan.experiment_dir).parent),
+            storage_path=str(storage.parent(plan.experiment_dir)),
             callbacks=[
                 CloseTrialRuns(plan),
                 *([TrialLines(len(plan.cells) * t.num_samples, config.train.epochs, "trial")] if progress else []),
@@ -275,16 +277,17 @@ def evaluate_cells(plan: Plan, trials: pd.DataFrame, n_boot: int) -> list[dict[s
             rows.append({**row, "status": "no finished trial"})
             continue
         prepared = planned.prepared
-        out_dir = Path(plan.experiment_dir) / "cells" / key
-        result = evaluate_checkpoint(
-            best["checkpoint"],
-            "test",
-            plan.workdir,
-            out_dir,
-            n_boot=n_boot,
-            cache_dir=prepared.cache_dir,
-            splits_path=prepared.splits,
-        )
+        out_dir = plan.output_dir / "cells" / key
+        with storage.fetched(best["checkpoint"]) as checkpoint:  # a trial's checkpoint may be on object storage
+            result = evaluate_checkpoint(
+                checkpoint,
+                "test",
+                plan.workdir,
+                out_dir,
+                n_boot=n_boot,
+                cache_dir=prepared.cache_dir,
+                splits_path=prepared.splits,
+            )
         metrics = result.metrics
         run_id = find_trial_run(client, plan, best["trial_id"])
         if run_id:
@@ -355,12 +358,12 @@ def run_search(
 
     Args:
         config: the search's config; None with ``resume`` (the saved config is used).
-        resume: a search folder (``experiment_dir``) to continue.
+        resume: a search folder (``experiment_dir``) to continue: a local path or a URI (s3://, gs://).
     """
     workdir = Path(workdir).resolve()
     if resume is not None:
         plan = read_plan(resume)
-        config = Config.model_validate(json.loads((Path(resume) / "search_config.json").read_text()))
+        config = Config.model_validate(json.loads(storage.read_text(storage.join(resume, SEARCH_CONFIG))))
     else:
         if config is None:
             raise ValueError("run_search needs a config unless it resumes a search")
@@ -374,7 +377,7 @@ def run_search(
             kind="search",
             name=name,
             workdir=str(workdir),
-            experiment_dir=str(storage_path_for(config, workdir) / name),
+            experiment_dir=str(storage.join(storage.storage_path_for(config, workdir), name)),
             tracking_uri=uri,
             experiment=config.train.experiment,
             parent_run_id="",
@@ -395,8 +398,8 @@ def run_search(
         if not resume:
             plan.parent_run_id = parent.run_id
             write_plan(plan)
-            (Path(plan.experiment_dir) / "search_config.json").write_text(config.model_dump_json(indent=2))
-            parent.log_artifact(save_config(config, plan.experiment_dir), "config")
+            storage.write_text(storage.join(plan.experiment_dir, SEARCH_CONFIG), config.model_dump_json(indent=2))
+            parent.log_artifact(save_config(config, plan.output_dir), "config")
             tuner = build_tuner(plan, config, progress=progress)
         else:
             tuner = tune.Tuner.restore(plan.experiment_dir, trainable=trainable(plan), resume_errored=True)
@@ -405,8 +408,10 @@ def run_search(
 
 
 def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> SearchSummary:
-    """Trial table, per-cell test evaluation, leaderboard and best config; all logged to the parent."""
-    out = Path(plan.experiment_dir)
+    """Trial table, per-cell test evaluation, leaderboard and best config; all logged to the parent (and
+    uploaded to the experiment folder when that is on object storage)."""
+    out = plan.output_dir
+    out.mkdir(parents=True, exist_ok=True)  # a resume from object storage may start without it
     trials = trial_table(results, plan)
     trials.to_csv(out / "trials.csv", index=False)
     rows = evaluate_cells(plan, trials, config.train.eval_bootstrap)
@@ -472,4 +477,6 @@ def summarize(plan: Plan, config: Config, results: Any, parent: TrackedRun) -> S
             config=best_config.model_dump(mode="json"),
         )
     (out / "search_summary.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    if storage.is_uri(plan.experiment_dir):
+        storage.upload(out, plan.experiment_dir)
     return summary

@@ -35,6 +35,7 @@ from mammo_ray import tags
 from mammo_ray.config import Config
 from mammo_ray.data.pipeline import PreparedData
 from mammo_ray.search.cells import Cell, trial_config
+from mammo_ray.train import storage
 from mammo_ray.train.in_process import runs_in_process
 from mammo_ray.train.run import run_training
 
@@ -73,7 +74,7 @@ class Plan:
     kind: str  # "search" or "ensemble"
     name: str  # experiment name: the Tune experiment folder and the prefix of run names
     workdir: str
-    experiment_dir: str
+    experiment_dir: str  # <train.storage_path>/<name>: a local folder or a URI (s3://, gs://)
     tracking_uri: str
     experiment: str  # MLflow experiment name
     parent_run_id: str
@@ -106,6 +107,14 @@ class Plan:
 
     def cell_config(self, key: str) -> Config:
         return self.cells[key].config
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the leaderboard, evaluations and summaries are written: the experiment folder, or
+        ``<workdir>/runs/<name>`` when that is on object storage (they are uploaded there at the end)."""
+        if storage.is_uri(self.experiment_dir):
+            return Path(self.workdir) / "runs" / self.name
+        return Path(self.experiment_dir)
 
 
 def run_name(plan: Plan, trial_id: str) -> str:
@@ -183,17 +192,15 @@ class CloseTrialRuns(Callback):
         self._close(trial, "FAILED", f"trial error: {trial.error_file or 'see the Tune trial folder'}")
 
 
-def read_plan(experiment_dir: str | Path) -> Plan:
-    path = Path(experiment_dir) / PLAN_FILE
-    if not path.is_file():
+def read_plan(experiment_dir: storage.Location) -> Plan:
+    """The plan in a search or ensemble folder: a local one or a URI (s3://, gs://)."""
+    path = storage.join(experiment_dir, PLAN_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{experiment_dir}: no {PLAN_FILE}; not a mammo-ray tune/ensemble folder")
-    return Plan.from_dict(json.loads(path.read_text()))
+    return Plan.from_dict(json.loads(storage.read_text(path)))
 
 
-def write_plan(plan: Plan) -> Path:
-    path = Path(plan.experiment_dir) / PLAN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2))
-    tmp.replace(path)
+def write_plan(plan: Plan) -> storage.Location:
+    path = storage.join(plan.experiment_dir, PLAN_FILE)
+    storage.write_text(path, json.dumps(plan.to_dict(), indent=2))
     return path

@@ -8,7 +8,9 @@ one. So a Tune trial (or a fold's Ray task) whose config says ``train.num_worker
 (``trial_resources``) and runs ``loop.fit`` here, keeping what Ray Train gave it:
 
 - one checkpoint per epoch under ``<storage_path>/<run name>/``, of which the
-  ``train.keep_checkpoints`` best by ``train.monitor`` are kept, and the latest too;
+  ``train.keep_checkpoints`` best by ``train.monitor`` are kept, and the latest too. The storage
+  path may be object storage (``s3://``, ``gs://``): each checkpoint is written to a local temporary
+  folder and uploaded, and the resume downloads the latest (``storage.py``);
 - resume: a run of the same name continues from its latest checkpoint, with the optimizer,
   scheduler, history and early-stopping state. A trial that Tune restarts after a failure
   (``train.max_failures``) or after ``--resume`` finds it there;
@@ -24,15 +26,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mammo_ray.config import Config, metric_mode
+from mammo_ray.train import storage
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from mammo_ray.train.loop import EarlyStopping, build_training, epoch_line, fit, restore_training, training_payload
 from mammo_ray.train.progress import announce
@@ -64,7 +65,7 @@ def trial_resources(config: Config, *, driver_cpu: float) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
-    directory: Path
+    directory: storage.Location  # a local folder (a ``Path``), or a URI on object storage
     metrics: dict[str, float]
 
     @property
@@ -80,17 +81,19 @@ def _score(checkpoint: SavedCheckpoint, metric: str) -> float:
 
 @dataclass(frozen=True)
 class CheckpointFolder:
-    """``<storage_path>/<run name>``: the run's checkpoints, one folder per epoch."""
+    """``<storage_path>/<run name>``: the run's checkpoints, one folder per epoch (a local folder or a URI)."""
 
-    path: Path
+    path: storage.Location
 
     def checkpoints(self) -> list[SavedCheckpoint]:
         """The complete checkpoints, oldest first (a folder without its metrics file was cut short)."""
+        files = storage.list_files(self.path)  # one listing, also on object storage
         found = []
-        for directory in sorted(self.path.glob(f"{CHECKPOINT_PREFIX}*")):
-            metrics_file = directory / METRICS_FILE
-            if (directory / CHECKPOINT_FILE).is_file() and metrics_file.is_file():
-                found.append(SavedCheckpoint(directory, json.loads(metrics_file.read_text())))
+        for name in sorted({f.split("/")[0] for f in files if f.startswith(CHECKPOINT_PREFIX)}):
+            if f"{name}/{CHECKPOINT_FILE}" in files and f"{name}/{METRICS_FILE}" in files:
+                directory = storage.join(self.path, name)
+                metrics = json.loads(storage.read_text(storage.join(directory, METRICS_FILE)))
+                found.append(SavedCheckpoint(directory, metrics))
         return found
 
     def latest(self) -> SavedCheckpoint | None:
@@ -104,11 +107,10 @@ class CheckpointFolder:
 
     def save(self, payload: dict[str, Any], metrics: dict[str, float]) -> SavedCheckpoint:
         """Write epoch ``metrics["epoch"]``'s checkpoint; the metrics file last, so it marks a complete one."""
-        directory = self.path / f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):06d}"
-        save_checkpoint(payload, directory)
-        tmp = directory / f".{METRICS_FILE}.tmp"
-        tmp.write_text(json.dumps(metrics))
-        tmp.replace(directory / METRICS_FILE)
+        directory = storage.join(self.path, f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):06d}")
+        with storage.staged(directory) as local:
+            save_checkpoint(payload, local)
+        storage.write_text(storage.join(directory, METRICS_FILE), json.dumps(metrics))
         return SavedCheckpoint(directory, metrics)
 
     def prune(self, keep: int, metric: str) -> None:
@@ -119,7 +121,7 @@ class CheckpointFolder:
             kept.add(saved[-1].directory)
         for c in saved:
             if c.directory not in kept:
-                shutil.rmtree(c.directory, ignore_errors=True)
+                storage.delete_dir(c.directory)
 
 
 def _device(config: Config) -> torch.device:
@@ -148,9 +150,9 @@ def train_in_process(cfg: dict[str, Any], folder: CheckpointFolder, report: Repo
     start_epoch, resumed_from = 0, -1
     latest = folder.latest()
     if latest is not None:
-        start_epoch = resumed_from = restore_training(
-            training, load_checkpoint(latest.directory, map_location=device), stopper
-        )
+        with storage.fetched(latest.directory) as directory:
+            payload = load_checkpoint(directory, map_location=device)
+        start_epoch = resumed_from = restore_training(training, payload, stopper)
 
     def on_epoch(epoch: int, metrics: dict[str, float], last: bool) -> None:
         metrics = {**metrics, "epochs_done": float(epoch + 1), "resumed_from_epoch": float(resumed_from)}

@@ -39,6 +39,7 @@ from mammo_ray.config import Config, metric_mode
 from mammo_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from mammo_ray.train.loop import EarlyStopping, build_training, epoch_line, fit, restore_training, training_payload
 from mammo_ray.train.progress import announce
+from mammo_ray.train.storage import is_uri
 from mammo_ray.train.tracking import log_metrics
 
 
@@ -180,16 +181,17 @@ def build_trainer(
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
-    storage = Path(storage_path)
-    if not storage.is_absolute():  # Ray needs an absolute path (a relative one fails obscurely)
-        raise ValueError(f"train.storage_path must be absolute, got {storage_path!r}")
+    # A URI (s3://, gs://) goes to Ray as the string it is (pyarrow.fs resolves it); a local path must be
+    # absolute, since a relative one fails obscurely in Ray.
+    if not is_uri(storage_path) and not Path(storage_path).is_absolute():
+        raise ValueError(f"train.storage_path must be absolute or a URI (s3://, gs://), got {storage_path!r}")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=train_loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=str(storage_path),
             callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING"),  # progress: one line per epoch from rank 0
             failure_config=FailureConfig(max_failures=t.max_failures),

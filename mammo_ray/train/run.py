@@ -4,7 +4,8 @@ final evaluation, artifacts. Also K-fold cross-validation (paper 004), with one 
 Every output goes under ``<workdir>/runs/<run name>/``: the resolved config, the reported
 checkpoint, predictions, metrics and plots. The same files are logged to MLflow, with the network
 as a logged model of the run (``log_model``) that ``mlflow.pytorch.load_model("models:/<model_id>")``
-loads back.
+loads back. Ray's own state (the Train run's checkpoints, or the in-process run's) goes under
+``train.storage_path``, a local folder or object storage (``storage.py``).
 
 Which checkpoint a run reports (``checkpoint_rule``): a plain run reports its best epoch by
 ``train.monitor`` on the val split. A cross-validation fold cannot: its validation patients are
@@ -40,6 +41,7 @@ from mammo_ray import tags
 from mammo_ray.config import Config, metric_mode, save_config, with_values
 from mammo_ray.data.pipeline import PreparedData, ensure_prepared
 from mammo_ray.data.transforms import build_eval_transform
+from mammo_ray.train import storage
 from mammo_ray.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_model, store_decisions
 from mammo_ray.train.evaluation import evaluate_checkpoint
 from mammo_ray.train.in_process import CheckpointFolder, Report, runs_in_process, train_in_process, trial_resources
@@ -129,10 +131,6 @@ def run_name_for(config: Config, fold: int | None = None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix = f"-fold{fold}" if fold is not None else ""
     return f"{config.model.name}-{config.model.view_mode}{suffix}-{stamp}-{uuid.uuid4().hex[:6]}"
-
-
-def storage_path_for(config: Config, workdir: Path) -> Path:
-    return Path(config.train.storage_path) if config.train.storage_path else workdir / "ray_results"
 
 
 def log_model(run: TrackedRun, checkpoint: Path) -> str:
@@ -266,16 +264,16 @@ def run_training(
         cfg = loop_config(
             config, prepared.cache_dir, mlflow_uri=uri, run_id=run.run_id, fold=fold, splits_path=prepared.splits
         )
-        storage = storage_path_for(config, workdir)
+        storage_path = storage.storage_path_for(config, workdir)  # a local folder or a URI (s3://, gs://)
         checkpoint = out_dir / CHECKPOINT_FILE
         cfg[PREFIX_KEY], cfg[QUEUE_KEY] = progress_prefix, progress_queue
         with contextlib.ExitStack() as stack:
             if in_process:  # the lines are printed in this process
-                epochs_run = _fit_in_process(config, cfg, name, storage, rule, report, checkpoint)
+                epochs_run = _fit_in_process(config, cfg, name, storage_path, rule, report, checkpoint)
             else:
                 if progress_queue is None and progress:  # the workers' lines, printed here
                     cfg[QUEUE_KEY] = stack.enter_context(EpochLines()).queue
-                epochs_run = _fit_ray_train(config, cfg, name, storage, rule, callbacks, checkpoint)
+                epochs_run = _fit_ray_train(config, cfg, name, storage_path, rule, callbacks, checkpoint)
         payload = load_checkpoint(checkpoint)
         evaluation = evaluate_checkpoint(
             checkpoint,
@@ -321,13 +319,13 @@ def _fit_ray_train(
     config: Config,
     cfg: dict[str, Any],
     name: str,
-    storage: Path,
+    storage_path: storage.Location,
     rule: CheckpointRule,
     callbacks: list[Any] | None,
     target: Path,
 ) -> int:
     """Fit a ``TorchTrainer``, copy the checkpoint ``rule`` picks to ``target``; returns the epochs run."""
-    result = build_trainer(config, cfg, name=name, storage_path=storage, callbacks=callbacks).fit()
+    result = build_trainer(config, cfg, name=name, storage_path=storage_path, callbacks=callbacks).fit()
     if result.error is not None:
         raise result.error
     monitor = config.train.monitor
@@ -347,7 +345,7 @@ def _fit_in_process(
     config: Config,
     cfg: dict[str, Any],
     name: str,
-    storage: Path,
+    storage_path: storage.Location,
     rule: CheckpointRule,
     report: Report | None,
     target: Path,
@@ -358,12 +356,12 @@ def _fit_in_process(
         raise ValueError(
             f"run {name}: in-process training is for one worker, not train.num_workers={config.train.num_workers}"
         )
-    folder = train_in_process(cfg, CheckpointFolder(storage / name), report)
+    folder = train_in_process(cfg, CheckpointFolder(storage.join(storage_path, name)), report)
     latest = folder.latest()
     if latest is None:
         raise RuntimeError(f"run {name}: training reported no checkpoint")
     best = latest if rule.last else (folder.best(config.train.monitor) or latest)
-    shutil.copy2(best.directory / CHECKPOINT_FILE, target)
+    storage.download(storage.join(best.directory, CHECKPOINT_FILE), target)
     return latest.epoch + 1
 
 
