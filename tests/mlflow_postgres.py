@@ -102,17 +102,19 @@ _BOUND = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 @contextmanager
 def mlflow_server(
     backend_uri: str,
-    artifacts: Path,
+    artifacts: Path | str,
     log: Path,
     workers: int = 2,
     timeout_s: float = 300,
     auth_db_uri: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """``mlflow server`` on 127.0.0.1 with proxied artifacts (``--artifacts-destination``): clients upload
     through the server, so they need no access to the store. As docs/walkthrough.md runs it: the backend
     URI in ``MLFLOW_BACKEND_STORE_URI`` without its password, which libpq reads from ``PGPASSWORD``; neither
     is on the command line, where ``ps`` would show it. It binds port 0 (no port handed over to race for)
-    and its log says which port that became.
+    and its log says which port that became. ``artifacts``: a folder, or an ``s3://`` URI whose endpoint and
+    credentials come in ``extra_env`` (the server's own environment, as the team server's would).
 
     With ``auth_db_uri`` (a database on the same PostgreSQL server, whose password is the same
     ``PGPASSWORD``) it runs MLflow's basic-auth app, as cluster/README.md runs the team server:
@@ -129,6 +131,7 @@ def mlflow_server(
         "MLFLOW_BACKEND_STORE_URI": bare,
         "PGPASSWORD": parts.password or "",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        **(extra_env or {}),
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     app: list[str] = []

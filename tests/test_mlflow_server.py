@@ -4,9 +4,11 @@ MLFLOW_TRACKING_URI by Ray jobs on a `ray start --head` cluster, and read back t
 `database is locked`; a `mammo-ray train` job's run arrives whole. The server runs MLflow's basic-auth app
 as the team's does (cluster/README.md): a REST call without credentials gets 401, and the jobs log as a
 user whose MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD reach them through their runtime
-environment, never a command line, and appear in no job or server log. PostgreSQL (fixture ``postgres_uri``)
-comes from scripts/start_postgres.py; if it cannot start these tests fail, they do not skip. The Ray head
-(fixture ``ray_cluster``) is the one tests/test_job_submit.py uses too, see tests/conftest.py."""
+environment, never a command line, and appear in no job or server log. Artifacts go through the server to
+an S3 bucket (`--artifacts-destination s3://...`, moto on loopback), as the team server keeps them.
+PostgreSQL (fixture ``postgres_uri``) comes from scripts/start_postgres.py; if it cannot start these tests
+fail, they do not skip. The Ray head (fixture ``ray_cluster``) is the one tests/test_job_submit.py uses too,
+see tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 import pytest
 from mlflow_postgres import Credentials, fresh_database, mlflow_server
 from ray_head import SHRINK, field, job_logs, last_json, sets, submit
+from s3_server import bucket_keys, s3_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -33,14 +36,31 @@ SERVER_TROUBLE = re.compile(r'database is locked|HTTP/1\.1" 5\d\d|Traceback', re
 CLIENT_TROUBLE = re.compile(r"database is locked|MlflowException|Retrying \(Retry", re.IGNORECASE)
 
 
+BUCKET = "mammo-ray-mlflow"
+
+
 @pytest.fixture(scope="module")
-def server(postgres_uri, tmp_path_factory):
+def artifact_store():
+    """An S3 bucket on loopback (moto) for the server's artifacts: the server's environment, which only it gets."""
+    with s3_server(BUCKET) as env:
+        yield env | {"MLFLOW_S3_ENDPOINT_URL": env["AWS_ENDPOINT_URL"]}
+
+
+@pytest.fixture(scope="module")
+def server(postgres_uri, artifact_store, tmp_path_factory):
     base = tmp_path_factory.mktemp("mlflow-server")
-    # The users and their permissions in a database of their own on the same PostgreSQL, as cluster/README.md has it.
+    # The users and their permissions in a database of their own on the same PostgreSQL, as cluster/README.md has
+    # it; artifacts proxied to a bucket (--artifacts-destination s3://...), so the jobs need no bucket credentials.
     with (
         fresh_database(postgres_uri) as database,
         fresh_database(postgres_uri) as auth_database,
-        mlflow_server(database, base / "artifacts", base / "server.log", auth_db_uri=auth_database) as running,
+        mlflow_server(
+            database,
+            f"s3://{BUCKET}/mlflow",
+            base / "server.log",
+            auth_db_uri=auth_database,
+            extra_env=artifact_store,
+        ) as running,
     ):
         yield running
 
@@ -191,7 +211,7 @@ def test_parallel_trials_lose_nothing(server, trainer, ray_cluster, tmp_path):
     assert_no_password(server.log_text(), "the server's log", trainer, server.admin)
 
 
-def test_job_submit_train_logs_to_the_server(server, trainer, ray_cluster, tmp_path):
+def test_job_submit_train_logs_to_the_server(server, trainer, artifact_store, ray_cluster, tmp_path):
     workdir = tmp_path / "work"
     username, password = credentials_env(trainer)
     log = submit(
@@ -221,6 +241,9 @@ def test_job_submit_train_logs_to_the_server(server, trainer, ray_cluster, tmp_p
     assert history(server, trainer, run_id, "val_loss") == [0, 1]
     logged = {f["path"] for f in rest(server, trainer, "artifacts/list", run_id=run_id).get("files", [])}
     assert any(p.endswith(".png") or p == "plots" for p in logged), logged
+    # The artifacts are in the bucket, under the run, uploaded by the server: the job had no S3 credentials.
+    stored = bucket_keys(artifact_store, BUCKET, "mlflow/")
+    assert any(f"/{run_id}/artifacts/" in key and key.endswith(".png") for key in stored), sorted(stored)[:20]
     assert not (workdir / "mlflow" / "mlflow.db").exists()  # nothing went to the default SQLite store
     assert not CLIENT_TROUBLE.search(log), CLIENT_TROUBLE.search(log)
     assert not SERVER_TROUBLE.search(server.log_text()), server.log_text()[-4000:]
