@@ -97,7 +97,8 @@ def add_search_commands(add: AddCommand, configurable: argparse.ArgumentParser) 
     p.add_argument(
         "--resume",
         metavar="EXPERIMENT_DIR",
-        help="continue an interrupted search (Tuner.restore); finished trials are not run again",
+        help="continue an interrupted search (Tuner.restore); finished trials are not run again. A folder or, "
+        "with train.storage_path on object storage, its URI (s3://bucket/prefix/<search>)",
     )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
 
@@ -119,6 +120,7 @@ def add_search_commands(add: AddCommand, configurable: argparse.ArgumentParser) 
     p.add_argument(
         "--resume",
         metavar="EXPERIMENT_DIR",
-        help="continue an interrupted ensemble; finished members are not trained again",
+        help="continue an interrupted ensemble; finished members are not trained again (a folder, or its "
+        "s3:// / gs:// URI)",
     )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
