@@ -132,6 +132,7 @@ class TrainConfig(_Section):
     in_process: bool = True
     keep_checkpoints: int = Field(2, ge=1)  # best ones by `monitor` (the latest is kept too, for resuming)
     eval_bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the final AUC CI
+    plots: bool = True  # the final evaluation's PNGs (ROC, confusion, curves, reliability, PR, referral)
     # Ray Train/Tune storage (checkpoints, trial state, --resume): an absolute folder, or s3://bucket/prefix,
     # gs://bucket/prefix, file:///folder (train/storage.py); <workdir>/ray_results when unset
     storage_path: str | None = None
@@ -230,6 +231,9 @@ class EnsembleConfig(_Section):
     seed_start: int = 0  # member i trains with train.seed = seed_start + i
     max_concurrent_trials: int = Field(4, ge=1)  # members in flight at once (Ray packs them by resources)
     split: Literal["val", "test"] = "test"  # where the ensemble is compared with its members
+    # Each member's own evaluation PNGs (train.plots for the members). Off: the ensemble draws its own, and six
+    # plots cost a member about 2 s of CPU, most of its fixed cost (benchmarks/bench_tune.py --part members).
+    member_plots: bool = False
     registered_model: str = "mammo-ray-ensemble"  # MLflow model registry name
     alias: str | None = "champion"  # registry alias moved to each new version (models:/<name>@<alias>); null: none
 

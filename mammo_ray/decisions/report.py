@@ -63,8 +63,10 @@ def decision_report(
     n_boot: int = 1000,
     seed: int = 0,
     policy_source: str = "checkpoint",
+    plots: bool = True,
 ) -> dict[str, Any]:
-    """``assess`` on ``split`` with its plots and ``decisions_<split>.json`` in ``out_dir``.
+    """``assess`` on ``split`` with its plots (none when ``plots`` is False) and ``decisions_<split>.json`` in
+    ``out_dir``.
 
     ``policy_source`` says where the policy came from ("checkpoint", "registered model", "fitted on
     val now"); on the val split itself every figure is in-sample, and ``in_sample`` says so.
@@ -79,26 +81,30 @@ def decision_report(
     if "exam" in levels:
         exams = exam_level(calibrated)
         curves[f"per exam (n={levels['exam']['n']})"] = (exams["label"], exams["prob"], levels["exam"])
-    plots = [
-        plot_reliability(levels, out_dir / f"reliability_{split}.png", title=f"{split} split"),
-        plot_precision_recall(
-            {name: (y, p, level["average_precision"]) for name, (y, p, level) in curves.items()},
-            out_dir / f"precision_recall_{split}.png",
-            title=f"Precision-recall, {split} split (calibrated)",
-        ),
-        plot_referral(
-            result["referral"]["curves"],
-            out_dir / f"referral_{split}.png",
-            title=f"Referral, {split} split",
-            cutoff_rate=policy.referral_rate,
-        ),
-    ]
+    drawn = (
+        []
+        if not plots
+        else [
+            plot_reliability(levels, out_dir / f"reliability_{split}.png", title=f"{split} split"),
+            plot_precision_recall(
+                {name: (y, p, level["average_precision"]) for name, (y, p, level) in curves.items()},
+                out_dir / f"precision_recall_{split}.png",
+                title=f"Precision-recall, {split} split (calibrated)",
+            ),
+            plot_referral(
+                result["referral"]["curves"],
+                out_dir / f"referral_{split}.png",
+                title=f"Referral, {split} split",
+                cutoff_rate=policy.referral_rate,
+            ),
+        ]
+    )
     result.update(
         split=split,
         policy_source=policy_source,
         in_sample=split == "val",
         metrics=_flat(result, split),
-        plots=[str(p) for p in plots],
+        plots=[str(p) for p in drawn],
     )
     path = out_dir / f"decisions_{split}.json"
     path.write_text(json.dumps(result, indent=2, default=float))

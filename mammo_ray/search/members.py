@@ -81,6 +81,11 @@ def config_from_search(config: Config, parent_run_id: str, workdir: Path) -> Con
     return with_values(best, values, f"ensemble from search {parent_run_id}")
 
 
+def member_config(config: Config) -> Config:
+    """A member's config: the ensemble's, with ``train.plots`` set by ``ensemble.member_plots``."""
+    return with_values(config, {"train.plots": config.ensemble.member_plots}, "ensemble.member_plots")
+
+
 def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:
     e = config.ensemble
     seeds = [e.seed_start + i for i in range(e.members)]
@@ -158,7 +163,8 @@ def run_ensemble(
             parent_run_id="",
             metric=config.train.monitor,
             mode=metric_mode(config.train.monitor),
-            cells={"member": PlanCell(cell, config, prepared)},
+            # The members' own evaluation PNGs only when asked for: the ensemble draws its own.
+            cells={"member": PlanCell(cell, member_config(config), prepared)},
         )
     run_tags = {
         tags.KIND: "ensemble",

@@ -159,8 +159,10 @@ def evaluate_checkpoint(
     fold: int | None = None,
     splits_path: str | Path | None = None,
     progress: bool = False,
+    plots: bool = True,
 ) -> EvaluationResult:
-    """Evaluate ``checkpoint`` on ``split`` and write predictions, metrics and plots to ``out_dir``.
+    """Evaluate ``checkpoint`` on ``split`` and write predictions, metrics and plots (unless ``plots`` is False)
+    to ``out_dir``.
 
     The flat ``metrics`` of the result use the view mode's primary level (see
     ``loop.summarize_predictions``); ``image`` and ``exam`` hold every ``BinaryMetrics`` value.
@@ -195,6 +197,7 @@ def evaluate_checkpoint(
         policy=policy,
         policy_source=source,
         seed=config.train.seed,
+        plots=plots,
     )
 
 
@@ -273,8 +276,9 @@ def report_predictions(
     policy: DecisionPolicy | None = None,
     policy_source: str = "checkpoint",
     seed: int = 0,
+    plots: bool = True,
 ) -> EvaluationResult:
-    """Metrics and PNG plots of one prediction table (see ``evaluate_checkpoint``).
+    """Metrics and PNG plots of one prediction table (see ``evaluate_checkpoint``; ``plots`` False: no PNGs).
 
     The CIs resample patients when the frame has ``patient_id`` (``bootstrap_unit`` says which).
     With a ``policy``, the decision report (``decisions.report``) is added: ``member_probs`` are the
@@ -286,24 +290,26 @@ def report_predictions(
     primary = levels[PRIMARY_LEVEL[view_mode]]
     predictions = out_dir / f"predictions_{split}.csv"
     frame.to_csv(predictions, index=False)
-    plots = [
-        plot_rocs(
-            {
-                f"per image (n={levels['image'].n})": (frame["label"], frame["prob"], levels["image"].auc_ci),
-                f"per exam (n={levels['exam'].n})": _exam_curve(frame, levels["exam"].auc_ci),
-            },
-            out_dir / f"roc_{split}.png",
-            title=f"ROC, {split} split ({view_mode})",
-        ),
-        plot_confusion(
-            primary,
-            out_dir / f"confusion_{split}.png",
-            CLASS_NAMES[Task.parse(task)],
-            title=f"Confusion matrix, {split} split",
-        ),
-    ]
-    if history:
-        plots.append(
+    drawn: list[Path] = []
+    if plots:
+        drawn += [
+            plot_rocs(
+                {
+                    f"per image (n={levels['image'].n})": (frame["label"], frame["prob"], levels["image"].auc_ci),
+                    f"per exam (n={levels['exam'].n})": _exam_curve(frame, levels["exam"].auc_ci),
+                },
+                out_dir / f"roc_{split}.png",
+                title=f"ROC, {split} split ({view_mode})",
+            ),
+            plot_confusion(
+                primary,
+                out_dir / f"confusion_{split}.png",
+                CLASS_NAMES[Task.parse(task)],
+                title=f"Confusion matrix, {split} split",
+            ),
+        ]
+    if plots and history:
+        drawn.append(
             plot_training_curves(
                 history,
                 out_dir / "training_curves.png",
@@ -323,9 +329,10 @@ def report_predictions(
             n_boot=n_boot,
             seed=seed,
             policy_source=policy_source,
+            plots=plots,
         )
         flat.update(decisions["metrics"])
-        plots.extend(Path(p) for p in decisions["plots"])
+        drawn.extend(Path(p) for p in decisions["plots"])
         frame.assign(**_case_decisions(frame, member_probs, policy)).to_csv(predictions, index=False)
     result = EvaluationResult(
         split=split,
@@ -337,7 +344,7 @@ def report_predictions(
         image=levels["image"],
         exam=levels["exam"],
         predictions=str(predictions),
-        plots=[str(p) for p in plots],
+        plots=[str(p) for p in drawn],
         decisions=decisions,
         policy=policy,
     )

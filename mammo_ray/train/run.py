@@ -284,6 +284,7 @@ def run_training(
             cache_dir=prepared.cache_dir,
             fold=fold,
             splits_path=prepared.splits,
+            plots=config.train.plots,
         )
         metrics = evaluation.metrics
         if evaluation.policy is not None:  # calibration, thresholds and referral cut-off travel with the model

@@ -50,3 +50,27 @@ def test_report_without_patient_ids_resamples_cases(tmp_path):
     result = report_predictions(predictions().drop(columns="patient_id"), "parallel", "val", tmp_path, n_boot=100)
     assert result.bootstrap_unit == "case"
     assert (result.exam.clusters, result.metrics["val_clusters"]) == (60, 60)
+
+
+def test_without_plots_the_metrics_and_decisions_are_the_same_and_no_png_is_drawn(tmp_path):
+    from mammo_ray.decisions.policy import DecisionPolicy
+
+    frame = predictions(seed=1)
+    policy = DecisionPolicy.fit(predictions(seed=2)["label"], predictions(seed=2)["prob"])
+    history = [{"epoch": 0, "train_loss": 0.7, "val_loss": 0.6, "val_auc": 0.7}]
+    drawn = report_predictions(frame, "single", "test", tmp_path / "a", n_boot=50, history=history, policy=policy)
+    bare = report_predictions(
+        frame, "single", "test", tmp_path / "b", n_boot=50, history=history, policy=policy, plots=False
+    )
+    assert len(drawn.plots) == 6 and all(p.endswith(".png") for p in drawn.plots)
+    assert bare.plots == [] and not list((tmp_path / "b").glob("*.png"))
+    assert bare.metrics == drawn.metrics and bare.to_dict()["referral"] == drawn.to_dict()["referral"]
+    assert (tmp_path / "b" / "decisions_test.json").is_file()  # the decision report itself is still written
+
+
+def test_ensemble_members_draw_no_plots_unless_asked(tiny_config):
+    from mammo_ray.search.members import member_config
+
+    assert member_config(tiny_config()).train.plots is False
+    assert member_config(tiny_config("ensemble.member_plots=true")).train.plots is True
+    assert tiny_config().train.plots is True  # a training run of its own draws them
