@@ -1,37 +1,59 @@
-"""The jobs of docs/walkthrough.md against one `ray start --head` cluster on 127.0.0.1, as a client would run
-them: `ray job submit` of train, of the smoke search and of an ensemble of its best config; `ray job logs`;
-then `serve deploy` of serve/config.yaml (the committed `serve.app:build_app`, shipped with a working_dir
-runtime_env) on the registered ensemble, and one DICOM through /v1/predict. Shrunk to a few Ray Train fits.
+"""The jobs of docs/walkthrough.md and of the KubeRay RayJobs against one `ray start --head` cluster on
+127.0.0.1, as a client would run them: `ray job submit` of train (smoke config, synthetic data); then, on a
+small replica of real CBIS-DDSM laid out as a TCIA download (what `/shared` holds on a cluster), the load
+step of cluster/load_cbis.sh and the entrypoints of cluster/kuberay/rayjob-tune.yaml and
+rayjob-ensemble.yaml, read from the manifests (`mammo-ray tune` / `ensemble` with tune_configs/cbis_*.yaml,
+the ensemble `--from-search` the search); `ray job logs`; then `serve deploy` of serve/config.yaml (the
+committed `serve.app:build_app`, shipped with a working_dir runtime_env) on the registered ensemble, and
+one DICOM of the replica through /v1/predict. Shrunk to a few Ray Train fits: the configs' data settings
+stay (seed750 crops at 256 px, 224-px input, the DoG bank), the search shrinks to one levynet trial of
+one epoch and the resources to 2 CPUs without a GPU.
 The head (fixture ``ray_cluster``) is the one tests/test_mlflow_server.py uses too, see tests/conftest.py."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
-from ray_head import RAY, REPO, SHRINK, field, job_logs, reserved_port, sets, submit
+from ray_head import BIN, RAY, REPO, SHRINK, field, job_logs, reserved_port, sets, submit
+
+from mammo_ray.config import Config, load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SERVE = str(Path(RAY).parent / "serve")
-# The smoke search cut to one cell of one trial of one epoch, without the texture baseline. Its trial drives a
-# TorchTrainer (the multi-worker path, with TuneReportCallback); the ensemble's members train in process.
+KUBERAY = REPO / "cluster" / "kuberay"
+# The replica: the first 30 patients (sorted ids) of the real CSVs, 81 rows, drawn at 256x160. The fewest
+# for which tune_configs/cbis_*.yaml's patient split (0.81/0.09/0.1, masses) puts benign and malignant
+# masses in train, val and test alike: 30 mass rows, 4 of them in val and 4 in test.
+REPLICA_PATIENTS = 30
+# What a 2-core machine without a GPU changes in the RayJobs' configs: resources only.
+ON_CPU = ["train.use_gpu=false", "train.cpus_per_worker=1", "data.num_workers=0"]
+# cbis_search.yaml's grid cut to one cell (levynet, its configured parallel view mode, paper 000's
+# augmentation) of one trial of one epoch, without the texture baseline. Its trial drives a TorchTrainer
+# (the multi-worker path, with TuneReportCallback); the ensemble's members train in process.
 SEARCH = [
-    *SHRINK,
-    "train.epochs=1",
+    *ON_CPU,
     "tune.backbones=[levynet]",
-    "tune.view_modes=[single]",
+    "tune.backbone_overrides={}",  # inception_v3's 320-px input: not searched here (the load step prepares it)
+    "tune.view_modes=[parallel]",
+    "tune.augment=[on]",
     "tune.num_samples=1",
     "tune.baseline=false",
+    "train.epochs=1",
+    "train.eval_bootstrap=50",
     "train.in_process=false",
 ]
 
@@ -40,10 +62,135 @@ def job_id(kind: str) -> str:
     return f"mammo-ray-{kind}-{uuid.uuid4().hex[:8]}"
 
 
+@dataclass
+class Loaded:
+    log: str  # load_cbis.sh's output
+    cache: Path  # the crop cache of tune_configs/cbis_search.yaml (and cbis_ensemble.yaml) it prepared
+    cache_mtime_ns: int  # of the cache's index.parquet, right after the load step
+
+
+def rayjob(name: str) -> tuple[list[str], dict[str, str]]:
+    """The entrypoint of cluster/kuberay/``name`` as KubeRay's submitter runs it, and its head's plain env values."""
+    spec = yaml.safe_load((KUBERAY / name).read_text())["spec"]
+    (head,) = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    return shlex.split(spec["entrypoint"]), {e["name"]: e["value"] for e in head["env"] if "value" in e}
+
+
+def entrypoint_config(entrypoint: list[str]) -> Config:
+    return load_config(REPO / entrypoint[entrypoint.index("--config") + 1])
+
+
+def on_replica(path: str, shared: Path) -> Path:
+    """A path on the cluster's shared volume (/shared), on the test's replica of it."""
+    assert path.startswith("/shared/"), path
+    return shared / path.removeprefix("/shared/")
+
+
+def data_on_replica(config: Config, shared: Path) -> list[str]:
+    """The config's CBIS-DDSM folders moved from /shared to the replica, as `--set` overrides."""
+    assert config.data.source == "cbis-ddsm" and config.data.root and config.data.csv_dir
+    return [
+        f"data.root={on_replica(config.data.root, shared)}",
+        f"data.csv_dir={on_replica(config.data.csv_dir, shared)}",
+    ]
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """The work directory (crop cache, SQLite MLflow store) the search and the ensemble share."""
-    return tmp_path_factory.mktemp("jobs") / "work"
+def shared(tmp_path_factory):
+    """The replica of the shared volume: CBIS-DDSM in the TCIA layout and the four CSVs where the cbis_*
+    configs read them (/shared/CBIS-DDSM, /shared/cbis-csvs), drawn from the real CSVs' rows."""
+    shared = tmp_path_factory.mktemp("shared")
+    config = entrypoint_config(rayjob("rayjob-tune.yaml")[0])
+    root, csvs = on_replica(config.data.root, shared), on_replica(config.data.csv_dir, shared)
+    assert root.name == "CBIS-DDSM"  # `synth --layout tcia --out X` writes X/CBIS-DDSM, as the Retriever does
+    subprocess.run(
+        [
+            str(BIN / "mammo-ray"),
+            "synth",
+            "--from-csv",
+            "cbis-ddsm",
+            "--layout",
+            "tcia",
+            "--patients",
+            str(REPLICA_PATIENTS),
+            "--size",
+            "256x160",
+            "--workers",
+            "1",
+            "--out",
+            str(root.parent),
+            "--workdir",
+            str(shared / "synth-work"),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    csvs.mkdir()
+    for csv in root.parent.glob("*_case_description_*.csv"):
+        csv.rename(csvs / csv.name)
+    return shared
+
+
+@pytest.fixture(scope="module")
+def workdir(shared):
+    """The work directory (crop cache, SQLite MLflow store) the load step, the search and the ensemble
+    share: the RayJobs' MAMMO_RAY_WORKDIR, on the replica. Their MAMMO_RAY_CLUSTER=1 stays out: it refuses
+    SQLite, and jobs against an MLflow server are tests/test_mlflow_server.py's."""
+    _, env = rayjob("rayjob-tune.yaml")
+    assert rayjob("rayjob-ensemble.yaml")[1]["MAMMO_RAY_WORKDIR"] == env["MAMMO_RAY_WORKDIR"]
+    return on_replica(env["MAMMO_RAY_WORKDIR"], shared)
+
+
+@pytest.fixture(scope="module")
+def loaded(shared, workdir):
+    """cluster/load_cbis.sh, run as job-load-cbis.yaml runs it (bash, no Ray), with /shared on the replica:
+    its two folder variables, and the folders of its `mammo-ray demo` steps (the cbis_search.yaml they
+    prepare reads /shared)."""
+    config = entrypoint_config(rayjob("rayjob-tune.yaml")[0])
+    script = (REPO / "cluster" / "load_cbis.sh").read_text()
+    for name, path in (("root", config.data.root), ("csvs", config.data.csv_dir)):
+        line = f"{name}={path}\n"
+        assert script.count(line) == 1, line  # the script reads where the configs say (or this test must change)
+        script = script.replace(line, f"{name}={on_replica(path, shared)}\n")
+    demo = "--config tune_configs/cbis_search.yaml"
+    assert script.count(demo) == 2, script
+    # Right after --config, so that the script's own --set (the 320-px cache) still come last and win.
+    script = script.replace(demo, shlex.join([*demo.split(), *sets(data_on_replica(config, shared))]))
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MAMMO_RAY_WORKDIR": str(workdir),
+        "LOAD_WORKERS": "1",
+    }
+    # $0 is the script's path, so its `cd "$(dirname "$0")/.."` lands in the repository, as in the image.
+    proc = subprocess.run(
+        ["bash", "-c", script, "cluster/load_cbis.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (shared / "load.log").write_text(proc.stdout + proc.stderr)
+    caches = [Path(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("  crop cache ")]
+    assert len(caches) == 2 and caches[0] != caches[1], proc.stdout  # 256 px, then inception_v3's 320 px
+    index = caches[0] / "index.parquet"
+    return Loaded(proc.stdout, caches[0], index.stat().st_mtime_ns)
+
+
+def test_the_load_script_indexes_and_prepares_the_replica(shared, workdir, loaded):
+    csvs = {path.name: pd.read_csv(path) for path in (shared / "cbis-csvs").glob("*.csv")}
+    assert len(csvs) == 4
+    report = json.loads((workdir / "check" / "manifest.report.json").read_text())  # step 1, the check
+    assert report["rows"] == report["resolved"] == sum(map(len, csvs.values())) == 81, report
+    assert (workdir / "check" / "manifest.parquet").is_file()
+    assert loaded.log.rstrip().endswith("reuse these crops")  # every step ran, and set -e stopped none
+    masses = sum(len(frame) for name, frame in csvs.items() if name.startswith("mass_"))
+    crops = pd.read_parquet(loaded.cache / "index.parquet")
+    assert len(crops) == masses == 30  # data.abnormality: mass, one seed750 crop per mass row
 
 
 def store(workdir: Path) -> MlflowClient:
@@ -77,22 +224,27 @@ def test_job_submit_trains_and_tracks(ray_cluster, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def searched(ray_cluster, workdir):
+def searched(ray_cluster, shared, workdir, loaded):
+    """rayjob-tune.yaml's entrypoint, submitted after the load step as the walkthroughs order them."""
+    entrypoint, _ = rayjob("rayjob-tune.yaml")
+    assert entrypoint[:2] == ["mammo-ray", "tune"], entrypoint
     submission = job_id("tune")
     log = submit(
         ray_cluster,
         submission,
-        ["mammo-ray", "tune", "--config", "tune_configs/search_smoke.yaml", *sets(SEARCH)],
+        [*entrypoint, *sets(data_on_replica(entrypoint_config(entrypoint), shared)), *sets(SEARCH)],
         {"MAMMO_RAY_WORKDIR": str(workdir)},
     )
-    (workdir.parent / "tune.log").write_text(log)
+    (shared / "tune.log").write_text(log)
     return submission, log
 
 
-def test_job_submit_tune_and_job_logs(ray_cluster, workdir, searched):
+def test_job_submit_tune_and_job_logs(ray_cluster, shared, workdir, loaded, searched):
+    from mammo_ray.search.trial import read_plan
+
     submission, log = searched
     parent = field(log, "parent run")
-    assert "| levynet |" in log  # the leaderboard's row
+    assert "on cbis-ddsm data**" in log and "| levynet |" in log  # the leaderboard's title and row
     logs = job_logs(ray_cluster, submission)  # read back from the cluster, after the client has gone
     assert field(logs, "parent run") == parent and "leaderboard" in logs
     client = store(workdir)
@@ -100,46 +252,58 @@ def test_job_submit_tune_and_job_logs(ray_cluster, workdir, searched):
     assert run.info.status == "FINISHED" and run.data.tags["mammo_ray.kind"] == "search"
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
-    assert children[0].data.params["model.name"] == "levynet"
+    params = children[0].data.params
+    assert (params["model.name"], params["model.view_mode"], params["model.in_chans"]) == ("levynet", "parallel", "9")
+    assert params["data.source"] == "cbis-ddsm" and params["data.root"] == str(shared / "CBIS-DDSM")
     folder = Path(field(log, "search folder"))
     assert (folder / "leaderboard.md").is_file() and (folder / "best_config.yaml").is_file()
     checkpoint = Path(pd.read_csv(folder / "trials.csv")["checkpoint"].item())
     assert checkpoint.is_dir() and not checkpoint.name.startswith("checkpoint_epoch_")  # Ray Train's, not in process
+    # The search trained on the crops the load step prepared, without preparing them again.
+    (cell,) = read_plan(folder).cells.values()
+    assert Path(cell.prepared.cache_dir) == loaded.cache
+    assert (loaded.cache / "index.parquet").stat().st_mtime_ns == loaded.cache_mtime_ns
 
 
 @pytest.fixture(scope="module")
-def ensembled(ray_cluster, workdir, searched):
+def ensembled(ray_cluster, shared, workdir, searched):
+    """rayjob-ensemble.yaml's entrypoint with `--from-search` the search, as its header says, and 2 members."""
+    entrypoint, _ = rayjob("rayjob-ensemble.yaml")
+    assert entrypoint[:2] == ["mammo-ray", "ensemble"], entrypoint
     parent = field(searched[1], "parent run")
     submission = job_id("ensemble")
     submit(
         ray_cluster,
         submission,
         [
-            "mammo-ray",
-            "ensemble",
-            "--config",
-            "tune_configs/ensemble_smoke.yaml",
+            *entrypoint,
             "--from-search",
             parent,
-            "--set",
-            "ensemble.members=2",
+            # /shared on the replica, as for every job (with --from-search the members take the search's data)
+            *sets(data_on_replica(entrypoint_config(entrypoint), shared)),
+            *sets([*ON_CPU, "ensemble.members=2"]),
         ],
         {"MAMMO_RAY_WORKDIR": str(workdir)},
     )
     log = job_logs(ray_cluster, submission)
-    (workdir.parent / "ensemble.log").write_text(log)
+    (shared / "ensemble.log").write_text(log)
     return log
 
 
-def test_job_submit_ensemble_registers_a_model(workdir, ensembled):
+def test_job_submit_ensemble_registers_a_model(workdir, loaded, ensembled):
+    from mammo_ray.search.trial import read_plan
+
+    ensemble = entrypoint_config(rayjob("rayjob-ensemble.yaml")[0]).ensemble
+    name = ensemble.registered_model
     model_uri = field(ensembled, "registered model")
-    assert model_uri == "models:/mammo-ray-ensemble-smoke/1"
-    assert "ensemble of 2 members (0 failed)" in ensembled
+    assert model_uri == f"models:/{name}/1" and f"now also models:/{name}@{ensemble.alias}" in ensembled
+    assert "ensemble of 2 members (0 failed), test split" in ensembled
     client = store(workdir)
-    version = client.get_model_version("mammo-ray-ensemble-smoke", "1")
+    version = client.get_model_version(name, "1")
     members = version.tags["mammo_ray.member_run_ids"].split(",")
     assert len(members) == 2 and all(client.get_run(m).info.status == "FINISHED" for m in members)
     assert client.get_run(field(ensembled, "parent run")).info.status == "FINISHED"
+    assert read_plan(field(ensembled, "folder")).cells["member"].prepared.cache_dir == str(loaded.cache)
 
 
 def _test_lesion(ensemble_log: str) -> tuple[Path, str]:
