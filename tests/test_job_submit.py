@@ -136,8 +136,8 @@ def shared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workdir(shared):
     """The work directory (crop cache, SQLite MLflow store) the load step, the search and the ensemble
-    share: the RayJobs' MAMMO_RAY_WORKDIR, on the replica. Their MAMMO_RAY_CLUSTER=1 stays out: it refuses
-    SQLite, and jobs against an MLflow server are tests/test_mlflow_server.py's."""
+    share: the RayJobs' MAMMO_RAY_WORKDIR, on the replica. Their cluster flag (tracking.CLUSTER_ENV) stays
+    out: it refuses SQLite, and jobs against an MLflow server are tests/test_mlflow_server.py's."""
     _, env = rayjob("rayjob-tune.yaml")
     assert rayjob("rayjob-ensemble.yaml")[1]["MAMMO_RAY_WORKDIR"] == env["MAMMO_RAY_WORKDIR"]
     return on_replica(env["MAMMO_RAY_WORKDIR"], shared)
