@@ -31,7 +31,7 @@ def cmd_demo(args: argparse.Namespace, workdir: Path) -> CommandResult:
     result = {"workdir": str(workdir), "config": str(workdir / "demo" / "config.yaml"), **prepared}
     lines = [
         "mammo-ray demo",
-        f"  synthetic dataset  {prepared['dataset_dir']}",
+        f"  {config.data.source + ' dataset':<18} {prepared['dataset_dir']}",
         f"  manifest           {prepared['manifest']} ({prepared['resolved']}/{prepared['rows']} rows resolved)",
         f"  index report       {prepared['index_report']}",
         f"  splits             {prepared['splits']}",

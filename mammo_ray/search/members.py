@@ -45,6 +45,7 @@ from mammo_ray.train.tracking import TrackedRun, artifact_root, tracking_uri
 
 # What an ensemble config decides even when the members' config comes from a search.
 RUNTIME_FIELDS = (
+    "data.num_workers",  # loading processes per member: the crops themselves come from the search's data
     "train.use_gpu",
     "train.num_workers",
     "train.cpus_per_worker",
@@ -55,6 +56,7 @@ RUNTIME_FIELDS = (
     "train.experiment",
     "train.max_failures",
     "train.in_process",
+    "train.shared_gpu_ranks",
 )
 
 

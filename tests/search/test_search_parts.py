@@ -208,3 +208,23 @@ def test_leaderboard_is_shaped_like_table_1(tmp_path):
     assert "| alexnet | 0.19 / 0.12 -> 0.04 | no finished trial |" in text  # the calibration table
     assert "Not for use in diagnostic procedures" in text
     assert len(pd.read_csv(board["long_csv"])) == 5
+
+
+def test_an_ensemble_from_a_search_keeps_the_search_model_and_its_own_runtime(tmp_path, tiny_config):
+    from mlflow import MlflowClient
+
+    from mammo_ray import tags
+    from mammo_ray.config import save_config
+    from mammo_ray.search.members import config_from_search
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("s", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment, tags={tags.KIND: "search"})
+    best = tiny_config("model.dropout=0.37", "data.num_workers=2", "optim.lr=0.0042")
+    client.log_artifact(run.info.run_id, str(save_config(best, tmp_path / "best", "best_config.yaml")), "best")
+    ensemble = tiny_config(f"train.mlflow_uri={uri}", "data.num_workers=1", "ensemble.members=5")
+    members = config_from_search(ensemble, run.info.run_id, tmp_path)
+    assert (members.model.dropout, members.optim.lr) == (0.37, 0.0042)  # what the search found
+    assert members.data.num_workers == 1 and members.ensemble.members == 5  # what the ensemble config decides
+    assert members.data.cache_px == best.data.cache_px  # the crops are the search's
