@@ -18,6 +18,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from kuberay_manifests import cluster_spec, manifest
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -45,19 +46,8 @@ EVICTION_GIB = 100 / 1024
 GPU_TERM_KEYS = ["nvidia.com/gpu.product", "node.kubernetes.io/instance-type"]
 
 
-def _manifest(name: str) -> dict:
-    (doc,) = yaml.safe_load_all((KUBERAY / f"{name}.yaml").read_text())
-    return doc
-
-
-def _cluster_spec(doc: dict) -> dict:
-    if doc["kind"] == "RayCluster":
-        return doc["spec"]
-    return doc["spec"][{"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}[doc["kind"]]]
-
-
 def _groups(name: str) -> list[tuple[str, dict]]:
-    spec = _cluster_spec(_manifest(name))
+    spec = cluster_spec(manifest(name))
     return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
 
 
@@ -180,7 +170,7 @@ def test_the_8_gpu_group_is_opt_in(name):
     readme = README.read_text()
     assert "The 8-GPU group is opt-in." in readme and "`maxReplicas: 2`" in readme
     assert '"path": "/spec/workerGroupSpecs/1/maxReplicas", "value": 2' in readme
-    assert [g["groupName"] for g in _cluster_spec(_manifest("raycluster"))["workerGroupSpecs"]][1] == "gpu-8"
+    assert [g["groupName"] for g in cluster_spec(manifest("raycluster"))["workerGroupSpecs"]][1] == "gpu-8"
 
 
 # ---------------------------------------------------------------- jobs that end
@@ -193,7 +183,7 @@ def _rayjob_schema() -> dict:
 
 @pytest.mark.parametrize("name", RAYJOBS)
 def test_every_rayjob_has_a_deadline_and_an_end(name):
-    spec = _manifest(name)["spec"]
+    spec = manifest(name)["spec"]
     schema = _rayjob_schema()
     for field in ("activeDeadlineSeconds", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "backoffLimit"):
         assert field in schema, field  # in the vendored CRD (the strict schema test validates the values)

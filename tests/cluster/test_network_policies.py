@@ -33,6 +33,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from kuberay_manifests import cluster_spec, manifest
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "cluster" / "kuberay"
@@ -206,18 +207,6 @@ def _check_selector(selector: dict) -> None:
 # ---------------------------------------------------------------- the pods the manifests make
 
 
-def _manifest(name: str) -> dict:
-    (doc,) = yaml.safe_load_all((KUBERAY / f"{name}.yaml").read_text())
-    return doc
-
-
-def _cluster_spec(doc: dict) -> dict:
-    """The RayCluster spec inside any of the three kinds."""
-    if doc["kind"] == "RayCluster":
-        return doc["spec"]
-    return doc["spec"][{"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}[doc["kind"]]]
-
-
 def _cluster_name(doc: dict) -> str:
     """The RayCluster's name: the manifest's, or the one KubeRay generates for a RayJob or RayService."""
     name = doc["metadata"]["name"]
@@ -248,8 +237,8 @@ def _namespace_labels(namespace: str) -> dict[str, str]:
 def _ray_pods(name: str) -> list[Pod]:
     """The pods of a manifest's cluster: the template's labels, then KubeRay's where the template has none
     (ray-operator/controllers/ray/common/pod.go, labelPod)."""
-    doc = _manifest(name)
-    spec = _cluster_spec(doc)
+    doc = manifest(name)
+    spec = cluster_spec(doc)
     pods = []
     groups = [("head", "headgroup", spec["headGroupSpec"])]
     groups += [("worker", g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
@@ -398,7 +387,7 @@ def test_the_ports_are_the_ones_the_containers_declare():
         head = _head(_ray_pods(name))
         declared = {
             p["name"]: p["containerPort"]
-            for c in _cluster_spec(_manifest(name))["headGroupSpec"]["template"]["spec"]["containers"]
+            for c in cluster_spec(manifest(name))["headGroupSpec"]["template"]["spec"]["containers"]
             for p in c.get("ports", [])
         }
         assert {k: v for k, v in declared.items() if k != "serve"} == HEAD_PORTS, name
@@ -406,7 +395,7 @@ def test_the_ports_are_the_ones_the_containers_declare():
     # The operator reaches the dashboard and the client port; GCS only from the Ray pods (policy 1).
     assert head_ports == {HEAD_PORTS["dashboard"], HEAD_PORTS["client"]}
     assert serve_ports == {SERVE_PORT}
-    serve_config = yaml.safe_load(_manifest("rayservice")["spec"]["serveConfigV2"])
+    serve_config = yaml.safe_load(manifest("rayservice")["spec"]["serveConfigV2"])
     assert serve_config["http_options"]["port"] == SERVE_PORT
     for pod in _ray_pods("rayservice"):
         assert SERVE_PORT in pod.ports, pod  # a proxy on every node (proxy_location: EveryNode)
@@ -438,7 +427,7 @@ def test_the_submitters_are_the_rayjobs():
     (rule,) = [r for r in _by_name()["mammo-ray-head"]["spec"]["ingress"] if "RayJob" in json.dumps(r)]
     (peer,) = rule["from"]
     (expression,) = peer["podSelector"]["matchExpressions"]
-    rayjobs = [_manifest(n) for n in RAY_MANIFESTS if _manifest(n)["kind"] == "RayJob"]
+    rayjobs = [manifest(n) for n in RAY_MANIFESTS if manifest(n)["kind"] == "RayJob"]
     assert sorted(expression["values"]) == sorted(doc["metadata"]["name"] for doc in rayjobs)
     assert all(doc["spec"]["submissionMode"] == "K8sJobMode" for doc in rayjobs)  # a submitter pod
 
