@@ -39,7 +39,15 @@ from tqdm import tqdm  # the text bar: tqdm.auto wants ipywidgets in a notebook
 
 from mammo_ray.config import DataConfig
 from mammo_ray.data.quirks import film_ids
-from mammo_ray.data.shard_worker import CACHE_FORMAT, CROP_FIELDS, ENTRY_COLUMNS, STAT_KEYS, process_shard
+from mammo_ray.data.shard_worker import (
+    CACHE_FORMAT,
+    CROP_FIELDS,
+    ENTRY_COLUMNS,
+    STAT_KEYS,
+    ShardResult,
+    process_shard,
+    read_shard,
+)
 
 
 class CacheError(RuntimeError):
@@ -108,20 +116,20 @@ def _shard_done(folder: Path, shard: int) -> bool:
     return (folder / f"{stem}.parquet").exists() and (folder / f"{stem}.stats.json").exists()
 
 
-def _training_statistics(cache_dir: Path, index: pd.DataFrame) -> dict[str, float]:
-    """Mean image and global mean/std of the training crops, for normalisation."""
-    train = index[index["split"] == "train"]
-    if train.empty:
+def _training_statistics(cache_dir: Path, results: list[ShardResult]) -> dict[str, float]:
+    """Mean image and global mean/std of the training crops, for normalisation.
+
+    Summed from each shard's ``TrainSums`` in shard order (the workers computed their own).
+    """
+    sums = [r.train for r in results if r.train.total is not None]
+    if not sums:
         return {"train_mean": float("nan"), "train_std": float("nan")}
-    total: np.ndarray | None = None
-    sq, count = 0.0, 0
-    for shard, group in train.groupby("shard"):
-        images = np.load(cache_dir / "shards" / f"shard-{shard:05d}.images.npy", mmap_mode="r")
-        block = images[group["offset"].to_numpy()].astype(np.float64)
-        total = block.sum(axis=0) if total is None else total + block.sum(axis=0)
-        sq += float((block**2).sum())
-        count += block.shape[0]
-    assert total is not None  # train is not empty: the loop summed at least one shard
+    total = sums[0].total
+    assert total is not None  # kept above: shards with training crops only
+    for part in sums[1:]:
+        total = total + part.total
+    count = sum(part.count for part in sums)
+    sq = sum(part.squares for part in sums)
     mean_image = (total / count).astype(np.float32)
     buf = _npy_bytes(mean_image)
     _atomic_write_bytes(cache_dir / "mean_image.npy", buf)
@@ -180,33 +188,30 @@ def prepare_cache(
         unit="shard",
         disable=not progress,
     )
-    decoded = 0
+    results: dict[int, ShardResult] = {}
     if todo:
         workers = max(1, min(cfg.num_workers, len(todo)))
         # spawn: the parent may hold threads (Ray, torch) that fork would copy mid-state.
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(process_shard, i, shards[i], params, str(cache_dir), cfg.seed) for i in todo]
+            futures = {pool.submit(process_shard, i, shards[i], params, str(cache_dir), cfg.seed): i for i in todo}
             for future in as_completed(futures):
-                decoded += future.result()
+                results[futures[future]] = future.result()
                 bar.update(1)
     bar.close()
+    ordered = [results[i] if i in results else read_shard(cache_dir, i) for i in range(len(shards))]
+    decoded = sum(r.decoded for r in ordered)
 
-    parts = [pd.read_parquet(cache_dir / "shards" / f"shard-{i:05d}.parquet") for i in range(len(shards))]
-    index = pd.concat(parts, ignore_index=True)[ENTRY_COLUMNS]
+    index = pd.concat([r.table for r in ordered], ignore_index=True)[ENTRY_COLUMNS]
     index.insert(0, "entry", np.arange(len(index)))
-    skipped = [
-        item
-        for i in range(len(shards))
-        for item in json.loads((cache_dir / "shards" / f"shard-{i:05d}.skipped.json").read_text())
-    ]
+    skipped = [item for r in ordered for item in r.skipped]
     counts = dict.fromkeys(STAT_KEYS, 0)
-    for i in range(len(shards)):
-        for key, value in json.loads((cache_dir / "shards" / f"shard-{i:05d}.stats.json").read_text()).items():
+    for r in ordered:
+        for key, value in r.stats.items():
             counts[key] += int(value)
     tmp = cache_dir / "index.parquet.tmp"
     index.to_parquet(tmp, index=False)
     tmp.replace(cache_dir / "index.parquet")
-    stats = _training_statistics(cache_dir, index)
+    stats = _training_statistics(cache_dir, ordered)
 
     seconds = time.perf_counter() - start
     by_split = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from mammo_ray.data.crops import (
     source_value_map,
     store_uint16,
 )
-from mammo_ray.data.dicom import DicomMeta, DicomReadError, read_dicom, read_dicom_header
+from mammo_ray.data.dicom import DicomMeta, DicomReadError, read_dicom, read_dicom_header, read_dicom_mask
 from mammo_ray.data.masks import mask_fit, mask_fit_reason, resample_mask
 
 # What the stored crops mean; raised whenever that changes. 2: films by image_id, a lesion's own
@@ -198,9 +199,7 @@ def _read_mask(
     if not row["roi_mask_path"]:
         return None
     try:  # the mask follows its film's mirror decision
-        mask, _ = read_dicom(
-            row["roi_mask_path"], flip=meta.flipped, apply_voi=False, max_rows=p["max_dim"], max_cols=p["max_dim"]
-        )
+        mask, _ = read_dicom_mask(row["roi_mask_path"], flip=meta.flipped, max_rows=p["max_dim"], max_cols=p["max_dim"])
     except DicomReadError as exc:
         skipped.append(_skip(row["lesion_id"], exc.path, exc.reason))
         row["keep"] = False
@@ -214,7 +213,7 @@ def _read_mask(
         mask = resample_mask(mask, shape)
         stats["resampled_masks"] += 1
         row["mask_resampled_here"] = True
-    return mask > 0
+    return mask
 
 
 def _own_mask(mask: np.ndarray | None, box, shape: tuple[int, int]) -> np.ndarray:
@@ -331,8 +330,61 @@ def _process_image(
     return out, 1
 
 
-def process_shard(shard: int, images: list[dict[str, Any]], params: dict[str, Any], cache_dir: str, seed: int) -> int:
-    """Write shard ``shard`` of the cache; return how many films were decoded."""
+@dataclass
+class ShardResult:
+    """What the parent needs of one shard: its entries, reports and training-crop sums.
+
+    A shard written by this run returns it from its worker; a shard an earlier run wrote is
+    read back from its files (``read_shard``). Both give the same values.
+    """
+
+    decoded: int  # films decoded (0 when read back)
+    table: pd.DataFrame  # the shard's entries, ``ENTRY_COLUMNS``
+    skipped: list[dict[str, str]]
+    stats: dict[str, int]
+    train: TrainSums
+
+
+@dataclass
+class TrainSums:
+    """Per-pixel sum, sum of squares and count of a shard's training crops, in float64.
+
+    The parent adds the shards' sums in shard order, so the mean image and the global mean and
+    std are the same whether a shard was written now or reused, and whatever the worker count.
+    """
+
+    total: np.ndarray | None  # (H, W) float64; None without training crops
+    squares: float
+    count: int
+
+    @classmethod
+    def of(cls, images: np.ndarray, table: pd.DataFrame) -> TrainSums:
+        offsets = table.loc[table["split"] == "train", "offset"].to_numpy()
+        if not len(offsets):
+            return cls(None, 0.0, 0)
+        block = images[offsets].astype(np.float64)
+        return cls(block.sum(axis=0), float((block**2).sum()), int(block.shape[0]))
+
+
+def read_shard(cache_dir: str | Path, shard: int) -> ShardResult:
+    """The ``ShardResult`` of a shard already on disk."""
+    folder = Path(cache_dir) / "shards"
+    stem = f"shard-{shard:05d}"
+    table = pd.read_parquet(folder / f"{stem}.parquet")
+    images = np.load(folder / f"{stem}.images.npy", mmap_mode="r")
+    return ShardResult(
+        decoded=0,
+        table=table,
+        skipped=json.loads((folder / f"{stem}.skipped.json").read_text()),
+        stats={key: int(value) for key, value in json.loads((folder / f"{stem}.stats.json").read_text()).items()},
+        train=TrainSums.of(images, table),
+    )
+
+
+def process_shard(
+    shard: int, images: list[dict[str, Any]], params: dict[str, Any], cache_dir: str, seed: int
+) -> ShardResult:
+    """Write shard ``shard`` of the cache; return its entries, reports and training sums."""
     folder = Path(cache_dir) / "shards"
     # One generator per shard, seeded by (seed, shard): a resumed run draws the same patches.
     rng = np.random.default_rng([seed, shard])
@@ -373,4 +425,6 @@ def process_shard(shard: int, images: list[dict[str, Any]], params: dict[str, An
     tmp = folder / f"{stem}.parquet.tmp{os.getpid()}"
     table.to_parquet(tmp, index=False)
     tmp.replace(folder / f"{stem}.parquet")  # last: marks the shard complete
-    return decoded
+    # The table as a reader of the file sees it (its dtypes), so reused and new shards concatenate alike.
+    table = pd.read_parquet(folder / f"{stem}.parquet")
+    return ShardResult(decoded, table, skipped, stats, TrainSums.of(arrays["images"], table))

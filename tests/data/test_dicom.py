@@ -38,6 +38,7 @@ from mammo_ray.data.dicom import (
     parse_side_view_from_path,
     read_dicom,
     read_dicom_header,
+    read_dicom_mask,
 )
 
 MAMMO_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -586,3 +587,98 @@ def test_side_and_view(tmp_path, case):
 def test_parse_side_view_from_path(path, expected):
     assert parse_side_view_from_path(path) == expected
     assert parse_side_view_from_path(Path(path)) == expected
+
+
+# --- the fast paths equal pydicom's general code ------------------------------------------------
+# read_dicom reads uncompressed little-endian pixels itself, windows LINEAR in float32 and reads masks
+# as stored: each must give what pydicom's pixel_array, apply_voi_lut and the float image give.
+
+NATIVE_CASES = {
+    # name: (dtype, bits_stored, signed)
+    "uint8": (np.uint8, 8, False),
+    "uint16_12_bits_with_garbage_above": (np.uint16, 12, False),
+    "uint16": (np.uint16, 16, False),
+    "int16_12_bits_sign_extended": (np.int16, 12, True),
+    "int16": (np.int16, 16, True),
+    "uint32_20_bits": (np.uint32, 20, False),
+}
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES)
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("source", ["path", "bytes"])
+def test_native_pixels_equal_pydicoms_pixel_array(tmp_path, case, implicit, source):
+    dtype, bits, signed = NATIVE_CASES[case]
+    rng = np.random.default_rng(len(case))
+    info = np.iinfo(dtype)
+    # 70 x 90 pixels: more than the 4 KB under which a value is read with the header, not deferred
+    raw = rng.integers(info.min, info.max, size=(70, 90), endpoint=True, dtype=dtype)
+    ds = make_dataset(raw, bits_stored=bits, PixelRepresentation=int(signed))
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    path = write(ds, tmp_path / "img.dcm")
+    expected = dcmread(path).pixel_array.astype(np.float64)
+    assert not np.array_equal(expected, raw.astype(np.float64)) or bits == raw.itemsize * 8  # bits were cut
+    image, meta = read_dicom(path if source == "path" else path.read_bytes(), flip=False, apply_voi=False)
+    np.testing.assert_array_equal(image, expected)
+    assert image.dtype == np.float32 and meta.bits_stored == bits
+
+
+def test_native_pixels_of_a_tiny_image_read_with_the_header(tmp_path):
+    pixels = left_heavy()  # 108 bytes: pydicom reads it with the header rather than deferring it
+    image, _ = read_dicom(write(make_dataset(pixels), tmp_path / "img.dcm"), flip=False)
+    np.testing.assert_array_equal(image, pixels)
+
+
+WINDOW_CASES = {
+    # name: (bits_stored, attrs); pydicom's apply_voi_lut is the reference
+    "linear": (12, {"WindowCenter": 1800, "WindowWidth": 900}),
+    "linear_named": (12, {"WindowCenter": 1800, "WindowWidth": 900, "VOILUTFunction": "LINEAR"}),
+    "several_windows_take_the_first": (16, {"WindowCenter": [30000, 1000], "WindowWidth": [20000, 50]}),
+    "after_rescale": (12, {"WindowCenter": 3000, "WindowWidth": 2000, "RescaleSlope": 2, "RescaleIntercept": -100}),
+    "wider_than_the_range": (12, {"WindowCenter": 2048, "WindowWidth": 100000}),
+    # the general code's cases: the fast path declines them
+    "linear_exact": (12, {"WindowCenter": 1800, "WindowWidth": 900, "VOILUTFunction": "LINEAR_EXACT"}),
+    "sigmoid": (12, {"WindowCenter": 1800, "WindowWidth": 900, "VOILUTFunction": "SIGMOID"}),
+    "width_one_is_a_step": (12, {"WindowCenter": 1800, "WindowWidth": 1}),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_window_equals_pydicoms(tmp_path, case):
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    bits, attrs = WINDOW_CASES[case]
+    stored = np.random.default_rng(3).integers(0, 2**bits, size=(40, 60), dtype=np.uint16)
+    path = write(make_dataset(stored, bits_stored=bits, **attrs), tmp_path / "img.dcm")
+    ds = dcmread(path)
+    expected = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+    image, _ = read_dicom(path, flip=False)
+    np.testing.assert_allclose(image, expected, rtol=1e-6, atol=1e-3 * max(1.0, float(np.ptp(expected))) / 4096)
+    assert np.ptp(image) > 0
+
+
+MASK_CASES = {
+    "binary_uint8": (np.array([[0, 255, 0], [0, 255, 255]], np.uint8), {}),
+    "any_positive_value": (np.array([[0, 3, 0], [1, 0, 65535]], np.uint16), {}),
+    "monochrome1_zero_is_the_lesion": (
+        np.array([[0, 255, 255], [255, 0, 255]], np.uint8),
+        {"PhotometricInterpretation": "MONOCHROME1"},
+    ),
+    "rescaled_below_zero": (np.array([[0, 1, 2], [3, 4, 5]], np.uint8), {"RescaleSlope": 1, "RescaleIntercept": -2}),
+    "identity_rescale": (np.array([[0, 1, 0], [0, 0, 9]], np.uint8), {"RescaleSlope": 1, "RescaleIntercept": 0}),
+    "signed": (np.array([[-5, 0, 7], [1, -1, 0]], np.int16), {"PixelRepresentation": 1}),
+}
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+@pytest.mark.parametrize("flip", [False, True])
+def test_mask_read_equals_the_float_image_above_zero(tmp_path, case, flip):
+    pixels, attrs = MASK_CASES[case]
+    path = write(make_dataset(pixels, **attrs), tmp_path / "mask.dcm")
+    mask, meta = read_dicom_mask(path, flip=flip)
+    image, _ = read_dicom(path, flip=flip, apply_voi=False)
+    assert mask.dtype == bool and mask.flags.c_contiguous
+    np.testing.assert_array_equal(mask, image > 0)
+    assert mask.any() and not mask.all()
+    assert (meta.flipped, meta.orientation_source) == (flip, "caller")
