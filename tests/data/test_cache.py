@@ -110,6 +110,8 @@ def test_resume_after_lost_shards_gives_the_same_cache(tmp_path, small_index):
     prepare_cache(manifest, split_of, c, out, progress=False)
     reference_index = pd.read_parquet(out / "index.parquet")
     reference = arrays(out)
+    reference_mean = np.load(out / "mean_image.npy")
+    reference_meta = json.loads((out / "cache.json").read_text())
     # lose a finished shard, and leave half-written temp files behind as a crash would
     (out / "shards" / "shard-00001.parquet").unlink()
     (out / "shards" / "shard-00001.images.tmp999.npy").write_bytes(b"partial")
@@ -120,6 +122,11 @@ def test_resume_after_lost_shards_gives_the_same_cache(tmp_path, small_index):
     assert again.keys() >= reference.keys()
     for name, array in reference.items():
         np.testing.assert_array_equal(again[name], array)
+    # the training statistics sum reused shards (read back) and the redone one (from its worker) alike
+    np.testing.assert_array_equal(np.load(out / "mean_image.npy"), reference_mean)
+    meta = json.loads((out / "cache.json").read_text())
+    assert (meta["train_mean"], meta["train_std"]) == (reference_meta["train_mean"], reference_meta["train_std"])
+    assert meta["summary"]["images_decoded"] < reference_meta["summary"]["images_decoded"]  # only the lost shard
 
 
 # The child SIGKILLs its whole process group (itself and its shard workers) as soon as two shards
