@@ -4,6 +4,7 @@ requests per second under concurrency, measured side by side in one run.
     python benchmarks/bench_serve.py                       # 4 levynet members at 64 px, 200 requests
     python benchmarks/bench_serve.py --model resnet18 --members 10 --px 224 --requests 300 --clients 32
     python benchmarks/bench_serve.py --smoke               # tiny: a check that it runs
+    python benchmarks/bench_serve.py --haproxy             # Serve's high-throughput mode: HAProxy as the proxy
 
 Members with random weights (speed does not depend on them) are saved as checkpoints and served
 the way ``mammo-ray serve`` serves them (``mammo_ray.cli.serve.start_app`` on a local Ray, ``--max-batch-size``
@@ -144,7 +145,7 @@ def http_post(url: str, data: bytes, box: str, timings: list[dict[str, float]] |
 
 
 STAGES = {
-    "proxy": "client to the app and back: HTTP, Serve's proxy, the proxy-to-ingress hop (client - total)",
+    "proxy": "client to the app and back: HTTP, Serve's proxy (or HAProxy), the hop to the ingress (client - total)",
     "ingress": "the app before the model call: auth, multipart parsing, form checks",
     "queue": "the handle's hop to the model replica and the batch wait",
     "model": "the batch's work in the replica: decode, crop, transform, every member",
@@ -260,11 +261,20 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait", type=float, help="batch_wait_timeout_s of the replica (default: the app's)")
     parser.add_argument("--execution", default="auto", choices=["auto", "loop", "stacked"])
+    parser.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="Ray Serve's high-throughput mode (`mammo-ray serve --haproxy`): HAProxy in place of the Python proxy",
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--workdir")
     args = parser.parse_args()
     if args.smoke:
         args.members, args.requests, args.clients = 2, 20, 4
+    if args.haproxy:  # before Ray and Serve start: they read the mode from the environment
+        from mammo_ray.cli.serve import use_haproxy
+
+        use_haproxy()
     out = resolve_workdir(args.workdir) / "benchmarks"
     figures, execution = measure_serve(
         out,
@@ -289,6 +299,7 @@ def main() -> None:
     }
     lp, hp = record["in_process"], record["http_sequential"]
     print(
+        f"{'HAProxy' if args.haproxy else 'Serve proxy'}, "
         f"{args.members} x {args.model} at {args.px} px, {args.requests} requests, execution "
         f"{execution['chosen']} (loop {execution['loop_s']}, stacked {execution['stacked_s']})"
     )

