@@ -472,6 +472,7 @@ def print_search(s: dict[str, Any], args: argparse.Namespace) -> None:
 # --- members: a 1-worker ensemble member in process against a TorchTrainer --------------------------
 
 MEMBER_PATHS = (("in process", True), ("TorchTrainer", False))
+MEMBER_FLAGS = {True: "in-process", False: "torchtrainer"}  # --member-paths of each
 
 
 def member_overrides(args: argparse.Namespace, in_process: bool) -> list[str]:
@@ -530,8 +531,9 @@ def run_members(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     members.build_tuner = timed_build_tuner
     rows: dict[str, dict[str, Any]] = {}
+    chosen = [label for label, flag in MEMBER_PATHS if args.member_paths in ("both", MEMBER_FLAGS[flag])]
     try:
-        for label, _ in MEMBER_PATHS:
+        for label in chosen:
             print(f"[members] {label}: {args.members} members x {args.member_epochs} epochs", flush=True)
             start = time.perf_counter()
             summary = members.run_ensemble(configs[label], member_dir, progress=False)
@@ -555,6 +557,8 @@ def run_members(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             print(f"[members] {label}: fit {wall:.1f} s, work {work:.1f} s", flush=True)
     finally:
         members.build_tuner = build_tuner
+    if len(rows) < 2:
+        return {"paths": rows, "fixed_cost_ratio": None, "fit_wall_ratio": None}
     a, b = rows["in process"], rows["TorchTrainer"]
     return {
         "paths": rows,
@@ -580,10 +584,11 @@ def print_members(m: dict[str, Any], args: argparse.Namespace) -> None:
             f"{row['ideal_s']:>9.1f}{row['wall_over_ideal']:>12.2f}{row['fixed_s_per_member']:>16.2f}"
             f"{row['run_ensemble_s']:>16.1f}"
         )
-    print(
-        f"TorchTrainer / in process: fixed cost per member {m['fixed_cost_ratio']}x, "
-        f"members' wall {m['fit_wall_ratio']}x"
-    )
+    if m["fixed_cost_ratio"] is not None:
+        print(
+            f"TorchTrainer / in process: fixed cost per member {m['fixed_cost_ratio']}x, "
+            f"members' wall {m['fit_wall_ratio']}x"
+        )
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -643,6 +648,12 @@ def main() -> None:
     members.add_argument("--member-epochs", type=int, default=2, help="train.epochs of each member")
     members.add_argument("--member-concurrency", type=int, default=2, help="ensemble.max_concurrent_trials")
     members.add_argument("--member-cpus", type=float, default=0.99, help="train.cpus_per_worker of each member")
+    members.add_argument(
+        "--member-paths",
+        choices=("both", "in-process", "torchtrainer"),
+        default="both",
+        help="which paths to run (one alone: e.g. 100 members in process, where the TorchTrainer half takes an hour)",
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",
