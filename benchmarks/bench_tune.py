@@ -59,13 +59,13 @@ import math
 import os
 import platform
 import shutil
-import socket
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from mammo_ray.ray_session import free_port
 from mammo_ray.workdir import resolve_workdir
 
 # Ray's bookkeeping benchmark (Tune scalability benchmarks, docs.ray.io): 10,000 trials x 1 s,
@@ -111,12 +111,6 @@ def overhead_trial(config: dict) -> None:
 # --- Ray ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_ray(num_cpus: int, *, dashboard: bool, attempts: int = 3) -> dict[str, Any]:
     """Join ``$RAY_ADDRESS``, or start a local Ray (retried: a busy machine can time ``ray.init`` out)."""
     import ray
@@ -128,7 +122,7 @@ def start_ray(num_cpus: int, *, dashboard: bool, attempts: int = 3) -> dict[str,
         saved = os.environ.get("RAY_API_SERVER_ADDRESS")
         try:
             if dashboard:
-                port = _free_port()
+                port = free_port()
                 # Pin Ray's state API to this Ray's dashboard. Left to itself it finds the cluster
                 # by looking for GCS processes, and fails ("Found multiple active Ray instances")
                 # when another local Ray runs on the machine; Train's placement-group cleaner

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free loopback port, bound and released (for servers that cannot share one)."""
     # Bound and released: Ray's dashboard cannot share a port (no SO_REUSEPORT), so it cannot be held
     # as ``reserved_port`` holds one. The kernel hands out ephemeral ports in turn, so the gap matters
     # only against a process that picks this very number itself.
@@ -68,7 +69,7 @@ def init_ray(
     # resources of a trial that ASHA stops (without it they stay reserved and a search stalls).
     # Its address is pinned in the environment, which Ray's workers inherit: with a second Ray on
     # the same machine, an unpinned state-API call fails with "multiple active Ray instances".
-    port = _free_port()
+    port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
         num_cpus=num_cpus,

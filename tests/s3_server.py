@@ -8,17 +8,12 @@ points pyarrow (Ray's storage), boto3 and MLflow at it: fake credentials, a regi
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from moto.server import ThreadedMotoServer
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from mammo_ray.ray_session import free_port
 
 
 @contextmanager
@@ -27,7 +22,7 @@ def s3_server(bucket: str) -> Iterator[dict[str, str]]:
     import boto3
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {

@@ -34,7 +34,7 @@ def use_haproxy(address: str | None = None) -> dict[str, int]:
     (its controller and proxy inherit it). Returns HAProxy's stats and metrics ports: free ones, since HAProxy
     binds both on every interface. Raises ``ValueError`` for a running cluster (``address`` or ``$RAY_ADDRESS``),
     whose Serve chose its proxy when it started, and ``RuntimeError`` once Serve's modules are imported."""
-    import socket
+    from mammo_ray.ray_session import free_port
 
     if address or os.environ.get("RAY_ADDRESS"):
         raise ValueError(
@@ -45,11 +45,7 @@ def use_haproxy(address: str | None = None) -> dict[str, int]:
         )
     if "ray.serve" in sys.modules:
         raise RuntimeError("use_haproxy() must run before ray.serve is imported: Serve reads its mode at import")
-    ports = {}
-    for key in HAPROXY_PORTS:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports[key] = sock.getsockname()[1]
+    ports = {key: free_port() for key in HAPROXY_PORTS}
     os.environ.update(HAPROXY_ENV | {key: str(port) for key, port in ports.items()})
     return ports
 
