@@ -40,11 +40,13 @@ serve: install
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORKDIR))/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
+# scripts/run_tests.py: pytest's own exit status, without the interpreter's finalization (a rare SIGSEGV in
+# native libraries' destructors after the summary); -X faulthandler prints every thread's stack on a crash.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -X faulthandler scripts/run_tests.py
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not ray and not slow and not gpu" -q
+	$(BIN)/python -X faulthandler scripts/run_tests.py -m "not ray and not slow and not gpu" -q
 
 lint: install
 	$(BIN)/ruff check .
