@@ -139,6 +139,7 @@ def test_prepare_reads_through_the_links_and_its_cache_names_no_patient(indexed,
             assert original.encode() not in path.read_bytes(), f"{original} in {path.name}"
 
 
+@pytest.mark.slow
 def test_config_flag_anonymizes_the_pipeline_and_the_mlflow_datasets(tmp_path, tiny_config):
     from mammo_ray.data.anonymize import AnonymizeError
     from mammo_ray.data.pipeline import ensure_prepared

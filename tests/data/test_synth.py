@@ -296,6 +296,7 @@ def texture_auc(root: Path) -> tuple[float, int, list[float]]:
     return float(roc_auc_score(y, prob)), len(y), single
 
 
+@pytest.mark.slow
 def test_texture_features_separate_pathology_but_not_perfectly(tmp_path):
     # ~85 mass lesions (~160 crops); by hand, seeds 0, 1, 2, 11 gave 0.73-0.87 (shape/margin oracle 0.85-0.95).
     synthesize(tmp_path, patients=120, seed=11, size=(640, 400), progress=False, workers=2)

@@ -146,6 +146,7 @@ def test_run_status_finished_and_failed(tmp_path):
     assert "boom" in MlflowClient(uri).get_run(failed.run_id).data.tags["error"]
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_run_killed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     script = textwrap.dedent(f"""

@@ -159,6 +159,7 @@ def _run_killed_with_sigkill(uri: str) -> tuple[str, int]:
     return run_id, owner.pid
 
 
+@pytest.mark.slow
 def test_a_run_whose_process_was_killed_ends_failed_and_live_ones_stay_running(store):
     client = MlflowClient(store)
     live = _open_run(store, "live")  # held by this test's process (whose first TrackedRun reaps: nothing yet)
