@@ -107,6 +107,15 @@ def resize(image: np.ndarray, size: tuple[int, int], *, nearest: bool = False) -
     return np.asarray(out, dtype=np.float32)
 
 
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A 0/1 mask resized to (H, W) as uint8 by nearest neighbour: ``resize(mask, size, nearest=True)`` in 8 bits."""
+    h, w = size
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    if mask.shape == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask, mode="L").resize((w, h), Image.Resampling.NEAREST))
+
+
 def crop_resized(image: np.ndarray, box: Box, px: int, fill: float = 0.0) -> np.ndarray:
     """The ``box`` of ``image`` (padded with ``fill`` past the border) resized to ``px`` x ``px``: a cache crop."""
     return resize(crop_padded(image, box, fill=fill), (px, px))
@@ -141,7 +150,13 @@ def source_value_map(image: np.ndarray) -> ValueMap:
 def store_uint16(crop: np.ndarray, value_map: ValueMap) -> np.ndarray:
     """``crop`` in the stored uint16 range of its source image (see ``source_value_map``)."""
     offset, scale = value_map
-    return np.rint(np.clip((crop.astype(np.float64) - offset) * scale, 0.0, 65535.0)).astype(np.uint16)
+    values = crop.astype(np.float64)  # the one copy: each step below works in place
+    if offset:
+        values -= offset
+    if scale != 1.0:
+        values *= scale
+    np.clip(values, 0.0, 65535.0, out=values)
+    return np.rint(values, out=values).astype(np.uint16)
 
 
 def to_uint16(image: np.ndarray, value_map: ValueMap | None = None) -> tuple[np.ndarray, float]:

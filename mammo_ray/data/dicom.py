@@ -33,6 +33,7 @@ other case (compressed syntaxes, big endian, LUTs, other VOI functions) is pydic
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import re
@@ -70,6 +71,7 @@ _SIDE_TOKENS = {"L", "R", "LEFT", "RIGHT"}
 _VIEW_TOKENS = {"CC", "MLO"}
 _TOKEN_SPLIT = re.compile(r"[_\-/\\.\s]+")
 _SIDE_VIEW_TOKEN = re.compile(r"^([LR])(CC|MLO)$")  # original DDSM style: "LEFT_CC" or "LCC"
+_DIGITS_AND_DOTS = re.compile(r"[\d.]*")
 # The elements read_dicom consults, read once per file into a plain dict (``_header``).
 _HEADER_KEYWORDS = (
     "SamplesPerPixel",
@@ -265,18 +267,27 @@ def parse_side_view_from_path(path: str | os.PathLike) -> tuple[Side | None, Vie
     """
     side = view = None
     for part in reversed(PurePath(os.fspath(path)).parts):
-        sides, views = set(), set()
-        for token in _TOKEN_SPLIT.split(part.upper()):
-            if match := _SIDE_VIEW_TOKEN.match(token):
-                sides.add(Side.parse(match[1]))
-                views.add(View.parse(match[2]))
-            elif token in _SIDE_TOKENS:
-                sides.add(Side.parse(token))
-            elif token in _VIEW_TOKENS:
-                views.add(View.parse(token))
-        side = side or (sides.pop() if len(sides) == 1 else None)
-        view = view or (views.pop() if len(views) == 1 else None)
+        sides, views = _part_side_view(part)
+        side = side or (next(iter(sides)) if len(sides) == 1 else None)
+        view = view or (next(iter(views)) if len(views) == 1 else None)
     return side, view
+
+
+@functools.lru_cache(maxsize=4096)  # a dataset's folders repeat from file to file
+def _part_side_view(part: str) -> tuple[frozenset[Side], frozenset[View]]:
+    """The sides and views one path component names."""
+    sides, views = set(), set()
+    if _DIGITS_AND_DOTS.fullmatch(part):  # a UID folder: no tokens, and one of these per file
+        return frozenset(), frozenset()
+    for token in _TOKEN_SPLIT.split(part.upper()):
+        if match := _SIDE_VIEW_TOKEN.match(token):
+            sides.add(Side.parse(match[1]))
+            views.add(View.parse(match[2]))
+        elif token in _SIDE_TOKENS:
+            sides.add(Side.parse(token))
+        elif token in _VIEW_TOKENS:
+            views.add(View.parse(token))
+    return frozenset(sides), frozenset(views)
 
 
 def _open(path: DicomSource, name: str | None) -> tuple[str, Dataset, int]:
@@ -345,18 +356,46 @@ def _header(ds: Dataset) -> dict[str, Any]:
     set: ``Dataset.get`` costs about 30 us an element on top of the conversion, which is a
     third of reading a small film. Sequences go through the data set, because the LUT
     functions read them from there (and ``_to_canonical_intensity`` adjusts one in place).
+    The values are shared between reads (``_converted``): read them, never change them.
     """
     values: dict[str, Any] = {}
     encoding = ds.original_character_set
+    charset = tuple(encoding) if isinstance(encoding, (list, MultiValue)) else encoding
     for keyword, tag in _HEADER_TAGS:
         if keyword.endswith("Sequence"):
             values[keyword] = ds.get(keyword)
             continue
         elem = ds.get_item(tag)
         if isinstance(elem, RawDataElement):
-            elem = convert_raw_data_element(elem, encoding=encoding, ds=ds)
-        values[keyword] = None if elem is None else elem.value
+            values[keyword] = _converted(elem, encoding, charset, ds)
+        else:
+            values[keyword] = None if elem is None else elem.value
     return values
+
+
+# pydicom's value of a raw header element, by everything the conversion reads: tag (the VR of an
+# implicit-VR file comes from it), VR, encoding, the bytes and the character set. Films of one
+# source repeat most header values (Rows, PhotometricInterpretation, bits, window), and the
+# conversion costs about 25 us an element, a fifth of reading a small film; a hit is a lookup.
+_CONVERTED: dict[tuple[Any, ...], Any] = {}
+_CONVERTED_MAX = 4096  # entries; cleared when full (a new PatientID per patient would fill it)
+_CONVERTED_MAX_BYTES = 256  # longer values are converted every time
+
+
+def _converted(elem: RawDataElement, encoding: Any, charset: Any, ds: Dataset) -> Any:
+    raw = elem.value
+    if not isinstance(raw, bytes) or len(raw) > _CONVERTED_MAX_BYTES or (elem.VR and " or " in elem.VR):
+        return convert_raw_data_element(elem, encoding=encoding, ds=ds).value  # deferred, long or ambiguous
+    key = (elem.tag, elem.VR, elem.is_implicit_VR, elem.is_little_endian, raw, charset)
+    try:
+        return _CONVERTED[key]
+    except KeyError:
+        pass
+    value = convert_raw_data_element(elem, encoding=encoding, ds=ds).value
+    if len(_CONVERTED) >= _CONVERTED_MAX:
+        _CONVERTED.clear()
+    _CONVERTED[key] = value
+    return value
 
 
 def _check_header(name: str, ds: Dataset, size: int, max_rows: int, max_cols: int) -> tuple[DicomMeta, dict[str, Any]]:
@@ -413,12 +452,14 @@ def _checked_meta(name: str, ds: Dataset, h: dict[str, Any], size: int, max_rows
         _check_native_length(name, ds, syntax, rows * cols * allocated // 8, size)
 
     side, view = _side_view_from_header(h)
-    path_side, path_view = parse_side_view_from_path(name)
+    if side is None or view is None:  # the header wins; the path's tokens fill in what it lacks
+        path_side, path_view = parse_side_view_from_path(name)
+        side, view = side or path_side, view or path_view
     return DicomMeta(
         path=name,
         patient_id=str(h["PatientID"] or ""),
-        side=side or path_side,
-        view=view or path_view,
+        side=side,
+        view=view,
         rows=rows,
         columns=cols,
         pixel_spacing=_pixel_spacing(h),

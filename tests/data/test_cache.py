@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pandas as pd
 import pytest
 
 from mammo_ray.config import DataConfig
+from mammo_ray.data import cache as cache_module
 from mammo_ray.data.cache import CacheError, prepare_cache
 from mammo_ray.data.datasets import CropCache
 
@@ -183,3 +186,25 @@ def test_sigkill_mid_prepare_resumes_to_the_same_cache(tmp_path, small_index):
     for name, array in ref_arrays.items():
         np.testing.assert_array_equal(got[name], array)
     shutil.rmtree(out)
+
+
+def test_forked_and_spawned_workers_write_the_same_cache(tmp_path, small_index, monkeypatch):
+    """prepare forks its workers when no other thread runs (they start at once) and spawns them beside one."""
+    manifest, split_of = small_index
+    c = cfg(crop="patch", num_workers=2)
+    stop = threading.Event()
+    beside = threading.Thread(target=stop.wait, daemon=True)
+    beside.start()
+    try:
+        assert cache_module._worker_context().get_start_method() == "spawn"
+        prepare_cache(manifest, split_of, c, tmp_path / "spawned", progress=False)
+    finally:
+        stop.set()
+        beside.join()
+    monkeypatch.setattr(cache_module, "_worker_context", lambda: mp.get_context("fork"))
+    prepare_cache(manifest, split_of, c, tmp_path / "forked", progress=False)
+    spawned, forked = (pd.read_parquet(tmp_path / name / "index.parquet") for name in ("spawned", "forked"))
+    assert len(spawned) > 0
+    pd.testing.assert_frame_equal(spawned, forked)
+    a, b = arrays(tmp_path / "spawned"), arrays(tmp_path / "forked")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -35,6 +35,7 @@ from mammo_ray.data.dicom import (
     DEFAULT_MAX_DIM,
     DicomMeta,
     DicomReadError,
+    _header,
     parse_side_view_from_path,
     read_dicom,
     read_dicom_header,
@@ -682,3 +683,29 @@ def test_mask_read_equals_the_float_image_above_zero(tmp_path, case, flip):
     np.testing.assert_array_equal(mask, image > 0)
     assert mask.any() and not mask.all()
     assert (meta.flipped, meta.orientation_source) == (flip, "caller")
+
+
+def test_header_values_equal_pydicoms_own_read_twice():
+    """``_header`` memoizes conversions by the raw element: each value must still be what pydicom gives.
+
+    pydicom's shipped files cover explicit and implicit VR, big endian, other character sets and
+    deferred values; the second pass reads every value from the memo.
+    """
+    # The files pydicom ships (get_testdata_files would also try to download its external set).
+    paths = sorted(Path(get_testdata_file("MR_small.dcm")).parent.glob("*.dcm"))
+    compared = 0
+    for _ in range(2):
+        for path in paths:
+            try:
+                ds = dcmread(path, defer_size=4096)
+                values = _header(ds)
+                truth = dcmread(path, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - files pydicom itself cannot read are not this test's subject
+                continue
+            for keyword, value in values.items():
+                if keyword.endswith("Sequence"):
+                    continue
+                expected = truth[keyword].value if keyword in truth else None
+                assert value == expected and type(value) is type(expected), (path, keyword, value, expected)
+                compared += value is not None
+    assert compared > 200
