@@ -32,7 +32,7 @@ from pathlib import Path
 import pydicom
 
 from mammo_ray.config import DataConfig
-from mammo_ray.data.cache import prepare_cache
+from mammo_ray.data.cache import prepare_cache, worker_context
 from mammo_ray.data.index import index_dataset
 from mammo_ray.data.splits import make_splits
 from mammo_ray.data.synthetic import csv_source, synthesize
@@ -115,6 +115,7 @@ def main() -> None:
     bound = len(paths) / (len(paths) / raw + len(masks) / raw_masks)  # films/s decoding films and masks
     bound_n = parallel_bound(paths, masks, args.workers, args.repeats)  # the same, every core busy
     cfg = DataConfig(crop=args.crop, abnormality="all", num_workers=1, cache_px=256, input_px=224)
+    start_method = worker_context().get_start_method()  # fork when nothing else runs here, else spawn
     one, decoded = prepare_rate(manifest, split_of, cfg, workdir / "cache-1")
     many, _ = prepare_rate(
         manifest, split_of, cfg.model_copy(update={"num_workers": args.workers}), workdir / f"cache-{args.workers}"
@@ -124,6 +125,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "pydicom": pydicom.__version__},
         "replica": args.replica,
         "load_average": os.getloadavg(),
+        "prepare_worker_start": start_method,
         "images": len(paths),
         "masks": len(masks),
         "image_size": [h, w],
@@ -143,7 +145,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     print(
         f"{len(paths)} films ({len(masks)} ROI masks) of {h}x{w}, crop mode {args.crop}, "
-        f"load average {os.getloadavg()[0]:.2f}"
+        f"load average {os.getloadavg()[0]:.2f}, prepare's workers start by {start_method}"
     )
     print(f"  raw pydicom decode, films          {raw:8.1f} images/s")
     print(f"  raw decode, films + their masks    {bound:8.1f} images/s   (the bound, 1 process)")

@@ -84,6 +84,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _fingerprint(cfg: DataConfig, rows: pd.DataFrame) -> tuple[dict[str, Any], str]:
     params = {name: getattr(cfg, name) for name in CROP_FIELDS} | {"cache_format": CACHE_FORMAT}
+    # Shard i holds films i*n..(i+1)*n-1: a resume with another n would take other films' shards as done.
+    params["shard_images"] = cfg.shard_images
     params = json.loads(json.dumps(params))  # tuples -> lists, as they come back from JSON
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(pd.util.hash_pandas_object(rows, index=False).values.tobytes())
@@ -112,15 +114,17 @@ def _shards(rows: pd.DataFrame, per_shard: int) -> list[list[dict[str, Any]]]:
     return [items[start : start + per_shard] for start in range(0, len(items), per_shard)]
 
 
-def _worker_context() -> mp.context.BaseContext:
+def worker_context() -> mp.context.BaseContext:
     """How prepare starts its workers: fork on Linux when this process runs no other thread, else spawn.
 
     A forked worker starts at once with the parent's imports; a spawned one imports pandas, pydicom
     and scipy again (1.5-2 s of a 14 s replica prepare with 2 workers). Fork copies other threads'
-    locks mid-state (Ray's, gRPC's, a server's), so any thread besides this one means spawn. Native
+    locks mid-state (Ray's, gRPC's, a server's), so another thread (but tqdm's monitor) means spawn. Native
     pools that are not Python threads (BLAS, torch's) are not used by the workers.
     """
-    alone = threading.active_count() == 1
+    # tqdm's monitor thread (left running by an earlier bar) only refreshes bars; workers never use tqdm.
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and t is not tqdm.monitor]
+    alone = not others
     return mp.get_context("fork" if alone and sys.platform == "linux" else "spawn")
 
 
@@ -204,7 +208,7 @@ def prepare_cache(
     )
     results: dict[int, ShardResult] = {}
     if todo:
-        pool = ProcessPoolExecutor(max(1, min(cfg.num_workers, len(todo))), mp_context=_worker_context())
+        pool = ProcessPoolExecutor(max(1, min(cfg.num_workers, len(todo))), mp_context=worker_context())
         try:
             futures = {pool.submit(process_shard, i, shards[i], params, str(cache_dir), cfg.seed): i for i in todo}
             for future in as_completed(futures):

@@ -196,15 +196,23 @@ def test_forked_and_spawned_workers_write_the_same_cache(tmp_path, small_index, 
     beside = threading.Thread(target=stop.wait, daemon=True)
     beside.start()
     try:
-        assert cache_module._worker_context().get_start_method() == "spawn"
+        assert cache_module.worker_context().get_start_method() == "spawn"
         prepare_cache(manifest, split_of, c, tmp_path / "spawned", progress=False)
     finally:
         stop.set()
         beside.join()
-    monkeypatch.setattr(cache_module, "_worker_context", lambda: mp.get_context("fork"))
+    monkeypatch.setattr(cache_module, "worker_context", lambda: mp.get_context("fork"))
     prepare_cache(manifest, split_of, c, tmp_path / "forked", progress=False)
     spawned, forked = (pd.read_parquet(tmp_path / name / "index.parquet") for name in ("spawned", "forked"))
     assert len(spawned) > 0
     pd.testing.assert_frame_equal(spawned, forked)
     a, b = arrays(tmp_path / "spawned"), arrays(tmp_path / "forked")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_with_another_shard_size_is_refused_by_name(tmp_path, small_index):
+    """Shards are numbered by position: with another ``shard_images`` a resume would mix other films' shards."""
+    manifest, split_of = small_index
+    prepare_cache(manifest, split_of, cfg(crop="fixed", shard_images=4), tmp_path / "c", progress=False)
+    with pytest.raises(CacheError, match="shard_images"):
+        prepare_cache(manifest, split_of, cfg(crop="fixed", shard_images=2), tmp_path / "c", progress=False)
