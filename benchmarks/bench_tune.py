@@ -495,6 +495,32 @@ def epoch_seconds(experiment_dir: str | Path) -> list[list[float]]:
     return trials
 
 
+def member_stages(
+    summary: dict[str, Any], fit_start: float, fit_end: float, per_trial: list[list[float]], slots: int
+) -> dict[str, float]:
+    """Where the members' fit() went, from the members' MLflow runs (their start and end times):
+    ``start_s`` from fit() to the first member's run, ``end_s`` from the last run's end to fit()'s
+    return, ``in_run_s`` per member its run's time beyond its epochs (data and model set-up, per-epoch
+    checkpoints and logging, final evaluation, model logging), ``between_s`` per member the slot time
+    outside any run (Tune's hand-over to the next trial, the trial's own start)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    runs = [client.get_run(m["run_id"]).info for m in summary["member_runs"] if m["run_id"]]
+    if not runs:
+        return {}
+    first, last = min(r.start_time for r in runs) / 1000, max(r.end_time for r in runs) / 1000
+    in_runs = sum((r.end_time - r.start_time) / 1000 for r in runs)
+    work = sum(sum(t) for t in per_trial)
+    return {
+        "start_s": round(first - fit_start, 2),
+        "span_s": round(last - first, 2),
+        "end_s": round(fit_end - last, 2),
+        "in_run_s_per_member": round((in_runs - work) / len(runs), 3),
+        "between_s_per_member": round(((last - first) * slots - in_runs) / len(runs), 3),
+    }
+
+
 def run_members(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import mammo_ray.search.members as members
     from mammo_ray.config import load_config
@@ -514,11 +540,14 @@ def run_members(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         fit = tuner.fit
 
         def timed_fit() -> Any:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
+            fit_s["start_epoch_s"] = time.time()
             try:
                 return fit()
             finally:
                 fit_s["last"] = time.perf_counter() - start
+                fit_s["end_epoch_s"] = time.time()
+                fit_s["driver_cpu_s"] = time.process_time() - cpu
 
         tuner.fit = timed_fit
         return tuner
@@ -546,6 +575,10 @@ def run_members(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "wall_over_ideal": round(wall / ideal, 3) if ideal else None,
                 "fixed_s_per_member": round((wall * args.member_concurrency - work) / args.members, 2),
                 "run_ensemble_s": round(total, 1),
+                "driver_cpu_s": round(fit_s.pop("driver_cpu_s"), 2),
+                "stages": member_stages(
+                    summary, fit_s.pop("start_epoch_s"), fit_s.pop("end_epoch_s"), per_trial, args.member_concurrency
+                ),
                 "experiment_dir": summary["experiment_dir"],
             }
             print(f"[members] {label}: fit {wall:.1f} s, work {work:.1f} s", flush=True)
@@ -578,6 +611,18 @@ def print_members(m: dict[str, Any], args: argparse.Namespace) -> None:
             f"{row['ideal_s']:>9.1f}{row['wall_over_ideal']:>12.2f}{row['fixed_s_per_member']:>16.2f}"
             f"{row['run_ensemble_s']:>16.1f}"
         )
+    print("Where the fit went (from the members' MLflow runs):")
+    print(
+        f"{'path':<14}{'start s':>9}{'members s':>11}{'end s':>8}{'in-run s/member':>17}"
+        f"{'between s/member':>18}{'driver CPU s':>14}"
+    )
+    for label, row in m["paths"].items():
+        st = row["stages"]
+        if st:
+            print(
+                f"{label:<14}{st['start_s']:>9.1f}{st['span_s']:>11.1f}{st['end_s']:>8.1f}"
+                f"{st['in_run_s_per_member']:>17.2f}{st['between_s_per_member']:>18.2f}{row['driver_cpu_s']:>14.1f}"
+            )
     if m["fixed_cost_ratio"] is not None:
         print(
             f"TorchTrainer / in process: fixed cost per member {m['fixed_cost_ratio']}x, "

@@ -133,6 +133,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)  # best ones by `monitor` (the latest is kept too, for resuming)
     eval_bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the final AUC CI
     plots: bool = True  # the final evaluation's PNGs (ROC, confusion, curves, reliability, PR, referral)
+    # The network as an MLflow logged model of the run (the UI's Model column, mlflow.pytorch.load_model); the
+    # checkpoint is logged as an artifact either way
+    log_model: bool = True
     # Ray Train/Tune storage (checkpoints, trial state, --resume): an absolute folder, or s3://bucket/prefix,
     # gs://bucket/prefix, file:///folder (train/storage.py); <workdir>/ray_results when unset
     storage_path: str | None = None
@@ -234,6 +237,10 @@ class EnsembleConfig(_Section):
     # Each member's own evaluation PNGs (train.plots for the members). Off: the ensemble draws its own, and six
     # plots cost a member about 2 s of CPU, most of its fixed cost (benchmarks/bench_tune.py --part members).
     member_plots: bool = False
+    # Each member's own MLflow logged model (train.log_model for the members). Off: the ensemble is registered as one
+    # model whose tags name every member's run and checkpoint; a member's logged model cost it about 0.1-0.25 s,
+    # a sixth of a small member's fixed cost (bench_tune.py --part members)
+    member_models: bool = False
     registered_model: str = "mammo-ray-ensemble"  # MLflow model registry name
     alias: str | None = "champion"  # registry alias moved to each new version (models:/<name>@<alias>); null: none
 

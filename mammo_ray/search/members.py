@@ -84,8 +84,14 @@ def config_from_search(config: Config, parent_run_id: str, workdir: Path) -> Con
 
 
 def member_config(config: Config) -> Config:
-    """A member's config: the ensemble's, with ``train.plots`` set by ``ensemble.member_plots``."""
-    return with_values(config, {"train.plots": config.ensemble.member_plots}, "ensemble.member_plots")
+    """A member's config: the ensemble's, with ``train.plots`` set by ``ensemble.member_plots`` and
+    ``train.log_model`` by ``ensemble.member_models``."""
+    e = config.ensemble
+    return with_values(
+        config,
+        {"train.plots": e.member_plots, "train.log_model": e.member_models},
+        "ensemble.member_plots and ensemble.member_models",
+    )
 
 
 def build_tuner(plan: Plan, config: Config, *, progress: bool) -> tune.Tuner:

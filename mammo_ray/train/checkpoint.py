@@ -69,11 +69,12 @@ def save_checkpoint(payload: dict[str, Any], directory: str | Path) -> Path:
     return target
 
 
-def store_decisions(path: str | Path, decisions: dict[str, Any]) -> Path:
+def store_decisions(path: str | Path, decisions: dict[str, Any], payload: dict[str, Any] | None = None) -> Path:
     """Put a decision policy (``decisions.policy.DecisionPolicy.to_dict``, fitted on the validation
-    split) into a checkpoint file as ``payload["decisions"]``, atomically; returns the file."""
+    split) into a checkpoint file as ``payload["decisions"]``, atomically; returns the file. ``payload``:
+    the file's content when the caller has already read it (it gets the policy too)."""
     target = checkpoint_file(path)
-    payload = load_checkpoint(target)
+    payload = load_checkpoint(target) if payload is None else payload
     payload["decisions"] = decisions
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     torch.save(payload, tmp)

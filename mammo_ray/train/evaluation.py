@@ -119,9 +119,11 @@ def predict_checkpoint(
     fold: int | None = None,
     splits_path: str | Path | None = None,
     progress: bool = False,
+    payload: dict[str, Any] | None = None,
 ) -> CheckpointPredictions:
-    """The prediction table of ``checkpoint`` on ``split`` (columns as ``loop.evaluate`` makes them)."""
-    payload = load_checkpoint(checkpoint)
+    """The prediction table of ``checkpoint`` on ``split`` (columns as ``loop.evaluate`` makes them);
+    ``payload``: the checkpoint's content when the caller has already read it."""
+    payload = load_checkpoint(checkpoint) if payload is None else payload
     model, spec, config = restore_model(payload, "cuda" if torch.cuda.is_available() else "cpu")
     if cache_dir is None:
         prepared = ensure_prepared(config, workdir, progress=progress)
@@ -160,9 +162,10 @@ def evaluate_checkpoint(
     splits_path: str | Path | None = None,
     progress: bool = False,
     plots: bool = True,
+    payload: dict[str, Any] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``checkpoint`` on ``split`` and write predictions, metrics and plots (unless ``plots`` is False)
-    to ``out_dir``.
+    to ``out_dir`` (``payload``: the checkpoint's content when the caller has already read it).
 
     The flat ``metrics`` of the result use the view mode's primary level (see
     ``loop.summarize_predictions``); ``image`` and ``exam`` hold every ``BinaryMetrics`` value.
@@ -171,7 +174,14 @@ def evaluate_checkpoint(
     evaluated when that is val), never on another split.
     """
     predicted = predict_checkpoint(
-        checkpoint, split, workdir, cache_dir=cache_dir, fold=fold, splits_path=splits_path, progress=progress
+        checkpoint,
+        split,
+        workdir,
+        cache_dir=cache_dir,
+        fold=fold,
+        splits_path=splits_path,
+        progress=progress,
+        payload=payload,
     )
     config = predicted.config
     policy: DecisionPolicy | None
@@ -181,7 +191,9 @@ def evaluate_checkpoint(
         val = (
             predicted
             if split == "val"
-            else predict_checkpoint(checkpoint, "val", workdir, cache_dir=cache_dir, fold=fold, splits_path=splits_path)
+            else predict_checkpoint(
+                checkpoint, "val", workdir, cache_dir=cache_dir, fold=fold, splits_path=splits_path, payload=payload
+            )
         )
         policy, source = _fit_on_val(val.frame, None, config), NO_POLICY
         source = "fitted on val now" if policy is not None else source

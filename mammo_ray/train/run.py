@@ -133,12 +133,12 @@ def run_name_for(config: Config, fold: int | None = None) -> str:
     return f"{config.model.name}-{config.model.view_mode}{suffix}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def log_model(run: TrackedRun, checkpoint: Path) -> str:
+def log_model(run: TrackedRun, checkpoint: Path, payload: dict[str, Any] | None = None) -> str:
     """The checkpoint's network as an MLflow 3 logged model of the run (the UI's Model column), loadable
     with ``mlflow.pytorch.load_model("models:/<model_id>")``: its signature and input example are the
     preprocessed tensor batch it takes (``mammo_ray.load`` and the registered ensemble take images).
-    Returns the model id."""
-    payload = load_checkpoint(checkpoint)
+    Returns the model id. ``payload``: the checkpoint's content when the caller has already read it."""
+    payload = load_checkpoint(checkpoint) if payload is None else payload
     model, spec, config = restore_model(payload)
     example = build_eval_transform(spec)(np.full((spec.cache_px,) * 2, 1000, np.uint16)).unsqueeze(0)
     inputs = (example, example.clone()) if config.model.view_mode == "multimodal" else example
@@ -285,10 +285,11 @@ def run_training(
             fold=fold,
             splits_path=prepared.splits,
             plots=config.train.plots,
+            payload=payload,  # read once here: each read of a small network's file cost a tiny member ~20 ms
         )
         metrics = evaluation.metrics
         if evaluation.policy is not None:  # calibration, thresholds and referral cut-off travel with the model
-            store_decisions(checkpoint, evaluation.policy.to_dict())
+            store_decisions(checkpoint, evaluation.policy.to_dict(), payload)
         run.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=payload["epoch"])
         run.set_tags(
             {
@@ -301,7 +302,8 @@ def run_training(
         decided = [evaluation.decisions["json"]] if evaluation.decisions else []
         run.log_artifacts([evaluation.predictions, out_dir / "metrics_val.json", *decided], "evaluation")
         run.log_artifact(checkpoint, "checkpoint")
-        log_model(run, checkpoint)
+        if config.train.log_model:
+            log_model(run, checkpoint, payload)
     return TrainOutcome(
         run_id=run.run_id,
         run_name=name,

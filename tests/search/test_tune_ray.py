@@ -148,6 +148,10 @@ def test_ensemble_from_search_beats_its_mean_member_and_registers(search, tiny_w
     assert len(members) == 3 and all(run.info.status == "FINISHED" for run in members)
     assert {run.data.params["model.name"] for run in members} == {best.model.name}
     assert {run.data.params["optim.lr"] for run in members} == {str(best.optim.lr)}  # only the seed differs
+    # ensemble.member_models is off by default: no member logs a model of its own, each logs its checkpoint
+    for run in members:
+        assert not client.get_run(run.info.run_id).outputs.model_outputs
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
     version = client.get_model_version("tiny-ensemble", result["registered_model"]["version"])
     assert set(version.tags["mammo_ray.member_run_ids"].split(",")) == {run.info.run_id for run in members}
     assert version.run_id == result["parent_run_id"]

@@ -87,3 +87,22 @@ def test_an_existing_experiment_is_tagged_and_a_set_kind_is_kept(tmp_path):
             pass
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
     assert client.get_experiment(mine).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_a_rewritten_splits_file_is_read_again(prepared, tmp_path):
+    """The datasets are built once per process for the same files: a splits file rewritten in place
+    (a new split saved over the old one) is read again, not served from that memo."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path / "splits.json"
+    splits = Splits.load(prepared.splits)
+    splits.save(path)
+    moved = PreparedData(**{**prepared.to_dict(), "splits": str(path)})
+    contexts = []
+    for rewrite in (False, True):
+        if rewrite:
+            dataclasses.replace(splits, train=sorted(splits.train + splits.val), val=[]).save(path)
+        with TrackedRun(uri, "lineage", f"rewrite-{rewrite}") as run:
+            log_data_inputs(run.client, run.run_id, moved)
+        inputs = MlflowClient(uri).get_run(run.run_id).inputs.dataset_inputs
+        contexts.append({next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in inputs})
+    assert contexts == [{"train", "val", "test"}, {"train", "test"}]

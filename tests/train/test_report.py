@@ -68,9 +68,12 @@ def test_without_plots_the_metrics_and_decisions_are_the_same_and_no_png_is_draw
     assert (tmp_path / "b" / "decisions_test.json").is_file()  # the decision report itself is still written
 
 
-def test_ensemble_members_draw_no_plots_unless_asked(tiny_config):
+def test_ensemble_members_draw_no_plots_and_log_no_model_unless_asked(tiny_config):
     from mammo_ray.search.members import member_config
 
     assert member_config(tiny_config()).train.plots is False
     assert member_config(tiny_config("ensemble.member_plots=true")).train.plots is True
     assert tiny_config().train.plots is True  # a training run of its own draws them
+    assert member_config(tiny_config()).train.log_model is False  # nor log a model of their own
+    assert member_config(tiny_config("ensemble.member_models=true")).train.log_model is True
+    assert tiny_config().train.log_model is True
