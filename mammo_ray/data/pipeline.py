@@ -24,7 +24,7 @@ from mammo_ray.data.splits import Splits, make_splits
 from mammo_ray.data.synthetic import csv_source, synthesize
 
 
-@dataclass
+@dataclass(frozen=True)  # never changed once made; hashable, so per-process memos can key on it
 class PreparedData:
     dataset_dir: str  # image tree (synthetic or the user's)
     manifest: str

@@ -13,7 +13,6 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -69,21 +68,20 @@ def _stamp(path: str) -> tuple[str, int, int]:
 
 @functools.lru_cache(maxsize=8)
 def _dataset_inputs(
-    prepared: tuple[tuple[str, Any], ...], manifest: tuple[str, int, int], splits: tuple[str, int, int]
+    prepared: PreparedData, manifest: tuple[str, int, int], splits: tuple[str, int, int]
 ) -> tuple[DatasetInput, ...]:
     """The inputs of ``prepared``, once per process for the same manifest and splits files: every ensemble
     member and search trial that a reused process trains logs the same three datasets, and reading the
     manifest and hashing its rows took about a sixth of a tiny member's fixed cost."""
     return tuple(
         DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, part)])
-        for part, dataset in split_datasets(PreparedData(**dict(prepared))).items()
+        for part, dataset in split_datasets(prepared).items()
     )
 
 
 def log_data_inputs(client: MlflowClient, run_id: str, prepared: PreparedData) -> None:
     """Log the train, val and test rows of ``prepared`` as the run's dataset inputs (one per context)."""
-    key = tuple(sorted(prepared.to_dict().items()))
-    inputs = list(_dataset_inputs(key, _stamp(prepared.manifest), _stamp(prepared.splits)))
+    inputs = list(_dataset_inputs(prepared, _stamp(prepared.manifest), _stamp(prepared.splits)))
     for attempt in range(5):
         try:
             client.log_inputs(run_id, datasets=inputs)
