@@ -7,12 +7,14 @@ requests per second under concurrency, measured side by side in one run.
     python benchmarks/bench_serve.py --haproxy             # Serve's high-throughput mode: HAProxy as the proxy
 
 Members with random weights (speed does not depend on them) are saved as checkpoints and served
-the way ``mammo-ray serve`` serves them (``mammo_ray.cli.serve.start_app`` on a local Ray, ``--max-batch-size``
-requests batched by ``@serve.batch``). Each request uploads one 16-bit PNG mammogram with an ROI
-box. ``in-process``: ``ModelRuntime.predict_items([item])`` on the same input, one call at a time
-(decode, crop, transform, every member's forward pass): the work a request costs without HTTP,
-Serve's proxy, the ingress or the handle. ``http sequential``: the same request over HTTP, one at a
-time: p50(http) - p50(in-process) is Serve's overhead per request. ``http concurrent``: ``--clients``
+the way ``mammo-ray serve`` serves them (``mammo_ray.cli.serve.start_app`` on a local Ray, up to ``--max-batch-size``
+requests batched by ``serving/batching.py``; ``--haproxy``: HAProxy and the combined topology, as ``mammo-ray
+serve --haproxy`` serves). Each request uploads one 16-bit PNG mammogram with an ROI box. ``in-process``:
+``ModelRuntime.predict_items([item])`` on the same input, one call at a time (decode, crop, transform, every
+member's forward pass) on as many torch threads as the replica has CPUs: the work a request costs without HTTP,
+Serve's proxy, the ingress or the handle. ``http sequential``: the same request over HTTP, one at a time, each in
+turn with an in-process call, so both see the same moments of the host: p50(http) - p50(in-process) is Serve's
+overhead per request. ``http concurrent``: ``--clients``
 threads sending ``--requests`` requests: requests per second, with the batching the load allows.
 Results go to WORKDIR/benchmarks/serve.json.
 For research use only. Not for use in diagnostic procedures.
@@ -101,7 +103,8 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 def parse_server_timing(header: str | None) -> dict[str, float]:
-    """``{"ingress": ms, ...}`` from a ``Server-Timing`` header (entries without ``dur`` are left out)."""
+    """``{"ingress": ms, ..., "batch": requests}`` from a ``Server-Timing`` header (other entries without ``dur``
+    are left out)."""
     stages = {}
     for entry in (header or "").split(","):
         name, _, params = entry.strip().partition(";")
@@ -109,6 +112,8 @@ def parse_server_timing(header: str | None) -> dict[str, float]:
             key, _, value = param.partition("=")
             if key.strip() == "dur":
                 stages[name] = float(value)
+            elif key.strip() == "desc" and name == "batch":
+                stages[name] = float(value.strip('"').split()[0])
     return stages
 
 
@@ -175,6 +180,7 @@ def measure_serve(
     execution: str = "auto",
     device: str = "auto",
     num_gpus: float = 0.0,
+    topology: str = "split",
 ) -> tuple[dict, dict]:
     """In-process, HTTP one-at-a-time and HTTP concurrent figures of one served ensemble, in one run.
 
@@ -199,17 +205,24 @@ def measure_serve(
         **({} if batch_wait_s is None else {"batch_wait_timeout_s": batch_wait_s}),
         num_cpus=1,
         num_gpus=num_gpus,
+        topology=topology,
         max_ongoing_requests=max(16, max_batch_size),
         max_queued_requests=4 * requests,
     )
     runtime = ModelRuntime(settings)
     item = PredictItem(files={"file": ("scan.png", data)}, rois={"box": box})
-    runtime.predict_items([item])  # warm-up
-    local = []
-    for _ in range(requests):
-        start = time.perf_counter()
-        runtime.predict_items([item])
-        local.append(time.perf_counter() - start)
+
+    def in_process() -> float:
+        # The replica's torch runs on as many threads as it holds CPUs (Ray sets OMP_NUM_THREADS from num_cpus):
+        # in-process runs on as many, so the difference is Serve's and not a second core's.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(settings.num_cpus)))
+        try:
+            start = time.perf_counter()
+            runtime.predict_items([item])
+            return time.perf_counter() - start
+        finally:
+            torch.set_num_threads(threads)
 
     from ray import serve
 
@@ -221,17 +234,21 @@ def measure_serve(
     served = settings.model_dump(mode="json")
     try:
         url = start_app(served, "127.0.0.1", port)
+        in_process()  # warm-up, both ways
         http_post(url, data, box)
-        sequential, timings = [], []
+        # One at a time, in-process and over HTTP in turn: both see the same moments of a noisy host.
+        local, sequential, timings = [], [], []
         for _ in range(requests):
+            local.append(in_process())
             start = time.perf_counter()
             status = http_post(url, data, box, timings)
             sequential.append(time.perf_counter() - start)
             assert status == 200, status
             timings[-1]["client"] = sequential[-1] * 1000
         start = time.perf_counter()
+        loaded: list[dict[str, float]] = []
         with ThreadPoolExecutor(clients) as pool:
-            statuses = list(pool.map(lambda _: http_post(url, data, box), range(requests)))
+            statuses = list(pool.map(lambda _: http_post(url, data, box, loaded), range(requests)))
         wall = time.perf_counter() - start
     finally:
         serve.shutdown()
@@ -244,8 +261,16 @@ def measure_serve(
             "wall_s": wall,
             "requests_per_s": requests / wall,
             "statuses": {str(s): statuses.count(s) for s in set(statuses)},
+            # what the replica did under this load: requests per batch, and each stage's median (ms)
+            "mean_batch": float(np.mean([t["batch"] for t in loaded if "batch" in t])) if loaded else None,
+            "stages_p50_ms": {
+                name: float(np.median([t[name] for t in loaded if name in t]))
+                for name in ("ingress", "queue", "model", "total")
+                if any(name in t for t in loaded)
+            },
         },
         "in_process_requests_per_s": 1 / statistics.mean(local),
+        "in_process_threads": max(1, int(settings.num_cpus)),
         "stages_p50_ms": stage_profile(timings),
     }
     return record, runtime.execution
@@ -266,16 +291,23 @@ def main() -> None:
         action="store_true",
         help="Ray Serve's high-throughput mode (`mammo-ray serve --haproxy`): HAProxy in place of the Python proxy",
     )
+    parser.add_argument(
+        "--topology",
+        choices=["split", "combined"],
+        help="split: an ingress deployment and a model deployment; combined: both in one deployment "
+        "(default: combined with --haproxy, as `mammo-ray serve --haproxy` serves, else split)",
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--workdir")
     args = parser.parse_args()
     if args.smoke:
         args.members, args.requests, args.clients = 2, 20, 4
+    out = resolve_workdir(args.workdir) / "benchmarks"
     if args.haproxy:  # before Ray and Serve start: they read the mode from the environment
         from mammo_ray.cli.serve import use_haproxy
 
-        use_haproxy()
-    out = resolve_workdir(args.workdir) / "benchmarks"
+        use_haproxy(out / "haproxy")
+    args.topology = args.topology or ("combined" if args.haproxy else "split")
     figures, execution = measure_serve(
         out,
         model=args.model,
@@ -286,6 +318,7 @@ def main() -> None:
         max_batch_size=args.max_batch_size,
         batch_wait_s=args.batch_wait,
         execution=args.execution,
+        topology=args.topology,
     )
     record = {
         **figures,
@@ -299,7 +332,7 @@ def main() -> None:
     }
     lp, hp = record["in_process"], record["http_sequential"]
     print(
-        f"{'HAProxy' if args.haproxy else 'Serve proxy'}, "
+        f"{'HAProxy' if args.haproxy else 'Serve proxy'}, {args.topology} topology, "
         f"{args.members} x {args.model} at {args.px} px, {args.requests} requests, execution "
         f"{execution['chosen']} (loop {execution['loop_s']}, stacked {execution['stacked_s']})"
     )
@@ -308,7 +341,11 @@ def main() -> None:
     rate = record["in_process_requests_per_s"]
     print(f"| in-process ModelRuntime | {lp['p50_ms']:.1f} | {lp['p95_ms']:.1f} | {rate:.1f} |")
     print(f"| HTTP, one at a time | {hp['p50_ms']:.1f} | {hp['p95_ms']:.1f} | {1000 / hp['mean_ms']:.1f} |")
-    print(f"| HTTP, {args.clients} clients | | | {record['http_concurrent']['requests_per_s']:.1f} |")
+    loaded = record["http_concurrent"]
+    print(
+        f"| HTTP, {args.clients} clients | | | {loaded['requests_per_s']:.1f} "
+        f"({loaded['requests_per_s'] / rate:.2f}x in-process; {loaded['mean_batch'] or 0:.1f} requests a batch) |"
+    )
     print("\n| stage (HTTP one at a time, Server-Timing) | p50 ms | what it is |")
     print("|---|---|---|")
     for name, ms in record["stages_p50_ms"].items():

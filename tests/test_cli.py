@@ -97,21 +97,21 @@ def test_console_script_runs():
     assert build_parser().prog == "mammo-ray"
 
 
-def test_haproxy_mode_is_refused_for_a_running_cluster_and_names_the_settings(monkeypatch):
+def test_haproxy_mode_is_refused_for_a_running_cluster_and_names_the_settings(monkeypatch, tmp_path):
     from mammo_ray.cli.serve import HAPROXY_ENV, use_haproxy
 
     for key in HAPROXY_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1"):
-        use_haproxy()
+        use_haproxy(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(ValueError, match="running cluster"):
-        use_haproxy("ray://head:10001")
+        use_haproxy(tmp_path, "ray://head:10001")
     assert not any(key in os.environ for key in HAPROXY_ENV)  # nothing set on a refusal
     code = (  # once Serve is imported its mode is fixed: asking later is an error, not a silent no-op
         "import ray.serve; from mammo_ray.cli.serve import use_haproxy\n"
-        "try:\n    use_haproxy()\nexcept RuntimeError as e:\n    print('refused:', e)"
+        f"try:\n    use_haproxy({str(tmp_path)!r})\nexcept RuntimeError as e:\n    print('refused:', e)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("refused: use_haproxy() must run before ray.serve is imported"), out

@@ -29,12 +29,15 @@ HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED
 HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")  # fixed 8404 / 9101 by default
 
 
-def use_haproxy(address: str | None = None) -> dict[str, int]:
+def use_haproxy(folder: Path, address: str | None = None) -> dict[str, int]:
     """Put Ray Serve's high-throughput mode into this process's environment, for the local Ray it will start
-    (its controller and proxy inherit it). Returns HAProxy's stats and metrics ports: free ones, since HAProxy
-    binds both on every interface. Raises ``ValueError`` for a running cluster (``address`` or ``$RAY_ADDRESS``),
-    whose Serve chose its proxy when it started, and ``RuntimeError`` once Serve's modules are imported."""
+    (its controller and proxy inherit it), with HAProxy's own errors made 503s with Retry-After (the launcher
+    and page of ``serving/haproxy.py``, written into ``folder``). Returns HAProxy's stats and metrics ports:
+    free ones, since HAProxy binds both on every interface. Raises ``ValueError`` for a running cluster
+    (``address`` or ``$RAY_ADDRESS``), whose Serve chose its proxy when it started, and ``RuntimeError`` once
+    Serve's modules are imported."""
     from mammo_ray.ray_session import free_port
+    from mammo_ray.serving.haproxy import install
 
     if address or os.environ.get("RAY_ADDRESS"):
         raise ValueError(
@@ -46,7 +49,7 @@ def use_haproxy(address: str | None = None) -> dict[str, int]:
     if "ray.serve" in sys.modules:
         raise RuntimeError("use_haproxy() must run before ray.serve is imported: Serve reads its mode at import")
     ports = {key: free_port() for key in HAPROXY_PORTS}
-    os.environ.update(HAPROXY_ENV | {key: str(port) for key, port in ports.items()})
+    os.environ.update(HAPROXY_ENV | install(folder) | {key: str(port) for key, port in ports.items()})
     return ports
 
 
@@ -220,10 +223,12 @@ def cmd_serve(args: argparse.Namespace, workdir: Path) -> CommandResult:
     from mammo_ray.serving.auth import check_bind, load_keys, own_key
 
     settings = _settings(args, workdir)
+    if args.haproxy and not any(item.partition("=")[0].strip() == "topology" for item in args.options):
+        settings["topology"] = "combined"  # HAProxy answers a lost replica's requests with 503 (serving/haproxy.py)
     keys = load_keys(settings["api_keys_file"])  # a bad key file, or keys missing beyond loopback: before Ray
     check_bind(args.host, keys, settings["insecure_no_auth"])
     key = own_key(settings["api_keys_file"])
-    haproxy = use_haproxy(args.address) if args.haproxy else {}
+    haproxy = use_haproxy(workdir / "serve" / "haproxy", args.address) if args.haproxy else {}
     logs = log_path(workdir, "serve")
     stopper = Stopper(own_ray=not (args.address or os.environ.get("RAY_ADDRESS")))
     with stopper.start():
@@ -309,10 +314,11 @@ def add_serve_command(add: AddCommand) -> None:
     p.add_argument(
         "--haproxy",
         action="store_true",
-        help="Ray Serve's high-throughput mode on the local Ray: HAProxy instead of Serve's Python proxy: the "
-        "proxy and ingress stages took 10 ms instead of 31 here, the whole overhead 31 ms instead of 55 "
-        "(benchmarks/README.md). HAProxy's stats page and metrics then listen "
-        "on two free ports of every interface; HTTP stays on --host",
+        help="Ray Serve's high-throughput mode on the local Ray: HAProxy instead of Serve's Python proxy, and the app "
+        "in one deployment (topology=combined unless --set topology=split): the fast path, about 5 ms of HTTP over "
+        "the in-process time here (benchmarks/README.md). A replica that dies under a request answers 503 with "
+        "Retry-After (serving/haproxy.py). HAProxy's stats page and metrics then listen on two free ports of every "
+        "interface; HTTP stays on --host",
     )
     p.add_argument("--for-seconds", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
     p = add(

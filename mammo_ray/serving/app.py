@@ -9,8 +9,8 @@ build`` writes), where Serve's users change replicas, autoscaling, ``ray_actor_o
 
 - ``EnsembleModel`` loads the members once per replica in ``__init__`` (from a checkpoint, a run or
   a registered version), measures loop against stacked execution on its own device, warms up, and
-  answers ``@serve.batch``-ed predictions and localizations (dense maps of patch classifiers, CAM or
-  Grad-CAM of crop classifiers). Its ``user_config`` (``ReplicaOptions``: thresholds, ROI default,
+  answers batched predictions (``serving/batching.py``) and localizations (dense maps of patch
+  classifiers, CAM or Grad-CAM of crop classifiers). Its ``user_config`` (``ReplicaOptions``: thresholds, ROI default,
   localization tiling, batching) is applied by ``reconfigure()``, so a ``serve deploy`` that changes
   only the threshold updates the running replicas without reloading their members.
 - ``Ingress`` serves the FastAPI app of ``mammo_ray.serving.api``, built on the replica by the
@@ -19,6 +19,11 @@ build`` writes), where Serve's users change replicas, autoscaling, ``ray_actor_o
 
 ``max_ongoing_requests`` and ``max_queued_requests`` bound both, so overload answers 503 instead of
 piling up. HTTP binds 127.0.0.1 unless told otherwise.
+
+With ``topology: combined`` (``mammo-ray serve --haproxy``) one deployment, ``EnsembleApp`` named
+``EnsembleModel``, holds both: the FastAPI app over the members in the same replica (``LocalBackend``), so an
+upload crosses one process boundary instead of two. A replica that dies is then answered for by the proxy:
+HAProxy with the page of ``serving/haproxy.py`` (503, Retry-After), Serve's Python proxy with a 500.
 For research use only. Not for use in diagnostic procedures.
 """
 
@@ -39,6 +44,7 @@ from ray.serve.handle import DeploymentHandle
 
 from mammo_ray.serving.api import build_api
 from mammo_ray.serving.auth import check_bind, load_keys
+from mammo_ray.serving.batching import Batcher
 from mammo_ray.serving.runtime import TIMING_KEY, ModelRuntime, PredictItem, ServeSettings
 from mammo_ray.serving.uploads import UploadError
 
@@ -66,12 +72,12 @@ class ReplicaOptions(BaseModel):
         return cls(**{name: getattr(settings, name) for name in cls.model_fields})
 
 
-@serve.deployment(name=MODEL_DEPLOYMENT)
-class EnsembleModel:
+class EnsembleReplica:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.runtime = ModelRuntime(settings)  # loads, chooses loop/stacked, warms: once per replica
         self.loaded_at = time.time()
         self.updates = 0  # user_config updates applied since the members were loaded
+        self.batcher: Batcher[PredictItem, dict[str, Any] | UploadError] = Batcher(self._predict_batch)
         self._apply(ReplicaOptions.of(self.runtime.settings))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -82,9 +88,8 @@ class EnsembleModel:
 
     def _apply(self, options: ReplicaOptions) -> None:
         self.runtime.settings = self.runtime.settings.model_copy(update=options.model_dump())
-        # @serve.batch's wrapper has these setters; its type annotation does not say so
-        self.predict.set_max_batch_size(options.max_batch_size)  # type: ignore[attr-defined]
-        self.predict.set_batch_wait_timeout_s(options.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.batcher.max_batch_size = options.max_batch_size
+        self.batcher.wait_s = options.batch_wait_timeout_s
 
     def _replica(self) -> dict[str, Any]:
         return {
@@ -92,11 +97,14 @@ class EnsembleModel:
             "loaded_at": self.loaded_at,
             "load_seconds": self.runtime.load_seconds,
             "user_config_updates": self.updates,
+            "batches": {"run": self.batcher.batches, "requests": self.batcher.requests},
             "options": ReplicaOptions.of(self.runtime.settings).model_dump(),
         }
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def predict(self, items: list[PredictItem]) -> list[dict[str, Any] | UploadError]:
+    async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError:
+        return await self.batcher.submit(item)
+
+    async def _predict_batch(self, items: list[PredictItem]) -> list[dict[str, Any] | UploadError]:
         started = time.time()
         results = await asyncio.to_thread(self.runtime.predict_items, items)
         done = time.time()
@@ -129,6 +137,24 @@ class EnsembleModel:
     def check_health(self) -> None:  # Serve's replica health check
         if not self.runtime.ready:
             raise RuntimeError("model not loaded")
+
+
+EnsembleModel = serve.deployment(name=MODEL_DEPLOYMENT)(EnsembleReplica)
+
+
+@serve.ingress()
+class EnsembleApp(EnsembleReplica):
+    """The whole app in one deployment (``topology="combined"``): the FastAPI app and the members in one replica,
+    so an upload crosses one process boundary (proxy to replica) instead of two. Named ``EnsembleModel`` like the
+    model deployment of the split topology, so a config file's entry for it (``user_config``, replicas,
+    resources) applies to either."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        super().__init__(settings)
+        self.settings_data = settings
+
+    def __serve_build_asgi_app__(self) -> FastAPI:  # Serve calls it after __init__, on the replica
+        return _api(self.settings_data, lambda: LocalBackend(self))
 
 
 MODEL_DEPLOYMENT_KEYS = ("max_ongoing_requests", "max_queued_requests", "health_check_period_s")
@@ -168,6 +194,35 @@ def check_app_config(app: dict[str, Any]) -> None:
             ReplicaOptions(**deployment["user_config"])
 
 
+class LocalBackend:
+    """``api.Backend`` over the model held by this very replica (``topology="combined"``): no handle, no hop."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError:
+        return cast(
+            dict[str, Any] | UploadError, await self.model.predict(dataclasses.replace(item, sent_at=time.time()))
+        )
+
+    async def localize(
+        self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None = None
+    ) -> dict[str, Any]:
+        return cast(dict[str, Any], await self.model.localize(name, data, threshold, heatmap, method))
+
+    async def localize_dicom(self, name: str, data: bytes, threshold: float | None, method: str | None) -> bytes:
+        return cast(bytes, await self.model.localize_dicom(name, data, threshold, method))
+
+    async def preview(self, name: str, data: bytes) -> dict[str, Any]:
+        return cast(dict[str, Any], await self.model.preview(name, data))
+
+    async def status(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.model.status())
+
+    async def info(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.model.info())
+
+
 class HandleBackend:
     """``api.Backend`` over the model deployment's handle."""
 
@@ -200,14 +255,21 @@ def asgi_builder(settings: dict[str, Any]) -> Callable[[], FastAPI]:
     FastAPI app over the handle of this application's model deployment."""
 
     def build() -> FastAPI:
-        typed = ServeSettings(**settings)
-        keys = load_keys(typed.api_keys_file)  # the file, or $MAMMO_RAY_API_KEYS_FILE on this replica's node
-        check_bind(_http_host(), keys, typed.insecure_no_auth)  # beyond loopback without keys: refused
-        app_name = serve.get_replica_context().app_name
-        handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=app_name)
-        return build_api(HandleBackend(handle), typed, keys)
+        return _api(settings, lambda: HandleBackend(serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=_app())))
 
     return build
+
+
+def _app() -> str:
+    return serve.get_replica_context().app_name
+
+
+def _api(settings: dict[str, Any], backend: Callable[[], Any]) -> FastAPI:
+    """The FastAPI app over ``backend()``, once the bind has been checked against the keys."""
+    typed = ServeSettings(**settings)
+    keys = load_keys(typed.api_keys_file)  # the file, or $MAMMO_RAY_API_KEYS_FILE on this replica's node
+    check_bind(_http_host(), keys, typed.insecure_no_auth)  # beyond loopback without keys: refused
+    return build_api(backend(), typed, keys)
 
 
 def _http_host() -> str:
@@ -242,8 +304,11 @@ def build_app(args: dict[str, Any]) -> Any:
         model_options["autoscaling_config"] = settings.autoscaling
     else:
         model_options["num_replicas"] = settings.num_replicas
-    # @serve.deployment made EnsembleModel a Deployment; type checkers still see the class
-    model = cast(Deployment, EnsembleModel).options(**model_options).bind(data)
+    if settings.topology == "combined":
+        return (
+            cast(Deployment, serve.deployment(EnsembleApp, name=MODEL_DEPLOYMENT)).options(**model_options).bind(data)
+        )
+    model = EnsembleModel.options(**model_options).bind(data)
     ingress = cast(Deployment, serve.deployment(serve.ingress(asgi_builder(data))(), name=INGRESS_DEPLOYMENT))
     return ingress.options(
         ray_actor_options={"num_cpus": 0.1},

@@ -1,7 +1,7 @@
 """The served ensemble, without Ray: load, choose the execution, warm, predict, localize, describe.
 
-``ModelRuntime`` is what one Serve replica holds (``serve/app.py`` wraps it in a deployment with
-``@serve.batch``); the tests use it in-process. Every input goes through the same steps as the
+``ModelRuntime`` is what one Serve replica holds (``serving/app.py`` wraps it in a deployment that batches
+requests with ``serving/batching.py``); the tests use it in-process. Every input goes through the same steps as the
 offline evaluation: the upload is decoded by the one image decoder every entry point uses
 (``data.images.read_image``, as ``mammo-ray localize`` reads files), the ROI is cropped as the crop
 cache crops it (``data.roi``), and the eval transform stored in the checkpoint does the rest, so a
@@ -66,9 +66,9 @@ class ServeSettings(BaseModel):
     workdir: str | None = None  # where registered models are downloaded (default: $MAMMO_RAY_WORKDIR or ./work)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the replica has a GPU
     execution: Literal["auto", "loop", "stacked"] = "auto"  # auto: measured on the replica's device
-    max_batch_size: int = Field(8, ge=1)  # @serve.batch: requests combined into one forward pass
-    # How long a batch waits to fill after its first request. 0: it takes what queued while the model worked on
-    # the last batch, so a lone request never waits and a busy replica still batches (issue 18: saved ~8 ms)
+    max_batch_size: int = Field(8, ge=1)  # requests combined into one forward pass (serving/batching.py)
+    # How long an idle model waits for a batch to fill after its first request. 0: a lone request never waits,
+    # and a busy replica still batches: the requests that arrived while it worked run together next
     batch_wait_timeout_s: float = Field(0.0, ge=0)
     max_upload_mb: float = Field(DEFAULT_MAX_UPLOAD_BYTES / 2**20, gt=0)  # larger uploads answer 413
     max_dim: int = Field(10_000, ge=64)  # images with more rows or columns answer 413 (from the header)
@@ -77,6 +77,11 @@ class ServeSettings(BaseModel):
     localize_tile: int = Field(1024, ge=0)  # dense-map tile side (px); 0: one pass
     localize_long_side: int | None = Field(None, ge=8)  # cam/gradcam: image long side (network px); None: by crop
     roi_default: Literal["whole", "center"] = "whole"  # without a box or seed: the whole image or its centre
+    # split: a FastAPI ingress deployment calls the model deployment through its handle, and answers 503 with
+    # Retry-After when a model replica dies under a request. combined: one deployment holds both, so an upload
+    # crosses one process boundary, not two; a replica's death is then answered by the proxy: `mammo-ray serve
+    # --haproxy` makes that a 503 with Retry-After (serving/haproxy.py), Serve's Python proxy a 500.
+    topology: Literal["split", "combined"] = "split"
     num_replicas: int = Field(1, ge=1)  # replicas of the model (ignored with autoscaling)
     autoscaling: dict[str, Any] | None = None  # Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}
     num_cpus: float = Field(1.0, ge=0)  # CPUs per model replica
