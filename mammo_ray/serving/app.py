@@ -197,30 +197,28 @@ def check_app_config(app: dict[str, Any]) -> None:
 class LocalBackend:
     """``api.Backend`` over the model held by this very replica (``topology="combined"``): no handle, no hop."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: EnsembleReplica) -> None:
         self.model = model
 
     async def predict(self, item: PredictItem) -> dict[str, Any] | UploadError:
-        return cast(
-            dict[str, Any] | UploadError, await self.model.predict(dataclasses.replace(item, sent_at=time.time()))
-        )
+        return await self.model.predict(dataclasses.replace(item, sent_at=time.time()))
 
     async def localize(
         self, name: str, data: bytes, threshold: float | None, heatmap: str, method: str | None = None
     ) -> dict[str, Any]:
-        return cast(dict[str, Any], await self.model.localize(name, data, threshold, heatmap, method))
+        return await self.model.localize(name, data, threshold, heatmap, method)
 
     async def localize_dicom(self, name: str, data: bytes, threshold: float | None, method: str | None) -> bytes:
-        return cast(bytes, await self.model.localize_dicom(name, data, threshold, method))
+        return await self.model.localize_dicom(name, data, threshold, method)
 
     async def preview(self, name: str, data: bytes) -> dict[str, Any]:
-        return cast(dict[str, Any], await self.model.preview(name, data))
+        return await self.model.preview(name, data)
 
     async def status(self) -> dict[str, Any]:
-        return cast(dict[str, Any], self.model.status())
+        return self.model.status()
 
     async def info(self) -> dict[str, Any]:
-        return cast(dict[str, Any], self.model.info())
+        return self.model.info()
 
 
 class HandleBackend:
